@@ -1,0 +1,1 @@
+"""The fedslm command line (typer + rich)."""

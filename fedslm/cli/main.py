@@ -1,0 +1,167 @@
+"""The ``fedslm`` command line.
+
+Errors a user can act on (bad config, bad data, a refused budget) print one
+line and exit with status 2; nothing else is caught, so real bugs keep their
+traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedslm.errors import FedslmError
+
+app = typer.Typer(
+    name="fedslm",
+    help="Federated, differentially private LoRA fine-tuning of small language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+privacy_app = typer.Typer(help="Plan and inspect differential privacy.", no_args_is_help=True)
+ledger_app = typer.Typer(help="Inspect a node's privacy ledger.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
+app.add_typer(privacy_app, name="privacy")
+app.add_typer(ledger_app, name="ledger")
+app.add_typer(config_app, name="config")
+
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FedslmError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file(s), merged in order over the defaults.")
+OverridesArg = typer.Argument(None, help="key=value overrides, e.g. privacy.target_epsilon=3 train.lr=1e-3")
+
+
+def _load(config: Optional[List[Path]], overrides: Optional[List[str]]):
+    from fedslm.config import load_config
+
+    return load_config(config or [], overrides or [])
+
+
+@config_app.command("show")
+@user_errors
+def config_show(config: Optional[List[Path]] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Print the resolved config (defaults + files + overrides) as YAML."""
+    from fedslm.config import to_yaml
+
+    console.print(to_yaml(_load(config, overrides)), markup=False, highlight=False)
+
+
+def _fmt_eps(value: float) -> str:
+    return "∞" if math.isinf(value) else f"{value:.3f}"
+
+
+@privacy_app.command("plan")
+@user_errors
+def privacy_plan_cmd(
+    examples: int = typer.Option(..., "--examples", "-n", help="Training records on the node."),
+    batch_size: int = typer.Option(..., "--batch-size", "-b", help="Expected (Poisson) batch size."),
+    local_steps: int = typer.Option(..., "--local-steps", "-s", help="DP-SGD steps per round."),
+    rounds: int = typer.Option(..., "--rounds", "-r", help="Federated rounds."),
+    epsilon: float = typer.Option(..., "--epsilon", "-e", help="Target ε after all rounds."),
+    delta: Optional[float] = typer.Option(None, "--delta", "-d", help="δ (default 1/(10 n))."),
+    accountant: str = typer.Option("rdp", "--accountant", help="rdp or prv."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON object instead of a table."),
+) -> None:
+    """σ calibrated so the whole plan reaches ε at δ, and ε after each round."""
+    from fedslm.errors import ConfigError
+    from fedslm.privacy import plan
+
+    for name, value in (("--examples", examples), ("--batch-size", batch_size), ("--local-steps", local_steps),
+                        ("--rounds", rounds)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if not epsilon > 0:
+        raise ConfigError(f"--epsilon must be > 0, got {epsilon}")
+    if accountant not in ("rdp", "prv"):
+        raise ConfigError(f"--accountant must be one of rdp, prv; got {accountant!r}")
+    pl = plan(num_examples=examples, batch_size=batch_size, local_steps=local_steps, rounds=rounds,
+              target_epsilon=epsilon, delta=delta, accountant=accountant)
+    if as_json:
+        print(json.dumps({
+            "noise_multiplier": pl.noise_multiplier, "sample_rate": pl.sample_rate, "delta": pl.delta,
+            "target_epsilon": pl.target_epsilon, "accountant": pl.accountant, "local_steps": pl.local_steps,
+            "rounds": pl.rounds, "total_steps": pl.total_steps, "epsilon_per_round": list(pl.epsilon_per_round),
+        }, indent=2))
+        return
+    console.print(
+        f"noise multiplier σ = [bold]{pl.noise_multiplier:.4f}[/]   sample rate q = {pl.sample_rate:.5g} "
+        f"({batch_size}/{examples})   δ = {pl.delta:.3g}   accountant = {accountant}"
+    )
+    table = Table(title=f"ε after each round ({local_steps} steps per round)")
+    table.add_column("round", justify="right")
+    table.add_column("steps", justify="right")
+    table.add_column("ε", justify="right")
+    for r, eps in enumerate(pl.epsilon_per_round, start=1):
+        table.add_row(str(r), str(r * local_steps), _fmt_eps(eps))
+    console.print(table)
+
+
+@ledger_app.command("show")
+@user_errors
+def ledger_show(
+    path: Path = typer.Argument(..., help="The node's ledger file (privacy.ledger)."),
+    accountant: str = typer.Option("rdp", "--accountant", help="rdp or prv."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """What this node has spent, per dataset, composed over every round and run."""
+    from fedslm.errors import ConfigError
+    from fedslm.privacy import Ledger
+
+    if not path.is_file():
+        raise ConfigError(f"ledger {path} does not exist (nothing spent yet, or a wrong path)")
+    rows = Ledger(path).summary(accountant)
+    if as_json:
+        print(json.dumps([{**r.__dict__, "epsilon": None if math.isinf(r.epsilon) else r.epsilon} for r in rows],
+                         indent=2))
+        return
+    table = Table(title=f"privacy spent — {path}")
+    for col in ("dataset", "records", "rounds", "steps", "δ", "ε spent"):
+        table.add_column(col, justify="left" if col == "dataset" else "right")
+    for r in rows:
+        eps = _fmt_eps(r.epsilon) + ("" if r.private else " (non-private rounds)")
+        table.add_row(r.dataset_id, str(r.num_examples), str(r.rounds), str(r.steps), f"{r.delta:.3g}", eps)
+    console.print(table)
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    config: Optional[List[Path]] = ConfigOpt,
+    overrides: Optional[List[str]] = OverridesArg,
+) -> None:
+    """Fine-tune on this node's data alone: federation.rounds rounds of DP-LoRA, charged to the ledger."""
+    from fedslm.train.runner import run_local
+
+    cfg = _load(config, overrides)
+    run_local(cfg, console=console)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Load a :class:`Config` from YAML files plus ``key=value`` overrides, and validate it.
+
+Every failure is a :class:`ConfigError` whose one-line message names the key,
+the value and what is allowed, e.g.
+``privacy.target_epsilon must be > 0, got -1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from fedslm.config.schema import ACCOUNTANTS, OPTIMIZERS, TASKS, Config
+from fedslm.errors import ConfigError
+
+
+def _fields(cls_or_obj: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls_or_obj)]
+
+
+def _section_type(key: str) -> Any:
+    """The dataclass that owns the parent of a dotted key, for error hints."""
+    obj: Any = Config
+    for part in key.split(".")[:-1]:
+        names = {f.name: f for f in dataclasses.fields(obj)}
+        if part not in names:
+            return None
+        obj = names[part].default_factory  # type: ignore[assignment]
+        if obj is dataclasses.MISSING or not dataclasses.is_dataclass(obj):
+            return None
+    return obj
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    where = f" (in {source})" if source else ""
+    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
+        owner = _section_type(key)
+        allowed = ", ".join(_fields(owner)) if owner else ", ".join(_fields(Config))
+        return ConfigError(f"unknown key '{key}'{where}; allowed here: {allowed}")
+    value = getattr(exc, "value", None)
+    first_line = str(getattr(exc, "msg", exc)).splitlines()[0]
+    if value is not None:
+        return ConfigError(f"{key}: bad value {value!r}{where}: {first_line}")
+    return ConfigError(f"{key}: {first_line}{where}")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. privacy.target_epsilon=3)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(
+    files: Sequence[str | Path] = (),
+    overrides: Iterable[str] = (),
+) -> Config:
+    """Merge ``files`` (in order) and then ``overrides`` onto the defaults; validate."""
+    merged = OmegaConf.structured(Config)
+    for path in files:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            content = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+        if content is None:
+            continue
+        if not isinstance(content, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(content).__name__}")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.create(content))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, str(path)) from None
+    for item in overrides:
+        key, value = _parse_override(item)
+        if "." not in key:
+            raise ConfigError(
+                f"override key '{key}' must name a section and a key (section.key); "
+                f"sections: {', '.join(_fields(Config))}"
+            )
+        try:
+            OmegaConf.update(merged, key, value, merge=True, force_add=False)
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, "command line") from None
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, "") from None
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(key: str, value: float | int | None, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    _check(value is not None and value > 0 and not (isinstance(value, float) and math.isnan(value)),
+           f"{key} must be > 0, got {value}")
+
+
+def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    _check(value in allowed, f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject values no run could use, naming the key. Raises ConfigError."""
+    _check(bool(cfg.model.name.strip()), "model.name must name a bundled preset or a local model directory, got ''")
+    _choice("model.task", cfg.model.task, TASKS)
+    _positive("model.max_length", cfg.model.max_length)
+    _check(cfg.model.max_length >= 4, f"model.max_length must be >= 4, got {cfg.model.max_length}")
+
+    _positive("lora.r", cfg.lora.r)
+    _positive("lora.alpha", cfg.lora.alpha)
+    _check(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.lora.target_modules is not None:
+        _check(len(cfg.lora.target_modules) > 0 and all(m.strip() for m in cfg.lora.target_modules),
+               f"lora.target_modules must be a non-empty list of module names, got {cfg.lora.target_modules}")
+
+    _check(bool(cfg.data.source.strip()), "data.source must be a bundled dataset name or a .csv/.jsonl path, got ''")
+    _check(0.0 < cfg.data.test_fraction < 1.0,
+           f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
+    if cfg.data.labels is not None:
+        _check(len(cfg.data.labels) >= 2, f"data.labels must list at least 2 labels, got {cfg.data.labels}")
+        _check(len(set(cfg.data.labels)) == len(cfg.data.labels),
+               f"data.labels must not repeat a label, got {cfg.data.labels}")
+    _positive("data.max_train_records", cfg.data.max_train_records, allow_none=True)
+    _positive("data.max_test_records", cfg.data.max_test_records, allow_none=True)
+
+    p = cfg.privacy
+    _positive("privacy.target_epsilon", p.target_epsilon)
+    if p.delta is not None:
+        _check(0.0 < p.delta < 1.0, f"privacy.delta must be in (0, 1), got {p.delta}")
+    _positive("privacy.max_grad_norm", p.max_grad_norm)
+    _positive("privacy.max_epsilon", p.max_epsilon, allow_none=True)
+    _choice("privacy.accountant", p.accountant, ACCOUNTANTS)
+    if p.noise_multiplier is not None:
+        _check(p.noise_multiplier >= 0, f"privacy.noise_multiplier must be >= 0, got {p.noise_multiplier}")
+    if p.ledger is not None:
+        _check(bool(p.ledger.strip()), "privacy.ledger must be a file path or null, got ''")
+
+    t = cfg.train
+    _positive("train.batch_size", t.batch_size)
+    _positive("train.physical_batch_size", t.physical_batch_size)
+    _positive("train.local_steps", t.local_steps)
+    _positive("train.lr", t.lr)
+    _choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _positive("train.threads", t.threads, allow_none=True)
+    _positive("train.eval_batch_size", t.eval_batch_size)
+
+    _positive("federation.num_clients", cfg.federation.num_clients)
+    _positive("federation.rounds", cfg.federation.rounds)
+    _check(bool(cfg.output.dir.strip()), "output.dir must be a folder path, got ''")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,111 @@
+"""The typed configuration of a fedslm run.
+
+Every key a user can set lives here, with its default. YAML files and
+``key=value`` overrides are merged onto these dataclasses by
+:mod:`fedslm.config.load`, which also validates values (see ``validate``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+TASKS = ("classification", "causal_lm")
+ACCOUNTANTS = ("rdp", "prv")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass
+class ModelConfig:
+    # A bundled preset (see fedslm.models.presets) or a local Hugging Face directory.
+    name: str = "minilm"
+    task: str = "classification"
+    max_length: int = 64
+    # Seeds the freshly initialised task head so every node builds the same base.
+    init_seed: int = 0
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # None: the preset's (or the architecture's) attention projections.
+    target_modules: Optional[List[str]] = None
+
+
+@dataclass
+class DataConfig:
+    # A bundled dataset name (see fedslm.data.bundled) or a path to a .csv/.jsonl file.
+    source: str = "icd10"
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    # The label set all nodes agree on; None: the bundled dataset's, or sorted from the data.
+    labels: Optional[List[str]] = None
+    # Held-out share of a node's own file for evaluation (bundled data has a fixed split).
+    test_fraction: float = 0.1
+    split_seed: int = 0
+    # Use at most this many training records (None: all of them).
+    max_train_records: Optional[int] = None
+    max_test_records: Optional[int] = None
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = True
+    target_epsilon: float = 8.0
+    # None: 1 / (10 n), below 1/n for a node with n training records.
+    delta: Optional[float] = None
+    max_grad_norm: float = 1.0
+    # The node's hard cap on its total spend in the ledger; None: target_epsilon.
+    max_epsilon: Optional[float] = None
+    # Ledger file; None: <output.dir>/privacy_ledger.json.
+    ledger: Optional[str] = None
+    accountant: str = "rdp"
+    # Set to fix sigma yourself instead of calibrating it to the plan.
+    noise_multiplier: Optional[float] = None
+    # Opacus secure_mode (cryptographically secure noise); needs torchcsprng.
+    secure_mode: bool = False
+    # Seeds DP noise and Poisson sampling, for reproducible research runs only.
+    # Leave null in deployment: anyone who knows the seed can subtract the noise.
+    noise_seed: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    # Expected logical batch size: Poisson sampling at rate batch_size / n.
+    batch_size: int = 64
+    # Records per forward/backward pass; bounds memory, never changes the maths.
+    physical_batch_size: int = 32
+    local_steps: int = 10
+    lr: float = 2e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    seed: int = 0
+    # torch intra-op threads; None leaves torch's default.
+    threads: Optional[int] = None
+    eval_batch_size: int = 128
+
+
+@dataclass
+class FederationConfig:
+    num_clients: int = 5
+    rounds: int = 3
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/latest"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

@@ -1,0 +1,53 @@
+"""The records a task trains on, after reading and before tokenizing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+
+@dataclass(frozen=True)
+class ClassificationExample:
+    text: str
+    label: int
+
+
+@dataclass(frozen=True)
+class CausalExample:
+    """Loss falls on ``completion`` only; plain text is an empty prompt."""
+
+    prompt: str
+    completion: str
+
+
+Example = Union[ClassificationExample, CausalExample]
+
+
+@dataclass
+class TaskData:
+    """One node's data for one task: its private training split and held-out split."""
+
+    task: str
+    train: list[Example]
+    test: list[Example]
+    # Classification: the label set every node agrees on, in index order.
+    labels: Optional[list[str]] = None
+    source: str = ""
+    # Names the dataset in the privacy ledger: one accountant per (node, dataset).
+    dataset_id: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.dataset_id:
+            self.dataset_id = dataset_fingerprint(self.source, self.train)
+
+
+def dataset_fingerprint(source: str, train: Sequence[Example]) -> str:
+    """A stable id of a training set: its name plus a hash of every record."""
+    digest = hashlib.sha256()
+    for example in train:
+        digest.update(json.dumps(example.__dict__, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        digest.update(b"\n")
+    name = source.replace("\\", "/").rsplit("/", 1)[-1] or "data"
+    return f"{name}:{digest.hexdigest()[:16]}"

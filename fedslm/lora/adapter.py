@@ -1,0 +1,101 @@
+"""PEFT LoRA around a frozen base, and the adapter state that crosses the wire.
+
+The adapter state is exactly the trainable tensors (LoRA A/B and, for a
+classifier, the task head), keyed as PEFT keys them on disk, so the same dict
+is the Flower payload and the content of ``adapter_model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+
+from fedslm.config.schema import LoraConfig
+from fedslm.errors import ConfigError
+
+_HEAD_NAMES = ("classifier", "score")
+_PEFT_TASK = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
+
+
+def head_module_names(model: nn.Module, task: str) -> list[str]:
+    if task != "classification":
+        return []
+    heads = [name for name, _ in model.named_children() if name in _HEAD_NAMES]
+    if not heads:
+        raise ConfigError(f"model.task 'classification': found no classifier head ({', '.join(_HEAD_NAMES)}) to train")
+    return heads
+
+
+def wrap(base: nn.Module, cfg: LoraConfig, task: str, default_targets: tuple[str, ...], seed: int) -> PeftModel:
+    """Add LoRA to ``base`` (frozen); only LoRA and the task head are trainable."""
+    targets = list(cfg.target_modules) if cfg.target_modules else list(default_targets)
+    if not targets:
+        raise ConfigError("lora.target_modules must be set for this architecture (e.g. [q_proj, v_proj])")
+    names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+    unknown = [t for t in targets if t not in names and t != "all-linear"]
+    if unknown:
+        sample = ", ".join(sorted(n for n in names if n and not n.isdigit())[:12])
+        raise ConfigError(f"lora.target_modules: no module named {', '.join(unknown)} in this model (e.g. {sample})")
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets if targets != ["all-linear"] else "all-linear",
+        modules_to_save=head_module_names(base, task) or None,
+        bias="none",
+        task_type=_PEFT_TASK[task],
+    )
+    # LoRA A is drawn from the global RNG; seed it locally so the start is reproducible.
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # PEFT still calls a transformers method renamed in v5; nothing for a user to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        torch.manual_seed(seed)
+        model = get_peft_model(base, peft_cfg)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def get_adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """A detached copy of the adapter (and head) tensors, in PEFT's on-disk keys."""
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
+    """Load adapter tensors; the keys and shapes must be exactly this model's adapter."""
+    expected = get_peft_model_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter keys do not match this model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
+    for key, ref in expected.items():
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise ValueError(f"adapter tensor {key}: shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}")
+    result = set_peft_model_state_dict(model, {k: v.to(ref.dtype) for k, v in state.items()})
+    if getattr(result, "unexpected_keys", None):
+        bad = [k for k in result.unexpected_keys if "lora_" in k or "modules_to_save" in k]
+        if bad:
+            raise ValueError(f"PEFT did not load adapter keys {bad[:3]}")
+
+
+def save_adapter(model: PeftModel, folder: str | Path) -> Path:
+    """A PEFT folder (adapter_config.json + adapter_model.safetensors)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def load_adapter(base: nn.Module, folder: str | Path) -> PeftModel:
+    return PeftModel.from_pretrained(base, str(folder), is_trainable=False)

@@ -1,0 +1,159 @@
+"""DP-SGD over the trainable (adapter) tensors with Opacus' own parts.
+
+Opacus' :class:`GradSampleModule` computes per-record gradients with hooks,
+its :class:`DPOptimizer` clips each record's gradient to ``max_grad_norm``,
+sums, adds Gaussian noise of std ``noise_multiplier * max_grad_norm`` and
+divides by the *expected* batch size, and its Poisson sampler draws each
+logical batch (so batch sizes vary and can be 0). We drive them ourselves
+rather than through ``make_private`` for two reasons:
+
+* a logical batch is split into physical chunks (Opacus' BatchMemoryManager
+  pattern: skip-step after each chunk) so memory stays bounded whatever the
+  batch size;
+* an empty Poisson batch must still be a step — the accountant counts it —
+  but a transformer forward on 0 rows crashes, so we feed the optimizer an
+  empty per-sample gradient and it takes a noise-only step.
+
+The loss handed to backward is the mean of *per-record* losses; with
+``loss_reduction="mean"`` Opacus rescales it, so each per-sample gradient is
+the gradient of that record's own loss.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional, Sequence
+
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
+
+from fedslm.errors import ConfigError
+
+# Maps (module, indices of one physical chunk) to that chunk's per-record losses, shape [len(indices)].
+LossFn = Callable[[nn.Module, Sequence[int]], torch.Tensor]
+
+
+def check_secure_mode(secure_mode: bool) -> str:
+    """Where the noise comes from, in words; refuses secure_mode without torchcsprng."""
+    if not secure_mode:
+        return "torch default generator (not cryptographically secure)"
+    try:
+        import torchcsprng  # noqa: F401
+    except ModuleNotFoundError:
+        raise ConfigError(
+            "privacy.secure_mode=true needs torchcsprng, which is not installed (it does not build against "
+            "current torch); set privacy.secure_mode=false to train with torch's non-cryptographic noise generator"
+        ) from None
+    return "torchcsprng /dev/urandom generator (cryptographically secure)"
+
+
+def make_optimizer(params: list[nn.Parameter], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+class DPSGD:
+    """One node's DP-SGD on a model whose trainable tensors are the adapter."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizer: torch.optim.Optimizer,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        physical_batch_size: int,
+        noise_generator: Optional[torch.Generator] = None,
+        secure_mode: bool = False,
+    ):
+        if secure_mode:
+            import torchcsprng
+
+            noise_generator = torchcsprng.create_random_device_generator("/dev/urandom")
+        model.train()  # before hooks: Opacus captures activations only in training mode
+        self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+            generator=noise_generator,
+            secure_mode=secure_mode,
+        )
+        self.physical_batch_size = physical_batch_size
+
+    def step(self, indices: Sequence[int], loss_fn: LossFn) -> float:
+        """One DP-SGD step on the logical batch ``indices``; returns its summed loss."""
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)
+        if len(indices) == 0:
+            for p in self.params:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            opt.step()  # clip/accumulate nothing, then noise-only update
+            opt.zero_grad(set_to_none=True)
+            return 0.0
+        chunks = [indices[i : i + self.physical_batch_size] for i in range(0, len(indices), self.physical_batch_size)]
+        total = 0.0
+        for k, chunk in enumerate(chunks):
+            losses = loss_fn(self.module, chunk)
+            with warnings.catch_warnings():
+                # Opacus' hooks on the first LoRA layer see an input that needs no grad; that is expected.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                losses.mean().backward()
+            total += float(losses.detach().sum())
+            if k < len(chunks) - 1:
+                opt.signal_skip_step(do_skip=True)  # clip + accumulate this chunk, no update yet
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return total
+
+    def close(self) -> nn.Module:
+        """Remove Opacus' hooks; returns the plain model."""
+        self.module.remove_hooks()
+        for p in self.params:
+            for attr in ("grad_sample", "summed_grad", "_current_grad_sample"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+        return self.module._module
+
+
+class PlainSGD:
+    """The same step without privacy (baselines, benchmarks): mean loss over the batch."""
+
+    def __init__(self, model: nn.Module, *, optimizer: torch.optim.Optimizer, physical_batch_size: int):
+        model.train()
+        self.module = model
+        self.optimizer = optimizer
+        self.physical_batch_size = physical_batch_size
+
+    def step(self, indices: Sequence[int], loss_fn: LossFn) -> float:
+        if len(indices) == 0:
+            return 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for i in range(0, len(indices), self.physical_batch_size):
+            chunk = indices[i : i + self.physical_batch_size]
+            losses = loss_fn(self.module, chunk)
+            (losses.sum() / len(indices)).backward()
+            total += float(losses.detach().sum())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def close(self) -> nn.Module:
+        return self.module
+
+
+def poisson_batches(num_examples: int, sample_rate: float, steps: int, generator: torch.Generator) -> list[list[int]]:
+    """Opacus' Poisson sampler: each record joins each batch independently with prob. q."""
+    sampler = UniformWithReplacementSampler(
+        num_samples=num_examples, sample_rate=sample_rate, generator=generator, steps=steps
+    )
+    return [list(batch) for batch in sampler]

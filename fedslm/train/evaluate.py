@@ -1,0 +1,62 @@
+"""Evaluation of a model on a node's held-out split."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedslm.data.tasks import Encoded, get_task
+from fedslm.train.losses import token_losses
+
+
+def macro_f1(y_true: list[int], y_pred: list[int]) -> float:
+    """Macro-averaged F1 over the classes present in the labels or the predictions."""
+    classes = sorted(set(y_true) | set(y_pred))
+    if not classes:
+        return 0.0
+    scores = []
+    for c in classes:
+        tp = sum(1 for t, p in zip(y_true, y_pred) if t == c and p == c)
+        fp = sum(1 for t, p in zip(y_true, y_pred) if t != c and p == c)
+        fn = sum(1 for t, p in zip(y_true, y_pred) if t == c and p != c)
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, enc: Encoded, task_name: str, batch_size: int = 128) -> dict[str, Any]:
+    """Classification: loss, accuracy, macro-F1. Causal LM: token loss and perplexity."""
+    task = get_task(task_name)
+    was_training = model.training
+    model.eval()
+    try:
+        if task_name == "classification":
+            loss_sum, preds, golds = 0.0, [], []
+            for start in range(0, len(enc), batch_size):
+                batch = task.collate(enc, range(start, min(start + batch_size, len(enc))))
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
+                preds += logits.argmax(-1).tolist()
+                golds += batch["labels"].tolist()
+            n = max(len(golds), 1)
+            return {
+                "loss": loss_sum / n,
+                "accuracy": sum(int(p == g) for p, g in zip(preds, golds)) / n,
+                "macro_f1": macro_f1(golds, preds),
+                "num_examples": len(golds),
+            }
+        nll_sum, tokens = 0.0, 0
+        for start in range(0, len(enc), batch_size):
+            batch = task.collate(enc, range(start, min(start + batch_size, len(enc))))
+            nll, mask = token_losses(model, batch)
+            nll_sum += float((nll * mask).sum())
+            tokens += int(mask.sum())
+        loss = nll_sum / max(tokens, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens, "num_examples": len(enc)}
+    finally:
+        model.train(was_training)
+
+
