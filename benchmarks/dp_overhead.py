@@ -1,11 +1,12 @@
 """DP-LoRA vs non-DP LoRA on the bundled MiniLM: step-time and peak-RSS ratios.
 
 Both variants run the same records in the same batches, at the same sequence
-length and thread count, each in its own fresh process (peak RSS is a
-per-process high-water mark), interleaved plain/DP/plain/DP so drift on the
-machine hits both alike. Prints the two ratios and writes them as JSON.
+length and thread count. Step time: both in one process on two copies of the
+model, steps alternated, so machine drift hits both alike. Peak RSS: each
+variant alone in fresh processes (RSS is a per-process high-water mark).
+Prints the two ratios and writes them as JSON.
 
-    python benchmarks/dp_overhead.py [--batch 64] [--steps 12] [--threads 2] [--repeats 2]
+    python benchmarks/dp_overhead.py [--batch 64] [--steps 16] [--threads 2] [--repeats 2]
 
 Targets (issue 2): time ratio <= 1.05, memory ratio <= 1.15.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -29,13 +31,12 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def worker(mode: str, batch: int, steps: int, threads: int, max_length: int, warmup: int) -> dict:
+def _setup(batch: int, threads: int, max_length: int, steps: int):
     import torch
 
     torch.set_num_threads(threads)
     from fedslm.config import load_config
     from fedslm.data.tasks import get_task
-    from fedslm.privacy.dpsgd import DPSGD, PlainSGD, make_optimizer
     from fedslm.train.losses import PER_RECORD_LOSS
     from fedslm.train.node import build_node
 
@@ -44,79 +45,116 @@ def worker(mode: str, batch: int, steps: int, threads: int, max_length: int, war
     node = build_node(cfg)
     task = get_task("classification")
     loss_of = PER_RECORD_LOSS["classification"]
-    # Records with the longest token sequences, so both variants see exactly max_length tokens per row.
+    # The records with the longest token sequences, so every batch runs at max_length tokens per row.
     order = sorted(range(len(node.train)), key=lambda i: -len(node.train.input_ids[i]))
-    batches = [order[k * batch:(k + 1) * batch] for k in range(warmup + steps)]
-    params = [p for p in node.model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, "adamw", 1e-3, 0.0)
-    rss_loaded = _rss_mb()
-    if mode == "dp":
-        engine = DPSGD(node.model, optimizer=opt, noise_multiplier=1.0, max_grad_norm=1.0,
-                       expected_batch_size=batch, physical_batch_size=batch,
-                       noise_generator=torch.Generator().manual_seed(0))
-    else:
-        engine = PlainSGD(node.model, optimizer=opt, physical_batch_size=batch)
+    batches = [order[k * batch:(k + 1) * batch] for k in range(steps)]
 
     def loss_fn(module, idx):
         return loss_of(module, task.collate(node.train, idx))
 
-    times = []
-    for k, b in enumerate(batches):
-        t0 = time.perf_counter()
-        engine.step(b, loss_fn)
-        if k >= warmup:
-            times.append(time.perf_counter() - t0)
     seq = max(len(node.train.input_ids[i]) for i in batches[0])
-    return {"mode": mode, "step_s": statistics.median(times), "step_s_all": times,
-            "rss_loaded_mb": rss_loaded, "peak_rss_mb": _rss_mb(), "seq_len": seq,
-            "trainable_params": sum(p.numel() for p in params)}
+    return node, batches, loss_fn, seq
+
+
+def _engine(mode: str, model, batch: int):
+    import torch
+
+    from fedslm.privacy.dpsgd import DPSGD, PlainSGD, make_optimizer
+
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], "adamw", 1e-3, 0.0)
+    if mode == "dp":
+        return DPSGD(model, optimizer=opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
+                     physical_batch_size=batch, noise_generator=torch.Generator().manual_seed(0))
+    return PlainSGD(model, optimizer=opt, physical_batch_size=batch)
+
+
+def memory_worker(mode: str, batch: int, steps: int, threads: int, max_length: int) -> dict:
+    """Peak RSS of one variant alone in a fresh process (a per-process high-water mark)."""
+    node, batches, loss_fn, seq = _setup(batch, threads, max_length, steps)
+    loaded = _rss_mb()
+    engine = _engine(mode, node.model, batch)
+    for b in batches:
+        engine.step(b, loss_fn)
+    return {"mode": mode, "rss_loaded_mb": loaded, "peak_rss_mb": _rss_mb(), "seq_len": seq}
+
+
+def time_worker(batch: int, steps: int, threads: int, max_length: int, warmup: int) -> dict:
+    """Both variants in one process on two copies of the same model, steps alternated, so any drift
+    of the machine (other load, clock) hits both alike."""
+    import copy
+
+    node, batches, loss_fn, seq = _setup(batch, threads, max_length, warmup + steps)
+    engines = {"plain": _engine("plain", copy.deepcopy(node.model), batch), "dp": _engine("dp", node.model, batch)}
+    times: dict[str, list[float]] = {"plain": [], "dp": []}
+    for k, b in enumerate(batches):
+        for mode in (("plain", "dp") if k % 2 == 0 else ("dp", "plain")):
+            t0 = time.perf_counter()
+            engines[mode].step(b, loss_fn)
+            if k >= warmup:
+                times[mode].append(time.perf_counter() - t0)
+    return {"seq_len": seq, "plain_step_s": statistics.median(times["plain"]),
+            "dp_step_s": statistics.median(times["dp"]), "times": times,
+            "trainable_params": sum(p.numel() for p in node.model.parameters() if p.requires_grad)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--worker", choices=["dp", "plain"], help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=2, help="fresh processes per variant for peak RSS")
+    ap.add_argument("--worker", choices=["dp", "plain", "time"], help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=RESULTS / "dp_overhead.json")
     args = ap.parse_args()
+    common = ["--batch", str(args.batch), "--threads", str(args.threads), "--max-length", str(args.max_length)]
+    if args.worker == "time":
+        print(json.dumps(time_worker(args.batch, args.steps, args.threads, args.max_length, args.warmup)))
+        return
     if args.worker:
-        print(json.dumps(worker(args.worker, args.batch, args.steps, args.threads, args.max_length, args.warmup)))
+        print(json.dumps(memory_worker(args.worker, args.batch, 4, args.threads, args.max_length)))
         return
 
-    runs: dict[str, list[dict]] = {"plain": [], "dp": []}
-    for rep in range(args.repeats):
-        for mode in ("plain", "dp"):
-            cmd = [sys.executable, __file__, "--worker", mode, "--batch", str(args.batch), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--threads", str(args.threads), "--max-length", str(args.max_length)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            res = json.loads(out)
-            runs[mode].append(res)
-            print(f"[{rep + 1}/{args.repeats}] {mode:5s}: {res['step_s'] * 1000:8.1f} ms/step, "
-                  f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+    def spawn(*extra: str) -> dict:
+        cmd = [sys.executable, __file__, *common, *extra]
+        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
-    plain_t = statistics.median(r["step_s"] for r in runs["plain"])
-    dp_t = statistics.median(r["step_s"] for r in runs["dp"])
-    plain_m = statistics.median(r["peak_rss_mb"] for r in runs["plain"])
-    dp_m = statistics.median(r["peak_rss_mb"] for r in runs["dp"])
+    timing = spawn("--worker", "time", "--steps", str(args.steps), "--warmup", str(args.warmup))
+    print(f"step time (median of {args.steps}, alternated in one process): plain {timing['plain_step_s'] * 1000:.1f} ms, "
+          f"DP {timing['dp_step_s'] * 1000:.1f} ms", flush=True)
+    mem: dict[str, list[dict]] = {"plain": [], "dp": []}
+    for rep in range(args.repeats):
+        for mode in (("plain", "dp") if rep % 2 == 0 else ("dp", "plain")):
+            res = spawn("--worker", mode)
+            mem[mode].append(res)
+            print(f"[{rep + 1}/{args.repeats}] {mode:5s}: peak RSS {res['peak_rss_mb']:.0f} MB "
+                  f"({res['peak_rss_mb'] - res['rss_loaded_mb']:+.0f} MB while training)", flush=True)
+
+    plain_m = statistics.median(r["peak_rss_mb"] for r in mem["plain"])
+    dp_m = statistics.median(r["peak_rss_mb"] for r in mem["dp"])
     result = {
         "benchmark": "dp_overhead",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "model": "minilm (all-MiniLM-L6-v2) + LoRA r=8 on query,value + classifier head",
-        "batch": args.batch, "seq_len": runs["dp"][0]["seq_len"], "threads": args.threads, "steps": args.steps,
-        "plain_step_s": plain_t, "dp_step_s": dp_t, "time_ratio": dp_t / plain_t,
+        "batch": args.batch, "seq_len": timing["seq_len"], "threads": args.threads, "steps": args.steps,
+        "trainable_params": timing["trainable_params"],
+        "plain_step_s": timing["plain_step_s"], "dp_step_s": timing["dp_step_s"],
+        "time_ratio": timing["dp_step_s"] / timing["plain_step_s"],
         "plain_peak_rss_mb": plain_m, "dp_peak_rss_mb": dp_m, "memory_ratio": dp_m / plain_m,
+        # Growth of the peak while training, above the loaded model and data (the part DP can change).
+        "plain_training_rss_mb": statistics.median(r["peak_rss_mb"] - r["rss_loaded_mb"] for r in mem["plain"]),
+        "dp_training_rss_mb": statistics.median(r["peak_rss_mb"] - r["rss_loaded_mb"] for r in mem["dp"]),
         "targets": {"time_ratio": 1.05, "memory_ratio": 1.15},
-        "runs": runs,
+        "step_times_s": timing["times"],
+        "memory_runs": mem,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"time ratio   DP/plain = {result['time_ratio']:.3f}  (target <= 1.05)")
-    print(f"memory ratio DP/plain = {result['memory_ratio']:.3f}  (target <= 1.15)")
+    print(f"memory ratio DP/plain = {result['memory_ratio']:.3f}  (target <= 1.15); growth while training: "
+          f"plain {result['plain_training_rss_mb']:.0f} MB, DP {result['dp_training_rss_mb']:.0f} MB")
     print(f"written to {args.out}")
 
 
