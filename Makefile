@@ -7,9 +7,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.fedslm-installed
-RUN_DIR ?= runs/local-$(shell date +%Y%m%d-%H%M%S)
+RUN_DIR ?= runs/icd10-hospitals-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: run test bench-dp install clean
+.PHONY: run train test bench-dp install clean
 
 install: $(STAMP)
 
@@ -27,7 +27,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/fedslm train --config configs/default.yaml output.dir=$(RUN_DIR)
+	$(BIN)/fedslm simulate --config simulations/icd10-hospitals.yaml --out $(RUN_DIR)
+
+train: $(STAMP)
+	$(BIN)/fedslm train --config configs/default.yaml output.dir=runs/local-$(shell date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

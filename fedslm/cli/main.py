@@ -159,6 +159,21 @@ def train_cmd(
     run_local(cfg, console=console)
 
 
+@app.command("simulate")
+@user_errors
+def simulate_cmd(
+    config: Optional[List[Path]] = ConfigOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: output.dir)."),
+    overrides: Optional[List[str]] = OverridesArg,
+) -> None:
+    """Simulate federation.num_clients institutions on this machine with Flower's simulation engine."""
+    from fedslm.federation.simulate import describe, simulate
+
+    cfg = _load(config, [*(overrides or []), *([f"output.dir={out}"] if out else [])])
+    summary = simulate(cfg, console=console)
+    describe(summary, Path(cfg.output.dir), console)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -16,7 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from fedslm.config.schema import ACCOUNTANTS, OPTIMIZERS, TASKS, Config
+from fedslm.config.schema import ACCOUNTANTS, OPTIMIZERS, PARTITIONERS, STRATEGIES, TASKS, Config
 from fedslm.errors import ConfigError
 
 
@@ -65,29 +65,37 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def _read_yaml(path: Path) -> str:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+
+
 def load_config(
     files: Sequence[str | Path] = (),
     overrides: Iterable[str] = (),
+    texts: Sequence[str] = (),
 ) -> Config:
-    """Merge ``files`` (in order) and then ``overrides`` onto the defaults; validate."""
+    """Merge ``files`` (in order), then YAML ``texts``, then ``overrides`` onto the defaults; validate."""
     merged = OmegaConf.structured(Config)
-    for path in files:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+    sources = [(str(Path(p)), _read_yaml(Path(p))) for p in files] + [("config text", t) for t in texts]
+    for source, text in sources:
         try:
-            content = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            content = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
             first = str(exc).splitlines()[0]
-            raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+            raise ConfigError(f"config file {source} is not valid YAML: {first}") from None
         if content is None:
             continue
         if not isinstance(content, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(content).__name__}")
+            raise ConfigError(f"config file {source} must hold a mapping of sections, got {type(content).__name__}")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.create(content))
         except OmegaConfBaseException as exc:
-            raise _explain(exc, str(path)) from None
+            raise _explain(exc, source) from None
     for item in overrides:
         key, value = _parse_override(item)
         if "." not in key:
@@ -169,8 +177,24 @@ def validate(cfg: Config) -> None:
     _positive("train.threads", t.threads, allow_none=True)
     _positive("train.eval_batch_size", t.eval_batch_size)
 
-    _positive("federation.num_clients", cfg.federation.num_clients)
-    _positive("federation.rounds", cfg.federation.rounds)
+    f = cfg.federation
+    _positive("federation.num_clients", f.num_clients)
+    _positive("federation.rounds", f.rounds)
+    _choice("federation.strategy", f.strategy, STRATEGIES)
+    _positive("federation.min_clients", f.min_clients)
+    _check(f.min_clients <= f.num_clients,
+           f"federation.min_clients must be <= federation.num_clients ({f.num_clients}), got {f.min_clients}")
+    for key in ("fraction_train", "fraction_evaluate"):
+        value = getattr(f, key)
+        _check(0.0 < value <= 1.0, f"federation.{key} must be in (0, 1], got {value}")
+    _choice("federation.partitioner", f.partitioner, PARTITIONERS)
+    _positive("federation.dirichlet_alpha", f.dirichlet_alpha)
+    if f.partitioner == "column":
+        _check(bool(f.partition_column), "federation.partition_column must name a column when federation.partitioner=column")
+    _check(f.proximal_mu >= 0, f"federation.proximal_mu must be >= 0, got {f.proximal_mu}")
+    _positive("federation.server_lr", f.server_lr)
+    _positive("federation.round_timeout", f.round_timeout)
+    _positive("federation.client_cpus", f.client_cpus)
     _check(bool(cfg.output.dir.strip()), "output.dir must be a folder path, got ''")
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 TASKS = ("classification", "causal_lm")
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+PARTITIONERS = ("iid", "dirichlet", "column")
 ACCOUNTANTS = ("rdp", "prv")
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -93,6 +95,27 @@ class TrainConfig:
 class FederationConfig:
     num_clients: int = 5
     rounds: int = 3
+    strategy: str = "fedavg"
+    # Rounds go ahead while at least this many institutions reply.
+    min_clients: int = 2
+    # Share of institutions sampled for training / evaluation each round.
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    # How simulated institutions split the data: iid, dirichlet (over labels), or column.
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    # For partitioner=column: each distinct value of this column is one institution.
+    partition_column: Optional[str] = None
+    partition_seed: int = 0
+    # FedProx proximal term and FedAdam server learning rate.
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    # Also train each institution alone under the same ε, to show what federation adds.
+    compare_local: bool = False
+    # Seconds the server waits for replies in a round.
+    round_timeout: float = 3600.0
+    # Ray workers' CPUs per simulated institution.
+    client_cpus: int = 1
 
 
 @dataclass

@@ -12,6 +12,8 @@ from typing import Optional, Sequence, Union
 class ClassificationExample:
     text: str
     label: int
+    # Value of federation.partition_column, when institutions are split by a column.
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,7 @@ class CausalExample:
 
     prompt: str
     completion: str
+    group: str = ""
 
 
 Example = Union[ClassificationExample, CausalExample]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -14,10 +15,18 @@ from fedslm.data.tasks import get_task
 from fedslm.errors import ConfigError, DataError
 
 
-def load_task_data(data: DataConfig, task: str) -> TaskData:
-    """The bundled dataset named by ``data.source``, or a node's own .csv/.jsonl file."""
+def load_task_data(data: DataConfig, task: str, group_column: Optional[str] = None) -> TaskData:
+    """The bundled dataset named by ``data.source``, or a node's own .csv/.jsonl file.
+
+    ``group_column`` keeps that column's value on every example (to split institutions by it).
+    """
     spec = bundled.get(data.source)
     if spec is not None:
+        if group_column:
+            raise ConfigError(
+                f"federation.partition_column '{group_column}' needs a .csv/.jsonl data.source with that column; "
+                f"bundled '{data.source}' has none (use federation.partitioner=dirichlet or iid)"
+            )
         if spec.task != task:
             raise ConfigError(
                 f"data.source '{data.source}' is a {spec.task} dataset but model.task is '{task}'"
@@ -28,11 +37,11 @@ def load_task_data(data: DataConfig, task: str) -> TaskData:
                 f"data.labels does not match the labels of bundled dataset '{data.source}'; leave it unset"
             )
     else:
-        out = _load_file(data, task)
+        out = _load_file(data, task, group_column)
     return _subsample(out, data)
 
 
-def _load_file(data: DataConfig, task_name: str) -> TaskData:
+def _load_file(data: DataConfig, task_name: str, group_column: Optional[str] = None) -> TaskData:
     path = Path(data.source).expanduser()
     if not path.exists():
         kind = "file does not exist" if path.suffix.lower() in (".csv", ".jsonl") else "no such file"
@@ -42,9 +51,9 @@ def _load_file(data: DataConfig, task_name: str) -> TaskData:
         )
     task = get_task(task_name)
     columns = header_columns(path)
-    rows = read_rows(path, task.required_columns(data, columns))
+    rows = read_rows(path, [*task.required_columns(data, columns), *([group_column] if group_column else [])])
     labels = task.label_set(rows, data)
-    examples = task.examples(rows, data, path, labels)
+    examples = task.examples(rows, data, path, labels, group_column)
     if len(examples) < 2:
         raise DataError(f"{path}: {len(examples)} record(s); need at least 2 to hold one out for evaluation")
     order = np.random.default_rng(data.split_seed).permutation(len(examples))

@@ -52,7 +52,8 @@ class ClassificationTask:
             return list(data.labels)
         return sorted({r.values.get(data.label_column, "").strip() for r in rows} - {""})
 
-    def examples(self, rows: list[Row], data: DataConfig, path: Path, labels: list[str]) -> list[Example]:
+    def examples(self, rows: list[Row], data: DataConfig, path: Path, labels: list[str],
+                 group_column: Optional[str] = None) -> list[Example]:
         index = {name: i for i, name in enumerate(labels)}
         out: list[Example] = []
         for row in rows:
@@ -64,7 +65,8 @@ class ClassificationTask:
                     f"{path} line {row.line}, column '{data.label_column}': unknown label {label!r} "
                     f"(allowed: {shown}; set data.labels to the label set all nodes share)"
                 )
-            out.append(ClassificationExample(text, index[label]))
+            group = _text(row, group_column, path) if group_column else ""
+            out.append(ClassificationExample(text, index[label], group))
         if len(labels) < 2:
             raise DataError(f"{path}: column '{data.label_column}' has fewer than 2 distinct labels ({labels})")
         return out
@@ -94,15 +96,17 @@ class CausalLMTask:
     def label_set(self, rows: list[Row], data: DataConfig) -> None:
         return None
 
-    def examples(self, rows: list[Row], data: DataConfig, path: Path, labels: Any) -> list[Example]:
+    def examples(self, rows: list[Row], data: DataConfig, path: Path, labels: Any,
+                 group_column: Optional[str] = None) -> list[Example]:
         pairs = data.completion_column in rows[0].values
         out: list[Example] = []
         for row in rows:
+            group = _text(row, group_column, path) if group_column else ""
             if pairs:
                 prompt = _text(row, data.prompt_column, path, allow_empty=True)
-                out.append(CausalExample(prompt, _text(row, data.completion_column, path)))
+                out.append(CausalExample(prompt, _text(row, data.completion_column, path), group))
             else:
-                out.append(CausalExample("", _text(row, data.text_column, path)))
+                out.append(CausalExample("", _text(row, data.text_column, path), group))
         return out
 
     def encode(self, examples: Sequence[Example], tokenizer: Any, max_length: int) -> Encoded:

@@ -70,6 +70,7 @@ class DPSGD:
         physical_batch_size: int,
         noise_generator: Optional[torch.Generator] = None,
         secure_mode: bool = False,
+        extra_grad: Optional[Callable[[], None]] = None,
     ):
         if secure_mode:
             import torchcsprng
@@ -87,6 +88,9 @@ class DPSGD:
             generator=noise_generator,
             secure_mode=secure_mode,
         )
+        if extra_grad is not None:
+            # A data-independent term (FedProx) added to the already noised gradient: post-processing.
+            self.optimizer.attach_step_hook(lambda _opt: extra_grad())
         self.physical_batch_size = physical_batch_size
 
     def step(self, indices: Sequence[int], loss_fn: LossFn) -> float:
@@ -127,11 +131,13 @@ class DPSGD:
 class PlainSGD:
     """The same step without privacy (baselines, benchmarks): mean loss over the batch."""
 
-    def __init__(self, model: nn.Module, *, optimizer: torch.optim.Optimizer, physical_batch_size: int):
+    def __init__(self, model: nn.Module, *, optimizer: torch.optim.Optimizer, physical_batch_size: int,
+                 extra_grad: Optional[Callable[[], None]] = None):
         model.train()
         self.module = model
         self.optimizer = optimizer
         self.physical_batch_size = physical_batch_size
+        self.extra_grad = extra_grad
 
     def step(self, indices: Sequence[int], loss_fn: LossFn) -> float:
         if len(indices) == 0:
@@ -143,6 +149,8 @@ class PlainSGD:
             losses = loss_fn(self.module, chunk)
             (losses.sum() / len(indices)).backward()
             total += float(losses.detach().sum())
+        if self.extra_grad is not None:
+            self.extra_grad()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total

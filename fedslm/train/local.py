@@ -68,6 +68,19 @@ def _generator(seed: Optional[int], *salt: object) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+def _proximal(params: list[torch.nn.Parameter], mu: float) -> Callable[[], None]:
+    """FedProx: add mu * (w - w_start) to each gradient (no data involved, so no privacy cost)."""
+    start = [q.detach().clone() for q in params]
+
+    def add() -> None:
+        with torch.no_grad():
+            for q, q0 in zip(params, start):
+                if q.grad is not None:
+                    q.grad.add_(q - q0, alpha=mu)
+
+    return add
+
+
 def train_round(
     model: nn.Module,
     train: Encoded,
@@ -78,8 +91,12 @@ def train_round(
     run_id: str = "",
     round_idx: int = 1,
     progress: Optional[ProgressFn] = None,
+    proximal_mu: float = 0.0,
 ) -> RoundResult:
-    """Run ``train.local_steps`` steps on ``model``'s trainable tensors, DP unless disabled."""
+    """Run ``train.local_steps`` steps on ``model``'s trainable tensors, DP unless disabled.
+
+    ``proximal_mu`` > 0 adds FedProx's pull towards the weights the round started from.
+    """
     p, t = cfg.privacy, cfg.train
     n = len(train)
     task = get_task(cfg.model.task)
@@ -90,6 +107,7 @@ def train_round(
 
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = make_optimizer(params, t.optimizer, t.lr, t.weight_decay)
+    extra_grad = _proximal(params, proximal_mu) if proximal_mu > 0 else None
     if p.enabled:
         pl = privacy_plan(cfg, n)
         step_record = (pl.noise_multiplier, pl.sample_rate, t.local_steps)
@@ -100,7 +118,7 @@ def train_round(
             model, optimizer=optimizer, noise_multiplier=pl.noise_multiplier, max_grad_norm=p.max_grad_norm,
             expected_batch_size=t.batch_size, physical_batch_size=t.physical_batch_size,
             noise_generator=_generator(p.noise_seed, "noise", dataset_id, run_id, round_idx),
-            secure_mode=p.secure_mode,
+            secure_mode=p.secure_mode, extra_grad=extra_grad,
         )
         q, delta, sigma = pl.sample_rate, pl.delta, pl.noise_multiplier
         sampler = _generator(p.noise_seed, "sample", dataset_id, run_id, round_idx)
@@ -110,7 +128,8 @@ def train_round(
                 f"privacy.enabled=false would release updates with no privacy guarantee (ε=∞), past this node's "
                 f"privacy.max_epsilon={p.max_epsilon:g}; refusing to train"
             )
-        engine = PlainSGD(model, optimizer=optimizer, physical_batch_size=t.physical_batch_size)
+        engine = PlainSGD(model, optimizer=optimizer, physical_batch_size=t.physical_batch_size,
+                          extra_grad=extra_grad)
         q, delta, sigma, noise_source = min(1.0, t.batch_size / n), None, None, "none (privacy disabled)"
         sampler = _generator(t.seed, "sample", dataset_id, run_id, round_idx)
 

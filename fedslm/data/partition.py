@@ -1,0 +1,121 @@
+"""Split one dataset into simulated institutions with flwr-datasets' partitioners.
+
+``iid`` (IidPartitioner), ``dirichlet`` (DirichletPartitioner over labels: the
+label skew real institutions have) and ``column`` (NaturalIdPartitioner: one
+institution per distinct value of a column, e.g. a hospital id). Each
+institution then holds out part of its own records as its local test set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from fedslm.config.schema import FederationConfig
+from fedslm.data.examples import Example, TaskData
+from fedslm.errors import ConfigError
+
+
+def _targets(examples: list[Example]) -> list[str]:
+    # Causal examples have no label; Dirichlet over labels needs one.
+    return [str(getattr(e, "label", "")) for e in examples]
+
+
+def _dataset(examples: list[Example]):
+    from datasets import Dataset
+
+    return Dataset.from_dict({
+        "idx": list(range(len(examples))),
+        "label": _targets(examples),
+        "group": [e.group for e in examples],
+    })
+
+
+def _iid(fed: FederationConfig):
+    from flwr_datasets.partitioner import IidPartitioner
+
+    return IidPartitioner(num_partitions=fed.num_clients)
+
+
+def _dirichlet(fed: FederationConfig):
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    return DirichletPartitioner(
+        num_partitions=fed.num_clients, partition_by="label", alpha=fed.dirichlet_alpha,
+        min_partition_size=10, self_balancing=False, shuffle=True, seed=fed.partition_seed,
+    )
+
+
+def _column(fed: FederationConfig):
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    return NaturalIdPartitioner(partition_by="group")
+
+
+_PARTITIONERS: dict[str, Callable[[FederationConfig], object]] = {}
+
+
+def register(name: str, factory: Callable[[FederationConfig], object]) -> None:
+    if name in _PARTITIONERS:
+        raise ValueError(f"partitioner {name!r} is already registered")
+    _PARTITIONERS[name] = factory
+
+
+register("iid", _iid)
+register("dirichlet", _dirichlet)
+register("column", _column)
+
+
+@dataclass(frozen=True)
+class Partition:
+    institution: int
+    num_institutions: int
+    indices: list[int]
+    name: str
+
+
+def partition_indices(examples: list[Example], fed: FederationConfig,
+                      only: Optional[int] = None) -> list[Partition]:
+    """Indices of ``examples`` held by each institution (or just institution ``only``)."""
+    if fed.partitioner == "dirichlet" and not any(_targets(examples)[0:1]) and not hasattr(examples[0], "label"):
+        raise ConfigError("federation.partitioner=dirichlet splits by label; causal LM data has none (use iid or column)")
+    if fed.partitioner == "column":
+        groups = sorted({e.group for e in examples})
+        if len(groups) != fed.num_clients:
+            raise ConfigError(
+                f"federation.partition_column '{fed.partition_column}' has {len(groups)} distinct values; "
+                f"set federation.num_clients={len(groups)}"
+            )
+    if len(examples) < 10 * fed.num_clients:
+        raise ConfigError(
+            f"federation.num_clients={fed.num_clients} is too many for {len(examples)} records (need >= 10 each)"
+        )
+    partitioner = _PARTITIONERS[fed.partitioner](fed)
+    partitioner.dataset = _dataset(examples)
+    out = []
+    for i in range(fed.num_clients) if only is None else [only]:
+        part = partitioner.load_partition(i)
+        name = f"institution-{i}"
+        if fed.partitioner == "column":
+            name = str(part[0]["group"]) if len(part) else name
+        indices = sorted(part.to_dict()["idx"])
+        out.append(Partition(i, fed.num_clients, indices, name))
+    return out
+
+
+def institution_data(data: TaskData, fed: FederationConfig, institution: int, test_fraction: float,
+                     split_seed: int) -> TaskData:
+    """Institution ``institution``'s records, split into its own train and held-out sets."""
+    part = partition_indices(data.train, fed, only=institution)[0]
+    order = np.random.default_rng([split_seed, institution]).permutation(len(part.indices))
+    n_test = max(1, int(round(len(order) * test_fraction)))
+    records = [data.train[part.indices[k]] for k in order]
+    return TaskData(
+        task=data.task,
+        train=records[n_test:],
+        test=records[:n_test],
+        labels=data.labels,
+        source=f"{data.source}#{part.name}",
+    )

@@ -1,0 +1,145 @@
+"""What an institution's node does in a round, with no Flower types in sight.
+
+The run config comes from the coordinator; the node's own settings (its data,
+its ledger, its ε cap) come from the node config and always win. In
+simulation, an institution is a partition of one dataset, and its ledger lives
+in the run folder; in deployment, the node config points at local files.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+from fedslm.config import Config, load_config
+from fedslm.data import TaskData, load_task_data
+from fedslm.data.partition import institution_data
+from fedslm.data.tasks import get_task
+from fedslm.errors import ConfigError, FedslmError
+from fedslm.federation.codec import Request, tensor_bytes
+from fedslm.lora import get_adapter_state, set_adapter_state, wrap
+from fedslm.models import load_base
+from fedslm.privacy import Ledger
+from fedslm.train.evaluate import evaluate
+from fedslm.train.local import train_round
+from fedslm.train.node import Node
+
+# Node config keys an institution sets on its SuperNode (--node-config).
+NODE_DATA = "data-source"
+NODE_LEDGER = "ledger"
+NODE_MAX_EPSILON = "max-epsilon"
+NODE_NAME = "name"
+
+
+class FingerprintMismatch(FedslmError):
+    pass
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    institution: int
+    num_institutions: int
+    data_source: Optional[str]
+    ledger: Optional[str]
+    max_epsilon: Optional[float]
+    name: str
+
+
+def node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
+    institution = int(node_config.get("partition-id", 0))
+    max_eps = node_config.get(NODE_MAX_EPSILON)
+    return NodeSettings(
+        institution=institution,
+        num_institutions=int(node_config.get("num-partitions", 1)),
+        data_source=str(node_config[NODE_DATA]) if NODE_DATA in node_config else None,
+        ledger=str(node_config[NODE_LEDGER]) if NODE_LEDGER in node_config else None,
+        max_epsilon=float(max_eps) if max_eps is not None else None,
+        name=str(node_config.get(NODE_NAME, f"institution-{institution}")),
+    )
+
+
+def node_config(request: Request, node: NodeSettings) -> Config:
+    """The coordinator's run config with this node's own settings on top."""
+    if not request.config_yaml:
+        raise ConfigError("the request carries no fedslm config (run-config 'fedslm-config' missing)")
+    overrides = []
+    if node.data_source:
+        overrides.append(f"data.source={node.data_source}")
+    cfg = load_config(texts=[request.config_yaml], overrides=overrides)
+    if node.ledger:
+        cfg.privacy.ledger = node.ledger
+    elif cfg.privacy.ledger is None:
+        cfg.privacy.ledger = str(Path(cfg.output.dir) / "ledgers" / f"{node.name}.json")
+    if node.max_epsilon is not None:
+        cfg.privacy.max_epsilon = node.max_epsilon  # the node's cap wins over the coordinator's
+    return cfg
+
+
+def institution_task_data(cfg: Config, node: NodeSettings) -> TaskData:
+    fed = cfg.federation
+    if node.data_source:  # deployment: the node's own file, split into its train and held-out sets
+        return load_task_data(cfg.data, cfg.model.task)
+    group = fed.partition_column if fed.partitioner == "column" else None
+    data = load_task_data(cfg.data, cfg.model.task, group_column=group)
+    return institution_data(data, fed, node.institution, cfg.data.test_fraction, cfg.data.split_seed)
+
+
+def build_institution(cfg: Config, node: NodeSettings, request: Request) -> Node:
+    data = institution_task_data(cfg, node)
+    base = load_base(cfg.model, len(data.labels) if data.labels is not None else None)
+    if request.base_fingerprint and request.base_fingerprint != base.fingerprint:
+        raise FingerprintMismatch(
+            f"{node.name}: base model fingerprint {base.fingerprint[:12]} differs from the coordinator's "
+            f"{request.base_fingerprint[:12]} (different model.name, label set or model.init_seed)"
+        )
+    task = get_task(cfg.model.task)
+    model = wrap(base.model, cfg.lora, cfg.model.task, base.target_modules, seed=cfg.train.seed)
+    if request.adapter is not None:
+        set_adapter_state(model, request.adapter)
+    return Node(cfg, data, base, model, task.encode(data.train, base.tokenizer, cfg.model.max_length),
+                task.encode(data.test, base.tokenizer, cfg.model.max_length))
+
+
+def _threads(cfg: Config) -> None:
+    torch.set_num_threads(cfg.train.threads or cfg.federation.client_cpus)
+
+
+def client_train(request: Request, node: NodeSettings) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    started = time.perf_counter()
+    cfg = node_config(request, node)
+    _threads(cfg)
+    inst = build_institution(cfg, node, request)
+    result = train_round(
+        inst.model, inst.train, cfg, dataset_id=inst.data.dataset_id, ledger=Ledger(cfg.privacy.ledger),
+        run_id=request.run_id, round_idx=request.server_round, proximal_mu=request.proximal_mu,
+    )
+    state = get_adapter_state(inst.model)
+    metrics = {
+        "num-examples": result.num_examples,
+        "institution": node.institution,
+        "train-loss": result.mean_loss,
+        "epsilon": result.epsilon,
+        "delta": result.delta if result.delta is not None else 0.0,
+        "noise-multiplier": result.noise_multiplier if result.noise_multiplier is not None else 0.0,
+        "sample-rate": result.sample_rate,
+        "steps": result.steps,
+        "empty-steps": result.empty_steps,
+        "bytes-up": tensor_bytes(state),
+        "bytes-down": request.bytes_down,
+        "train-seconds": result.seconds,
+        "seconds": time.perf_counter() - started,
+        "private": result.private,
+    }
+    return state, metrics
+
+
+def client_evaluate(request: Request, node: NodeSettings) -> dict[str, Any]:
+    cfg = node_config(request, node)
+    _threads(cfg)
+    inst = build_institution(cfg, node, request)
+    ev = evaluate(inst.model, inst.test, cfg.model.task, cfg.train.eval_batch_size)
+    return {"institution": node.institution, **{k.replace("_", "-"): v for k, v in ev.items()}}

@@ -1,0 +1,92 @@
+"""The one place Flower's record types meet the library: Message content <-> tensors and dataclasses.
+
+A train or evaluate request carries the global adapter (``arrays``) and a
+ConfigRecord with the resolved run config as YAML, the base fingerprint and
+the round. A reply carries the adapter (train only) and a MetricRecord.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+
+@dataclass(frozen=True)
+class Request:
+    server_round: int
+    config_yaml: str
+    base_fingerprint: str
+    run_id: str
+    proximal_mu: float
+    adapter: Optional[dict[str, torch.Tensor]]
+    bytes_down: int
+
+
+def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord(OrderedDict((k, v.detach().cpu().contiguous()) for k, v in state.items()))
+
+
+def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return dict(record.to_torch_state_dict())
+
+
+def tensor_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def request_config(config_yaml: str, base_fingerprint: str, run_id: str) -> ConfigRecord:
+    return ConfigRecord({"fedslm-config": config_yaml, "base-fingerprint": base_fingerprint, "run-id": run_id})
+
+
+def parse_request(msg: Message) -> Request:
+    content = msg.content
+    cfg = content[CONFIG] if CONFIG in content else ConfigRecord()
+    adapter = None
+    bytes_down = 0
+    if ARRAYS in content:
+        adapter = record_to_state(content[ARRAYS])
+        bytes_down = tensor_bytes(adapter)
+    return Request(
+        server_round=int(cfg.get("server-round", 0)),
+        config_yaml=str(cfg.get("fedslm-config", "")),
+        base_fingerprint=str(cfg.get("base-fingerprint", "")),
+        run_id=str(cfg.get("run-id", "")),
+        proximal_mu=float(cfg.get("proximal-mu", 0.0)),
+        adapter=adapter,
+        bytes_down=bytes_down,
+    )
+
+
+def _metric_values(metrics: Mapping[str, Any]) -> dict[str, float | int]:
+    out: dict[str, float | int] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool):
+            out[key] = int(value)
+        elif isinstance(value, (int, float)) and value is not None:
+            out[key] = value
+    return out
+
+
+def train_reply(msg: Message, state: Mapping[str, torch.Tensor], metrics: Mapping[str, Any]) -> Message:
+    return Message(RecordDict({ARRAYS: state_to_record(state), METRICS: MetricRecord(_metric_values(metrics))}),
+                   reply_to=msg)
+
+
+def evaluate_reply(msg: Message, metrics: Mapping[str, Any]) -> Message:
+    return Message(RecordDict({METRICS: MetricRecord(_metric_values(metrics))}), reply_to=msg)
+
+
+def reply_metrics(msg: Message) -> dict[str, Any]:
+    return dict(msg.content[METRICS]) if METRICS in msg.content else {}
+
+
+def reply_state(msg: Message) -> dict[str, torch.Tensor]:
+    return record_to_state(msg.content[ARRAYS])

@@ -1,0 +1,281 @@
+"""The coordinator: Flower's own strategies over adapter tensors, and the run folder.
+
+Strategies are Flower's (FedAvg weighted by examples, FedProx, FedAdam), each
+wrapped by :class:`Recording`, which logs every failed reply with its node and
+reason, stops the run when fewer than ``federation.min_clients`` replies
+remain, and writes the run folder as rounds finish: ``metrics.jsonl`` (one
+object per round), a checkpoint of the global adapter and server state, then
+``adapter/``, ``summary.json`` and ``report.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from safetensors.torch import save_file
+
+from fedslm.config import Config, to_yaml
+from fedslm.data import bundled, load_task_data
+from fedslm.errors import ConfigError, FedslmError
+from fedslm.federation import codec
+from fedslm.lora import get_adapter_state, save_adapter, set_adapter_state, wrap
+from fedslm.models import load_base
+
+log = logging.getLogger("fedslm.server")
+
+_STRATEGIES: dict[str, type] = {}
+
+
+def register_strategy(name: str, cls: type) -> None:
+    if name in _STRATEGIES:
+        raise ValueError(f"strategy {name!r} is already registered")
+    _STRATEGIES[name] = cls
+
+
+register_strategy("fedavg", FedAvg)
+register_strategy("fedprox", FedProx)
+register_strategy("fedadam", FedAdam)
+
+
+class FederationStopped(FedslmError):
+    """Too few institutions replied for the round to count."""
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
+        return None
+    return value
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunRecorder:
+    cfg: Config
+    out: Path
+    run_id: str
+    started: float = field(default_factory=time.perf_counter)
+    pending: dict[int, dict[str, Any]] = field(default_factory=dict)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    initial_eval: Optional[dict[str, Any]] = None
+
+    def _round(self, server_round: int) -> dict[str, Any]:
+        return self.pending.setdefault(server_round, {"round": server_round, "clients": {}, "errors": []})
+
+    def _split(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
+        rec = self._round(server_round)
+        valid = []
+        for msg in replies:
+            if msg.has_error():
+                reason = msg.error.reason or f"error code {msg.error.code}"
+                node = msg.metadata.src_node_id
+                log.warning("round %s %s: node %s failed: %s", server_round, phase, node, reason)
+                rec["errors"].append({"phase": phase, "node": node, "reason": reason})
+            else:
+                valid.append(msg)
+        if len(valid) < self.cfg.federation.min_clients:
+            reasons = "; ".join(e["reason"] for e in rec["errors"] if e["phase"] == phase) or "no replies in time"
+            self.pending[server_round]["stopped"] = True
+            self._flush(server_round)
+            raise FederationStopped(
+                f"round {server_round} {phase}: {len(valid)} institution(s) replied, fewer than "
+                f"federation.min_clients={self.cfg.federation.min_clients}; stopping. Reasons: {reasons}"
+            )
+        return valid
+
+    def on_train(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        valid = self._split(server_round, replies, "train")
+        rec = self._round(server_round)
+        for msg in valid:
+            m = codec.reply_metrics(msg)
+            inst = int(m.get("institution", -1))
+            rec["clients"].setdefault(inst, {"institution": inst, "node": msg.metadata.src_node_id}).update({
+                "train_loss": _finite(m.get("train-loss")), "epsilon": _finite(m.get("epsilon")),
+                "delta": m.get("delta"), "num_examples": int(m.get("num-examples", 0)),
+                "bytes_up": int(m.get("bytes-up", 0)), "bytes_down": int(m.get("bytes-down", 0)),
+                "steps": int(m.get("steps", 0)), "empty_steps": int(m.get("empty-steps", 0)),
+                "noise_multiplier": m.get("noise-multiplier"), "train_seconds": m.get("train-seconds"),
+            })
+        return valid
+
+    def on_evaluate(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        valid = self._split(server_round, replies, "evaluate")
+        rec = self._round(server_round)
+        for msg in valid:
+            m = codec.reply_metrics(msg)
+            inst = int(m.get("institution", -1))
+            rec["clients"].setdefault(inst, {"institution": inst, "node": msg.metadata.src_node_id})["eval"] = {
+                k.replace("-", "_"): _finite(v) for k, v in m.items() if k != "institution"
+            }
+        self._flush(server_round)
+        return valid
+
+    def checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
+        """The global adapter and server state after ``server_round`` (0: the initial adapter)."""
+        folder = self.out / "checkpoint"
+        folder.mkdir(parents=True, exist_ok=True)
+        state = codec.record_to_state(arrays)
+        tmp = folder / "adapter.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        os.replace(tmp, folder / "adapter.safetensors")
+        _atomic_write(folder / "state.json", json.dumps({
+            "round": server_round, "run_id": self.run_id, "strategy": self.cfg.federation.strategy,
+            "rounds_planned": self.cfg.federation.rounds,
+        }).encode())
+
+    def _flush(self, server_round: int) -> None:
+        rec = self.pending.pop(server_round, None)
+        if rec is None:
+            return
+        clients = [rec["clients"][k] for k in sorted(rec["clients"])]
+        evals = [c["eval"] for c in clients if "eval" in c]
+        weighted: dict[str, float] = {}
+        total = sum(e.get("num_examples", 0) or 0 for e in evals)
+        if total:
+            for key in ("loss", "accuracy", "macro_f1", "perplexity"):
+                if all(e.get(key) is not None for e in evals) and evals and key in evals[0]:
+                    weighted[key] = sum(e[key] * e["num_examples"] for e in evals) / total
+        line = {"round": server_round, "run_id": self.run_id, "clients": clients, "eval_weighted": weighted,
+                "errors": rec["errors"], "stopped": rec.get("stopped", False),
+                "wall_seconds": time.perf_counter() - self.started}
+        self.rounds.append(line)
+        with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+class Recording:
+    """Mixed in front of a Flower strategy: record replies, enforce min_clients."""
+
+    recorder: RunRecorder
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        valid = self.recorder.on_train(server_round, list(replies))
+        return super().aggregate_train(server_round, valid)  # type: ignore[misc]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        valid = self.recorder.on_evaluate(server_round, list(replies))
+        return super().aggregate_evaluate(server_round, valid)  # type: ignore[misc]
+
+
+def make_strategy(cfg: Config, recorder: RunRecorder) -> Any:
+    fed = cfg.federation
+    base = _STRATEGIES[fed.strategy]
+    cls = type(f"Recording{base.__name__}", (Recording, base), {})
+    kwargs: dict[str, Any] = dict(
+        fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
+        min_train_nodes=fed.min_clients, min_evaluate_nodes=fed.min_clients, min_available_nodes=fed.min_clients,
+        weighted_by_key="num-examples",
+    )
+    if fed.strategy == "fedprox":
+        kwargs["proximal_mu"] = fed.proximal_mu
+    if fed.strategy == "fedadam":
+        kwargs["eta"] = fed.server_lr
+    strategy = cls(**kwargs)
+    strategy.recorder = recorder
+    return strategy
+
+
+def label_set(cfg: Config) -> Optional[list[str]]:
+    """The label set all nodes share: from config, the bundled dataset, or (simulation) the data."""
+    if cfg.model.task != "classification":
+        return None
+    if cfg.data.labels is not None:
+        return list(cfg.data.labels)
+    spec = bundled.get(cfg.data.source)
+    if spec is not None or Path(cfg.data.source).exists():
+        return load_task_data(cfg.data, cfg.model.task).labels
+    raise ConfigError("data.labels must list the label set every institution shares (the coordinator has no data)")
+
+
+def run_server(grid: Any, cfg: Config, run_id: str) -> dict[str, Any]:
+    """Run ``federation.rounds`` rounds on ``grid`` and write the run folder."""
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_yaml = to_yaml(cfg)
+    (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    labels = label_set(cfg)
+    base = load_base(cfg.model, len(labels) if labels is not None else None)
+    model = wrap(base.model, cfg.lora, cfg.model.task, base.target_modules, seed=cfg.train.seed)
+    initial = get_adapter_state(model)
+    recorder = RunRecorder(cfg, out, run_id)
+    strategy = make_strategy(cfg, recorder)
+    result = strategy.start(
+        grid=grid, initial_arrays=codec.state_to_record(initial), num_rounds=cfg.federation.rounds,
+        timeout=cfg.federation.round_timeout,
+        train_config=codec.request_config(config_yaml, base.fingerprint, run_id),
+        evaluate_config=codec.request_config(config_yaml, base.fingerprint, run_id),
+        evaluate_fn=lambda rnd, arrays: recorder.checkpoint(rnd, arrays),
+    )
+    final = codec.record_to_state(result.arrays)
+    set_adapter_state(model, final)
+    save_adapter(model, out / "adapter")
+    model_bytes = sum(p.numel() * p.element_size() for p in base.model.parameters())
+    summary = summarize(cfg, recorder.rounds, run_id, base.fingerprint, model_bytes, codec.tensor_bytes(final),
+                        time.perf_counter() - recorder.started)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    from fedslm.report import write_report
+
+    write_report(out)
+    return summary
+
+
+def summarize(cfg: Config, rounds: list[dict[str, Any]], run_id: str, fingerprint: str, model_bytes: int,
+              adapter_bytes: int, wall: float) -> dict[str, Any]:
+    last_eval: dict[int, dict[str, Any]] = {}
+    privacy: dict[int, dict[str, Any]] = {}
+    bytes_up = bytes_down = 0
+    for rec in rounds:
+        for c in rec["clients"]:
+            if "eval" in c:
+                last_eval[c["institution"]] = c["eval"]
+            if c.get("epsilon") is not None or "train_loss" in c:
+                privacy[c["institution"]] = {"epsilon": c.get("epsilon"), "delta": c.get("delta")}
+            bytes_up += c.get("bytes_up", 0)
+            bytes_down += c.get("bytes_down", 0)
+    headline = "accuracy" if cfg.model.task == "classification" else "perplexity"
+    per_inst = {str(k): v.get(headline) for k, v in sorted(last_eval.items())}
+    scored = {k: v for k, v in per_inst.items() if v is not None}
+    worst = None
+    if scored:
+        pick = min if headline == "accuracy" else max
+        key = pick(scored, key=scored.get)
+        worst = {"institution": int(key), headline: scored[key]}
+    return {
+        "run_id": run_id,
+        "rounds_completed": len([r for r in rounds if not r.get("stopped")]),
+        "rounds_planned": cfg.federation.rounds,
+        "strategy": cfg.federation.strategy,
+        "institutions": cfg.federation.num_clients,
+        "base_fingerprint": fingerprint,
+        "final": rounds[-1]["eval_weighted"] if rounds else {},
+        "per_institution": {headline: per_inst},
+        "worst_institution": worst,
+        "privacy": {
+            "unit": "one record of one institution (example-level DP, per institution)",
+            "per_institution": {str(k): v for k, v in sorted(privacy.items())},
+            "noise_source": "torch generator seeded from the OS CSPRNG, not cryptographically secure"
+            if not cfg.privacy.secure_mode else "torchcsprng",
+        },
+        "bytes": {"up_total": bytes_up, "down_total": bytes_down, "adapter": adapter_bytes, "base_model": model_bytes,
+                  "adapter_over_model": adapter_bytes / model_bytes if model_bytes else None},
+        "wall_seconds": wall,
+    }

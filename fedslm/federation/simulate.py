@@ -1,0 +1,249 @@
+"""``fedslm simulate``: N simulated institutions on one machine, with Flower's simulation engine.
+
+Flower 1.42's current path, driven as a user would: a local ``flower-superlink
+--simulation`` (Ray backend) on a free port with its own FLWR_HOME inside the
+run folder, and ``flwr run`` submitting this project's ServerApp/ClientApp with
+the resolved config. Flower's and Ray's logs go to ``flower.log``; the screen
+shows a live table built from the run folder (rounds from ``metrics.jsonl``,
+institutions done from their ledgers). Every process started here is stopped
+by PID (with its descendants) when the run ends, fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from fedslm.config import Config, to_yaml
+from fedslm.errors import ConfigError, FedslmError
+
+CONNECTION = "fedslm"
+
+
+class SimulationError(FedslmError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def project_dir() -> Path:
+    """The folder holding fedslm's Flower app (pyproject.toml with [tool.flwr.app])."""
+    root = Path(__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text(encoding="utf-8"):
+        raise SimulationError(
+            f"fedslm simulate needs the fedslm project folder (pyproject.toml with [tool.flwr.app]); not found at {root}"
+        )
+    return root
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def write_flower_config(flwr_home: Path, port: int, cfg: Config) -> None:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    cpus = os.cpu_count() or 1
+    (flwr_home / "config.toml").write_text(
+        "[superlink]\n"
+        f'default = "{CONNECTION}"\n\n'
+        f"[superlink.{CONNECTION}]\n"
+        f'address = "127.0.0.1:{port}"\n'
+        "insecure = true\n"
+        f"options.num-supernodes = {cfg.federation.num_clients}\n"
+        f"options.backend.client-resources.num-cpus = {min(cfg.federation.client_cpus, cpus)}\n"
+        "options.backend.client-resources.num-gpus = 0\n"
+        f"options.backend.init-args.num-cpus = {cpus}\n"
+        'options.backend.init-args.logging-level = "ERROR"\n'
+        "options.backend.init-args.log-to-driver = false\n",
+        encoding="utf-8",
+    )
+
+
+def _descendants(pid: int) -> list[Any]:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_process_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop ``proc`` and everything it started (Ray workers included), by PID."""
+    import psutil
+
+    procs = [*_descendants(proc.pid)]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(proc.pid).terminate()
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs([*procs, *([psutil.Process(proc.pid)] if proc.poll() is None else [])], timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+
+
+@contextlib.contextmanager
+def local_superlink(flwr_home: Path, port: int, log_file: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    import httpx
+
+    cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
+           "--host", "127.0.0.1", "--port", str(port)]
+    with log_file.open("ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                raise SimulationError(f"flower-superlink exited with code {proc.returncode}; see {log_file}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).is_success:
+                    break
+            if time.monotonic() > deadline:
+                raise SimulationError(f"flower-superlink did not become ready in 90 s; see {log_file}")
+            time.sleep(0.5)
+        yield proc
+    finally:
+        stop_process_tree(proc)
+
+
+def _read_rounds(out: Path) -> list[dict[str, Any]]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rounds = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rounds.append(json.loads(line))
+    return rounds
+
+
+def _clients_done(out: Path, round_idx: int) -> int:
+    done = 0
+    for ledger in (out / "ledgers").glob("*.json"):
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            data = json.loads(ledger.read_text(encoding="utf-8"))
+            entries = [e for d in data.get("datasets", {}).values() for e in d.get("entries", [])]
+            done += any(e.get("round") == round_idx for e in entries)
+    return done
+
+
+def _table(cfg: Config, rounds: list[dict[str, Any]], out: Path, started: float) -> Table:
+    headline = "accuracy" if cfg.model.task == "classification" else "perplexity"
+    table = Table(title=f"fedslm simulate: {cfg.federation.num_clients} institutions, {cfg.federation.strategy}, "
+                        f"ε target {cfg.privacy.target_epsilon if cfg.privacy.enabled else '∞ (DP off)'}")
+    for col in ("round", "institutions", "train loss", "held-out loss", headline, "ε (max)", "errors", "elapsed"):
+        table.add_column(col, justify="right")
+    for r in rounds:
+        clients = r["clients"]
+        losses = [c["train_loss"] for c in clients if c.get("train_loss") is not None]
+        eps = [c["epsilon"] for c in clients if c.get("epsilon") is not None]
+        w = r.get("eval_weighted", {})
+        table.add_row(str(r["round"]), f"{len([c for c in clients if 'train_loss' in c])}/{cfg.federation.num_clients}",
+                      f"{sum(losses) / len(losses):.4f}" if losses else "",
+                      f"{w['loss']:.4f}" if "loss" in w else "",
+                      f"{w[headline]:.4f}" if headline in w else "",
+                      f"{max(eps):.3f}" if eps else "", str(len(r.get("errors", []))),
+                      f"{r.get('wall_seconds', 0):.0f}s")
+    nxt = len(rounds) + 1
+    if nxt <= cfg.federation.rounds:
+        table.add_row(str(nxt), f"{_clients_done(out, nxt)}/{cfg.federation.num_clients} trained", "…", "", "", "", "",
+                      f"{time.monotonic() - started:.0f}s")
+    return table
+
+
+def _failure_reason(log_file: Path) -> str:
+    if not log_file.exists():
+        return "no log"
+    lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines()
+    for line in reversed(lines):
+        if "FederationStopped" in line or "Error:" in line or "ERROR" in line:
+            return line.strip()[-400:]
+    return (lines[-1] if lines else "").strip()[-400:]
+
+
+def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[Path] = None) -> dict[str, Any]:
+    console = console or Console()
+    out = Path(cfg.output.dir).expanduser().resolve()
+    if (out / "metrics.jsonl").exists():
+        raise ConfigError(f"output.dir {out} already holds a run (metrics.jsonl); choose a new --out folder")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.output.dir = str(out)  # absolute: the ServerApp and every ClientApp write into the same folder
+    config_path = out / "config.yaml"
+    config_path.write_text(to_yaml(cfg), encoding="utf-8")
+    app = app_dir or project_dir()
+    flwr_home = out / ".flwr"
+    port = free_port()
+    write_flower_config(flwr_home, port, cfg)
+    log_file = out / "flower.log"
+    # Flower's processes start their own helpers (flower-superexec, flwr-simulation) by name.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DISABLE_USAGE_STATS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "TOKENIZERS_PARALLELISM": "false", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    started = time.monotonic()
+    console.print(f"run folder [bold]{out}[/]; Flower and Ray logs in {log_file}")
+    with local_superlink(flwr_home, port, log_file, env):
+        cmd = [_bin("flwr"), "run", str(app), CONNECTION, "--stream",
+               "--run-config", f"fedslm-config={json.dumps(str(config_path))}"]
+        with log_file.open("ab") as log:
+            run = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(app),
+                                   start_new_session=True, stdin=subprocess.DEVNULL)
+        try:
+            with Live(_table(cfg, [], out, started), console=console, refresh_per_second=2, transient=False) as live:
+                while run.poll() is None:
+                    live.update(_table(cfg, _read_rounds(out), out, started))
+                    time.sleep(1.0)
+                    if (out / "summary.json").exists() and run.poll() is None:
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            run.wait(timeout=30)
+                live.update(_table(cfg, _read_rounds(out), out, started))
+        finally:
+            if run.poll() is None:
+                stop_process_tree(run)
+    summary_path = out / "summary.json"
+    if not summary_path.exists():
+        raise SimulationError(f"the federation did not finish: {_failure_reason(log_file)} (full log: {log_file})")
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    summary["wall_seconds_total"] = time.monotonic() - started
+    summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
+def describe(summary: dict[str, Any], out: Path, console: Console) -> None:
+    final = summary.get("final", {})
+    headline = "accuracy" if "accuracy" in final else "perplexity"
+    eps = [v.get("epsilon") for v in summary.get("privacy", {}).get("per_institution", {}).values()]
+    eps = [e for e in eps if e is not None]
+    worst = summary.get("worst_institution") or {}
+    console.print(
+        f"done in {summary.get('wall_seconds_total', summary.get('wall_seconds', 0)):.0f}s: weighted held-out "
+        f"{headline} {final.get(headline, float('nan')):.4f}; worst institution {worst.get('institution')} at "
+        f"{worst.get(headline, float('nan')):.4f}; ε per institution {', '.join(f'{e:.2f}' for e in eps)}"
+    )
+    console.print(f"run folder: {out} (config.yaml, metrics.jsonl, summary.json, adapter/, report.png)")
+

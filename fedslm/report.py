@@ -1,0 +1,77 @@
+"""report.png from a run folder's metrics.jsonl and summary.json (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _rounds(folder: Path) -> list[dict[str, Any]]:
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_report(folder: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    rounds = _rounds(folder)
+    summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {}
+    headline = "accuracy" if any("accuracy" in r["eval_weighted"] for r in rounds) else "perplexity"
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    (ax_loss, ax_acc), (ax_eps, ax_inst) = axes
+
+    xs = [r["round"] for r in rounds]
+    ax_loss.plot(xs, [r["eval_weighted"].get("loss") for r in rounds], "o-", label="held-out loss (weighted)")
+    insts = sorted({c["institution"] for r in rounds for c in r["clients"]})
+    train_loss = [
+        sum(c["train_loss"] * c["num_examples"] for c in r["clients"] if c.get("train_loss") is not None)
+        / max(1, sum(c["num_examples"] for c in r["clients"] if c.get("train_loss") is not None))
+        for r in rounds
+    ]
+    ax_loss.plot(xs, train_loss, "s--", label="train loss (weighted)")
+    ax_loss.set(title="Loss per round", xlabel="round", ylabel="loss")
+    ax_loss.legend()
+
+    ax_acc.plot(xs, [r["eval_weighted"].get(headline) for r in rounds], "o-", color="black", label="all institutions (weighted)")
+    for inst in insts:
+        ax_acc.plot(xs, [next((c["eval"].get(headline) for c in r["clients"] if c["institution"] == inst and "eval" in c), None)
+                         for r in rounds], ".:", alpha=0.7, label=f"institution {inst}")
+    ax_acc.set(title=f"Held-out {headline} per round", xlabel="round", ylabel=headline)
+    ax_acc.legend(fontsize=8)
+
+    for inst in insts:
+        ax_eps.plot(xs, [next((c.get("epsilon") for c in r["clients"] if c["institution"] == inst), None) for r in rounds],
+                    "o-", label=f"institution {inst}")
+    ax_eps.set(title="Privacy spent (ε, whole ledger) per institution", xlabel="round", ylabel="ε")
+    ax_eps.legend(fontsize=8)
+
+    per = summary.get("per_institution", {}).get(headline, {})
+    local = summary.get("local_only", {}).get(headline, {})
+    labels = sorted(per, key=int)
+    width = 0.4 if local else 0.8
+    pos = list(range(len(labels)))
+    ax_inst.bar([p - (width / 2 if local else 0) for p in pos], [per[k] or 0 for k in labels], width, label="federated")
+    if local:
+        ax_inst.bar([p + width / 2 for p in pos], [local.get(k) or 0 for k in labels], width, label="alone, same ε")
+    worst = (summary.get("worst_institution") or {}).get("institution")
+    ax_inst.set_xticks(pos, [f"{k}{' (worst)' if worst is not None and int(k) == worst else ''}" for k in labels])
+    ax_inst.set(title=f"Final {headline} per institution", xlabel="institution", ylabel=headline)
+    ax_inst.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_loss, ax_acc, ax_eps):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"fedslm run {summary.get('run_id', '')}: {summary.get('institutions', len(insts))} institutions, "
+                 f"{summary.get('strategy', '')}")
+    fig.tight_layout()
+    path = folder / "report.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
