@@ -106,7 +106,7 @@ def partition_indices(examples: list[Example], fed: FederationConfig,
 
 
 def institution_data(data: TaskData, fed: FederationConfig, institution: int, test_fraction: float,
-                     split_seed: int) -> TaskData:
+                     split_seed: int, max_test: Optional[int] = None) -> TaskData:
     """Institution ``institution``'s records, split into its own train and held-out sets."""
     part = partition_indices(data.train, fed, only=institution)[0]
     order = np.random.default_rng([split_seed, institution]).permutation(len(part.indices))
@@ -115,7 +115,7 @@ def institution_data(data: TaskData, fed: FederationConfig, institution: int, te
     return TaskData(
         task=data.task,
         train=records[n_test:],
-        test=records[:n_test],
+        test=records[:n_test][:max_test] if max_test else records[:n_test],
         labels=data.labels,
         source=f"{data.source}#{part.name}",
     )

@@ -72,6 +72,8 @@ class ClassificationTask:
         return out
 
     def encode(self, examples: Sequence[Example], tokenizer: Any, max_length: int) -> Encoded:
+        if not examples:
+            return Encoded([], [], pad_id=pad_id(tokenizer))
         texts = [e.text for e in examples]  # type: ignore[union-attr]
         ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
         return Encoded(list(ids), [e.label for e in examples], pad_id=pad_id(tokenizer))  # type: ignore[union-attr]
@@ -110,6 +112,8 @@ class CausalLMTask:
         return out
 
     def encode(self, examples: Sequence[Example], tokenizer: Any, max_length: int) -> Encoded:
+        if not examples:
+            return Encoded([], [], pad_id=pad_id(tokenizer))
         prompts = [e.prompt for e in examples]  # type: ignore[union-attr]
         completions = [e.completion for e in examples]  # type: ignore[union-attr]
         p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]

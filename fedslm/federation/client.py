@@ -85,10 +85,11 @@ def institution_task_data(cfg: Config, node: NodeSettings) -> TaskData:
         return load_task_data(cfg.data, cfg.model.task)
     group = fed.partition_column if fed.partitioner == "column" else None
     data = load_task_data(cfg.data, cfg.model.task, group_column=group)
-    return institution_data(data, fed, node.institution, cfg.data.test_fraction, cfg.data.split_seed)
+    return institution_data(data, fed, node.institution, cfg.data.test_fraction, cfg.data.split_seed,
+                            cfg.data.max_test_records)
 
 
-def build_institution(cfg: Config, node: NodeSettings, request: Request) -> Node:
+def build_institution(cfg: Config, node: NodeSettings, request: Request, *, for_training: bool = True) -> Node:
     data = institution_task_data(cfg, node)
     base = load_base(cfg.model, len(data.labels) if data.labels is not None else None)
     if request.base_fingerprint and request.base_fingerprint != base.fingerprint:
@@ -100,8 +101,9 @@ def build_institution(cfg: Config, node: NodeSettings, request: Request) -> Node
     model = wrap(base.model, cfg.lora, cfg.model.task, base.target_modules, seed=cfg.train.seed)
     if request.adapter is not None:
         set_adapter_state(model, request.adapter)
-    return Node(cfg, data, base, model, task.encode(data.train, base.tokenizer, cfg.model.max_length),
-                task.encode(data.test, base.tokenizer, cfg.model.max_length))
+    # Evaluation needs only the held-out records; tokenizing the training split would be wasted time.
+    train = task.encode(data.train if for_training else [], base.tokenizer, cfg.model.max_length)
+    return Node(cfg, data, base, model, train, task.encode(data.test, base.tokenizer, cfg.model.max_length))
 
 
 def _threads(cfg: Config) -> None:
@@ -138,8 +140,10 @@ def client_train(request: Request, node: NodeSettings) -> tuple[dict[str, torch.
 
 
 def client_evaluate(request: Request, node: NodeSettings) -> dict[str, Any]:
+    started = time.perf_counter()
     cfg = node_config(request, node)
     _threads(cfg)
-    inst = build_institution(cfg, node, request)
+    inst = build_institution(cfg, node, request, for_training=False)
     ev = evaluate(inst.model, inst.test, cfg.model.task, cfg.train.eval_batch_size)
-    return {"institution": node.institution, **{k.replace("_", "-"): v for k, v in ev.items()}}
+    return {"institution": node.institution, **{k.replace("_", "-"): v for k, v in ev.items()},
+            "seconds": time.perf_counter() - started}

@@ -75,9 +75,11 @@ class RunRecorder:
     pending: dict[int, dict[str, Any]] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     initial_eval: Optional[dict[str, Any]] = None
+    _last_end: float = 0.0
 
     def _round(self, server_round: int) -> dict[str, Any]:
-        return self.pending.setdefault(server_round, {"round": server_round, "clients": {}, "errors": []})
+        return self.pending.setdefault(server_round, {"round": server_round, "clients": {}, "errors": [],
+                                                      "started": self._last_end})
 
     def _split(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
         rec = self._round(server_round)
@@ -112,6 +114,7 @@ class RunRecorder:
                 "bytes_up": int(m.get("bytes-up", 0)), "bytes_down": int(m.get("bytes-down", 0)),
                 "steps": int(m.get("steps", 0)), "empty_steps": int(m.get("empty-steps", 0)),
                 "noise_multiplier": m.get("noise-multiplier"), "train_seconds": m.get("train-seconds"),
+                "train_handler_seconds": m.get("seconds"),
             })
         return valid
 
@@ -152,9 +155,11 @@ class RunRecorder:
             for key in ("loss", "accuracy", "macro_f1", "perplexity"):
                 if all(e.get(key) is not None for e in evals) and evals and key in evals[0]:
                     weighted[key] = sum(e[key] * e["num_examples"] for e in evals) / total
+        now = time.perf_counter() - self.started
         line = {"round": server_round, "run_id": self.run_id, "clients": clients, "eval_weighted": weighted,
                 "errors": rec["errors"], "stopped": rec.get("stopped", False),
-                "wall_seconds": time.perf_counter() - self.started}
+                "wall_seconds": now, "round_seconds": now - rec["started"]}
+        self._last_end = now
         self.rounds.append(line)
         with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(line) + "\n")
@@ -208,8 +213,10 @@ def label_set(cfg: Config) -> Optional[list[str]]:
 
 def run_server(grid: Any, cfg: Config, run_id: str) -> dict[str, Any]:
     """Run ``federation.rounds`` rounds on ``grid`` and write the run folder."""
-    out = Path(cfg.output.dir)
+    out = Path(cfg.output.dir).expanduser().resolve()
+    cfg.output.dir = str(out)  # absolute before it is sent: institutions' ledgers default to <output.dir>/ledgers
     out.mkdir(parents=True, exist_ok=True)
+    log.warning("fedslm run folder: %s", out)
     config_yaml = to_yaml(cfg)
     (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
     labels = label_set(cfg)

@@ -37,8 +37,10 @@ def wrap(base: nn.Module, cfg: LoraConfig, task: str, default_targets: tuple[str
     targets = list(cfg.target_modules) if cfg.target_modules else list(default_targets)
     if not targets:
         raise ConfigError("lora.target_modules must be set for this architecture (e.g. [q_proj, v_proj])")
-    names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
-    unknown = [t for t in targets if t not in names and t != "all-linear"]
+    full = [n for n, _ in base.named_modules()]
+    names = {n.rsplit(".", 1)[-1] for n in full}
+    # PEFT matches a target as a module's name or as the end of its dotted path ("pooler.dense").
+    unknown = [t for t in targets if t != "all-linear" and not any(n == t or n.endswith("." + t) for n in full)]
     if unknown:
         sample = ", ".join(sorted(n for n in names if n and not n.isdigit())[:12])
         raise ConfigError(f"lora.target_modules: no module named {', '.join(unknown)} in this model (e.g. {sample})")

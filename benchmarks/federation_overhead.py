@@ -1,0 +1,88 @@
+"""Framework overhead per round and bytes per round, from a real `fedslm simulate` run.
+
+Runs a small federation of MiniLM + LoRA on ICD-10 through Flower's simulation
+engine with as many institutions as Ray has CPU slots (so institutions run side
+by side and no one waits for a slot), then reads the run folder:
+
+* overhead per round = round wall time (server side) minus the slowest
+  institution's compute (its train handler + its evaluate handler, each timed
+  inside the ClientApp, model loading included). What remains is Flower, Ray,
+  messaging, aggregation and checkpointing.
+* bytes up per institution per round / bytes of the full model (fp32).
+
+    python benchmarks/federation_overhead.py [--rounds 4] [--clients 2]
+
+Targets (issue 3): overhead <= 10% of a round; bytes <= 0.1% of the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--local-steps", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=RESULTS / "federation_overhead.json")
+    args = ap.parse_args()
+    run_dir = Path(tempfile.mkdtemp(prefix="fedslm-bench-")) / "run"
+    cmd = [sys.executable, "-m", "fedslm.cli.main", "simulate", "-c", str(ROOT / "simulations/icd10-hospitals.yaml"),
+           "--out", str(run_dir), f"federation.num_clients={args.clients}", f"federation.min_clients={args.clients}",
+           f"federation.rounds={args.rounds}", f"train.local_steps={args.local_steps}", "federation.client_cpus=1"]
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    per_round = []
+    for r in rounds:
+        slowest = max((c.get("train_handler_seconds") or 0) + (c.get("eval", {}).get("seconds") or 0)
+                      for c in r["clients"])
+        per_round.append({"round": r["round"], "round_seconds": r["round_seconds"], "slowest_client_seconds": slowest,
+                          "overhead_seconds": r["round_seconds"] - slowest,
+                          "overhead_share": (r["round_seconds"] - slowest) / r["round_seconds"]})
+    steady = per_round[1:] or per_round  # round 1 also starts Ray's workers
+    bytes_up = [c["bytes_up"] for r in rounds for c in r["clients"]]
+    result = {
+        "benchmark": "federation_overhead",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "institutions": args.clients, "rounds": args.rounds, "local_steps": args.local_steps,
+        "per_round": per_round,
+        "overhead_share_median": statistics.median(p["overhead_share"] for p in steady),
+        "overhead_seconds_median": statistics.median(p["overhead_seconds"] for p in steady),
+        "round1_overhead_seconds": per_round[0]["overhead_seconds"],
+        "bytes_up_per_client_round": statistics.median(bytes_up),
+        "model_bytes": summary["bytes"]["base_model"],
+        "bytes_share": statistics.median(bytes_up) / summary["bytes"]["base_model"],
+        "simulate_wall_seconds": wall,
+        "targets": {"overhead_share": 0.10, "bytes_share": 0.001},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    for p in per_round:
+        print(f"round {p['round']}: {p['round_seconds']:.1f}s, slowest institution {p['slowest_client_seconds']:.1f}s, "
+              f"overhead {p['overhead_seconds']:.1f}s ({100 * p['overhead_share']:.1f}%)")
+    print(f"framework overhead (median of rounds 2+) = {100 * result['overhead_share_median']:.1f}% of a round "
+          f"(target <= 10%); round 1 adds Ray worker start-up: {result['round1_overhead_seconds']:.1f}s")
+    print(f"bytes up per institution per round = {result['bytes_up_per_client_round']:,} B = "
+          f"{100 * result['bytes_share']:.3f}% of the {result['model_bytes']:,} B model (target <= 0.1%)")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
