@@ -176,3 +176,20 @@ def test_three_institution_simulation_writes_the_run_folder(cls_config, tmp_path
     base = load_base(cfg.model, 3)
     PeftModel.from_pretrained(base.model, out / "adapter")
     assert not _our_processes(str(out))  # every process the run started is gone
+
+
+def test_a_failed_node_is_logged_and_the_round_goes_on(flower_identity, cls_config, tmp_path):
+    cfg = cls_config("federation.min_clients=2")
+    good = [_train_reply(n, [np.full(3, float(n), dtype=np.float32)], 5, n) for n in (2, 3)]
+    TaskIdentity.node_id = 1
+    req = Message(RecordDict({codec.CONFIG: ConfigRecord({"server-round": 1})}), dst_node_id=4,
+                  message_type=MessageType.TRAIN)
+    TaskIdentity.node_id = 4
+    from flwr.app import Error
+
+    bad = Message(error=Error(code=1001, reason="institution-2: missing column 'label'"), reply_to=req)
+    recorder = RunRecorder(cfg, tmp_path, "r")
+    arrays, _ = make_strategy(cfg, recorder).aggregate_train(1, [good[0], bad, good[1]])
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, 2.5))  # the two good nodes only
+    assert recorder.pending[1]["errors"] == [{"phase": "train", "node": 4,
+                                              "reason": "institution-2: missing column 'label'"}]

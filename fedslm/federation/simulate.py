@@ -229,6 +229,15 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
     if not summary_path.exists():
         raise SimulationError(f"the federation did not finish: {_failure_reason(log_file)} (full log: {log_file})")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    if cfg.federation.compare_local:
+        from fedslm.federation.compare import local_baselines
+        from fedslm.report import write_report
+
+        with console.status("training each institution alone under the same ε (federation.compare_local)") as st:
+            summary["local_only"] = local_baselines(
+                cfg, progress=lambda i: st.update(f"institution {i} trained alone"))
+        summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        write_report(out)
     summary["wall_seconds_total"] = time.monotonic() - started
     summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
@@ -245,5 +254,10 @@ def describe(summary: dict[str, Any], out: Path, console: Console) -> None:
         f"{headline} {final.get(headline, float('nan')):.4f}; worst institution {worst.get('institution')} at "
         f"{worst.get(headline, float('nan')):.4f}; ε per institution {', '.join(f'{e:.2f}' for e in eps)}"
     )
+    local = summary.get("local_only", {}).get(headline)
+    if local:
+        fed = summary.get("per_institution", {}).get(headline, {})
+        console.print("per institution, federated vs alone at the same ε: " + ", ".join(
+            f"{k}: {fed.get(k, float('nan')):.3f} vs {v:.3f}" for k, v in sorted(local.items(), key=lambda kv: int(kv[0]))))
     console.print(f"run folder: {out} (config.yaml, metrics.jsonl, summary.json, adapter/, report.png)")
 

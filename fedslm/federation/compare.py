@@ -1,0 +1,41 @@
+"""What each simulated institution would reach training alone, under the same ε.
+
+Each institution trains a fresh adapter (same base, same LoRA start) on its own
+partition for the same rounds × local steps, with its own ledger under
+``ledgers-local/`` (a separate, counterfactual budget), and is scored on the same
+held-out records as in the federation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from fedslm.config import Config
+from fedslm.federation.client import NodeSettings, build_institution
+from fedslm.federation.codec import Request
+from fedslm.privacy import Ledger
+from fedslm.train.evaluate import evaluate
+from fedslm.train.local import train_round
+
+
+def local_baselines(cfg: Config, progress: Optional[Callable[[int], None]] = None) -> dict[str, dict[str, Any]]:
+    out = Path(cfg.output.dir)
+    headline = "accuracy" if cfg.model.task == "classification" else "perplexity"
+    results: dict[str, Any] = {}
+    request = Request(0, "", "", "local", 0.0, None, 0)
+    for inst in range(cfg.federation.num_clients):
+        node = NodeSettings(inst, cfg.federation.num_clients, None, None, None, f"institution-{inst}")
+        local_cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(
+            cfg.privacy, ledger=str(out / "ledgers-local" / f"{node.name}.json")))
+        built = build_institution(local_cfg, node, request)
+        ledger = Ledger(local_cfg.privacy.ledger)
+        for r in range(1, cfg.federation.rounds + 1):
+            train_round(built.model, built.train, local_cfg, dataset_id=built.data.dataset_id, ledger=ledger,
+                        run_id="local-only", round_idx=r)
+        ev = evaluate(built.model, built.test, cfg.model.task, cfg.train.eval_batch_size)
+        results[str(inst)] = ev.get(headline)
+        if progress is not None:
+            progress(inst)
+    return {headline: results}

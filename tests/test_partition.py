@@ -1,0 +1,73 @@
+"""Partitioners (flwr-datasets) and the local-only comparison."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from fedslm.config import load_config
+from fedslm.config.schema import FederationConfig
+from fedslm.data import load_task_data
+from fedslm.data.partition import institution_data, partition_indices
+from fedslm.errors import ConfigError
+from fedslm.federation.compare import local_baselines
+from fedslm.privacy import Ledger
+
+
+def test_iid_and_dirichlet_cover_the_data_once(class_csv):
+    data = load_task_data(load_config(overrides=[f"data.source={class_csv}"]).data, "classification")
+    for fed in (FederationConfig(num_clients=3, partitioner="iid"),
+                FederationConfig(num_clients=3, partitioner="dirichlet", dirichlet_alpha=0.3)):
+        parts = partition_indices(data.train, fed)
+        flat = [i for p in parts for i in p.indices]
+        assert sorted(flat) == list(range(len(data.train)))  # every record in exactly one institution
+    assert partition_indices(data.train, fed) == partition_indices(data.train, fed)  # seeded
+
+
+def test_dirichlet_skews_labels_and_iid_does_not():
+    data = load_task_data(load_config().data, "classification")
+    def skew(fed):
+        parts = partition_indices(data.train, fed)
+        top = []
+        for p in parts:
+            counts = collections.Counter(data.train[i].label for i in p.indices)
+            top.append(counts.most_common(1)[0][1] / len(p.indices))
+        return max(top)
+    assert skew(FederationConfig(num_clients=5, partitioner="dirichlet", dirichlet_alpha=0.1)) > \
+        skew(FederationConfig(num_clients=5, partitioner="iid")) + 0.1
+
+
+def test_column_partitioner_one_institution_per_value(tmp_path):
+    path = tmp_path / "multi.csv"
+    rows = ["text,label,hospital"] + [f"fever cough {i},resp,{h}" for i, h in enumerate("ABC" * 10)] + \
+        [f"arm bone {i},ortho,{h}" for i, h in enumerate("AB" * 10)]
+    path.write_text("\n".join(rows) + "\n")
+    cfg = load_config(overrides=[f"data.source={path}"])
+    data = load_task_data(cfg.data, "classification", group_column="hospital")
+    fed = FederationConfig(num_clients=3, partitioner="column", partition_column="hospital")
+    parts = partition_indices(data.train, fed)
+    assert sorted(p.name for p in parts) == ["A", "B", "C"]
+    for p in parts:
+        assert {data.train[i].group for i in p.indices} == {p.name}
+    with pytest.raises(ConfigError, match="has 3 distinct values; set federation.num_clients=3"):
+        partition_indices(data.train, FederationConfig(num_clients=2, partitioner="column", partition_column="hospital"))
+
+
+def test_institution_split_is_disjoint_and_capped(class_csv):
+    data = load_task_data(load_config(overrides=[f"data.source={class_csv}"]).data, "classification")
+    fed = FederationConfig(num_clients=2, partitioner="iid")
+    inst = institution_data(data, fed, 1, 0.25, 0, max_test=5)
+    assert len(inst.test) == 5
+    assert not set(map(id, inst.test)) & set(map(id, inst.train))
+    assert inst.dataset_id != institution_data(data, fed, 0, 0.25, 0).dataset_id
+
+
+def test_local_only_baseline_uses_a_separate_ledger(cls_config, tmp_path):
+    cfg = cls_config("federation.num_clients=2", "federation.partitioner=iid", "federation.rounds=1")
+    res = local_baselines(cfg)
+    assert set(res["accuracy"]) == {"0", "1"}
+    assert all(0.0 <= v <= 1.0 for v in res["accuracy"].values())
+    ledgers = sorted((tmp_path / "run" / "ledgers-local").glob("*.json"))
+    assert [p.name for p in ledgers] == ["institution-0.json", "institution-1.json"]
+    assert all(len(Ledger(p).summary()) == 1 for p in ledgers)
