@@ -87,3 +87,19 @@ def test_config_show_prints_resolved_yaml():
     res = CliRunner().invoke(app, ["config", "show", "privacy.target_epsilon=3"])
     assert res.exit_code == 0
     assert "target_epsilon: 3.0" in res.stdout
+
+
+def test_registries_reject_duplicates():
+    from fedslm.data.tasks import TASKS
+    from fedslm.federation.server import STRATEGIES
+    from fedslm.registry import Registry
+
+    reg: Registry[int] = Registry("thing")
+    reg.register("a", 1)
+    with pytest.raises(ValueError, match="thing 'a' is already registered"):
+        reg.register("a", 2)
+    with pytest.raises(KeyError, match="no thing 'b'; known: a"):
+        reg["b"]
+    with pytest.raises(ValueError, match="already registered"):
+        STRATEGIES.register("fedavg", object)
+    assert TASKS.names() == ["causal_lm", "classification"]

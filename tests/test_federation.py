@@ -10,7 +10,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from peft import PeftModel
 
@@ -87,11 +87,20 @@ def test_clientapp_bad_data_replies_with_the_reason(flower_identity, cls_config,
     assert "broken.csv line 3" in reply.error.reason and "not UTF-8" in reply.error.reason
 
 
-def _train_reply(node_id, arrays, num_examples, institution):
+def _train_request_to(node_id):
     TaskIdentity.node_id = 1
     req = Message(RecordDict({codec.CONFIG: ConfigRecord({"server-round": 1})}), dst_node_id=node_id,
                   message_type=MessageType.TRAIN)
-    TaskIdentity.node_id = node_id
+    TaskIdentity.node_id = node_id  # the reply is sent by that node
+    return req
+
+
+def _error_reply(node_id, reason):
+    return Message(error=Error(code=client_app.NODE_REFUSED, reason=reason), reply_to=_train_request_to(node_id))
+
+
+def _train_reply(node_id, arrays, num_examples, institution):
+    req = _train_request_to(node_id)
     return Message(RecordDict({
         codec.ARRAYS: ArrayRecord(arrays),
         codec.METRICS: MetricRecord({"num-examples": num_examples, "institution": institution, "train-loss": 1.0,
@@ -119,13 +128,7 @@ def test_fedavg_equals_np_average_weighted_by_examples(flower_identity, cls_conf
 def test_failed_replies_are_logged_and_too_few_stop_the_run(flower_identity, cls_config, tmp_path):
     cfg = cls_config("federation.min_clients=2")
     good = _train_reply(2, [np.ones(3, dtype=np.float32)], 5, 0)
-    TaskIdentity.node_id = 1
-    req = Message(RecordDict({codec.CONFIG: ConfigRecord({"server-round": 1})}), dst_node_id=3,
-                  message_type=MessageType.TRAIN)
-    TaskIdentity.node_id = 3
-    from flwr.app import Error
-
-    bad = Message(error=Error(code=1001, reason="institution-1: data unreadable"), reply_to=req)
+    bad = _error_reply(3, "institution-1: data unreadable")
     recorder = RunRecorder(cfg, tmp_path, "r")
     strategy = make_strategy(cfg, recorder)
     with pytest.raises(FederationStopped, match="1 institution\\(s\\) replied.*data unreadable"):
@@ -181,13 +184,7 @@ def test_three_institution_simulation_writes_the_run_folder(cls_config, tmp_path
 def test_a_failed_node_is_logged_and_the_round_goes_on(flower_identity, cls_config, tmp_path):
     cfg = cls_config("federation.min_clients=2")
     good = [_train_reply(n, [np.full(3, float(n), dtype=np.float32)], 5, n) for n in (2, 3)]
-    TaskIdentity.node_id = 1
-    req = Message(RecordDict({codec.CONFIG: ConfigRecord({"server-round": 1})}), dst_node_id=4,
-                  message_type=MessageType.TRAIN)
-    TaskIdentity.node_id = 4
-    from flwr.app import Error
-
-    bad = Message(error=Error(code=1001, reason="institution-2: missing column 'label'"), reply_to=req)
+    bad = _error_reply(4, "institution-2: missing column 'label'")
     recorder = RunRecorder(cfg, tmp_path, "r")
     arrays, _ = make_strategy(cfg, recorder).aggregate_train(1, [good[0], bad, good[1]])
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, 2.5))  # the two good nodes only

@@ -21,6 +21,7 @@ import numpy as np
 
 from fedslm.data.examples import CausalExample, ClassificationExample, TaskData
 from fedslm.errors import DataError
+from fedslm.registry import Registry
 
 ICD10_TEST_FRACTION = 0.1
 ICD10_SPLIT_SEED = 20_261_130
@@ -34,21 +35,19 @@ class BundledDataset:
     load: Callable[[], TaskData]
 
 
-_REGISTRY: dict[str, BundledDataset] = {}
+DATASETS: Registry[BundledDataset] = Registry("bundled dataset")
 
 
 def register(dataset: BundledDataset) -> None:
-    if dataset.name in _REGISTRY:
-        raise ValueError(f"bundled dataset {dataset.name!r} is already registered")
-    _REGISTRY[dataset.name] = dataset
+    DATASETS.register(dataset.name, dataset)
 
 
 def get(name: str) -> BundledDataset | None:
-    return _REGISTRY.get(name)
+    return DATASETS.get(name)
 
 
 def names() -> list[str]:
-    return sorted(_REGISTRY)
+    return DATASETS.names()
 
 
 def _icd10_rows() -> list[dict[str, str]]:

@@ -16,6 +16,7 @@ import numpy as np
 from fedslm.config.schema import FederationConfig
 from fedslm.data.examples import Example, TaskData
 from fedslm.errors import ConfigError
+from fedslm.registry import Registry
 
 
 def _targets(examples: list[Example]) -> list[str]:
@@ -54,18 +55,10 @@ def _column(fed: FederationConfig):
     return NaturalIdPartitioner(partition_by="group")
 
 
-_PARTITIONERS: dict[str, Callable[[FederationConfig], object]] = {}
-
-
-def register(name: str, factory: Callable[[FederationConfig], object]) -> None:
-    if name in _PARTITIONERS:
-        raise ValueError(f"partitioner {name!r} is already registered")
-    _PARTITIONERS[name] = factory
-
-
-register("iid", _iid)
-register("dirichlet", _dirichlet)
-register("column", _column)
+PARTITIONERS: Registry[Callable[[FederationConfig], object]] = Registry("partitioner")
+PARTITIONERS.register("iid", _iid)
+PARTITIONERS.register("dirichlet", _dirichlet)
+PARTITIONERS.register("column", _column)
 
 
 @dataclass(frozen=True)
@@ -92,7 +85,7 @@ def partition_indices(examples: list[Example], fed: FederationConfig,
         raise ConfigError(
             f"federation.num_clients={fed.num_clients} is too many for {len(examples)} records (need >= 10 each)"
         )
-    partitioner = _PARTITIONERS[fed.partitioner](fed)
+    partitioner = PARTITIONERS[fed.partitioner](fed)
     partitioner.dataset = _dataset(examples)
     out = []
     for i in range(fed.num_clients) if only is None else [only]:

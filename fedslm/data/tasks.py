@@ -17,6 +17,7 @@ from fedslm.config.schema import DataConfig
 from fedslm.data.examples import CausalExample, ClassificationExample, Example
 from fedslm.data.readers import Row
 from fedslm.errors import DataError
+from fedslm.registry import Registry
 
 IGNORE_INDEX = -100
 
@@ -154,21 +155,12 @@ def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]
     return out, mask
 
 
-_TASKS: dict[str, Any] = {}
-
-
-def register(task: Any) -> None:
-    if task.name in _TASKS:
-        raise ValueError(f"task {task.name!r} is already registered")
-    _TASKS[task.name] = task
+TASKS: Registry[Any] = Registry("task")
 
 
 def get_task(name: str) -> Any:
-    task: Optional[Any] = _TASKS.get(name)
-    if task is None:
-        raise KeyError(f"no task {name!r}; known: {', '.join(sorted(_TASKS))}")
-    return task
+    return TASKS[name]
 
 
-register(ClassificationTask())
-register(CausalLMTask())
+TASKS.register(ClassificationTask.name, ClassificationTask())
+TASKS.register(CausalLMTask.name, CausalLMTask())

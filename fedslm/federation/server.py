@@ -30,21 +30,14 @@ from fedslm.errors import ConfigError, FedslmError
 from fedslm.federation import codec
 from fedslm.lora import get_adapter_state, save_adapter, set_adapter_state, wrap
 from fedslm.models import load_base
+from fedslm.registry import Registry
 
 log = logging.getLogger("fedslm.server")
 
-_STRATEGIES: dict[str, type] = {}
-
-
-def register_strategy(name: str, cls: type) -> None:
-    if name in _STRATEGIES:
-        raise ValueError(f"strategy {name!r} is already registered")
-    _STRATEGIES[name] = cls
-
-
-register_strategy("fedavg", FedAvg)
-register_strategy("fedprox", FedProx)
-register_strategy("fedadam", FedAdam)
+STRATEGIES: Registry[type] = Registry("strategy")
+STRATEGIES.register("fedavg", FedAvg)
+STRATEGIES.register("fedprox", FedProx)
+STRATEGIES.register("fedadam", FedAdam)
 
 
 class FederationStopped(FedslmError):
@@ -183,7 +176,7 @@ class Recording:
 
 def make_strategy(cfg: Config, recorder: RunRecorder) -> Any:
     fed = cfg.federation
-    base = _STRATEGIES[fed.strategy]
+    base = STRATEGIES[fed.strategy]
     cls = type(f"Recording{base.__name__}", (Recording, base), {})
     kwargs: dict[str, Any] = dict(
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,

@@ -156,8 +156,9 @@ def _table(cfg: Config, rounds: list[dict[str, Any]], out: Path, started: float)
     headline = "accuracy" if cfg.model.task == "classification" else "perplexity"
     table = Table(title=f"fedslm simulate: {cfg.federation.num_clients} institutions, {cfg.federation.strategy}, "
                         f"ε target {cfg.privacy.target_epsilon if cfg.privacy.enabled else '∞ (DP off)'}")
-    for col in ("round", "institutions", "train loss", "held-out loss", headline, "ε (max)", "errors", "elapsed"):
-        table.add_column(col, justify="right")
+    short = "acc" if headline == "accuracy" else "ppl"
+    for col in ("round", "trained", "train loss", "eval loss", f"eval {short}", "ε max", "errors", "time"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in rounds:
         clients = r["clients"]
         losses = [c["train_loss"] for c in clients if c.get("train_loss") is not None]

