@@ -174,6 +174,26 @@ def simulate_cmd(
     describe(summary, Path(cfg.output.dir), console)
 
 
+@app.command("certs")
+@user_errors
+def certs_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the credentials (must not hold any yet)."),
+    superlink_host: List[str] = typer.Option(..., "--superlink-host", help="Address or host name institutions use "
+                                             "to reach the SuperLink; repeat for several (all go in the SAN)."),
+    institution: Optional[List[str]] = typer.Option(None, "--institution", "-i", help="Institution name; repeat."),
+    days: int = typer.Option(365, "--days", help="Validity of the certificates."),
+) -> None:
+    """Create a CA, the SuperLink's TLS certificate and one SuperNode key pair per institution."""
+    from fedslm.deploy.certs import make_credentials
+
+    creds = make_credentials(out, superlink_host, institution or [], days)
+    console.print(f"CA certificate       {creds.ca_cert}  (give to every institution)")
+    console.print(f"SuperLink TLS        {creds.superlink_cert}, {creds.superlink_key}  (coordinator only)")
+    for name, (priv, pub) in creds.institutions.items():
+        console.print(f"institution {name:<9}{priv} (private, stays on its node), {pub}")
+    console.print(f"public keys to enrol {creds.enrolled}  (flwr supernode register <name>/auth_key.pub)")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

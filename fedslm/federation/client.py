@@ -75,6 +75,8 @@ def node_config(request: Request, node: NodeSettings) -> Config:
     elif cfg.privacy.ledger is None:
         cfg.privacy.ledger = str(Path(cfg.output.dir) / "ledgers" / f"{node.name}.json")
     if node.max_epsilon is not None:
+        if not node.max_epsilon > 0:
+            raise ConfigError(f"node config {NODE_MAX_EPSILON} must be > 0, got {node.max_epsilon}")
         cfg.privacy.max_epsilon = node.max_epsilon  # the node's cap wins over the coordinator's
     return cfg
 

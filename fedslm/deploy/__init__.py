@@ -1,0 +1,1 @@
+"""Deployment: credentials for a SuperLink with TLS and SuperNode authentication."""
