@@ -33,6 +33,8 @@ NODE_DATA = "data-source"
 NODE_LEDGER = "ledger"
 NODE_MAX_EPSILON = "max-epsilon"
 NODE_NAME = "name"
+# A small integer naming the institution in the coordinator's metrics (simulation: the partition id).
+NODE_INSTITUTION = "institution"
 
 
 class FingerprintMismatch(FedslmError):
@@ -50,7 +52,7 @@ class NodeSettings:
 
 
 def node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
-    institution = int(node_config.get("partition-id", 0))
+    institution = int(node_config.get(NODE_INSTITUTION, node_config.get("partition-id", 0)))
     max_eps = node_config.get(NODE_MAX_EPSILON)
     return NodeSettings(
         institution=institution,
