@@ -4,12 +4,10 @@ error replies, and a real 3-institution simulation (Flower simulation engine) on
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import psutil
 import pytest
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from peft import PeftModel

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from safetensors.torch import save_file
 
@@ -67,7 +67,6 @@ class RunRecorder:
     started: float = field(default_factory=time.perf_counter)
     pending: dict[int, dict[str, Any]] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
-    initial_eval: Optional[dict[str, Any]] = None
     _last_end: float = 0.0
 
     def _round(self, server_round: int) -> dict[str, Any]:
