@@ -8,6 +8,7 @@ import json
 import numpy as np
 import psutil
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from peft import PeftModel
@@ -188,3 +189,35 @@ def test_a_failed_node_is_logged_and_the_round_goes_on(flower_identity, cls_conf
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, 2.5))  # the two good nodes only
     assert recorder.pending[1]["errors"] == [{"phase": "train", "node": 4,
                                               "reason": "institution-2: missing column 'label'"}]
+
+
+def test_malformed_updates_are_rejected_with_node_and_reason(flower_identity, cls_config, tmp_path):
+    cfg = cls_config("federation.min_clients=2", "federation.max_update_norm=5.0")
+    sent = {"a": np.zeros((4, 3), dtype=np.float32), "b": np.zeros(5, dtype=np.float32)}
+
+    def reply(node, arrays):
+        return _train_reply(node, {k: torch.from_numpy(v) for k, v in arrays.items()}, 10, node)
+
+    good = [reply(2, {"a": np.full((4, 3), 0.1, np.float32), "b": np.full(5, 0.1, np.float32)}),
+            reply(3, {"a": np.full((4, 3), 0.3, np.float32), "b": np.full(5, 0.3, np.float32)})]
+    nan = sent["a"].copy()
+    nan[0, 0] = np.nan
+    bad = {
+        4: ({"a": nan, "b": sent["b"]}, "NaN or inf"),
+        5: ({"a": np.full((4, 3), np.inf, np.float32), "b": sent["b"]}, "NaN or inf"),
+        6: ({"a": np.zeros((3, 4), np.float32), "b": sent["b"]}, "shape (3, 4), expected (4, 3)"),
+        7: ({"a": sent["a"], "b": sent["b"], "base_model.weight": sent["b"]}, "unexpected ['base_model.weight']"),
+        8: ({"a": sent["a"]}, "missing ['b']"),
+        9: ({"a": np.full((4, 3), 100.0, np.float32), "b": sent["b"]}, "exceeds the bound 5"),
+    }
+    replies = [good[0], *[reply(n, arrays) for n, (arrays, _) in bad.items()], good[1]]
+    recorder = RunRecorder(cfg, tmp_path, "r")
+    strategy = make_strategy(cfg, recorder)
+    strategy.sent = {k: torch.from_numpy(v) for k, v in sent.items()}
+    arrays, _ = strategy.aggregate_train(1, replies)
+    got = dict(zip(["a", "b"], arrays.to_numpy_ndarrays()))
+    np.testing.assert_allclose(got["a"], np.full((4, 3), 0.2), rtol=1e-6)  # only the two good updates
+    errors = {e["node"]: e["reason"] for e in recorder.pending[1]["errors"]}
+    assert set(errors) == set(bad)
+    for node, (_, why) in bad.items():
+        assert why in errors[node] and errors[node].startswith("rejected update"), (node, errors[node])

@@ -116,6 +116,9 @@ class FederationConfig:
     round_timeout: float = 3600.0
     # Ray workers' CPUs per simulated institution.
     client_cpus: int = 1
+    # Updates that move the adapter further than this (L2) are rejected; None: a generous bound
+    # derived from lr x local steps (see fedslm.federation.validate).
+    max_update_norm: Optional[float] = None
 
 
 @dataclass

@@ -28,6 +28,7 @@ from fedslm.config import Config, to_yaml
 from fedslm.data import bundled, load_task_data
 from fedslm.errors import ConfigError, FedslmError
 from fedslm.federation import codec
+from fedslm.federation.validate import check_update, default_max_update_norm
 from fedslm.lora import get_adapter_state, save_adapter, set_adapter_state, wrap
 from fedslm.models import load_base
 from fedslm.registry import Registry
@@ -93,6 +94,29 @@ class RunRecorder:
                 f"federation.min_clients={self.cfg.federation.min_clients}; stopping. Reasons: {reasons}"
             )
         return valid
+
+    def reject_bad_updates(self, server_round: int, replies: list[Message],
+                           global_state: Optional[dict[str, Any]]) -> list[Message]:
+        """Turn replies whose update fails the checks into logged rejections."""
+        if global_state is None:
+            return replies
+        bound = self.cfg.federation.max_update_norm or default_max_update_norm(
+            self.cfg, sum(t.numel() for t in global_state.values()))
+        rec = self._round(server_round)
+        kept = []
+        for msg in replies:
+            if not msg.has_error():
+                try:
+                    reason = check_update(global_state, codec.reply_state(msg), bound)
+                except (KeyError, ValueError, TypeError) as exc:
+                    reason = f"unreadable update ({exc})"
+                if reason is not None:
+                    node = msg.metadata.src_node_id
+                    log.warning("round %s train: rejected update from node %s: %s", server_round, node, reason)
+                    rec["errors"].append({"phase": "train", "node": node, "reason": f"rejected update: {reason}"})
+                    continue
+            kept.append(msg)
+        return kept
 
     def on_train(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         valid = self._split(server_round, replies, "train")
@@ -160,12 +184,18 @@ class RunRecorder:
 
 
 class Recording:
-    """Mixed in front of a Flower strategy: record replies, enforce min_clients."""
+    """Mixed in front of a Flower strategy: check updates, record replies, enforce min_clients."""
 
     recorder: RunRecorder
+    sent: Optional[dict[str, Any]] = None  # the global adapter sent this round, to check updates against
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any):
+        self.sent = codec.record_to_state(arrays)
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        valid = self.recorder.on_train(server_round, list(replies))
+        checked = self.recorder.reject_bad_updates(server_round, list(replies), self.sent)
+        valid = self.recorder.on_train(server_round, checked)
         return super().aggregate_train(server_round, valid)  # type: ignore[misc]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
