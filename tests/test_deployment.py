@@ -129,3 +129,70 @@ def test_secure_federation_runs_and_strangers_are_refused(federation, tiny_bert_
     assert plain.wait(timeout=120) != 0
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{f['port']}/health", timeout=3)
+
+
+def test_killed_node_round_completes_and_restarted_node_keeps_its_ledger(federation, tiny_bert_dir):
+    import psutil
+
+    f = federation
+    tmp, env = f["tmp"], f["env"]
+    for name in ("h0", "h1", "h2"):
+        subprocess.run([str(BIN / "flwr"), "supernode", "register", str(f["creds"].institutions[name][1]), "fed"],
+                       env=env, check=True, capture_output=True, cwd=tmp)
+    files = _write_institution_files(tmp)
+    configs = [f'institution={i} name="h{i}" data-source="{p}" ledger="{tmp / f"ledger-h{i}.json"}"'
+               for i, p in enumerate(files)]
+    nodes = [f["supernode"](f["creds"].institutions[f"h{i}"][0], f"h{i}", configs[i]) for i in range(3)]
+    out = tmp / "run"
+    scenario = tmp / "scenario.yaml"
+    scenario.write_text(json.dumps({
+        "model": {"name": str(tiny_bert_dir), "max_length": 16}, "lora": {"r": 2, "alpha": 4},
+        "data": {"labels": sorted(CLASS_WORDS)}, "privacy": {"target_epsilon": 3.0},
+        "train": {"batch_size": 8, "physical_batch_size": 8, "local_steps": 2},
+        "federation": {"num_clients": 3, "min_clients": 2, "rounds": 4, "round_timeout": 180},
+        "output": {"dir": str(out)},
+    }))
+    with open(tmp / "run.log", "wb") as log:
+        run = subprocess.Popen([str(BIN / "flwr"), "run", str(ROOT), "fed", "--stream", "--run-config",
+                                f"fedslm-config={json.dumps(str(scenario))}"], env=env, cwd=ROOT, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").exists():  # round 1 done
+            assert run.poll() is None and time.monotonic() < deadline, (tmp / "run.log").read_text()[-2000:]
+            time.sleep(0.5)
+        victim = nodes[2]
+        children = psutil.Process(victim.pid).children(recursive=True)
+        victim.kill()  # kill -9 the SuperNode and its ClientApp processes mid-run
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        victim.wait(timeout=30)
+        ledger = Ledger(tmp / "ledger-h2.json")
+        after_round1 = ledger.summary()[0]
+        # Round 2 goes on without it once the SuperLink sees its heartbeat stop; then the institution
+        # restarts it (the SuperLink lets the same key in again once the old session is gone).
+        while len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+            assert run.poll() is None and time.monotonic() < deadline + 240, (tmp / "run.log").read_text()[-2000:]
+            time.sleep(0.5)
+        f["supernode"](f["creds"].institutions["h2"][0], "h2-restarted", configs[2])
+        assert run.wait(timeout=420) == 0, (tmp / "run.log").read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            stop_process_tree(run)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 4  # the run finished despite the dead node
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(r["clients"]) >= 2 for r in rounds)
+    assert sorted(c["institution"] for c in rounds[1]["clients"]) == [0, 1]
+    assert "Node Unavailable" in rounds[1]["errors"][0]["reason"]  # named, with the reason
+    # The restarted node rejoined, and its ledger continued from where it was instead of resetting.
+    assert 2 in [c["institution"] for c in rounds[-1]["clients"]]
+    later = ledger.summary()[0]
+    entries = ledger.entries(later.dataset_id)
+    assert entries[0]["round"] == 1 and entries[-1]["round"] == 4
+    assert later.epsilon > after_round1.epsilon and later.steps == after_round1.steps * len(entries)
+    eps_reported = next(c["epsilon"] for c in rounds[-1]["clients"] if c["institution"] == 2)
+    assert eps_reported == pytest.approx(later.epsilon)

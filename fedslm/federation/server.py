@@ -69,6 +69,18 @@ class RunRecorder:
     pending: dict[int, dict[str, Any]] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     _last_end: float = 0.0
+    # message id -> node id of what was sent, so a failure reported by the SuperLink on a dead
+    # node's behalf (it signs such replies itself) is pinned on the right node.
+    sent: list[Message] = field(default_factory=list)
+
+    def node_of(self, reply: Message) -> int:
+        # Message ids are assigned when the grid sends, so look them up now, not at configure time.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
+        return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    def remember(self, messages: Iterable[Message]) -> list[Message]:
+        self.sent = list(messages)
+        return self.sent
 
     def _round(self, server_round: int) -> dict[str, Any]:
         return self.pending.setdefault(server_round, {"round": server_round, "clients": {}, "errors": [],
@@ -80,7 +92,7 @@ class RunRecorder:
         for msg in replies:
             if msg.has_error():
                 reason = msg.error.reason or f"error code {msg.error.code}"
-                node = msg.metadata.src_node_id
+                node = self.node_of(msg)
                 log.warning("round %s %s: node %s failed: %s", server_round, phase, node, reason)
                 rec["errors"].append({"phase": phase, "node": node, "reason": reason})
             else:
@@ -111,7 +123,7 @@ class RunRecorder:
                 except (KeyError, ValueError, TypeError) as exc:
                     reason = f"unreadable update ({exc})"
                 if reason is not None:
-                    node = msg.metadata.src_node_id
+                    node = self.node_of(msg)
                     log.warning("round %s train: rejected update from node %s: %s", server_round, node, reason)
                     rec["errors"].append({"phase": "train", "node": node, "reason": f"rejected update: {reason}"})
                     continue
@@ -191,7 +203,10 @@ class Recording:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any):
         self.sent = codec.record_to_state(arrays)
-        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        return self.recorder.remember(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any):
+        return self.recorder.remember(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         checked = self.recorder.reject_bad_updates(server_round, list(replies), self.sent)
