@@ -72,7 +72,7 @@ class Partition:
 def partition_indices(examples: list[Example], fed: FederationConfig,
                       only: Optional[int] = None) -> list[Partition]:
     """Indices of ``examples`` held by each institution (or just institution ``only``)."""
-    if fed.partitioner == "dirichlet" and not any(_targets(examples)[0:1]) and not hasattr(examples[0], "label"):
+    if fed.partitioner == "dirichlet" and not hasattr(examples[0], "label"):
         raise ConfigError("federation.partitioner=dirichlet splits by label; causal LM data has none (use iid or column)")
     if fed.partitioner == "column":
         groups = sorted({e.group for e in examples})

@@ -70,7 +70,7 @@ def _metric_values(metrics: Mapping[str, Any]) -> dict[str, float | int]:
     for key, value in metrics.items():
         if isinstance(value, bool):
             out[key] = int(value)
-        elif isinstance(value, (int, float)) and value is not None:
+        elif isinstance(value, (int, float)):
             out[key] = value
     return out
 

@@ -24,7 +24,9 @@ def local_baselines(cfg: Config, progress: Optional[Callable[[int], None]] = Non
     out = Path(cfg.output.dir)
     headline = "accuracy" if cfg.model.task == "classification" else "perplexity"
     results: dict[str, Any] = {}
-    request = Request(0, "", "", "local", 0.0, None, 0)
+    # No coordinator: a fresh adapter from the same seed, nothing to check the base against.
+    request = Request(server_round=0, config_yaml="", base_fingerprint="", run_id="local-only",
+                      proximal_mu=0.0, adapter=None, bytes_down=0)
     for inst in range(cfg.federation.num_clients):
         node = NodeSettings(inst, cfg.federation.num_clients, None, None, None, f"institution-{inst}")
         local_cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(

@@ -130,13 +130,19 @@ class RunRecorder:
             kept.append(msg)
         return kept
 
+    def _client(self, server_round: int, msg: Message) -> tuple[dict[str, Any], dict[str, Any]]:
+        """This reply's institution entry in the round record, and the reply's metrics."""
+        m = codec.reply_metrics(msg)
+        inst = int(m.get("institution", -1))
+        entry = self._round(server_round)["clients"].setdefault(
+            inst, {"institution": inst, "node": self.node_of(msg)})
+        return entry, m
+
     def on_train(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         valid = self._split(server_round, replies, "train")
-        rec = self._round(server_round)
         for msg in valid:
-            m = codec.reply_metrics(msg)
-            inst = int(m.get("institution", -1))
-            rec["clients"].setdefault(inst, {"institution": inst, "node": msg.metadata.src_node_id}).update({
+            entry, m = self._client(server_round, msg)
+            entry.update({
                 "train_loss": _finite(m.get("train-loss")), "epsilon": _finite(m.get("epsilon")),
                 "delta": m.get("delta"), "num_examples": int(m.get("num-examples", 0)),
                 "bytes_up": int(m.get("bytes-up", 0)), "bytes_down": int(m.get("bytes-down", 0)),
@@ -148,13 +154,9 @@ class RunRecorder:
 
     def on_evaluate(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         valid = self._split(server_round, replies, "evaluate")
-        rec = self._round(server_round)
         for msg in valid:
-            m = codec.reply_metrics(msg)
-            inst = int(m.get("institution", -1))
-            rec["clients"].setdefault(inst, {"institution": inst, "node": msg.metadata.src_node_id})["eval"] = {
-                k.replace("-", "_"): _finite(v) for k, v in m.items() if k != "institution"
-            }
+            entry, m = self._client(server_round, msg)
+            entry["eval"] = {k.replace("-", "_"): _finite(v) for k, v in m.items() if k != "institution"}
         self._flush(server_round)
         return valid
 

@@ -87,22 +87,27 @@ def _descendants(pid: int) -> list[Any]:
 
 
 def stop_process_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """Stop ``proc`` and everything it started (Ray workers included), by PID."""
+    """Stop ``proc`` and everything it started (Ray workers included), by PID.
+
+    ``proc`` leads its own session (start_new_session), so one signal reaches its group; helpers that
+    detached into sessions of their own (flower-superexec) are found as descendants first.
+    """
     import psutil
 
-    procs = [*_descendants(proc.pid)]
+    procs = _descendants(proc.pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(psutil.NoSuchProcess):
-        psutil.Process(proc.pid).terminate()
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
-    _, alive = psutil.wait_procs([*procs, *([psutil.Process(proc.pid)] if proc.poll() is None else [])], timeout=grace)
+    _, alive = psutil.wait_procs(procs, timeout=grace)
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:  # ignored SIGTERM: it must not outlive us
+        proc.kill()
         proc.wait(timeout=grace)
 
 
