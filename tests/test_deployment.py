@@ -1,10 +1,14 @@
 """Deployment with real processes on 127.0.0.1: a SuperLink with TLS and SuperNode authentication,
-three enrolled SuperNodes, `flwr run` of the same apps; strangers and plain text are refused.
-Every process is stopped by PID (with its descendants) in teardown, also on failure."""
+three enrolled SuperNodes, `flwr run` of the same apps. Faults: a SuperNode killed mid-run, the
+coordinator killed mid-round and resumed, malformed updates sent over the wire, strangers and
+plain text refused. Every process is stopped by PID (with its descendants) in teardown, also on failure."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import shutil
 import os
 import ssl
 import subprocess
@@ -56,23 +60,27 @@ def federation(tmp_path):
             cmd += ["--max-retries", str(retries), "--max-wait-time", "15"]
         return start(cmd, tmp_path / f"{name}.log")
 
-    try:
-        start([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(creds.ca_cert), "--ssl-certfile",
-               str(creds.superlink_cert), "--ssl-keyfile", str(creds.superlink_key), "--enable-supernode-auth",
-               "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)],
-              tmp_path / "superlink.log")
+    def superlink():
+        """Start (or restart) the SuperLink; its state (enrolled keys, runs) lives in a file."""
+        proc = start([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(creds.ca_cert), "--ssl-certfile",
+                      str(creds.superlink_cert), "--ssl-keyfile", str(creds.superlink_key), "--enable-supernode-auth",
+                      "--disable-runtime-dependency-installation", "--database", str(tmp_path / "superlink.db"),
+                      "--host", "127.0.0.1", "--port", str(port)], tmp_path / f"superlink-{len(procs)}.log")
         deadline = time.monotonic() + 60
         while True:
             try:
                 ctx = ssl.create_default_context(cafile=str(creds.ca_cert))
                 if httpx.get(f"https://127.0.0.1:{port}/health", verify=ctx, timeout=2).is_success:
-                    break
+                    return proc
             except httpx.HTTPError:
                 pass
-            assert time.monotonic() < deadline, (tmp_path / "superlink.log").read_text()[-2000:]
+            assert proc.poll() is None and time.monotonic() < deadline, "SuperLink did not start"
             time.sleep(0.5)
+
+    try:
+        link = superlink()
         yield {"creds": creds, "stranger": stranger, "env": env, "port": port, "supernode": supernode,
-               "tmp": tmp_path}
+               "tmp": tmp_path, "superlink": superlink, "link": link}
     finally:
         for proc in reversed(procs):
             stop_process_tree(proc)
@@ -86,49 +94,6 @@ def _write_institution_files(tmp: Path) -> list[Path]:
         path.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows[i::3]))
         files.append(path)
     return files
-
-
-def test_secure_federation_runs_and_strangers_are_refused(federation, tiny_bert_dir):
-    f = federation
-    tmp, env = f["tmp"], f["env"]
-    for name in ("h0", "h1", "h2"):  # the coordinator enrols each institution's public key
-        subprocess.run([str(BIN / "flwr"), "supernode", "register", str(f["creds"].institutions[name][1]), "fed"],
-                       env=env, check=True, capture_output=True, cwd=tmp)
-    files = _write_institution_files(tmp)
-    for i, path in enumerate(files):
-        f["supernode"](f["creds"].institutions[f"h{i}"][0], f"h{i}",
-                       f'institution={i} name="h{i}" data-source="{path}" ledger="{tmp / f"ledger-h{i}.json"}"')
-    # Meanwhile, a node whose key was never enrolled, and a plain-text node, try to join.
-    stranger = f["supernode"](f["stranger"], "stranger", retries=1)
-    plain = f["supernode"](None, "plain", insecure=True, retries=1)
-    out = tmp / "run"
-    scenario = tmp / "scenario.yaml"
-    scenario.write_text(json.dumps({
-        "model": {"name": str(tiny_bert_dir), "max_length": 16},
-        "lora": {"r": 2, "alpha": 4},
-        "data": {"labels": sorted(CLASS_WORDS)},
-        "privacy": {"target_epsilon": 3.0},
-        "train": {"batch_size": 8, "physical_batch_size": 8, "local_steps": 2},
-        "federation": {"num_clients": 3, "min_clients": 3, "rounds": 2},
-        "output": {"dir": str(out)},
-    }))
-    run = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "fed", "--stream", "--run-config",
-                          f"fedslm-config={json.dumps(str(scenario))}"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert (out / "summary.json").exists(), run.stdout[-3000:] + run.stderr[-2000:]
-    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [len(r["clients"]) for r in rounds] == [3, 3]
-    assert sorted(c["institution"] for c in rounds[-1]["clients"]) == [0, 1, 2]
-    for i in range(3):  # each node's own ledger, where its node config put it, holds both rounds
-        spend = Ledger(tmp / f"ledger-h{i}.json").summary()
-        assert len(spend) == 1 and spend[0].rounds == 2 and 0 < spend[0].epsilon <= 3.0 + 1e-9
-
-    # The stranger is refused and gives up; the plain-text node gets no connection to the TLS SuperLink.
-    assert stranger.wait(timeout=120) != 0
-    assert "Failed to activate SuperNode" in (tmp / "stranger.log").read_text()
-    assert plain.wait(timeout=120) != 0
-    with pytest.raises(httpx.HTTPError):
-        httpx.get(f"http://127.0.0.1:{f['port']}/health", timeout=3)
 
 
 def test_killed_node_round_completes_and_restarted_node_keeps_its_ledger(federation, tiny_bert_dir):
@@ -196,3 +161,150 @@ def test_killed_node_round_completes_and_restarted_node_keeps_its_ledger(federat
     assert later.epsilon > after_round1.epsilon and later.steps == after_round1.steps * len(entries)
     eps_reported = next(c["epsilon"] for c in rounds[-1]["clients"] if c["institution"] == 2)
     assert eps_reported == pytest.approx(later.epsilon)
+
+
+def _enrol_and_start(f, names=("h0", "h1", "h2"), extra=None):
+    tmp, env = f["tmp"], f["env"]
+    for name in names:
+        subprocess.run([str(BIN / "flwr"), "supernode", "register", str(f["creds"].institutions[name][1]), "fed"],
+                       env=env, check=True, capture_output=True, cwd=tmp)
+    files = _write_institution_files(tmp)
+    nodes = []
+    for i, path in enumerate(files):
+        cfg = f'institution={i} name="h{i}" data-source="{path}" ledger="{tmp / f"ledger-h{i}.json"}"'
+        nodes.append(f["supernode"](f["creds"].institutions[f"h{i}"][0], f"h{i}", cfg + (extra or {}).get(i, "")))
+    return nodes
+
+
+def _scenario(tmp: Path, out: Path, model: Path, **federation) -> Path:
+    scenario = tmp / "scenario.yaml"
+    scenario.write_text(json.dumps({
+        "model": {"name": str(model), "max_length": 16}, "lora": {"r": 2, "alpha": 4},
+        "data": {"labels": sorted(CLASS_WORDS)}, "privacy": {"target_epsilon": 3.0},
+        "train": {"batch_size": 8, "physical_batch_size": 8, "local_steps": 2},
+        "federation": {"num_clients": 3, "min_clients": 3, "round_timeout": 120, **federation},
+        "output": {"dir": str(out)},
+    }))
+    return scenario
+
+
+def _flwr_run(app: Path, scenario: Path, env, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as fh:
+        return subprocess.Popen([str(BIN / "flwr"), "run", str(app), "fed", "--stream", "--run-config",
+                                 f"fedslm-config={json.dumps(str(scenario))}"], env=env, cwd=app, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill9(proc: subprocess.Popen) -> None:
+    import psutil
+
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait(timeout=30)
+
+
+def _rounds(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_coordinator_killed_mid_round_resumes_without_repeating_or_double_charging(federation, tiny_bert_dir):
+    """kill -9 the SuperLink (and its ServerApp) right after every node paid for round 2; restart it
+    and launch the same run again: it continues from the checkpoint, each round is in metrics.jsonl
+    once, and each ledger holds each round once (a round paid for but lost is answered from the
+    node's kept update, not trained and charged again)."""
+    f = federation
+    tmp, env = f["tmp"], f["env"]
+    _enrol_and_start(f)
+    out = tmp / "run"
+    scenario = _scenario(tmp, out, tiny_bert_dir, rounds=3)
+    ledgers = [Ledger(tmp / f"ledger-h{i}.json") for i in range(3)]
+
+    def paid_rounds(ledger):
+        if not ledger.path.exists():
+            return []
+        return [e["round"] for spend in ledger.summary() for e in ledger.entries(spend.dataset_id)]
+
+    run = _flwr_run(ROOT, scenario, env, tmp / "run.log")
+    try:
+        deadline = time.monotonic() + 300
+        while not all(2 in paid_rounds(ledger) for ledger in ledgers):
+            assert run.poll() is None and time.monotonic() < deadline, (tmp / "run.log").read_text()[-3000:]
+            time.sleep(0.1)
+        _kill9(f["link"])  # the SuperLink, its SuperExec and the ServerApp, with no chance to clean up
+    finally:
+        stop_process_tree(run)
+    done = json.loads((out / "checkpoint" / "state.json").read_text())["round"]
+    assert done in (1, 2) and [r["round"] for r in _rounds(out)][:done] == list(range(1, done + 1))
+
+    f["superlink"]()  # same database: the enrolled keys are still there; the SuperNodes reconnect
+    rerun = _flwr_run(ROOT, scenario, env, tmp / "rerun.log")
+    try:
+        assert rerun.wait(timeout=400) == 0, (tmp / "rerun.log").read_text()[-3000:]
+    finally:
+        stop_process_tree(rerun)
+    for name in ("config.yaml", "summary.json", "report.png", "adapter/adapter_model.safetensors"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 3 and summary["resumed_after_round"] == done
+    print(f"coordinator killed with {done} round(s) checkpointed")
+    rounds = _rounds(out)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert len({r["run_id"] for r in rounds}) == 1  # the resumed rounds belong to the same run
+    for ledger in ledgers:
+        assert paid_rounds(ledger) == [1, 2, 3]  # nothing charged twice
+        assert len({e["run"] for spend in ledger.summary() for e in ledger.entries(spend.dataset_id)}) == 1
+    if done == 1:  # round 2 was lost after every node paid for it: all three sent their kept update
+        assert all(c.get("replayed") for c in rounds[1]["clients"]) and len(rounds[1]["clients"]) == 3
+    final_eps = {c["institution"]: c["epsilon"] for c in rounds[-1]["clients"]}
+    for i, ledger in enumerate(ledgers):
+        assert final_eps[i] == pytest.approx(ledger.summary()[0].epsilon) and final_eps[i] <= 3.0 + 1e-9
+
+
+def _faulty_app(tmp: Path) -> Path:
+    """This project's apps, with a ClientApp that corrupts its replies as its node config says."""
+    app = tmp / "faulty-app"
+    shutil.copytree(ROOT / "clients", app / "clients", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "server", app / "server", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "tests" / "apps" / "faulty_client.py", app / "faulty_client.py")
+    text = (ROOT / "pyproject.toml").read_text()
+    text = text.replace('clientapp = "clients.app:app"', 'clientapp = "faulty_client:app"')
+    text = re.sub(r"(?m)^fab-include = .*$", 'fab-include = ["faulty_client.py", "clients/*.py", "server/*.py"]', text)
+    (app / "pyproject.toml").write_text(text)
+    return app
+
+
+def test_strangers_are_refused_and_malformed_updates_over_the_wire_are_rejected(federation, tiny_bert_dir):
+    f = federation
+    tmp, env = f["tmp"], f["env"]
+    faults = {1: ["nan", "shape", "extra-key"], 2: ["missing-key", "norm", "oversized"]}
+    _enrol_and_start(f, extra={i: f' faults="{",".join(v)}"' for i, v in faults.items()})
+    # Meanwhile, a node whose key was never enrolled, and a plain-text node, try to join.
+    stranger = f["supernode"](f["stranger"], "stranger", retries=1)
+    plain = f["supernode"](None, "plain", insecure=True, retries=1)
+    out = tmp / "run"
+    run = _flwr_run(_faulty_app(tmp), _scenario(tmp, out, tiny_bert_dir, rounds=3, min_clients=1), env, tmp / "run.log")
+    try:
+        assert run.wait(timeout=400) == 0, (tmp / "run.log").read_text()[-3000:]
+    finally:
+        stop_process_tree(run)
+    # The stranger is refused and gives up; the plain-text node gets no connection to the TLS SuperLink.
+    assert stranger.wait(timeout=120) != 0
+    assert "Failed to activate SuperNode" in (tmp / "stranger.log").read_text()
+    assert plain.wait(timeout=120) != 0
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{f['port']}/health", timeout=3)
+    expected = {"nan": "NaN or inf", "shape": "has shape", "extra-key": "unexpected ['base_model.model.bert",
+                "missing-key": "missing [", "norm": "exceeds the bound", "oversized": "oversized message"}
+    rounds = _rounds(out)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    for r in rounds:
+        honest = [c for c in r["clients"] if "train_loss" in c]
+        assert [c["institution"] for c in honest] == [0]  # only the honest update was aggregated
+        rejected = [e for e in r["errors"] if e["phase"] == "train"]
+        assert len({e["node"] for e in rejected}) == 2 and honest[0]["node"] not in {e["node"] for e in rejected}
+        for inst in (1, 2):
+            why = expected[faults[inst][r["round"] - 1]]
+            assert any(why in e["reason"] and e["reason"].startswith("rejected update") for e in rejected), (why, r)
+    assert json.loads((out / "summary.json").read_text())["rounds_completed"] == 3

@@ -4,6 +4,7 @@ error replies, and a real 3-institution simulation (Flower simulation engine) on
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -16,10 +17,12 @@ from peft import PeftModel
 import clients.app as client_app
 from fedslm.config import to_yaml
 from fedslm.federation import codec
-from fedslm.federation.server import FederationStopped, RunRecorder, make_strategy
+from fedslm.federation.server import FederationStopped, RunFolderError, RunRecorder, find_checkpoint, make_strategy
 from fedslm.federation.simulate import simulate
 from fedslm.lora import get_adapter_state, trainable_parameters
 from fedslm.models import load_base
+from fedslm.privacy import Ledger
+from fedslm.privacy.releases import Releases
 from fedslm.train import build_node
 
 
@@ -211,6 +214,10 @@ def test_malformed_updates_are_rejected_with_node_and_reason(flower_identity, cl
         9: ({"a": np.full((4, 3), 100.0, np.float32), "b": sent["b"]}, "exceeds the bound 5"),
     }
     replies = [good[0], *[reply(n, arrays) for n, (arrays, _) in bad.items()], good[1]]
+    padded = reply(10, {"a": sent["a"], "b": sent["b"]})  # a valid update carrying 2 MiB of padding
+    padded.content["padding"] = ConfigRecord({"blob": b"\0" * 2**21})
+    replies.append(padded)
+    bad[10] = (None, "oversized message")
     recorder = RunRecorder(cfg, tmp_path, "r")
     strategy = make_strategy(cfg, recorder)
     strategy.sent = {k: torch.from_numpy(v) for k, v in sent.items()}
@@ -221,3 +228,89 @@ def test_malformed_updates_are_rejected_with_node_and_reason(flower_identity, cl
     assert set(errors) == set(bad)
     for node, (_, why) in bad.items():
         assert why in errors[node] and errors[node].startswith("rejected update"), (node, errors[node])
+
+
+def test_a_repeated_round_is_answered_from_the_paid_update_without_a_new_charge(flower_identity, cls_config):
+    """After a coordinator restart, the same (run, round, adapter) gets the same bytes and no new ledger entry;
+    a different adapter for that round is trained and charged anew."""
+    cfg = cls_config("federation.num_clients=2", "federation.partitioner=iid")
+    node = build_node(cfg)
+    state = get_adapter_state(node.model)
+    context = _context({"partition-id": 0, "num-partitions": 2})
+    msg = _request(cfg, state, node.base.fingerprint)
+    TaskIdentity.node_id = 2
+    first = client_app.train(msg, context)
+    ledger = Ledger(Path(cfg.output.dir) / "ledgers" / "institution-0.json")
+    (spend,) = ledger.summary()
+    assert spend.rounds == 1
+    again = client_app.train(_request(cfg, state, node.base.fingerprint), context)
+    assert not again.has_error(), again.error
+    assert ledger.summary()[0].rounds == 1  # no second charge
+    for key, value in codec.reply_state(first).items():
+        assert torch.equal(codec.reply_state(again)[key], value)
+    assert again.content[codec.METRICS]["replayed"] == 1
+    assert again.content[codec.METRICS]["epsilon"] == pytest.approx(spend.epsilon)
+    # The same round with another adapter is a new request: trained and charged.
+    moved = {k: v + 0.01 for k, v in state.items()}
+    third = client_app.train(_request(cfg, moved, node.base.fingerprint), context)
+    assert "replayed" not in third.content[codec.METRICS]
+    assert ledger.summary()[0].rounds == 2 and ledger.summary()[0].epsilon > spend.epsilon
+
+
+def test_a_release_file_that_does_not_match_its_ledger_entry_is_not_sent(flower_identity, cls_config):
+    cfg = cls_config("federation.num_clients=2", "federation.partitioner=iid")
+    node = build_node(cfg)
+    state = get_adapter_state(node.model)
+    context = _context({"partition-id": 1, "num-partitions": 2})
+    TaskIdentity.node_id = 2
+    client_app.train(_request(cfg, state, node.base.fingerprint), context)
+    ledger = Ledger(Path(cfg.output.dir) / "ledgers" / "institution-1.json")
+    (kept,) = Releases(ledger.path).folder.glob("*.safetensors")
+    kept.write_bytes(kept.read_bytes()[:-4] + b"\0\0\0\0")
+    again = client_app.train(_request(cfg, state, node.base.fingerprint), context)
+    assert "replayed" not in again.content[codec.METRICS]
+    assert ledger.summary()[0].rounds == 2
+
+
+def test_a_run_folder_is_resumed_only_with_the_same_config(cls_config, tmp_path):
+    out = tmp_path / "run"
+    cfg = cls_config(f"output.dir={out}")
+    assert find_checkpoint(out, cfg) is None
+    recorder = RunRecorder(cfg, out, "run-1")
+    out.mkdir()
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    recorder.checkpoint(2, codec.state_to_record({"a": torch.ones(3)}))
+    found = find_checkpoint(out, cfg)
+    assert found.round == 2 and found.run_id == "run-1" and torch.equal(found.adapter["a"], torch.ones(3))
+    with pytest.raises(RunFolderError, match=r"different config: train.lr"):
+        find_checkpoint(out, cls_config(f"output.dir={out}", "train.lr=0.5"))
+    with pytest.raises(RunFolderError, match="output.resume=false"):
+        find_checkpoint(out, cls_config(f"output.dir={out}", "output.resume=false"))
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(RunFolderError, match="finished run"):
+        find_checkpoint(out, cfg)
+
+
+def test_restore_keeps_only_checkpointed_rounds_and_fedadam_moments_survive(flower_identity, cls_config, tmp_path):
+    cfg = cls_config("federation.strategy=fedadam", "federation.min_clients=1")
+    recorder = RunRecorder(cfg, tmp_path, "r")
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"round": r, "wall_seconds": 10.0 * r, "clients": [], "eval_weighted": {}}) + "\n"
+        for r in (1, 2, 3)))
+    recorder.restore(2)  # round 3's line was written, its checkpoint was not: it is run again
+    assert [r["round"] for r in recorder.rounds] == [1, 2]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    strategy = make_strategy(cfg, recorder)
+    strategy.configure_train(1, codec.state_to_record({"a": torch.zeros(3)}), ConfigRecord(), _FakeGrid())
+    strategy.aggregate_train(1, [_train_reply(2, {"a": torch.full((3,), 0.01)}, 5, 0)])
+    saved = strategy.strategy_state()
+    assert set(saved) == {"m_t/a", "v_t/a"}
+    other = make_strategy(cfg, RunRecorder(cfg, tmp_path, "r"))
+    other.load_strategy_state(saved)
+    for name in ("m_t", "v_t"):
+        np.testing.assert_array_equal(getattr(other, name)["a"], getattr(strategy, name)["a"])
+
+
+class _FakeGrid:
+    def get_node_ids(self):
+        return [2]

@@ -196,6 +196,7 @@ def validate(cfg: Config) -> None:
     _positive("federation.round_timeout", f.round_timeout)
     _positive("federation.client_cpus", f.client_cpus)
     _positive("federation.max_update_norm", f.max_update_norm, allow_none=True)
+    _positive("federation.max_message_bytes", f.max_message_bytes, allow_none=True)
     _check(bool(cfg.output.dir.strip()), "output.dir must be a folder path, got ''")
 
 

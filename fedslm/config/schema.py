@@ -119,11 +119,20 @@ class FederationConfig:
     # Updates that move the adapter further than this (L2) are rejected; None: a generous bound
     # derived from lr x local steps (see fedslm.federation.validate).
     max_update_norm: Optional[float] = None
+    # Replies whose records add up to more bytes than this are refused before they are parsed;
+    # None: twice the adapter's size plus 1 MiB for metrics.
+    max_message_bytes: Optional[int] = None
+    # Before round 1, every institution evaluates the initial adapter (round 0 in metrics.jsonl):
+    # the "before" next to the final "after".
+    evaluate_initial: bool = False
 
 
 @dataclass
 class OutputConfig:
     dir: str = "runs/latest"
+    # A run folder holding an unfinished run's checkpoint is resumed from its last finished round
+    # (same config required); false: such a folder is an error.
+    resume: bool = True
 
 
 @dataclass

@@ -8,6 +8,7 @@ in the run folder; in deployment, the node config points at local files.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,12 @@ from fedslm.federation.codec import Request, tensor_bytes
 from fedslm.lora import get_adapter_state, set_adapter_state, wrap
 from fedslm.models import load_base
 from fedslm.privacy import Ledger
+from fedslm.privacy.releases import Releases, adapter_digest
 from fedslm.train.evaluate import evaluate
-from fedslm.train.local import train_round
+from fedslm.train.local import RoundResult, train_round
 from fedslm.train.node import Node
+
+log = logging.getLogger("fedslm.node")
 
 # Node config keys an institution sets on its SuperNode (--node-config).
 NODE_DATA = "data-source"
@@ -93,8 +97,9 @@ def institution_task_data(cfg: Config, node: NodeSettings) -> TaskData:
                             cfg.data.max_test_records)
 
 
-def build_institution(cfg: Config, node: NodeSettings, request: Request, *, for_training: bool = True) -> Node:
-    data = institution_task_data(cfg, node)
+def build_institution(cfg: Config, node: NodeSettings, request: Request, *, for_training: bool = True,
+                      data: Optional[TaskData] = None) -> Node:
+    data = data if data is not None else institution_task_data(cfg, node)
     base = load_base(cfg.model, len(data.labels) if data.labels is not None else None)
     if request.base_fingerprint and request.base_fingerprint != base.fingerprint:
         raise FingerprintMismatch(
@@ -114,17 +119,9 @@ def _threads(cfg: Config) -> None:
     torch.set_num_threads(cfg.train.threads or cfg.federation.client_cpus)
 
 
-def client_train(request: Request, node: NodeSettings) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    started = time.perf_counter()
-    cfg = node_config(request, node)
-    _threads(cfg)
-    inst = build_institution(cfg, node, request)
-    result = train_round(
-        inst.model, inst.train, cfg, dataset_id=inst.data.dataset_id, ledger=Ledger(cfg.privacy.ledger),
-        run_id=request.run_id, round_idx=request.server_round, proximal_mu=request.proximal_mu,
-    )
-    state = get_adapter_state(inst.model)
-    metrics = {
+def _train_metrics(result: RoundResult, node: NodeSettings, state: dict[str, torch.Tensor],
+                   request: Request) -> dict[str, Any]:
+    return {
         "num-examples": result.num_examples,
         "institution": node.institution,
         "train-loss": result.mean_loss,
@@ -137,9 +134,47 @@ def client_train(request: Request, node: NodeSettings) -> tuple[dict[str, torch.
         "bytes-up": tensor_bytes(state),
         "bytes-down": request.bytes_down,
         "train-seconds": result.seconds,
-        "seconds": time.perf_counter() - started,
         "private": result.private,
     }
+
+
+def client_train(request: Request, node: NodeSettings) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    started = time.perf_counter()
+    cfg = node_config(request, node)
+    _threads(cfg)
+    data = institution_task_data(cfg, node)
+    ledger = Ledger(cfg.privacy.ledger)
+    releases = Releases(ledger.path)
+    digest = adapter_digest(request.adapter)
+    entries = ledger.entries(data.dataset_id)
+    paid = releases.find(entries, request.run_id, request.server_round, digest)
+    if paid is not None:  # the coordinator lost this round after we paid for it: same request, same bytes
+        state, metrics = paid
+        delta = metrics.get("delta") or entries[-1]["delta"]
+        metrics.update({"epsilon": ledger.spent(data.dataset_id, float(delta), cfg.privacy.accountant),
+                        "bytes-down": request.bytes_down, "replayed": 1,
+                        "seconds": time.perf_counter() - started})
+        log.warning("%s: round %s of run %s was already paid for; sending the same update again, no new charge",
+                    node.name, request.server_round, request.run_id)
+        return state, metrics
+    if any(e.get("run") == request.run_id and e.get("round") == request.server_round for e in entries):
+        log.warning("%s: round %s of run %s is asked again with a different adapter; training and charging anew",
+                    node.name, request.server_round, request.run_id)
+    inst = build_institution(cfg, node, request, data=data)
+
+    def keep(result: RoundResult) -> dict[str, Any]:
+        state = get_adapter_state(inst.model)
+        return releases.save(data.dataset_id, request.run_id, request.server_round, digest, state,
+                             _train_metrics(result, node, state, request))
+
+    result = train_round(
+        inst.model, inst.train, cfg, dataset_id=data.dataset_id, ledger=ledger,
+        run_id=request.run_id, round_idx=request.server_round, proximal_mu=request.proximal_mu,
+        release=keep if request.run_id else None,
+    )
+    state = get_adapter_state(inst.model)
+    metrics = _train_metrics(result, node, state, request)
+    metrics["seconds"] = time.perf_counter() - started
     return state, metrics
 
 

@@ -84,6 +84,27 @@ def evaluate_reply(msg: Message, metrics: Mapping[str, Any]) -> Message:
     return Message(RecordDict({METRICS: MetricRecord(_metric_values(metrics))}), reply_to=msg)
 
 
+def _value_bytes(value: Any) -> int:
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, str):
+        return len(value.encode("utf-8"))
+    if isinstance(value, (list, tuple)):
+        return sum(_value_bytes(v) for v in value)
+    return 8  # a number or a bool
+
+
+def content_bytes(msg: Message) -> int:
+    """Bytes a message's records carry: array payloads plus config and metric values."""
+    total = 0
+    for record in msg.content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(array.data) for array in record.values())
+        else:
+            total += sum(len(key) + _value_bytes(value) for key, value in record.items())
+    return total
+
+
 def reply_metrics(msg: Message) -> dict[str, Any]:
     return dict(msg.content[METRICS]) if METRICS in msg.content else {}
 

@@ -20,16 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import numpy as np
+import torch
+import yaml
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from fedslm.config import Config, to_yaml
 from fedslm.data import bundled, load_task_data
 from fedslm.errors import ConfigError, FedslmError
 from fedslm.federation import codec
 from fedslm.federation.validate import check_update, default_max_update_norm
-from fedslm.lora import get_adapter_state, save_adapter, set_adapter_state, wrap
+from fedslm.lora import adapter_meta, get_adapter_state, save_adapter, set_adapter_state, wrap
 from fedslm.models import load_base
 from fedslm.registry import Registry
 
@@ -41,14 +44,76 @@ STRATEGIES.register("fedprox", FedProx)
 STRATEGIES.register("fedadam", FedAdam)
 
 
+CHECKPOINT = "checkpoint"
+
+
 class FederationStopped(FedslmError):
     """Too few institutions replied for the round to count."""
+
+
+class RunFolderError(FedslmError):
+    """The run folder holds something this run must not overwrite or continue."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    run_id: str
+    adapter: dict[str, torch.Tensor]
+    strategy_state: dict[str, torch.Tensor]
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def find_checkpoint(out: Path, cfg: Config) -> Optional[Checkpoint]:
+    """The checkpoint to resume in run folder ``out``, or None for a fresh run.
+
+    Refuses a finished run, a checkpoint made with a different config (naming the keys that
+    differ), and any checkpoint when ``output.resume`` is false.
+    """
+    state_file = out / CHECKPOINT / "state.json"
+    if (out / "summary.json").exists():
+        raise RunFolderError(f"run folder {out} already holds a finished run (summary.json); choose a new output.dir")
+    if not state_file.exists():
+        if (out / "metrics.jsonl").exists() and not cfg.output.resume:
+            raise RunFolderError(f"run folder {out} already holds a run (metrics.jsonl); choose a new output.dir")
+        return None
+    if not cfg.output.resume:
+        raise RunFolderError(f"run folder {out} holds an unfinished run's checkpoint and output.resume=false; "
+                             "choose a new output.dir, or set output.resume=true to continue it")
+    before = _flat(yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")))
+    now = _flat(yaml.safe_load(to_yaml(cfg)))
+    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k != "output.resume")
+    if differ:
+        shown = ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in differ[:5])
+        raise RunFolderError(f"run folder {out} holds a checkpoint of a different config: {shown}; resume with the "
+                             "same config, or choose a new output.dir")
+    meta = json.loads(state_file.read_text(encoding="utf-8"))
+    strategy_file = out / CHECKPOINT / "strategy.safetensors"
+    return Checkpoint(
+        round=int(meta["round"]), run_id=str(meta["run_id"]),
+        adapter=load_file(str(out / CHECKPOINT / "adapter.safetensors")),
+        strategy_state=load_file(str(strategy_file)) if strategy_file.exists() else {},
+    )
 
 
 def _finite(value: Any) -> Any:
     if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
         return None
     return value
+
+
+def _save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -114,14 +179,19 @@ class RunRecorder:
             return replies
         bound = self.cfg.federation.max_update_norm or default_max_update_norm(
             self.cfg, sum(t.numel() for t in global_state.values()))
+        max_bytes = self.cfg.federation.max_message_bytes or 2 * codec.tensor_bytes(global_state) + 2**20
         rec = self._round(server_round)
         kept = []
         for msg in replies:
             if not msg.has_error():
-                try:
-                    reason = check_update(global_state, codec.reply_state(msg), bound)
-                except (KeyError, ValueError, TypeError) as exc:
-                    reason = f"unreadable update ({exc})"
+                size = codec.content_bytes(msg)
+                if size > max_bytes:
+                    reason = f"oversized message: {size} bytes, limit {max_bytes} (federation.max_message_bytes)"
+                else:
+                    try:
+                        reason = check_update(global_state, codec.reply_state(msg), bound)
+                    except (KeyError, ValueError, TypeError) as exc:
+                        reason = f"unreadable update ({exc})"
                 if reason is not None:
                     node = self.node_of(msg)
                     log.warning("round %s train: rejected update from node %s: %s", server_round, node, reason)
@@ -150,6 +220,8 @@ class RunRecorder:
                 "noise_multiplier": m.get("noise-multiplier"), "train_seconds": m.get("train-seconds"),
                 "train_handler_seconds": m.get("seconds"),
             })
+            if m.get("replayed"):  # an update this node had already paid for, sent again after a resume
+                entry["replayed"] = True
         return valid
 
     def on_evaluate(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
@@ -160,18 +232,32 @@ class RunRecorder:
         self._flush(server_round)
         return valid
 
-    def checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
-        """The global adapter and server state after ``server_round`` (0: the initial adapter)."""
-        folder = self.out / "checkpoint"
+    def checkpoint(self, server_round: int, arrays: ArrayRecord,
+                   strategy_state: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """The global adapter and server state after ``server_round`` (0: the initial adapter).
+
+        Written after the round's line in ``metrics.jsonl``, so a checkpoint never runs ahead of it.
+        """
+        folder = self.out / CHECKPOINT
         folder.mkdir(parents=True, exist_ok=True)
-        state = codec.record_to_state(arrays)
-        tmp = folder / "adapter.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        os.replace(tmp, folder / "adapter.safetensors")
+        _save_tensors(folder / "adapter.safetensors", codec.record_to_state(arrays))
+        _save_tensors(folder / "strategy.safetensors", strategy_state or {})
         _atomic_write(folder / "state.json", json.dumps({
             "round": server_round, "run_id": self.run_id, "strategy": self.cfg.federation.strategy,
             "rounds_planned": self.cfg.federation.rounds,
         }).encode())
+
+    def restore(self, done: int) -> None:
+        """Continue a run folder whose rounds 1..``done`` are checkpointed: keep their metrics lines only."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [rec for rec in (json.loads(line) for line in lines if line.strip()) if rec["round"] <= done]
+        _atomic_write(path, "".join(json.dumps(rec) + "\n" for rec in kept).encode())
+        self.rounds = kept
+        self._last_end = kept[-1]["wall_seconds"] if kept else 0.0
+        self.started = time.perf_counter() - self._last_end
 
     def _flush(self, server_round: int) -> None:
         rec = self.pending.pop(server_round, None)
@@ -198,26 +284,52 @@ class RunRecorder:
 
 
 class Recording:
-    """Mixed in front of a Flower strategy: check updates, record replies, enforce min_clients."""
+    """Mixed in front of a Flower strategy: check updates, record replies, enforce min_clients.
+
+    ``offset`` is the number of rounds a resumed run had already finished: Flower's loop counts
+    from 1 again, and every round number it passes on is shifted so nodes, ledgers and metrics
+    see the run's own round numbers.
+    """
 
     recorder: RunRecorder
+    offset: int = 0
     sent: Optional[dict[str, Any]] = None  # the global adapter sent this round, to check updates against
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any):
         self.sent = codec.record_to_state(arrays)
-        return self.recorder.remember(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        return self.recorder.remember(
+            super().configure_train(server_round + self.offset, arrays, config, grid))  # type: ignore[misc]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any):
-        return self.recorder.remember(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
+        return self.recorder.remember(
+            super().configure_evaluate(server_round + self.offset, arrays, config, grid))  # type: ignore[misc]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.offset
         checked = self.recorder.reject_bad_updates(server_round, list(replies), self.sent)
         valid = self.recorder.on_train(server_round, checked)
         return super().aggregate_train(server_round, valid)  # type: ignore[misc]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.offset
         valid = self.recorder.on_evaluate(server_round, list(replies))
         return super().aggregate_evaluate(server_round, valid)  # type: ignore[misc]
+
+    # Server optimiser state (FedAdam's moments) so a resumed run continues it, not restarts it.
+    _STATE = ("m_t", "v_t")
+
+    def strategy_state(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name in self._STATE:
+            for key, value in (getattr(self, name, None) or {}).items():
+                out[f"{name}/{key}"] = torch.from_numpy(np.array(value))
+        return out
+
+    def load_strategy_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name in self._STATE:
+            part = {k.split("/", 1)[1]: v.numpy() for k, v in state.items() if k.startswith(name + "/")}
+            if part:
+                setattr(self, name, part)
 
 
 def make_strategy(cfg: Config, recorder: RunRecorder) -> Any:
@@ -251,32 +363,61 @@ def label_set(cfg: Config) -> Optional[list[str]]:
 
 
 def run_server(grid: Any, cfg: Config, run_id: str) -> dict[str, Any]:
-    """Run ``federation.rounds`` rounds on ``grid`` and write the run folder."""
+    """Run ``federation.rounds`` rounds on ``grid`` and write the run folder.
+
+    A run folder holding a checkpoint of the same config is resumed after its last finished
+    round, under its first run id, so nodes recognise rounds they already paid for.
+    """
     out = Path(cfg.output.dir).expanduser().resolve()
     cfg.output.dir = str(out)  # absolute before it is sent: institutions' ledgers default to <output.dir>/ledgers
     out.mkdir(parents=True, exist_ok=True)
     log.warning("fedslm run folder: %s", out)
+    resume = find_checkpoint(out, cfg)
     config_yaml = to_yaml(cfg)
     (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
     labels = label_set(cfg)
     base = load_base(cfg.model, len(labels) if labels is not None else None)
     model = wrap(base.model, cfg.lora, cfg.model.task, base.target_modules, seed=cfg.train.seed)
     initial = get_adapter_state(model)
+    done = 0
+    if resume is not None:
+        run_id, done = resume.run_id, resume.round
+        set_adapter_state(model, resume.adapter)  # checks keys and shapes against this config's adapter
+        initial = get_adapter_state(model)
+        log.warning("fedslm: resuming run %s after round %d of %d", run_id, done, cfg.federation.rounds)
     recorder = RunRecorder(cfg, out, run_id)
+    recorder.restore(done if resume is not None else -1)
     strategy = make_strategy(cfg, recorder)
-    result = strategy.start(
-        grid=grid, initial_arrays=codec.state_to_record(initial), num_rounds=cfg.federation.rounds,
-        timeout=cfg.federation.round_timeout,
-        train_config=codec.request_config(config_yaml, base.fingerprint, run_id),
-        evaluate_config=codec.request_config(config_yaml, base.fingerprint, run_id),
-        evaluate_fn=lambda rnd, arrays: recorder.checkpoint(rnd, arrays),
-    )
-    final = codec.record_to_state(result.arrays)
+    strategy.offset = done
+    if resume is not None:
+        strategy.load_strategy_state(resume.strategy_state)
+
+    def checkpoint(rnd: int, arrays: ArrayRecord) -> None:
+        if rnd > 0 or done == 0:
+            recorder.checkpoint(rnd + done, arrays, strategy.strategy_state())
+
+    if cfg.federation.evaluate_initial and resume is None:  # round 0: every institution scores the base
+        request = codec.request_config(config_yaml, base.fingerprint, run_id)
+        replies = grid.send_and_receive(strategy.configure_evaluate(0, codec.state_to_record(initial), request, grid),
+                                        timeout=cfg.federation.round_timeout)
+        strategy.aggregate_evaluate(0, replies)
+    final = initial
+    if cfg.federation.rounds > done:
+        result = strategy.start(
+            grid=grid, initial_arrays=codec.state_to_record(initial), num_rounds=cfg.federation.rounds - done,
+            timeout=cfg.federation.round_timeout,
+            train_config=codec.request_config(config_yaml, base.fingerprint, run_id),
+            evaluate_config=codec.request_config(config_yaml, base.fingerprint, run_id),
+            evaluate_fn=checkpoint,
+        )
+        final = codec.record_to_state(result.arrays)
     set_adapter_state(model, final)
-    save_adapter(model, out / "adapter")
+    save_adapter(model, out / "adapter", adapter_meta(cfg, base.fingerprint, labels))
     model_bytes = sum(p.numel() * p.element_size() for p in base.model.parameters())
     summary = summarize(cfg, recorder.rounds, run_id, base.fingerprint, model_bytes, codec.tensor_bytes(final),
                         time.perf_counter() - recorder.started)
+    if done:
+        summary["resumed_after_round"] = done
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     from fedslm.report import write_report
 
@@ -289,6 +430,9 @@ def summarize(cfg: Config, rounds: list[dict[str, Any]], run_id: str, fingerprin
     last_eval: dict[int, dict[str, Any]] = {}
     privacy: dict[int, dict[str, Any]] = {}
     bytes_up = bytes_down = 0
+    headline = "accuracy" if cfg.model.task == "classification" else "perplexity"
+    initial = next((r for r in rounds if r["round"] == 0), None)
+    rounds = [r for r in rounds if r["round"] > 0]
     for rec in rounds:
         for c in rec["clients"]:
             if "eval" in c:
@@ -297,7 +441,6 @@ def summarize(cfg: Config, rounds: list[dict[str, Any]], run_id: str, fingerprin
                 privacy[c["institution"]] = {"epsilon": c.get("epsilon"), "delta": c.get("delta")}
             bytes_up += c.get("bytes_up", 0)
             bytes_down += c.get("bytes_down", 0)
-    headline = "accuracy" if cfg.model.task == "classification" else "perplexity"
     per_inst = {str(k): v.get(headline) for k, v in sorted(last_eval.items())}
     scored = {k: v for k, v in per_inst.items() if v is not None}
     worst = None
@@ -314,6 +457,12 @@ def summarize(cfg: Config, rounds: list[dict[str, Any]], run_id: str, fingerprin
         "base_fingerprint": fingerprint,
         "final": rounds[-1]["eval_weighted"] if rounds else {},
         "per_institution": {headline: per_inst},
+        **({"initial": {
+            "weighted": initial["eval_weighted"],
+            "per_institution": {headline: {str(c["institution"]): c["eval"].get(headline)
+                                           for c in sorted(initial["clients"], key=lambda c: c["institution"])
+                                           if "eval" in c}},
+        }} if initial is not None else {}),
         "worst_institution": worst,
         "privacy": {
             "unit": "one record of one institution (example-level DP, per institution)",

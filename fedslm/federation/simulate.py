@@ -27,7 +27,8 @@ from rich.live import Live
 from rich.table import Table
 
 from fedslm.config import Config, to_yaml
-from fedslm.errors import ConfigError, FedslmError
+from fedslm.errors import FedslmError
+from fedslm.federation.server import find_checkpoint
 
 CONNECTION = "fedslm"
 
@@ -195,10 +196,9 @@ def _failure_reason(log_file: Path) -> str:
 def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[Path] = None) -> dict[str, Any]:
     console = console or Console()
     out = Path(cfg.output.dir).expanduser().resolve()
-    if (out / "metrics.jsonl").exists():
-        raise ConfigError(f"output.dir {out} already holds a run (metrics.jsonl); choose a new --out folder")
-    out.mkdir(parents=True, exist_ok=True)
     cfg.output.dir = str(out)  # absolute: the ServerApp and every ClientApp write into the same folder
+    resume = find_checkpoint(out, cfg)  # refuses a finished run or a different config before anything starts
+    out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
     config_path.write_text(to_yaml(cfg), encoding="utf-8")
     app = app_dir or project_dir()
@@ -213,6 +213,8 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
            "TOKENIZERS_PARALLELISM": "false", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
     started = time.monotonic()
     console.print(f"run folder [bold]{out}[/]; Flower and Ray logs in {log_file}")
+    if resume is not None:
+        console.print(f"resuming after round {resume.round} of {cfg.federation.rounds} (checkpoint in {out})")
     with local_superlink(flwr_home, port, log_file, env):
         cmd = [_bin("flwr"), "run", str(app), CONNECTION, "--stream",
                "--run-config", f"fedslm-config={json.dumps(str(config_path))}"]

@@ -111,8 +111,12 @@ class Ledger:
     def charge(
         self, dataset_id: str, step: Step, *, delta: float, num_examples: int,
         run: str = "", round: Optional[int] = None, accountant: str = "rdp",
+        release: Optional[dict[str, Any]] = None,
     ) -> float:
-        """Append one round's steps (atomically, durably) and return ε spent after it."""
+        """Append one round's steps (atomically, durably) and return ε spent after it.
+
+        ``release`` names the update this charge paid for (see :mod:`fedslm.privacy.releases`).
+        """
         sigma, q, steps = step
         with self._locked():
             data = self.read()
@@ -122,6 +126,7 @@ class Ledger:
                 "noise_multiplier": float(sigma), "sample_rate": float(q), "steps": int(steps),
                 "delta": float(delta), "accountant": accountant, "run": run, "round": round,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **({"release": release} if release else {}),
             })
             self._write(data)
         return self.spent(dataset_id, delta, accountant)

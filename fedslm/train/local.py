@@ -8,6 +8,7 @@ returned after the charge is on disk).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import secrets
@@ -92,10 +93,13 @@ def train_round(
     round_idx: int = 1,
     progress: Optional[ProgressFn] = None,
     proximal_mu: float = 0.0,
+    release: Optional[Callable[[RoundResult], dict]] = None,
 ) -> RoundResult:
     """Run ``train.local_steps`` steps on ``model``'s trainable tensors, DP unless disabled.
 
     ``proximal_mu`` > 0 adds FedProx's pull towards the weights the round started from.
+    ``release``, if given, is called after training and before the charge (with ε not yet
+    known: NaN); what it returns is recorded in the ledger entry (the kept update's name and hash).
     """
     p, t = cfg.privacy, cfg.train
     n = len(train)
@@ -146,13 +150,7 @@ def train_round(
         engine.close()
     seconds = time.perf_counter() - start
 
-    # Charge before release. A non-private round is recorded as σ=0 (ε=∞): the data was exposed.
-    charged = (sigma if sigma is not None else 0.0, q, t.local_steps)
-    spent = ledger.charge(
-        dataset_id, charged, delta=delta if delta is not None else 1.0 / (10 * n), num_examples=n,
-        run=run_id, round=round_idx, accountant=p.accountant,
-    )
-    return RoundResult(
+    result = RoundResult(
         num_examples=n,
         steps=len(batches),
         empty_steps=sum(1 for b in batches if not b),
@@ -160,9 +158,17 @@ def train_round(
         mean_loss=loss_sum / seen if seen else math.nan,
         seconds=seconds,
         private=p.enabled,
-        epsilon=spent,
+        epsilon=math.nan,
         delta=delta,
         noise_multiplier=sigma,
         sample_rate=q,
         noise_source=noise_source,
     )
+    kept = release(result) if release is not None else None
+    # Charge before release. A non-private round is recorded as σ=0 (ε=∞): the data was exposed.
+    charged = (sigma if sigma is not None else 0.0, q, t.local_steps)
+    spent = ledger.charge(
+        dataset_id, charged, delta=delta if delta is not None else 1.0 / (10 * n), num_examples=n,
+        run=run_id, round=round_idx, accountant=p.accountant, release=kept,
+    )
+    return dataclasses.replace(result, epsilon=spent)
