@@ -30,11 +30,9 @@ def write_report(folder: str | Path) -> Path:
     xs = [r["round"] for r in rounds]
     ax_loss.plot(xs, [r["eval_weighted"].get("loss") for r in rounds], "o-", label="held-out loss (weighted)")
     insts = sorted({c["institution"] for r in rounds for c in r["clients"]})
-    train_loss = [
-        sum(c["train_loss"] * c["num_examples"] for c in r["clients"] if c.get("train_loss") is not None)
-        / max(1, sum(c["num_examples"] for c in r["clients"] if c.get("train_loss") is not None))
-        for r in rounds
-    ]
+    trained = [[c for c in r["clients"] if c.get("train_loss") is not None] for r in rounds]
+    train_loss = [sum(c["train_loss"] * c["num_examples"] for c in cs) / max(1, sum(c["num_examples"] for c in cs))
+                  if cs else None for cs in trained]
     ax_loss.plot(xs, train_loss, "s--", label="train loss (weighted)")
     ax_loss.set(title="Loss per round", xlabel="round", ylabel="loss")
     ax_loss.legend()
@@ -54,12 +52,17 @@ def write_report(folder: str | Path) -> Path:
 
     per = summary.get("per_institution", {}).get(headline, {})
     local = summary.get("local_only", {}).get(headline, {})
+    before = summary.get("initial", {}).get("per_institution", {}).get(headline, {})
     labels = sorted(per, key=int)
-    width = 0.4 if local else 0.8
     pos = list(range(len(labels)))
-    ax_inst.bar([p - (width / 2 if local else 0) for p in pos], [per[k] or 0 for k in labels], width, label="federated")
+    series = [(before, "before (round 0)")] if before else []
+    series.append((per, "federated"))
     if local:
-        ax_inst.bar([p + width / 2 for p in pos], [local.get(k) or 0 for k in labels], width, label="alone, same ε")
+        series.append((local, "alone, same ε"))
+    width = 0.8 / len(series)
+    for i, (values, name) in enumerate(series):
+        ax_inst.bar([p + (i - (len(series) - 1) / 2) * width for p in pos], [values.get(k) or 0 for k in labels],
+                    width, label=name)
     worst = (summary.get("worst_institution") or {}).get("institution")
     ax_inst.set_xticks(pos, [f"{k}{' (worst)' if worst is not None and int(k) == worst else ''}" for k in labels])
     ax_inst.set(title=f"Final {headline} per institution", xlabel="institution", ylabel=headline)

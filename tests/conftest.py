@@ -73,6 +73,25 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory) -> Path:
+    """The Gemma-3 text architecture (as in gemma3-270m: GQA, q/k norms, sliding window, tied embeddings)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    folder = tmp_path_factory.mktemp("tiny-gemma")
+    tokenizer = _tokenizer(["<pad>", "[UNK]", "<s>", "</s>"], bert=False)
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=True,
+    )
+    Gemma3ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def _class_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     gen = torch.Generator().manual_seed(seed)
     labels = sorted(CLASS_WORDS)

@@ -63,6 +63,10 @@ def test_dp_step_equals_per_record_loop_causal_llama(causal_config):
     _dp_step_matches_reference(build_node(causal_config()), "causal_lm")
 
 
+def test_dp_step_equals_per_record_loop_causal_gemma3(causal_config, tiny_gemma_dir):
+    _dp_step_matches_reference(build_node(causal_config(f"model.name={tiny_gemma_dir}")), "causal_lm")
+
+
 def test_dp_step_equals_per_record_loop_bert_classifier(cls_config):
     _dp_step_matches_reference(build_node(cls_config()), "classification")
 

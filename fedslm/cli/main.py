@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedslm.errors import FedslmError
+from fedslm.errors import ConfigError, FedslmError
 
 app = typer.Typer(
     name="fedslm",
@@ -33,6 +33,8 @@ config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(config_app, name="config")
+model_app = typer.Typer(help="Bundled base models.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -192,6 +194,76 @@ def certs_cmd(
     for name, (priv, pub) in creds.institutions.items():
         console.print(f"institution {name:<9}{priv} (private, stays on its node), {pub}")
     console.print(f"public keys to enrol {creds.enrolled}  (flwr supernode register <name>/auth_key.pub)")
+
+
+@model_app.command("prepare")
+@user_errors
+def model_prepare(name: str = typer.Argument(..., help="A bundled preset, e.g. gemma3-270m or minilm.")) -> None:
+    """Make a bundled model ready offline (gemma3-270m: dequantize its GGUF into the cache, once)."""
+    from fedslm.models import presets
+
+    preset = presets.get(name)
+    if preset is None:
+        raise ConfigError(f"unknown model preset {name!r}; presets: {', '.join(presets.names())}")
+    with err_console.status(f"preparing {name}"):
+        path = preset.locate()
+    console.print(f"{name}: {path}")
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """The bundled model presets."""
+    from fedslm.models import presets
+
+    for name in presets.names():
+        p = presets.get(name)
+        console.print(f"{name:<13} {', '.join(p.tasks):<15} {p.description}")
+
+
+@app.command("generate")
+@user_errors
+def generate_cmd(
+    adapter: Path = typer.Option(..., "--adapter", "-a", help="An adapter folder (a run folder's adapter/)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The text to continue."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0: greedy; above 0: sampling."),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
+) -> None:
+    """Continue PROMPT with the base model + ADAPTER, printing tokens as they come."""
+    from fedslm.lora.merge import load_tuned
+    from fedslm.models.generate import generate
+
+    with err_console.status("loading base model and adapter"):
+        tuned = load_tuned(adapter)
+    if tuned.meta["task"] != "causal_lm":
+        raise ConfigError(f"{adapter} adapts a {tuned.meta['task']} model; generate needs a causal_lm adapter")
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    generate(tuned.model, tuned.base.tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+             top_p=top_p, seed=seed, on_text=show)
+    sys.stdout.write("\n")
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    adapter: Path = typer.Option(..., "--adapter", "-a", help="An adapter folder (a run folder's adapter/)."),
+    out: Path = typer.Option(..., "--out", "-o", help="New folder for the merged model (HF format)."),
+) -> None:
+    """Merge ADAPTER into its base and save a plain Hugging Face model folder, checked against base + B·A."""
+    from fedslm.lora.merge import export_merged
+
+    with err_console.status("merging and checking"):
+        report = export_merged(adapter, out)
+    console.print(f"merged {report['lora_layers']} LoRA layers into {out} (max |W' - (W + s·B·A)| = "
+                  f"{report['max_merge_error']:.2g}; reloaded logits within {report['max_logit_error']:.2g}); "
+                  f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
 def main() -> None:  # pragma: no cover - console entry point

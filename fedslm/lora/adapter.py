@@ -7,9 +7,10 @@ is the Flower payload and the content of ``adapter_model.safetensors``.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -17,7 +18,7 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_
 from torch import nn
 
 from fedslm.config.schema import LoraConfig
-from fedslm.errors import ConfigError
+from fedslm.errors import ConfigError, ModelError
 
 _HEAD_NAMES = ("classifier", "score")
 _PEFT_TASK = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
@@ -91,12 +92,35 @@ def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> No
             raise ValueError(f"PEFT did not load adapter keys {bad[:3]}")
 
 
-def save_adapter(model: PeftModel, folder: str | Path) -> Path:
-    """A PEFT folder (adapter_config.json + adapter_model.safetensors)."""
+ADAPTER_META = "fedslm.json"
+
+
+def save_adapter(model: PeftModel, folder: str | Path, meta: Optional[dict[str, Any]] = None) -> Path:
+    """A PEFT folder (adapter_config.json + adapter_model.safetensors), plus ``fedslm.json``: the base
+    model (preset name or folder), task, labels and base fingerprint, so tools can rebuild the base."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), safe_serialization=True)
+    if meta is not None:
+        (folder / ADAPTER_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return folder
+
+
+def adapter_meta(cfg: Any, fingerprint: str, labels: Optional[list[str]] = None) -> dict[str, Any]:
+    from fedslm.models import presets
+
+    name = cfg.model.name if presets.get(cfg.model.name) else str(Path(cfg.model.name).expanduser().resolve())
+    return {"model": name, "task": cfg.model.task, "max_length": cfg.model.max_length,
+            "init_seed": cfg.model.init_seed, "labels": labels, "base_fingerprint": fingerprint}
+
+
+def read_adapter_meta(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / ADAPTER_META
+    if not (Path(folder) / "adapter_config.json").is_file():
+        raise ModelError(f"{folder} is not an adapter folder (no adapter_config.json)")
+    if not path.is_file():
+        raise ModelError(f"{folder} has no {ADAPTER_META}; it was not written by fedslm (run folder's adapter/)")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def load_adapter(base: nn.Module, folder: str | Path) -> PeftModel:

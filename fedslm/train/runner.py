@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedslm.config import Config, to_yaml
-from fedslm.lora import save_adapter
+from fedslm.lora import adapter_meta, save_adapter
 from fedslm.privacy import Ledger
 from fedslm.train.evaluate import evaluate
 from fedslm.train.local import ledger_path, privacy_plan, train_round
@@ -94,7 +94,8 @@ def run_local(cfg: Config, console: Optional[Console] = None) -> dict[str, Any]:
             table.add_row(str(r), f"{result.mean_loss:.4f}", f"{ev['loss']:.4f}", _headline(ev),
                           "∞" if math.isinf(result.epsilon) else f"{result.epsilon:.3f}", f"{result.seconds:.1f}")
     console.print(table)
-    adapter_dir = save_adapter(node.model, out / "adapter")
+    adapter_dir = save_adapter(node.model, out / "adapter",
+                               adapter_meta(cfg, node.base.fingerprint, node.data.labels))
     last = rounds[-1]
     summary = {
         "run_id": run_id,

@@ -1,0 +1,49 @@
+"""Text from a causal base + adapter, streamed token by token."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from transformers import TextStreamer
+
+from fedslm.errors import ModelError
+
+
+class _Callback(TextStreamer):
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self._on_text(text)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 48, temperature: float = 0.0,
+             top_p: float = 0.95, seed: Optional[int] = None,
+             on_text: Optional[Callable[[str], None]] = None) -> str:
+    """Greedy when ``temperature`` is 0, else nucleus sampling; ``on_text`` gets each piece as it is decoded."""
+    if max_new_tokens < 1:
+        raise ModelError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ModelError(f"--temperature must be >= 0, got {temperature}")
+    inputs = tokenizer(prompt, return_tensors="pt")
+    pieces: list[str] = []
+
+    def collect(text: str) -> None:
+        pieces.append(text)
+        if on_text is not None:
+            on_text(text)
+
+    kwargs = dict(max_new_tokens=max_new_tokens, streamer=_Callback(tokenizer, collect),
+                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    if temperature > 0:
+        if seed is not None:
+            torch.manual_seed(seed)
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False)
+    model.generate(**inputs, **kwargs)
+    return "".join(pieces)
