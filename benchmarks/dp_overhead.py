@@ -1,4 +1,4 @@
-"""DP-LoRA vs non-DP LoRA on the bundled MiniLM: step-time and peak-RSS ratios.
+"""DP-LoRA vs non-DP LoRA on a bundled model: step-time and peak-RSS ratios, tokens per second.
 
 Both variants run the same records in the same batches, at the same sequence
 length and thread count. Step time: both in one process on two copies of the
@@ -7,6 +7,7 @@ variant alone in fresh processes (RSS is a per-process high-water mark).
 Prints the two ratios and writes them as JSON.
 
     python benchmarks/dp_overhead.py [--batch 64] [--steps 16] [--threads 2] [--repeats 2]
+    python benchmarks/dp_overhead.py --model gemma3-270m   # the causal SLM (needs pip install -e '.[gemma]')
 
 Targets (issue 2): time ratio <= 1.05, memory ratio <= 1.15.
 """
@@ -31,7 +32,19 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _setup(batch: int, threads: int, max_length: int, steps: int):
+MODELS = {
+    "minilm": ("minilm (all-MiniLM-L6-v2) + LoRA r=8 on query,value + classifier head",
+               ["model.name=minilm", "model.task=classification", "data.source=icd10"]),
+    "gemma3-270m": ("gemma3-270m (Gemma-3-270M base, dequantized GGUF) + LoRA r=8 on q_proj,v_proj, "
+                    "per-sequence completion loss",
+                    ["model.name=gemma3-270m", "model.task=causal_lm", "data.source=icd10-instruct",
+                     "lora.target_modules=[q_proj,v_proj]"]),
+}
+DEFAULTS = {"minilm": {"batch": 64, "steps": 16, "max_length": 48},
+            "gemma3-270m": {"batch": 8, "steps": 6, "max_length": 40}}
+
+
+def _setup(model: str, batch: int, threads: int, max_length: int, steps: int):
     import torch
 
     torch.set_num_threads(threads)
@@ -40,11 +53,11 @@ def _setup(batch: int, threads: int, max_length: int, steps: int):
     from fedslm.train.losses import PER_RECORD_LOSS
     from fedslm.train.node import build_node
 
-    cfg = load_config(overrides=[f"model.max_length={max_length}", f"train.batch_size={batch}",
+    cfg = load_config(overrides=[*MODELS[model][1], f"model.max_length={max_length}", f"train.batch_size={batch}",
                                  f"train.physical_batch_size={batch}", "data.max_test_records=1"])
     node = build_node(cfg)
-    task = get_task("classification")
-    loss_of = PER_RECORD_LOSS["classification"]
+    task = get_task(cfg.model.task)
+    loss_of = PER_RECORD_LOSS[cfg.model.task]
     # The records with the longest token sequences, so every batch runs at max_length tokens per row.
     order = sorted(range(len(node.train)), key=lambda i: -len(node.train.input_ids[i]))
     batches = [order[k * batch:(k + 1) * batch] for k in range(steps)]
@@ -68,9 +81,9 @@ def _engine(mode: str, model, batch: int):
     return PlainSGD(model, optimizer=opt, physical_batch_size=batch)
 
 
-def memory_worker(mode: str, batch: int, steps: int, threads: int, max_length: int) -> dict:
+def memory_worker(model: str, mode: str, batch: int, steps: int, threads: int, max_length: int) -> dict:
     """Peak RSS of one variant alone in a fresh process (a per-process high-water mark)."""
-    node, batches, loss_fn, seq = _setup(batch, threads, max_length, steps)
+    node, batches, loss_fn, seq = _setup(model, batch, threads, max_length, steps)
     loaded = _rss_mb()
     engine = _engine(mode, node.model, batch)
     for b in batches:
@@ -78,12 +91,12 @@ def memory_worker(mode: str, batch: int, steps: int, threads: int, max_length: i
     return {"mode": mode, "rss_loaded_mb": loaded, "peak_rss_mb": _rss_mb(), "seq_len": seq}
 
 
-def time_worker(batch: int, steps: int, threads: int, max_length: int, warmup: int) -> dict:
+def time_worker(model: str, batch: int, steps: int, threads: int, max_length: int, warmup: int) -> dict:
     """Both variants in one process on two copies of the same model, steps alternated, so any drift
     of the machine (other load, clock) hits both alike."""
     import copy
 
-    node, batches, loss_fn, seq = _setup(batch, threads, max_length, warmup + steps)
+    node, batches, loss_fn, seq = _setup(model, batch, threads, max_length, warmup + steps)
     engines = {"plain": _engine("plain", copy.deepcopy(node.model), batch), "dp": _engine("dp", node.model, batch)}
     times: dict[str, list[float]] = {"plain": [], "dp": []}
     for k, b in enumerate(batches):
@@ -92,28 +105,36 @@ def time_worker(batch: int, steps: int, threads: int, max_length: int, warmup: i
             engines[mode].step(b, loss_fn)
             if k >= warmup:
                 times[mode].append(time.perf_counter() - t0)
-    return {"seq_len": seq, "plain_step_s": statistics.median(times["plain"]),
+    tokens = statistics.median(sum(len(node.train.input_ids[i]) for i in b) for b in batches[warmup:])
+    return {"seq_len": seq, "tokens_per_step": tokens, "plain_step_s": statistics.median(times["plain"]),
             "dp_step_s": statistics.median(times["dp"]), "times": times,
             "trainable_params": sum(p.numel() for p in node.model.parameters() if p.requires_grad)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--model", choices=sorted(MODELS), default="minilm")
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--steps", type=int)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-length", type=int, default=48)
+    ap.add_argument("--max-length", type=int)
     ap.add_argument("--repeats", type=int, default=2, help="fresh processes per variant for peak RSS")
     ap.add_argument("--worker", choices=["dp", "plain", "time"], help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=RESULTS / "dp_overhead.json")
+    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    common = ["--batch", str(args.batch), "--threads", str(args.threads), "--max-length", str(args.max_length)]
+    for key, value in DEFAULTS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.out = args.out or RESULTS / ("dp_overhead.json" if args.model == "minilm" else f"dp_overhead_{args.model}.json")
+    common = ["--model", args.model, "--batch", str(args.batch), "--threads", str(args.threads),
+              "--max-length", str(args.max_length)]
     if args.worker == "time":
-        print(json.dumps(time_worker(args.batch, args.steps, args.threads, args.max_length, args.warmup)))
+        print(json.dumps(time_worker(args.model, args.batch, args.steps, args.threads, args.max_length, args.warmup)))
         return
     if args.worker:
-        print(json.dumps(memory_worker(args.worker, args.batch, 4, args.threads, args.max_length)))
+        print(json.dumps(memory_worker(args.model, args.worker, args.batch, 4 if args.model == "minilm" else 2,
+                                       args.threads, args.max_length)))
         return
 
     def spawn(*extra: str) -> dict:
@@ -137,11 +158,14 @@ def main() -> None:
         "benchmark": "dp_overhead",
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "model": "minilm (all-MiniLM-L6-v2) + LoRA r=8 on query,value + classifier head",
+        "model": MODELS[args.model][0],
         "batch": args.batch, "seq_len": timing["seq_len"], "threads": args.threads, "steps": args.steps,
         "trainable_params": timing["trainable_params"],
         "plain_step_s": timing["plain_step_s"], "dp_step_s": timing["dp_step_s"],
         "time_ratio": timing["dp_step_s"] / timing["plain_step_s"],
+        "tokens_per_step": timing["tokens_per_step"],
+        "plain_tokens_per_s": timing["tokens_per_step"] / timing["plain_step_s"],
+        "dp_tokens_per_s": timing["tokens_per_step"] / timing["dp_step_s"],
         "plain_peak_rss_mb": plain_m, "dp_peak_rss_mb": dp_m, "memory_ratio": dp_m / plain_m,
         # Growth of the peak while training, above the loaded model and data (the part DP can change).
         "plain_training_rss_mb": statistics.median(r["peak_rss_mb"] - r["rss_loaded_mb"] for r in mem["plain"]),
@@ -152,7 +176,8 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"time ratio   DP/plain = {result['time_ratio']:.3f}  (target <= 1.05)")
+    print(f"time ratio   DP/plain = {result['time_ratio']:.3f}  (target <= 1.05); tokens/s: plain "
+          f"{result['plain_tokens_per_s']:.0f}, DP {result['dp_tokens_per_s']:.0f}")
     print(f"memory ratio DP/plain = {result['memory_ratio']:.3f}  (target <= 1.15); growth while training: "
           f"plain {result['plain_training_rss_mb']:.0f} MB, DP {result['dp_training_rss_mb']:.0f} MB")
     print(f"written to {args.out}")

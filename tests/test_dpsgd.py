@@ -101,7 +101,8 @@ def test_empty_poisson_batch_is_a_noise_only_step(cls_config):
     assert set(moved) == set(before)  # every adapter tensor received noise
 
 
-def test_noise_has_the_calibrated_scale(cls_config):
+@pytest.mark.parametrize("secure", [False, True], ids=["torch-generator", "os-csprng"])
+def test_noise_has_the_calibrated_scale(cls_config, secure):
     """With σ>0 and nothing clipped in, the update is N(0, (σC/B)^2) per coordinate."""
     node = build_node(cls_config())
     sigma, clip, batch = 2.0, 0.5, 4
@@ -109,7 +110,7 @@ def test_noise_has_the_calibrated_scale(cls_config):
     opt = make_optimizer([p for p in node.model.parameters() if p.requires_grad], "sgd", 1.0, 0.0)
     engine = DPSGD(node.model, optimizer=opt, noise_multiplier=sigma, max_grad_norm=clip,
                    expected_batch_size=batch, physical_batch_size=4,
-                   noise_generator=torch.Generator().manual_seed(1))
+                   noise_generator=torch.Generator().manual_seed(1), secure_mode=secure)
     engine.step([], lambda m, idx: None)
     engine.close()
     deltas = torch.cat([(p.detach() - before[n]).flatten()

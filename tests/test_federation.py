@@ -314,3 +314,29 @@ def test_restore_keeps_only_checkpointed_rounds_and_fedadam_moments_survive(flow
 class _FakeGrid:
     def get_node_ids(self):
         return [2]
+
+
+def test_a_reused_model_in_one_process_trains_exactly_like_a_fresh_one(flower_identity, cls_config, tmp_path):
+    """Simulation actors reuse the loaded base across rounds and institutions: institution 1's update
+    after institution 0 trained in the same process equals its update in a fresh process."""
+    from fedslm.federation import client as node_logic
+
+    cfg = cls_config("federation.num_clients=2", "federation.partitioner=iid")
+    node = build_node(cfg)
+    state = get_adapter_state(node.model)
+    TaskIdentity.node_id = 2
+
+    def train(inst, ledger):
+        reply = client_app.train(_request(cfg, state, node.base.fingerprint), _context(
+            {"partition-id": inst, "num-partitions": 2, "ledger": str(tmp_path / ledger)}))
+        assert not reply.has_error(), reply.error
+        assert "replayed" not in reply.content[codec.METRICS]
+        return codec.reply_state(reply)
+
+    node_logic._LOADED.clear()
+    train(0, "a0.json")
+    reused = train(1, "a1.json")
+    node_logic._LOADED.clear()
+    fresh = train(1, "b1.json")  # a ledger of its own, so the same request is trained again, same seeds
+    for key in fresh:
+        torch.testing.assert_close(reused[key], fresh[key], rtol=0, atol=0)

@@ -10,10 +10,7 @@ from typer.testing import CliRunner
 
 from fedslm.cli.main import app
 from fedslm.config.schema import ModelConfig
-from fedslm.errors import ConfigError
 from fedslm.models import load_base
-from fedslm.privacy import Ledger
-from fedslm.train import build_node, train_round
 
 
 def _args(tiny_bert_dir, class_csv, out, *extra):
@@ -44,12 +41,3 @@ def test_train_writes_the_run_folder_and_epsilon_grows(tiny_bert_dir, class_csv,
     again = CliRunner().invoke(app, _args(tiny_bert_dir, class_csv, out))
     assert again.exit_code == 2
     assert "refusing to train" in again.output and "Traceback" not in again.output
-
-
-def test_secure_mode_without_torchcsprng_says_so(cls_config):
-    cfg = cls_config("privacy.secure_mode=true")
-    node = build_node(cfg)
-    led = Ledger(cfg.output.dir + "/ledger.json")
-    with pytest.raises(ConfigError, match="needs torchcsprng, which is not installed"):
-        train_round(node.model, node.train, cfg, dataset_id=node.data.dataset_id, ledger=led)
-    assert led.entries(node.data.dataset_id) == []  # nothing charged for a round that never ran

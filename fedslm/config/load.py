@@ -166,6 +166,9 @@ def validate(cfg: Config) -> None:
         _check(p.noise_multiplier >= 0, f"privacy.noise_multiplier must be >= 0, got {p.noise_multiplier}")
     if p.ledger is not None:
         _check(bool(p.ledger.strip()), "privacy.ledger must be a file path or null, got ''")
+    _check(not (p.secure_mode and p.noise_seed is not None),
+           f"privacy.secure_mode=true draws noise from the OS CSPRNG and cannot honour privacy.noise_seed={p.noise_seed}; "
+           "unset privacy.noise_seed")
 
     t = cfg.train
     _positive("train.batch_size", t.batch_size)

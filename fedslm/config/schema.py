@@ -68,7 +68,8 @@ class PrivacyConfig:
     accountant: str = "rdp"
     # Set to fix sigma yourself instead of calibrating it to the plan.
     noise_multiplier: Optional[float] = None
-    # Opacus secure_mode (cryptographically secure noise); needs torchcsprng.
+    # Noise and Poisson sampling from the OS CSPRNG (fedslm.privacy.csprng) instead of torch's
+    # generator; incompatible with noise_seed.
     secure_mode: bool = False
     # Seeds DP noise and Poisson sampling, for reproducible research runs only.
     # Leave null in deployment: anyone who knows the seed can subtract the noise.

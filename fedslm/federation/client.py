@@ -8,13 +8,15 @@ in the run folder; in deployment, the node config points at local files.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
+from peft import PeftModel
 
 from fedslm.config import Config, load_config
 from fedslm.data import TaskData, load_task_data
@@ -23,7 +25,7 @@ from fedslm.data.tasks import get_task
 from fedslm.errors import ConfigError, FedslmError
 from fedslm.federation.codec import Request, tensor_bytes
 from fedslm.lora import get_adapter_state, set_adapter_state, wrap
-from fedslm.models import load_base
+from fedslm.models import BaseModel, load_base
 from fedslm.privacy import Ledger
 from fedslm.privacy.releases import Releases, adapter_digest
 from fedslm.train.evaluate import evaluate
@@ -97,19 +99,41 @@ def institution_task_data(cfg: Config, node: NodeSettings) -> TaskData:
                             cfg.data.max_test_records)
 
 
+# The last base + LoRA model this process built. A simulation's Ray actors serve many rounds and
+# institutions in one process; loading the base again each time is most of a round's cost for a
+# small model. Reuse is exact: the base is frozen (and fingerprinted), and every trainable tensor
+# is overwritten from the request's adapter (set_adapter_state is strict about keys and shapes).
+_LOADED: dict[str, tuple[BaseModel, PeftModel]] = {}
+
+
+def _base_and_model(cfg: Config, num_labels: Optional[int]) -> tuple[BaseModel, PeftModel]:
+    key = json.dumps([asdict(cfg.model), asdict(cfg.lora), cfg.train.seed, num_labels], sort_keys=True)
+    if key not in _LOADED:
+        _LOADED.clear()
+        base = load_base(cfg.model, num_labels)
+        _LOADED[key] = (base, wrap(base.model, cfg.lora, cfg.model.task, base.target_modules, seed=cfg.train.seed))
+    return _LOADED[key]
+
+
 def build_institution(cfg: Config, node: NodeSettings, request: Request, *, for_training: bool = True,
                       data: Optional[TaskData] = None) -> Node:
     data = data if data is not None else institution_task_data(cfg, node)
-    base = load_base(cfg.model, len(data.labels) if data.labels is not None else None)
+    num_labels = len(data.labels) if data.labels is not None else None
+    if request.adapter is not None:
+        base, model = _base_and_model(cfg, num_labels)
+    else:
+        base = load_base(cfg.model, num_labels)
+        model = wrap(base.model, cfg.lora, cfg.model.task, base.target_modules, seed=cfg.train.seed)
     if request.base_fingerprint and request.base_fingerprint != base.fingerprint:
         raise FingerprintMismatch(
             f"{node.name}: base model fingerprint {base.fingerprint[:12]} differs from the coordinator's "
             f"{request.base_fingerprint[:12]} (different model.name, label set or model.init_seed)"
         )
     task = get_task(cfg.model.task)
-    model = wrap(base.model, cfg.lora, cfg.model.task, base.target_modules, seed=cfg.train.seed)
     if request.adapter is not None:
         set_adapter_state(model, request.adapter)
+        for p in model.parameters():  # nothing of an earlier round may leak into this one
+            p.grad = None
     # Evaluation needs only the held-out records; tokenizing the training split would be wasted time.
     train = task.encode(data.train if for_training else [], base.tokenizer, cfg.model.max_length)
     return Node(cfg, data, base, model, train, task.encode(data.test, base.tokenizer, cfg.model.max_length))

@@ -34,6 +34,7 @@ from fedslm.federation import codec
 from fedslm.federation.validate import check_update, default_max_update_norm
 from fedslm.lora import adapter_meta, get_adapter_state, save_adapter, set_adapter_state, wrap
 from fedslm.models import load_base
+from fedslm.privacy.dpsgd import check_secure_mode
 from fedslm.registry import Registry
 
 log = logging.getLogger("fedslm.server")
@@ -467,8 +468,7 @@ def summarize(cfg: Config, rounds: list[dict[str, Any]], run_id: str, fingerprin
         "privacy": {
             "unit": "one record of one institution (example-level DP, per institution)",
             "per_institution": {str(k): v for k, v in sorted(privacy.items())},
-            "noise_source": "torch generator seeded from the OS CSPRNG, not cryptographically secure"
-            if not cfg.privacy.secure_mode else "torchcsprng",
+            "noise_source": check_secure_mode(cfg.privacy.secure_mode) if cfg.privacy.enabled else "none (privacy disabled)",
         },
         "bytes": {"up_total": bytes_up, "down_total": bytes_down, "adapter": adapter_bytes, "base_model": model_bytes,
                   "adapter_over_model": adapter_bytes / model_bytes if model_bytes else None},

@@ -10,6 +10,7 @@ with ``AutoModelFor*.from_pretrained`` and must give the adapter model's logits.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,9 @@ def load_tuned(adapter_dir: str | Path) -> Tuned:
     if meta.get("base_fingerprint") and base.fingerprint != meta["base_fingerprint"]:
         raise ModelError(f"{adapter_dir}: trained on base {meta['base_fingerprint'][:12]}, but {meta['model']} "
                          f"now loads as {base.fingerprint[:12]}; refusing to combine them")
-    model = PeftModel.from_pretrained(base.model, str(adapter_dir), is_trainable=False)
+    with warnings.catch_warnings():  # PEFT still asks transformers 5 a deprecated question
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = PeftModel.from_pretrained(base.model, str(adapter_dir), is_trainable=False)
     model.eval()
     return Tuned(model, base, meta)
 

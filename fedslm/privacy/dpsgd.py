@@ -30,24 +30,31 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
-from fedslm.errors import ConfigError
 
 # Maps (module, indices of one physical chunk) to that chunk's per-record losses, shape [len(indices)].
 LossFn = Callable[[nn.Module, Sequence[int]], torch.Tensor]
 
 
 def check_secure_mode(secure_mode: bool) -> str:
-    """Where the noise comes from, in words; refuses secure_mode without torchcsprng."""
-    if not secure_mode:
-        return "torch default generator (not cryptographically secure)"
-    try:
-        import torchcsprng  # noqa: F401
-    except ModuleNotFoundError:
-        raise ConfigError(
-            "privacy.secure_mode=true needs torchcsprng, which is not installed (it does not build against "
-            "current torch); set privacy.secure_mode=false to train with torch's non-cryptographic noise generator"
-        ) from None
-    return "torchcsprng /dev/urandom generator (cryptographically secure)"
+    """Where the noise comes from, in words."""
+    from fedslm.privacy import csprng
+
+    return csprng.SOURCE if secure_mode else "torch generator seeded from the OS CSPRNG (not cryptographically secure)"
+
+
+class _SecureNoiseDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer with its Gaussian noise drawn from the OS CSPRNG (fedslm.privacy.csprng)."""
+
+    def add_noise(self) -> None:
+        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+        from fedslm.privacy import csprng
+
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = csprng.gaussian_like(p.summed_grad, self.noise_multiplier * self.max_grad_norm)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
 def make_optimizer(params: list[nn.Parameter], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -72,21 +79,18 @@ class DPSGD:
         secure_mode: bool = False,
         extra_grad: Optional[Callable[[], None]] = None,
     ):
-        if secure_mode:
-            import torchcsprng
-
-            noise_generator = torchcsprng.create_random_device_generator("/dev/urandom")
         model.train()  # before hooks: Opacus captures activations only in training mode
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = DPOptimizer(
+        # secure_mode: noise from the OS CSPRNG (our subclass), not Opacus' torchcsprng path.
+        self.optimizer = (_SecureNoiseDPOptimizer if secure_mode else DPOptimizer)(
             optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
             expected_batch_size=expected_batch_size,
             loss_reduction="mean",
-            generator=noise_generator,
-            secure_mode=secure_mode,
+            generator=None if secure_mode else noise_generator,
+            secure_mode=False,
         )
         if extra_grad is not None:
             # A data-independent term (FedProx) added to the already noised gradient: post-processing.

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedslm.config.schema import Config
 from fedslm.data.tasks import Encoded, get_task
 from fedslm.errors import BudgetExceededError
+from fedslm.privacy import csprng
 from fedslm.privacy.calibration import PrivacyPlan, plan
 from fedslm.privacy.dpsgd import DPSGD, PlainSGD, check_secure_mode, make_optimizer, poisson_batches
 from fedslm.privacy.ledger import Ledger
@@ -137,7 +139,10 @@ def train_round(
         q, delta, sigma, noise_source = min(1.0, t.batch_size / n), None, None, "none (privacy disabled)"
         sampler = _generator(t.seed, "sample", dataset_id, run_id, round_idx)
 
-    batches = poisson_batches(n, q, t.local_steps, sampler)
+    if p.enabled and p.secure_mode:  # the batches' membership, too, from the OS CSPRNG
+        batches = [[int(i) for i in np.flatnonzero(csprng.poisson_mask(n, q))] for _ in range(t.local_steps)]
+    else:
+        batches = poisson_batches(n, q, t.local_steps, sampler)
     start = time.perf_counter()
     loss_sum, seen = 0.0, 0
     try:
