@@ -19,7 +19,8 @@ from fedslm.config import to_yaml
 from fedslm.federation import codec
 from fedslm.federation.server import FederationStopped, RunFolderError, RunRecorder, find_checkpoint, make_strategy
 from fedslm.federation.simulate import simulate
-from fedslm.lora import get_adapter_state, trainable_parameters
+from fedslm.lora import get_adapter_state, set_adapter_state, trainable_parameters
+from fedslm.lora.adapter import frozen_digest
 from fedslm.models import load_base
 from fedslm.privacy import Ledger
 from fedslm.privacy.releases import Releases
@@ -340,3 +341,63 @@ def test_a_reused_model_in_one_process_trains_exactly_like_a_fresh_one(flower_id
     fresh = train(1, "b1.json")  # a ledger of its own, so the same request is trained again, same seeds
     for key in fresh:
         torch.testing.assert_close(reused[key], fresh[key], rtol=0, atol=0)
+
+
+def _local_updates(cfg, n=3):
+    """n institutions' updates from one global start: same data, different DP noise."""
+    from fedslm.train import train_round
+
+    start = build_node(cfg)
+    initial = get_adapter_state(start.model)
+    states, a_mats = [], []
+    for i in range(n):
+        node = build_node(cfg)
+        set_adapter_state(node.model, initial)
+        train_round(node.model, node.train, cfg, dataset_id=f"d{i}", ledger=Ledger(Path(cfg.output.dir) / f"l{i}.json"),
+                    run_id=f"noise-{i}")
+        states.append(get_adapter_state(node.model))
+        a_mats.append({k.replace(".default.", "."): p.detach().clone()
+                       for k, p in node.model.named_parameters() if ".lora_A." in k})
+    return start, states, a_mats
+
+
+def _aggregate(cfg, states, tmp_path):
+    replies = [_train_reply(k + 2, {key: v for key, v in s.items()}, 10, k) for k, s in enumerate(states)]
+    arrays, _ = make_strategy(cfg, RunRecorder(cfg, tmp_path, "r")).aggregate_train(1, replies)
+    return {k: torch.from_numpy(v) for k, v in zip(states[0], arrays.to_numpy_ndarrays())}
+
+
+@pytest.mark.parametrize("ffa", [True, False], ids=["ffa-lora", "plain-lora"])
+def test_ffa_lora_aggregates_the_product_exactly_and_plain_lora_does_not(flower_identity, cls_config, tmp_path, ffa):
+    cfg = cls_config(f"lora.ffa={str(ffa).lower()}", "federation.min_clients=3", "train.lr=0.05",
+                     "privacy.noise_multiplier=1.0", "privacy.noise_seed=null")
+    start, states, a_mats = _local_updates(cfg)
+    agg = _aggregate(cfg, states, tmp_path)
+    b_keys = sorted(k for k in states[0] if ".lora_B." in k)
+    assert b_keys
+    gaps = []
+    for b_key in b_keys:
+        a_key = b_key.replace(".lora_B.", ".lora_A.")
+        mean_product = torch.stack([s[b_key] @ a[a_key] for s, a in zip(states, a_mats)]).mean(0)
+        a_global = a_mats[0][a_key] if ffa else agg[a_key]
+        gap = float((agg[b_key] @ a_global - mean_product).abs().max()) / float(mean_product.abs().max())
+        gaps.append(gap)
+    if ffa:
+        assert not any(".lora_A." in k for k in states[0])  # A never leaves a node
+        assert all(torch.equal(a_mats[0][k], a[k]) for a in a_mats for k in a)  # one shared, frozen A
+        assert max(gaps) < 1e-5  # the average of B·A is exactly B̄·A
+    else:
+        assert max(gaps) > 1e-2  # averaging A and B separately is not the average of B·A
+
+
+def test_ffa_lora_trains_and_ships_half_the_lora_dimensions(cls_config):
+    plain = build_node(cls_config())
+    ffa = build_node(cls_config("lora.ffa=true"))
+    lora_plain = sum(p.numel() for n, p in plain.model.named_parameters() if p.requires_grad and "lora_" in n)
+    lora_ffa = sum(p.numel() for n, p in ffa.model.named_parameters() if p.requires_grad and "lora_" in n)
+    b_only = sum(p.numel() for n, p in plain.model.named_parameters() if ".lora_B." in n)
+    assert lora_ffa == b_only and lora_plain > lora_ffa
+    assert codec.tensor_bytes(get_adapter_state(ffa.model)) < codec.tensor_bytes(get_adapter_state(plain.model))
+    # Every node draws the same A from train.seed; a different seed is caught by the digest check.
+    assert frozen_digest(ffa.model) == frozen_digest(build_node(cls_config("lora.ffa=true")).model) != ""
+    assert frozen_digest(build_node(cls_config("lora.ffa=true", "train.seed=5")).model) != frozen_digest(ffa.model)

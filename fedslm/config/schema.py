@@ -34,6 +34,10 @@ class LoraConfig:
     dropout: float = 0.0
     # None: the preset's (or the architecture's) attention projections.
     target_modules: Optional[List[str]] = None
+    # FFA-LoRA (Sun et al., ICLR 2024): A is drawn from train.seed on every node and frozen; only B
+    # (and a classifier head) is trained, noised, sent and averaged, so the average of the B·A
+    # products is exactly the product of the averages, and DP noise goes into half the dimensions.
+    ffa: bool = False
 
 
 @dataclass

@@ -25,6 +25,7 @@ from fedslm.data.tasks import get_task
 from fedslm.errors import ConfigError, FedslmError
 from fedslm.federation.codec import Request, tensor_bytes
 from fedslm.lora import get_adapter_state, set_adapter_state, wrap
+from fedslm.lora.adapter import frozen_digest
 from fedslm.models import BaseModel, load_base
 from fedslm.privacy import Ledger
 from fedslm.privacy.releases import Releases, adapter_digest
@@ -129,6 +130,11 @@ def build_institution(cfg: Config, node: NodeSettings, request: Request, *, for_
             f"{node.name}: base model fingerprint {base.fingerprint[:12]} differs from the coordinator's "
             f"{request.base_fingerprint[:12]} (different model.name, label set or model.init_seed)"
         )
+    if request.frozen_digest != frozen_digest(model):
+        raise FingerprintMismatch(
+            f"{node.name}: the frozen LoRA A (lora.ffa) differs from the coordinator's "
+            f"({frozen_digest(model)[:12] or 'none'} vs {request.frozen_digest[:12] or 'none'}): different "
+            "lora settings, train.seed or library versions")
     task = get_task(cfg.model.task)
     if request.adapter is not None:
         set_adapter_state(model, request.adapter)

@@ -28,6 +28,8 @@ class Request:
     proximal_mu: float
     adapter: Optional[dict[str, torch.Tensor]]
     bytes_down: int
+    # SHA-256 of the coordinator's frozen LoRA tensors (FFA-LoRA's shared A); '' when none.
+    frozen_digest: str = ""
 
 
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -42,8 +44,9 @@ def tensor_bytes(state: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def request_config(config_yaml: str, base_fingerprint: str, run_id: str) -> ConfigRecord:
-    return ConfigRecord({"fedslm-config": config_yaml, "base-fingerprint": base_fingerprint, "run-id": run_id})
+def request_config(config_yaml: str, base_fingerprint: str, run_id: str, frozen_digest: str = "") -> ConfigRecord:
+    return ConfigRecord({"fedslm-config": config_yaml, "base-fingerprint": base_fingerprint, "run-id": run_id,
+                         "frozen-digest": frozen_digest})
 
 
 def parse_request(msg: Message) -> Request:
@@ -62,6 +65,7 @@ def parse_request(msg: Message) -> Request:
         proximal_mu=float(cfg.get("proximal-mu", 0.0)),
         adapter=adapter,
         bytes_down=bytes_down,
+        frozen_digest=str(cfg.get("frozen-digest", "")),
     )
 
 

@@ -33,6 +33,7 @@ from fedslm.errors import ConfigError, FedslmError
 from fedslm.federation import codec
 from fedslm.federation.validate import check_update, default_max_update_norm
 from fedslm.lora import adapter_meta, get_adapter_state, save_adapter, set_adapter_state, wrap
+from fedslm.lora.adapter import frozen_digest
 from fedslm.models import load_base
 from fedslm.privacy.dpsgd import check_secure_mode
 from fedslm.registry import Registry
@@ -398,7 +399,7 @@ def run_server(grid: Any, cfg: Config, run_id: str) -> dict[str, Any]:
             recorder.checkpoint(rnd + done, arrays, strategy.strategy_state())
 
     if cfg.federation.evaluate_initial and resume is None:  # round 0: every institution scores the base
-        request = codec.request_config(config_yaml, base.fingerprint, run_id)
+        request = codec.request_config(config_yaml, base.fingerprint, run_id, frozen_digest(model))
         replies = grid.send_and_receive(strategy.configure_evaluate(0, codec.state_to_record(initial), request, grid),
                                         timeout=cfg.federation.round_timeout)
         strategy.aggregate_evaluate(0, replies)
@@ -407,8 +408,8 @@ def run_server(grid: Any, cfg: Config, run_id: str) -> dict[str, Any]:
         result = strategy.start(
             grid=grid, initial_arrays=codec.state_to_record(initial), num_rounds=cfg.federation.rounds - done,
             timeout=cfg.federation.round_timeout,
-            train_config=codec.request_config(config_yaml, base.fingerprint, run_id),
-            evaluate_config=codec.request_config(config_yaml, base.fingerprint, run_id),
+            train_config=codec.request_config(config_yaml, base.fingerprint, run_id, frozen_digest(model)),
+            evaluate_config=codec.request_config(config_yaml, base.fingerprint, run_id, frozen_digest(model)),
             evaluate_fn=checkpoint,
         )
         final = codec.record_to_state(result.arrays)

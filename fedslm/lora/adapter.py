@@ -60,7 +60,33 @@ def wrap(base: nn.Module, cfg: LoraConfig, task: str, default_targets: tuple[str
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         model = get_peft_model(base, peft_cfg)
+    if cfg.ffa:
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
     return model
+
+
+def _frozen_lora_keys(model: PeftModel) -> set[str]:
+    """PEFT state-dict keys of LoRA tensors that are frozen (FFA-LoRA's A): not part of the adapter state."""
+    frozen = {n.replace(".default.", ".") for n, p in model.named_parameters() if "lora_" in n and not p.requires_grad}
+    return frozen
+
+
+def frozen_digest(model: PeftModel) -> str:
+    """SHA-256 of the frozen LoRA tensors (FFA-LoRA's shared A); '' when there are none."""
+    import hashlib
+
+    keys = _frozen_lora_keys(model)
+    if not keys:
+        return ""
+    state = get_peft_model_state_dict(model)
+    h = hashlib.sha256()
+    for key in sorted(keys):
+        t = state[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -68,13 +94,15 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def get_adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
-    """A detached copy of the adapter (and head) tensors, in PEFT's on-disk keys."""
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    """A detached copy of the trainable adapter (and head) tensors, in PEFT's on-disk keys."""
+    frozen = _frozen_lora_keys(model)
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items() if k not in frozen}
 
 
 def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
     """Load adapter tensors; the keys and shapes must be exactly this model's adapter."""
-    expected = get_peft_model_state_dict(model)
+    frozen = _frozen_lora_keys(model)
+    expected = {k: v for k, v in get_peft_model_state_dict(model).items() if k not in frozen}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
