@@ -17,7 +17,14 @@ from peft import PeftModel
 import clients.app as client_app
 from fedslm.config import to_yaml
 from fedslm.federation import codec
-from fedslm.federation.server import FederationStopped, RunFolderError, RunRecorder, find_checkpoint, make_strategy
+from fedslm.federation.server import (
+    FederationStopped,
+    RunFolderError,
+    RunRecorder,
+    find_checkpoint,
+    make_strategies,
+    make_strategy,
+)
 from fedslm.federation.simulate import simulate
 from fedslm.lora import get_adapter_state, set_adapter_state, trainable_parameters
 from fedslm.lora.adapter import frozen_digest
@@ -106,7 +113,8 @@ def _train_reply(node_id, arrays, num_examples, institution):
     req = _train_request_to(node_id)
     return Message(RecordDict({
         codec.ARRAYS: ArrayRecord(arrays),
-        codec.METRICS: MetricRecord({"num-examples": num_examples, "institution": institution, "train-loss": 1.0,
+        codec.METRICS: MetricRecord({"num-examples": num_examples, "unit-weight": 1, "institution": institution,
+                                     "train-loss": 1.0,
                                      "epsilon": 1.0, "delta": 1e-5, "bytes-up": 1, "bytes-down": 1}),
     }), reply_to=req)
 
@@ -156,8 +164,13 @@ def test_three_institution_simulation_writes_the_run_folder(cls_config, tmp_path
     cfg = cls_config(
         "federation.num_clients=3", "federation.rounds=2", "federation.min_clients=3",
         "federation.partitioner=iid", f"output.dir={out}", "privacy.target_epsilon=3",
+        "privacy.client_level.enabled=true", "privacy.client_level.noise_multiplier=2.0",
     )
     summary = simulate(cfg)
+    # Both guarantees, separately: record-level per institution, client-level for the federation.
+    assert set(summary["privacy"]["per_institution"]) == {"0", "1", "2"}
+    cl = summary["privacy"]["client_level"]
+    assert cl["rounds"] == 2 and cl["institutions_per_round"] == 3 and 0 < cl["epsilon"] < float("inf")
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "report.png", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors", "checkpoint/adapter.safetensors", "checkpoint/state.json"):
         assert (out / name).exists(), name
@@ -401,3 +414,57 @@ def test_ffa_lora_trains_and_ships_half_the_lora_dimensions(cls_config):
     # Every node draws the same A from train.seed; a different seed is caught by the digest check.
     assert frozen_digest(ffa.model) == frozen_digest(build_node(cls_config("lora.ffa=true")).model) != ""
     assert frozen_digest(build_node(cls_config("lora.ffa=true", "train.seed=5")).model) != frozen_digest(ffa.model)
+
+
+def _cl_reply(node, arrays):
+    return _train_reply(node, {k: torch.from_numpy(v) for k, v in arrays.items()}, 10 * node, node)
+
+
+def test_client_level_dp_clips_each_update_and_averages_unweighted(flower_identity, cls_config, tmp_path):
+    cfg = cls_config("federation.min_clients=3", "federation.num_clients=3", "privacy.client_level.enabled=true",
+                     "privacy.client_level.clipping_norm=1.0", "privacy.client_level.noise_multiplier=1e-9",
+                     "federation.max_update_norm=100")
+    sent = {"a": np.zeros((4, 3), np.float32), "b": np.zeros(5, np.float32)}
+    updates = [{"a": np.full((4, 3), 0.1, np.float32), "b": np.full(5, 0.1, np.float32)},   # norm 0.41: kept
+               {"a": np.full((4, 3), 1.0, np.float32), "b": np.full(5, -1.0, np.float32)},  # norm 4.12: clipped
+               {"a": np.full((4, 3), 0.2, np.float32), "b": np.zeros(5, np.float32)}]       # norm 0.69: kept
+    outer, inner = make_strategies(cfg, RunRecorder(cfg, tmp_path, "r"))
+    inner.sent = {k: torch.from_numpy(v) for k, v in sent.items()}
+    outer.current_arrays = codec.state_to_record(inner.sent)
+    arrays, _ = outer.aggregate_train(1, [_cl_reply(n + 2, u) for n, u in enumerate(updates)])
+    got = dict(zip(["a", "b"], arrays.to_numpy_ndarrays()))
+    clipped = []
+    for u in updates:  # the reference: scale each update to L2 norm <= 1, then a plain mean (not by size)
+        norm = np.sqrt(sum((v ** 2).sum() for v in u.values()))
+        clipped.append({k: v * min(1.0, 1.0 / norm) for k, v in u.items()})
+    for k in ("a", "b"):
+        np.testing.assert_allclose(got[k], np.mean([c[k] for c in clipped], axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_client_level_dp_adds_noise_of_std_z_c_over_m_and_screens_first(flower_identity, cls_config, tmp_path):
+    cfg = cls_config("federation.min_clients=2", "federation.num_clients=4", "privacy.client_level.enabled=true",
+                     "privacy.client_level.clipping_norm=0.5", "privacy.client_level.noise_multiplier=2.0")
+    sent = {"w": np.zeros(40_000, np.float32)}
+    outer, inner = make_strategies(cfg, RunRecorder(cfg, tmp_path, "r"))
+    inner.sent = {k: torch.from_numpy(v) for k, v in sent.items()}
+    outer.current_arrays = codec.state_to_record(inner.sent)
+    bad = {"w": np.full(40_000, np.nan, np.float32)}
+    replies = [_cl_reply(2, sent), _cl_reply(3, bad), _cl_reply(4, sent), _cl_reply(5, {"w": np.zeros(3, np.float32)})]
+    arrays, _ = outer.aggregate_train(1, replies)
+    noise = arrays.to_numpy_ndarrays()[0]
+    assert float(noise.std()) == pytest.approx(2.0 * 0.5 / 4, rel=0.03)  # m = 4 institutions per round
+    reasons = {e["node"]: e["reason"] for e in inner.recorder.pending[1]["errors"]}
+    assert "NaN" in reasons[3] and "shape" in reasons[5]
+
+
+def test_client_level_epsilon_composes_rounds_below_the_classical_rdp_bound(cls_config):
+    from fedslm.privacy.client_level import client_level_summary
+
+    cfg = cls_config("federation.num_clients=5", "privacy.client_level.enabled=true",
+                     "privacy.client_level.noise_multiplier=1.5")
+    eps = [client_level_summary(cfg, r)["epsilon"] for r in (1, 2, 4)]
+    assert 0 < eps[0] < eps[1] < eps[2]
+    delta = 1 / 50
+    for rounds, e in zip((1, 2, 4), eps):  # RDP of R Gaussian releases: R·α/(2z²), classical conversion
+        classical = min(rounds * a / (2 * 1.5 ** 2) + np.log(1 / delta) / (a - 1) for a in np.linspace(1.01, 64, 5000))
+        assert e <= classical + 1e-6 and e > 0.5 * classical

@@ -166,6 +166,10 @@ def validate(cfg: Config) -> None:
         _check(p.noise_multiplier >= 0, f"privacy.noise_multiplier must be >= 0, got {p.noise_multiplier}")
     if p.ledger is not None:
         _check(bool(p.ledger.strip()), "privacy.ledger must be a file path or null, got ''")
+    _positive("privacy.client_level.noise_multiplier", p.client_level.noise_multiplier)
+    _positive("privacy.client_level.clipping_norm", p.client_level.clipping_norm)
+    if p.client_level.delta is not None:
+        _check(0.0 < p.client_level.delta < 1.0, f"privacy.client_level.delta must be in (0, 1), got {p.client_level.delta}")
     _check(not (p.secure_mode and p.noise_seed is not None),
            f"privacy.secure_mode=true draws noise from the OS CSPRNG and cannot honour privacy.noise_seed={p.noise_seed}; "
            "unset privacy.noise_seed")

@@ -59,6 +59,20 @@ class DataConfig:
 
 
 @dataclass
+class ClientLevelConfig:
+    """Client-level DP at aggregation (Flower's DifferentialPrivacyServerSideFixedClipping): each
+    institution's update is clipped to ``clipping_norm`` (L2, from the global adapter), the plain
+    average is taken, and Gaussian noise of std noise_multiplier x clipping_norm / institutions is
+    added. Protects each institution's whole contribution, on top of record-level DP at each node."""
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 0.1
+    # None: 1 / (10 x federation.num_clients).
+    delta: Optional[float] = None
+
+
+@dataclass
 class PrivacyConfig:
     enabled: bool = True
     target_epsilon: float = 8.0
@@ -78,6 +92,7 @@ class PrivacyConfig:
     # Seeds DP noise and Poisson sampling, for reproducible research runs only.
     # Leave null in deployment: anyone who knows the seed can subtract the noise.
     noise_seed: Optional[int] = None
+    client_level: ClientLevelConfig = field(default_factory=ClientLevelConfig)
 
 
 @dataclass

@@ -153,6 +153,7 @@ def _train_metrics(result: RoundResult, node: NodeSettings, state: dict[str, tor
                    request: Request) -> dict[str, Any]:
     return {
         "num-examples": result.num_examples,
+        "unit-weight": 1,
         "institution": node.institution,
         "train-loss": result.mean_loss,
         "epsilon": result.epsilon,
@@ -214,5 +215,5 @@ def client_evaluate(request: Request, node: NodeSettings) -> dict[str, Any]:
     _threads(cfg)
     inst = build_institution(cfg, node, request, for_training=False)
     ev = evaluate(inst.model, inst.test, cfg.model.task, cfg.train.eval_batch_size)
-    return {"institution": node.institution, **{k.replace("_", "-"): v for k, v in ev.items()},
+    return {"institution": node.institution, "unit-weight": 1, **{k.replace("_", "-"): v for k, v in ev.items()},
             "seconds": time.perf_counter() - started}

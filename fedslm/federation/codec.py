@@ -15,6 +15,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 ARRAYS = "arrays"
+# Every train reply carries this metric = 1, so FedAvg can average institutions unweighted.
+UNIT_WEIGHT = "unit-weight"
 CONFIG = "config"
 METRICS = "metrics"
 

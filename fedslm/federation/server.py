@@ -35,6 +35,7 @@ from fedslm.federation.validate import check_update, default_max_update_norm
 from fedslm.lora import adapter_meta, get_adapter_state, save_adapter, set_adapter_state, wrap
 from fedslm.lora.adapter import frozen_digest
 from fedslm.models import load_base
+from fedslm.privacy.client_level import client_level_summary
 from fedslm.privacy.dpsgd import check_secure_mode
 from fedslm.registry import Registry
 
@@ -230,7 +231,8 @@ class RunRecorder:
         valid = self._split(server_round, replies, "evaluate")
         for msg in valid:
             entry, m = self._client(server_round, msg)
-            entry["eval"] = {k.replace("-", "_"): _finite(v) for k, v in m.items() if k != "institution"}
+            entry["eval"] = {k.replace("-", "_"): _finite(v) for k, v in m.items()
+                             if k not in ("institution", codec.UNIT_WEIGHT)}
         self._flush(server_round)
         return valid
 
@@ -306,10 +308,17 @@ class Recording:
         return self.recorder.remember(
             super().configure_evaluate(server_round + self.offset, arrays, config, grid))  # type: ignore[misc]
 
+    _screened: int = -1  # the (shifted) round whose replies were already screened by a wrapper
+
+    def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Reject bad updates and failed replies (logged), record the rest; ``server_round`` is shifted."""
+        checked = self.recorder.reject_bad_updates(server_round, list(replies), self.sent)
+        self._screened = server_round
+        return self.recorder.on_train(server_round, checked)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.offset
-        checked = self.recorder.reject_bad_updates(server_round, list(replies), self.sent)
-        valid = self.recorder.on_train(server_round, checked)
+        valid = list(replies) if self._screened == server_round else self.screen(server_round, replies)
         return super().aggregate_train(server_round, valid)  # type: ignore[misc]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
@@ -335,13 +344,22 @@ class Recording:
 
 
 def make_strategy(cfg: Config, recorder: RunRecorder) -> Any:
+    """The Recording strategy; see :func:`make_strategies` for it wrapped with client-level DP."""
+    return make_strategies(cfg, recorder)[1]
+
+
+def make_strategies(cfg: Config, recorder: RunRecorder) -> tuple[Any, Any]:
+    """(the strategy to start, the Recording strategy inside it): the same object unless
+    ``privacy.client_level`` wraps it in client-level DP at aggregation."""
     fed = cfg.federation
+    client_level = cfg.privacy.client_level.enabled
     base = STRATEGIES[fed.strategy]
     cls = type(f"Recording{base.__name__}", (Recording, base), {})
     kwargs: dict[str, Any] = dict(
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_clients, min_evaluate_nodes=fed.min_clients, min_available_nodes=fed.min_clients,
-        weighted_by_key="num-examples",
+        # Client-level DP bounds each institution's influence, so the average must not weight by size.
+        weighted_by_key=codec.UNIT_WEIGHT if client_level else "num-examples",
     )
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = fed.proximal_mu
@@ -349,7 +367,11 @@ def make_strategy(cfg: Config, recorder: RunRecorder) -> Any:
         kwargs["eta"] = fed.server_lr
     strategy = cls(**kwargs)
     strategy.recorder = recorder
-    return strategy
+    if not client_level:
+        return strategy, strategy
+    from fedslm.privacy.client_level import ClientLevelDP
+
+    return ClientLevelDP.around(strategy, cfg), strategy
 
 
 def label_set(cfg: Config) -> Optional[list[str]]:
@@ -389,7 +411,7 @@ def run_server(grid: Any, cfg: Config, run_id: str) -> dict[str, Any]:
         log.warning("fedslm: resuming run %s after round %d of %d", run_id, done, cfg.federation.rounds)
     recorder = RunRecorder(cfg, out, run_id)
     recorder.restore(done if resume is not None else -1)
-    strategy = make_strategy(cfg, recorder)
+    outer, strategy = make_strategies(cfg, recorder)
     strategy.offset = done
     if resume is not None:
         strategy.load_strategy_state(resume.strategy_state)
@@ -405,7 +427,7 @@ def run_server(grid: Any, cfg: Config, run_id: str) -> dict[str, Any]:
         strategy.aggregate_evaluate(0, replies)
     final = initial
     if cfg.federation.rounds > done:
-        result = strategy.start(
+        result = outer.start(
             grid=grid, initial_arrays=codec.state_to_record(initial), num_rounds=cfg.federation.rounds - done,
             timeout=cfg.federation.round_timeout,
             train_config=codec.request_config(config_yaml, base.fingerprint, run_id, frozen_digest(model)),
@@ -470,6 +492,8 @@ def summarize(cfg: Config, rounds: list[dict[str, Any]], run_id: str, fingerprin
             "unit": "one record of one institution (example-level DP, per institution)",
             "per_institution": {str(k): v for k, v in sorted(privacy.items())},
             "noise_source": check_secure_mode(cfg.privacy.secure_mode) if cfg.privacy.enabled else "none (privacy disabled)",
+            **({"client_level": client_level_summary(cfg, len([r for r in rounds if not r.get("stopped")]))}
+               if cfg.privacy.client_level.enabled else {}),
         },
         "bytes": {"up_total": bytes_up, "down_total": bytes_down, "adapter": adapter_bytes, "base_model": model_bytes,
                   "adapter_over_model": adapter_bytes / model_bytes if model_bytes else None},
