@@ -196,6 +196,37 @@ def certs_cmd(
     console.print(f"public keys to enrol {creds.enrolled}  (flwr supernode register <name>/auth_key.pub)")
 
 
+@app.command("audit")
+@user_errors
+def audit_cmd(
+    config: Optional[List[Path]] = ConfigOpt,
+    overrides: Optional[List[str]] = OverridesArg,
+    canaries: int = typer.Option(200, "--canaries", "-m", help="Canaries, each trained on with probability 1/2."),
+    guess_fraction: float = typer.Option(0.2, "--guess-fraction", help="Share of canaries guessed (half in, half out)."),
+    confidence: float = typer.Option(0.95, "--confidence"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seeds canaries and membership (default: random)."),
+) -> None:
+    """One training run with canaries: an empirical lower bound on ε next to the claimed ε."""
+    from fedslm.audit import run_audit, write_audit
+
+    cfg = _load(config, overrides)
+    with err_console.status("auditing") as status:
+        result = run_audit(cfg, canaries=canaries, guess_fraction=guess_fraction, confidence=confidence, seed=seed,
+                           progress=lambda msg: status.update(msg))
+    json_path, png_path = write_audit(result, cfg.output.dir)
+    table = Table(title="one-run privacy audit (Steinke, Nasr, Jagielski 2023)")
+    for col in ("canaries", "guesses", "correct", "claimed ε", f"ε lower bound ({confidence:.0%})", "largest possible"):
+        table.add_column(col, justify="right")
+    claimed = "∞ (not private)" if result.claimed_epsilon is None else f"{result.claimed_epsilon:.3f}"
+    table.add_row(str(result.canaries), str(result.guesses), str(result.correct), claimed,
+                  f"{result.epsilon_lower_bound:.3f}", f"{result.max_bound:.3f}")
+    console.print(table)
+    if result.claimed_epsilon is not None and result.epsilon_lower_bound > result.claimed_epsilon:
+        console.print("[bold red]the audit's lower bound exceeds the claimed ε: the training leaks more than it "
+                      "claims[/]")
+    console.print(f"written: {json_path}, {png_path}")
+
+
 @model_app.command("prepare")
 @user_errors
 def model_prepare(name: str = typer.Argument(..., help="A bundled preset, e.g. gemma3-270m or minilm.")) -> None:
