@@ -11,7 +11,7 @@ RUN_DIR ?= runs/icd10-hospitals-$(shell date +%Y%m%d-%H%M%S)
 GEMMA_DIR ?= runs/icd10-gemma-$(shell date +%Y%m%d-%H%M%S)
 GEMMA_STAMP := $(VENV)/.fedslm-gemma-installed
 
-.PHONY: run train test bench-dp bench-dp-gemma gemma install clean
+.PHONY: run train test bench bench-dp bench-dp-gemma gemma install clean
 
 install: $(STAMP)
 
@@ -36,6 +36,17 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# All benchmarks; QUICK=1 for a few minutes (fewer steps and variants). Results: benchmarks/results/.
+bench: $(STAMP)
+ifeq ($(QUICK),1)
+	$(BIN)/python benchmarks/dp_overhead.py --steps 4 --repeats 1 --out benchmarks/results/dp_overhead_quick.json
+	$(BIN)/python benchmarks/privacy_utility.py --quick
+else
+	$(BIN)/python benchmarks/dp_overhead.py
+	$(BIN)/python benchmarks/federation_overhead.py
+	$(BIN)/python benchmarks/privacy_utility.py
+endif
 
 bench-dp: $(STAMP)
 	$(BIN)/python benchmarks/dp_overhead.py
