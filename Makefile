@@ -46,6 +46,7 @@ else
 	$(BIN)/python benchmarks/dp_overhead.py
 	$(BIN)/python benchmarks/federation_overhead.py
 	$(BIN)/python benchmarks/privacy_utility.py
+	$(BIN)/python benchmarks/scale.py
 endif
 
 bench-dp: $(STAMP)

@@ -119,7 +119,10 @@ def write(result: dict[str, Any], stem: Path) -> None:
         for k in sorted(local["per_institution"], key=int):
             lines.append(f"| {k} | {local['per_institution'][k]:.3f} | {local['local_only'].get(k, float('nan')):.3f} |")
     lines += ["", "Targets (issue 7): federated DP ε=8 within 2 points of centralized non-private; ε=1 within 6."]
-    for target_name, gap in (("federated, DP ε=8", 2.0), ("federated, DP ε=1", 6.0)):
+    if result["quick"]:
+        lines.append("- Quick run: a smoke test of the pipeline, far too short to learn (variants sit near the "
+                     "majority class, 29% of the test set); targets are judged on the full run only.")
+    for target_name, gap in (() if result["quick"] else (("federated, DP ε=8", 2.0), ("federated, DP ε=1", 6.0))):
         r = next((x for x in rows if x["name"] == target_name), None)
         if r is not None:
             d = 100 * (ref - r["fixed_test"]["accuracy"])

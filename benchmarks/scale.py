@@ -1,0 +1,107 @@
+"""Scale: many simulated institutions on one machine — wall time per round and peak RSS of the whole
+process tree (fedslm, the SuperLink, Ray and its workers), sampled every 0.5 s with psutil.
+
+Each institution does the `make run` work at a smaller size (2 local DP steps, 50 held-out records)
+so that the figures show how the framework grows with the number of institutions, not how long
+MiniLM trains.
+
+    python benchmarks/scale.py --institutions 10 50 100 [--rounds 3]
+    python benchmarks/scale.py --quick     # 10 institutions, 2 rounds
+
+Writes benchmarks/results/scale{,_quick}.{json,md}. Target (issue 7): 100 institutions within 6 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run(n: int, rounds: int, work: Path) -> dict:
+    out = work / f"n{n}"
+    cmd = [sys.executable, "-m", "fedslm.cli.main", "simulate", "-c", str(ROOT / "simulations/icd10-hospitals.yaml"),
+           "--out", str(out), f"federation.num_clients={n}", f"federation.min_clients={max(1, n // 2)}",
+           f"federation.rounds={rounds}", "train.local_steps=2", "data.max_test_records=50",
+           "federation.partitioner=iid"]
+    peak = 0
+    started = time.perf_counter()
+    with open(work / f"n{n}.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        ps = psutil.Process(proc.pid)
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, _tree_rss(ps))
+                time.sleep(0.5)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        rc = proc.wait()
+        done.set()
+        sampler.join()
+    if rc != 0:
+        raise SystemExit(f"{n} institutions: fedslm simulate failed (log {work / f'n{n}.log'})")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    row = {"institutions": n, "rounds": rounds, "wall_seconds": time.perf_counter() - started,
+           "round_seconds": [r["round_seconds"] for r in lines], "peak_rss_mb": peak / 2**20,
+           "clients_per_round": [len([c for c in r["clients"] if "train_loss" in c]) for r in lines]}
+    print(f"{n} institutions: rounds {', '.join(f'{s:.0f}s' for s in row['round_seconds'])}; peak RSS of the "
+          f"process tree {row['peak_rss_mb']:.0f} MB", flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--institutions", type=int, nargs="+", default=[10, 50, 100])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    quick = args.quick or os.environ.get("QUICK") == "1"
+    sizes, rounds = ([10], 2) if quick else (args.institutions, args.rounds)
+    work = Path(tempfile.mkdtemp(prefix="fedslm-scale-"))
+    rows = [run(n, rounds, work) for n in sizes]
+    result = {"benchmark": "scale", "quick": quick, "date": time.strftime("%Y-%m-%d"),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                         f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}",
+              "rows": rows, "target_peak_rss_mb_at_100": 6 * 1024}
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / ("scale_quick" if quick else "scale")
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    md = [f"Measured {result['date']} on {result['machine']}.", "",
+          "| institutions | rounds | median round | whole run | peak RSS (process tree) | per institution |",
+          "|---|---|---|---|---|---|"]
+    for r in rows:
+        med = sorted(r["round_seconds"])[len(r["round_seconds"]) // 2]
+        md.append(f"| {r['institutions']} | {r['rounds']} | {med:.0f} s | {r['wall_seconds']:.0f} s | "
+                  f"{r['peak_rss_mb']:.0f} MB | {med / r['institutions']:.2f} s/round |")
+    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
