@@ -431,7 +431,9 @@ def test_client_level_dp_clips_each_update_and_averages_unweighted(flower_identi
     outer, inner = make_strategies(cfg, RunRecorder(cfg, tmp_path, "r"))
     inner.sent = {k: torch.from_numpy(v) for k, v in sent.items()}
     outer.current_arrays = codec.state_to_record(inner.sent)
-    arrays, _ = outer.aggregate_train(1, [_cl_reply(n + 2, u) for n, u in enumerate(updates)])
+    # One node sends its keys in the other order: clipping must pair tensors by key, not position.
+    replies = [_cl_reply(n + 2, u if n != 1 else dict(reversed(list(u.items())))) for n, u in enumerate(updates)]
+    arrays, _ = outer.aggregate_train(1, replies)
     got = dict(zip(["a", "b"], arrays.to_numpy_ndarrays()))
     clipped = []
     for u in updates:  # the reference: scale each update to L2 norm <= 1, then a plain mean (not by size)

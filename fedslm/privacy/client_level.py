@@ -53,15 +53,17 @@ class ClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
         is, where Flower's helper would divide by zero), average in the inner strategy, add noise."""
         inner = self.strategy
         valid = inner.screen(server_round + inner.offset, replies)
-        current = self.current_arrays.to_numpy_ndarrays()
+        # By key, not by position: screening checked the key set and shapes, not the order a node sent.
+        current = {k: a.numpy() for k, a in self.current_arrays.items()}
         for reply in valid:
             for name, record in reply.content.array_records.items():
-                values = record.to_numpy_ndarrays()
-                update = [v - c for v, c in zip(values, current, strict=True)]
-                norm = float(np.sqrt(sum(float((u.astype(np.float64) ** 2).sum()) for u in update)))
+                values = {k: a.numpy() for k, a in record.items()}
+                update = {k: v - current[k] for k, v in values.items()}
+                norm = float(np.sqrt(sum(float((u.astype(np.float64) ** 2).sum()) for u in update.values())))
                 scale = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
-                reply.content[name] = ArrayRecord({k: Array(np.asarray(c + u * scale, dtype=v.dtype))
-                                                   for k, c, u, v in zip(record.keys(), current, update, values)})
+                reply.content[name] = ArrayRecord({k: Array(np.asarray(current[k] + update[k] * scale,
+                                                                       dtype=values[k].dtype))
+                                                   for k in current})
         arrays, metrics = inner.aggregate_train(server_round, valid)
         if arrays is not None:
             arrays = self._add_noise_to_aggregated_arrays(arrays)
