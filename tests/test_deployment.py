@@ -176,11 +176,11 @@ def _enrol_and_start(f, names=("h0", "h1", "h2"), extra=None):
     return nodes
 
 
-def _scenario(tmp: Path, out: Path, model: Path, **federation) -> Path:
+def _scenario(tmp: Path, out: Path, model: Path, lora=None, privacy=None, **federation) -> Path:
     scenario = tmp / "scenario.yaml"
     scenario.write_text(json.dumps({
-        "model": {"name": str(model), "max_length": 16}, "lora": {"r": 2, "alpha": 4},
-        "data": {"labels": sorted(CLASS_WORDS)}, "privacy": {"target_epsilon": 3.0},
+        "model": {"name": str(model), "max_length": 16}, "lora": {"r": 2, "alpha": 4, **(lora or {})},
+        "data": {"labels": sorted(CLASS_WORDS)}, "privacy": {"target_epsilon": 3.0, **(privacy or {})},
         "train": {"batch_size": 8, "physical_batch_size": 8, "local_steps": 2},
         "federation": {"num_clients": 3, "min_clients": 3, "round_timeout": 120, **federation},
         "output": {"dir": str(out)},
@@ -308,3 +308,36 @@ def test_strangers_are_refused_and_malformed_updates_over_the_wire_are_rejected(
             why = expected[faults[inst][r["round"] - 1]]
             assert any(why in e["reason"] and e["reason"].startswith("rejected update") for e in rejected), (why, r)
     assert json.loads((out / "summary.json").read_text())["rounds_completed"] == 3
+
+
+def test_secure_aggregation_client_level_dp_and_ffa_work_in_deployment(federation, tiny_bert_dir):
+    """Every privacy switch at once over the wire: SecAgg+ (each message a fresh ClientApp process,
+    so the protocol's state lives in the node's context between its four stages), client-level DP
+    clipped on the nodes with an adaptive bound, FFA-LoRA. One node insists on secure aggregation."""
+    f = federation
+    tmp, env = f["tmp"], f["env"]
+    _enrol_and_start(f, extra={0: " require-secure-aggregation=true"})
+    out = tmp / "run"
+    scenario = _scenario(tmp, out, tiny_bert_dir, rounds=2, secure_aggregation=True, lora={"ffa": True},
+                         privacy={"client_level": {"enabled": True, "clipping": "client", "adaptive": True,
+                                                   "noise_multiplier": 0.5}})
+    run = _flwr_run(ROOT, scenario, env, tmp / "run.log")
+    try:
+        assert run.wait(timeout=400) == 0, (tmp / "run.log").read_text()[-3000:]
+    finally:
+        stop_process_tree(run)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2
+    secure = summary["privacy"]["secure_aggregation"]["rounds"]
+    assert sorted(secure) == ["1", "2"]
+    for r in secure.values():
+        assert len(r["contributors"]) == 3 and r["dropped"] == []
+    cl = summary["privacy"]["client_level"]
+    assert cl["clipping"] == "client" and len(cl["clipping_norms"]) == 2 and 0 < cl["epsilon"] < float("inf")
+    for r in _rounds(out):
+        assert r["errors"] == [] and len(r["clients"]) == 3
+        assert all(c["bytes_up"] > c["bytes_down"] for c in r["clients"])  # masked 64-bit integers went up
+    for i in range(3):  # each node paid for each round once, under its own ε cap
+        ledger = Ledger(tmp / f"ledger-h{i}.json")
+        (spend,) = ledger.summary()
+        assert [e["round"] for e in ledger.entries(spend.dataset_id)] == [1, 2] and spend.epsilon <= 3.0 + 1e-9

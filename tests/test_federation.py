@@ -160,17 +160,26 @@ def _our_processes(port_marker: str) -> list[psutil.Process]:
 
 
 def test_three_institution_simulation_writes_the_run_folder(cls_config, tmp_path):
+    """Also every privacy switch at once, through `fedslm simulate`: secure aggregation, client-level DP
+    with client-side adaptive clipping, FFA-LoRA."""
     out = tmp_path / "sim"
     cfg = cls_config(
         "federation.num_clients=3", "federation.rounds=2", "federation.min_clients=3",
         "federation.partitioner=iid", f"output.dir={out}", "privacy.target_epsilon=3",
-        "privacy.client_level.enabled=true", "privacy.client_level.noise_multiplier=2.0",
+        "privacy.client_level.enabled=true", "privacy.client_level.noise_multiplier=0.5",
+        "privacy.client_level.clipping=client", "privacy.client_level.adaptive=true",
+        "federation.secure_aggregation=true", "lora.ffa=true",
     )
     summary = simulate(cfg)
     # Both guarantees, separately: record-level per institution, client-level for the federation.
     assert set(summary["privacy"]["per_institution"]) == {"0", "1", "2"}
     cl = summary["privacy"]["client_level"]
     assert cl["rounds"] == 2 and cl["institutions_per_round"] == 3 and 0 < cl["epsilon"] < float("inf")
+    assert cl["clipping"] == "client" and cl["adaptive"] and len(cl["clipping_norms"]) == 2
+    assert cl["clipping_norms"][0] == cfg.privacy.client_level.clipping_norm != cl["clipping_norms"][1]
+    sa = summary["privacy"]["secure_aggregation"]
+    assert sorted(sa["rounds"]) == ["1", "2"]
+    assert all(len(r["contributors"]) == 3 and r["dropped"] == [] for r in sa["rounds"].values())
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "report.png", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors", "checkpoint/adapter.safetensors", "checkpoint/state.json"):
         assert (out / name).exists(), name
@@ -181,7 +190,8 @@ def test_three_institution_simulation_writes_the_run_folder(cls_config, tmp_path
         assert len(r["clients"]) == 3
         for c in r["clients"]:
             assert {"train_loss", "epsilon", "num_examples", "bytes_up", "bytes_down", "eval"} <= set(c)
-            assert c["bytes_up"] == c["bytes_down"] == summary["bytes"]["adapter"]
+            # Down: the adapter. Up: the masked update (64-bit integers per coordinate, plus keys).
+            assert c["bytes_down"] == summary["bytes"]["adapter"] < c["bytes_up"] < 3 * c["bytes_down"] + 2**20
         assert {"loss", "accuracy", "macro_f1"} <= set(r["eval_weighted"])
     for inst in range(3):  # ε grows round by round and never passes the target
         eps = [next(c["epsilon"] for c in r["clients"] if c["institution"] == inst) for r in rounds]
@@ -263,11 +273,13 @@ def test_a_repeated_round_is_answered_from_the_paid_update_without_a_new_charge(
     for key, value in codec.reply_state(first).items():
         assert torch.equal(codec.reply_state(again)[key], value)
     assert again.content[codec.METRICS]["replayed"] == 1
+    # Same metric keys as a fresh reply: Flower's FedAvg refuses to aggregate a mix of key sets.
+    assert set(again.content[codec.METRICS].keys()) == set(first.content[codec.METRICS].keys())
     assert again.content[codec.METRICS]["epsilon"] == pytest.approx(spend.epsilon)
     # The same round with another adapter is a new request: trained and charged.
     moved = {k: v + 0.01 for k, v in state.items()}
     third = client_app.train(_request(cfg, moved, node.base.fingerprint), context)
-    assert "replayed" not in third.content[codec.METRICS]
+    assert third.content[codec.METRICS]["replayed"] == 0
     assert ledger.summary()[0].rounds == 2 and ledger.summary()[0].epsilon > spend.epsilon
 
 
@@ -282,7 +294,7 @@ def test_a_release_file_that_does_not_match_its_ledger_entry_is_not_sent(flower_
     (kept,) = Releases(ledger.path).folder.glob("*.safetensors")
     kept.write_bytes(kept.read_bytes()[:-4] + b"\0\0\0\0")
     again = client_app.train(_request(cfg, state, node.base.fingerprint), context)
-    assert "replayed" not in again.content[codec.METRICS]
+    assert again.content[codec.METRICS]["replayed"] == 0
     assert ledger.summary()[0].rounds == 2
 
 
@@ -344,7 +356,7 @@ def test_a_reused_model_in_one_process_trains_exactly_like_a_fresh_one(flower_id
         reply = client_app.train(_request(cfg, state, node.base.fingerprint), _context(
             {"partition-id": inst, "num-partitions": 2, "ledger": str(tmp_path / ledger)}))
         assert not reply.has_error(), reply.error
-        assert "replayed" not in reply.content[codec.METRICS]
+        assert reply.content[codec.METRICS]["replayed"] == 0
         return codec.reply_state(reply)
 
     node_logic._LOADED.clear()

@@ -170,6 +170,15 @@ def validate(cfg: Config) -> None:
     _positive("privacy.client_level.clipping_norm", p.client_level.clipping_norm)
     if p.client_level.delta is not None:
         _check(0.0 < p.client_level.delta < 1.0, f"privacy.client_level.delta must be in (0, 1), got {p.client_level.delta}")
+    cl = p.client_level
+    _choice("privacy.client_level.clipping", cl.clipping, ("server", "client"))
+    _check(0.0 <= cl.target_quantile <= 1.0,
+           f"privacy.client_level.target_quantile must be in [0, 1], got {cl.target_quantile}")
+    _positive("privacy.client_level.clip_norm_lr", cl.clip_norm_lr)
+    if cl.clipped_count_stddev is not None:
+        _check(cl.clipped_count_stddev > cl.noise_multiplier / 2,
+               f"privacy.client_level.clipped_count_stddev must be > noise_multiplier / 2 "
+               f"({cl.noise_multiplier / 2}) for adaptive clipping, got {cl.clipped_count_stddev}")
     _check(not (p.secure_mode and p.noise_seed is not None),
            f"privacy.secure_mode=true draws noise from the OS CSPRNG and cannot honour privacy.noise_seed={p.noise_seed}; "
            "unset privacy.noise_seed")
@@ -204,6 +213,24 @@ def validate(cfg: Config) -> None:
     _positive("federation.client_cpus", f.client_cpus)
     _positive("federation.max_update_norm", f.max_update_norm, allow_none=True)
     _positive("federation.max_message_bytes", f.max_message_bytes, allow_none=True)
+    sa = f.secagg
+    _check(0.0 < sa.shares <= 1.0, f"federation.secagg.shares must be in (0, 1], got {sa.shares}")
+    _check(0.0 < sa.threshold <= 1.0, f"federation.secagg.threshold must be in (0, 1], got {sa.threshold}")
+    _positive("federation.secagg.clipping_range", sa.clipping_range)
+    _positive("federation.secagg.max_weight", sa.max_weight)
+    if sa.quantization_range is not None:
+        _check(2 <= sa.quantization_range <= 2**30,
+               f"federation.secagg.quantization_range must be in [2, 2**30], got {sa.quantization_range}")
+        _check(sa.quantization_range * f.num_clients < 2**32,
+               f"federation.secagg.quantization_range x federation.num_clients must stay below 2**32 (the mask "
+               f"modulus) or sums overflow; got {sa.quantization_range} x {f.num_clients}")
+    if f.secure_aggregation:
+        _check(f.min_clients >= 3,
+               f"federation.secure_aggregation needs federation.min_clients >= 3 (with 2, each institution "
+               f"could subtract its own update from the sum and read the other's); got {f.min_clients}")
+        _check(not (cl.enabled and cl.clipping == "server"),
+               "federation.secure_aggregation hides each institution's update from the coordinator, so it cannot "
+               "clip them: set privacy.client_level.clipping=client")
     _check(bool(cfg.output.dir.strip()), "output.dir must be a folder path, got ''")
 
 

@@ -60,14 +60,25 @@ class DataConfig:
 
 @dataclass
 class ClientLevelConfig:
-    """Client-level DP at aggregation (Flower's DifferentialPrivacyServerSideFixedClipping): each
-    institution's update is clipped to ``clipping_norm`` (L2, from the global adapter), the plain
-    average is taken, and Gaussian noise of std noise_multiplier x clipping_norm / institutions is
-    added. Protects each institution's whole contribution, on top of record-level DP at each node."""
+    """Client-level DP at aggregation, with Flower's DP strategy wrappers: each institution's update
+    is clipped to a norm bound (L2, from the global adapter), the plain average is taken, and
+    Gaussian noise of std noise_multiplier x clipping_norm / institutions is added. Protects each
+    institution's whole contribution, on top of record-level DP at each node."""
 
     enabled: bool = False
     noise_multiplier: float = 1.0
+    # The clipping bound; with adaptive=true, its starting value.
     clipping_norm: float = 0.1
+    # Where updates are clipped: "server" (the coordinator clips what it receives) or "client" (each
+    # node clips before sending; the coordinator checks the bound). Secure aggregation needs "client".
+    clipping: str = "server"
+    # Adapt the bound each round towards the target_quantile of update norms (Andrew et al. 2021).
+    adaptive: bool = False
+    target_quantile: float = 0.5
+    clip_norm_lr: float = 0.2
+    # Noise on the count of clipped updates; None: the larger of institutions/20 and
+    # 1.2 x noise_multiplier (so the updates' noise grows by at most 10%).
+    clipped_count_stddev: Optional[float] = None
     # None: 1 / (10 x federation.num_clients).
     delta: Optional[float] = None
 
@@ -112,6 +123,26 @@ class TrainConfig:
 
 
 @dataclass
+class SecAggConfig:
+    """Tuning of SecAgg+ (federation.secure_aggregation=true)."""
+
+    # Share of the round's institutions each one shares its secrets with (1.0: all of them).
+    shares: float = 1.0
+    # Share of those shares needed to rebuild a secret: a round survives dropouts as long as every
+    # institution keeps at least this many live neighbours; a coordinator must corrupt this many
+    # institutions to unmask one.
+    threshold: float = 0.5
+    # Each coordinate of an update is clipped to [-clipping_range, clipping_range] before it is
+    # quantised (nodes report how many they clipped); the update is the change to the adapter.
+    clipping_range: float = 1.0
+    # Quantisation levels over [-clipping_range, clipping_range]; times institutions must stay
+    # below 2**32 (the mask modulus). None: the largest power of two that does (at most 2**30).
+    quantization_range: Optional[int] = None
+    # Largest weight (training records) an institution's update carries; larger ones count as this.
+    max_weight: float = 100000.0
+
+
+@dataclass
 class FederationConfig:
     num_clients: int = 5
     rounds: int = 3
@@ -145,6 +176,9 @@ class FederationConfig:
     # Before round 1, every institution evaluates the initial adapter (round 0 in metrics.jsonl):
     # the "before" next to the final "after".
     evaluate_initial: bool = False
+    # SecAgg+ (Flower's protocol): the coordinator only ever sees the sum of the updates.
+    secure_aggregation: bool = False
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import numpy as np
 import torch
 from peft import PeftModel
 
@@ -24,10 +25,12 @@ from fedslm.data.partition import institution_data
 from fedslm.data.tasks import get_task
 from fedslm.errors import ConfigError, FedslmError
 from fedslm.federation.codec import Request, tensor_bytes
+from fedslm.federation.secagg import secure_payload
 from fedslm.lora import get_adapter_state, set_adapter_state, wrap
 from fedslm.lora.adapter import frozen_digest
 from fedslm.models import BaseModel, load_base
 from fedslm.privacy import Ledger
+from fedslm.privacy.client_level import ClippingMismatch, client_clip
 from fedslm.privacy.releases import Releases, adapter_digest
 from fedslm.train.evaluate import evaluate
 from fedslm.train.local import RoundResult, train_round
@@ -42,10 +45,20 @@ NODE_MAX_EPSILON = "max-epsilon"
 NODE_NAME = "name"
 # A small integer naming the institution in the coordinator's metrics (simulation: the partition id).
 NODE_INSTITUTION = "institution"
+# "true": refuse to send an update unless the coordinator runs secure aggregation.
+NODE_REQUIRE_SECAGG = "require-secure-aggregation"
 
 
 class FingerprintMismatch(FedslmError):
     pass
+
+
+class SecureAggregationRequired(FedslmError):
+    pass
+
+
+def _flag(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in ("1", "true", "yes")
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,7 @@ class NodeSettings:
     ledger: Optional[str]
     max_epsilon: Optional[float]
     name: str
+    require_secure_aggregation: bool = False
 
 
 def node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
@@ -68,6 +82,7 @@ def node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
         ledger=str(node_config[NODE_LEDGER]) if NODE_LEDGER in node_config else None,
         max_epsilon=float(max_eps) if max_eps is not None else None,
         name=str(node_config.get(NODE_NAME, f"institution-{institution}")),
+        require_secure_aggregation=_flag(node_config.get(NODE_REQUIRE_SECAGG, False)),
     )
 
 
@@ -166,12 +181,45 @@ def _train_metrics(result: RoundResult, node: NodeSettings, state: dict[str, tor
         "bytes-down": request.bytes_down,
         "train-seconds": result.seconds,
         "private": result.private,
+        # Every reply carries the same metric keys (Flower's FedAvg refuses a mix); 1 on a replay.
+        "replayed": 0,
     }
 
 
-def client_train(request: Request, node: NodeSettings) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _check_secure(cfg: Config, node: NodeSettings, secure: bool) -> None:
+    if secure:
+        return
+    if node.require_secure_aggregation:
+        raise SecureAggregationRequired(
+            f"{node.name}: this node's config requires secure aggregation ({NODE_REQUIRE_SECAGG}=true), and the "
+            "coordinator asked for a plain update; run with federation.secure_aggregation=true")
+    if cfg.federation.secure_aggregation:
+        raise SecureAggregationRequired(
+            f"{node.name}: the run config sets federation.secure_aggregation=true, but this update was asked for "
+            "outside the protocol; refusing to send it unmasked")
+
+
+def _released(cfg: Config, request: Request, model: PeftModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter this node releases: clipped to the coordinator's bound under client-side clipping."""
+    state = get_adapter_state(model)
+    sent = {k: v.numpy() for k, v in (request.adapter or {}).items()}
+    if request.clipping_norm is not None and request.adapter is None:
+        raise ClippingMismatch("client-side clipping needs the global adapter in the request")
+    clipped, extra = client_clip(cfg, request.clipping_norm, sent, {k: v.numpy() for k, v in state.items()})
+    if extra:
+        state = {k: torch.from_numpy(np.ascontiguousarray(clipped[k])) for k in state}
+    return state, extra
+
+
+def client_train(request: Request, node: NodeSettings, *,
+                 secure: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Train one round and return the adapter to release and its metrics.
+
+    ``secure``: the request came inside the secure aggregation protocol (the caller masks the result).
+    """
     started = time.perf_counter()
     cfg = node_config(request, node)
+    _check_secure(cfg, node, secure)
     _threads(cfg)
     data = institution_task_data(cfg, node)
     ledger = Ledger(cfg.privacy.ledger)
@@ -194,19 +242,29 @@ def client_train(request: Request, node: NodeSettings) -> tuple[dict[str, torch.
     inst = build_institution(cfg, node, request, data=data)
 
     def keep(result: RoundResult) -> dict[str, Any]:
-        state = get_adapter_state(inst.model)
+        state, extra = _released(cfg, request, inst.model)
         return releases.save(data.dataset_id, request.run_id, request.server_round, digest, state,
-                             _train_metrics(result, node, state, request))
+                             {**_train_metrics(result, node, state, request), **extra})
 
     result = train_round(
         inst.model, inst.train, cfg, dataset_id=data.dataset_id, ledger=ledger,
         run_id=request.run_id, round_idx=request.server_round, proximal_mu=request.proximal_mu,
         release=keep if request.run_id else None,
     )
-    state = get_adapter_state(inst.model)
-    metrics = _train_metrics(result, node, state, request)
+    state, extra = _released(cfg, request, inst.model)
+    metrics = {**_train_metrics(result, node, state, request), **extra}
     metrics["seconds"] = time.perf_counter() - started
     return state, metrics
+
+
+def client_secure_train(request: Request, node: NodeSettings) -> tuple[list[np.ndarray], float, dict[str, Any]]:
+    """A round inside secure aggregation: the update to mask, its weight, and the metrics."""
+    if request.adapter is None:
+        raise FedslmError("a secure aggregation round needs the global adapter in the request")
+    state, metrics = client_train(request, node, secure=True)
+    update, weight, extra = secure_payload(node_config(request, node), request.adapter, state,
+                                           int(metrics["num-examples"]))
+    return update, weight, {**metrics, **extra}
 
 
 def client_evaluate(request: Request, node: NodeSettings) -> dict[str, Any]:

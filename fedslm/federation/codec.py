@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 ARRAYS = "arrays"
 # Every train reply carries this metric = 1, so FedAvg can average institutions unweighted.
@@ -32,6 +33,8 @@ class Request:
     bytes_down: int
     # SHA-256 of the coordinator's frozen LoRA tensors (FFA-LoRA's shared A); '' when none.
     frozen_digest: str = ""
+    # The bound to clip this round's update to (client-side client-level DP); None when not asked.
+    clipping_norm: Optional[float] = None
 
 
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -68,10 +71,11 @@ def parse_request(msg: Message) -> Request:
         adapter=adapter,
         bytes_down=bytes_down,
         frozen_digest=str(cfg.get("frozen-digest", "")),
+        clipping_norm=float(cfg[KEY_CLIPPING_NORM]) if KEY_CLIPPING_NORM in cfg else None,
     )
 
 
-def _metric_values(metrics: Mapping[str, Any]) -> dict[str, float | int]:
+def metric_values(metrics: Mapping[str, Any]) -> dict[str, float | int]:
     out: dict[str, float | int] = {}
     for key, value in metrics.items():
         if isinstance(value, bool):
@@ -82,12 +86,12 @@ def _metric_values(metrics: Mapping[str, Any]) -> dict[str, float | int]:
 
 
 def train_reply(msg: Message, state: Mapping[str, torch.Tensor], metrics: Mapping[str, Any]) -> Message:
-    return Message(RecordDict({ARRAYS: state_to_record(state), METRICS: MetricRecord(_metric_values(metrics))}),
+    return Message(RecordDict({ARRAYS: state_to_record(state), METRICS: MetricRecord(metric_values(metrics))}),
                    reply_to=msg)
 
 
 def evaluate_reply(msg: Message, metrics: Mapping[str, Any]) -> Message:
-    return Message(RecordDict({METRICS: MetricRecord(_metric_values(metrics))}), reply_to=msg)
+    return Message(RecordDict({METRICS: MetricRecord(metric_values(metrics))}), reply_to=msg)
 
 
 def _value_bytes(value: Any) -> int:

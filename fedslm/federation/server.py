@@ -31,11 +31,12 @@ from fedslm.config import Config, to_yaml
 from fedslm.data import bundled, load_task_data
 from fedslm.errors import ConfigError, FedslmError
 from fedslm.federation import codec
+from fedslm.federation.secagg import SecureAggregationGrid, secure_aggregation_summary
 from fedslm.federation.validate import check_update, default_max_update_norm
 from fedslm.lora import adapter_meta, get_adapter_state, save_adapter, set_adapter_state, wrap
 from fedslm.lora.adapter import frozen_digest
 from fedslm.models import load_base
-from fedslm.privacy.client_level import client_level_summary
+from fedslm.privacy.client_level import client_level_strategy, client_level_summary
 from fedslm.privacy.dpsgd import check_secure_mode
 from fedslm.registry import Registry
 
@@ -176,12 +177,17 @@ class RunRecorder:
         return valid
 
     def reject_bad_updates(self, server_round: int, replies: list[Message],
-                           global_state: Optional[dict[str, Any]]) -> list[Message]:
-        """Turn replies whose update fails the checks into logged rejections."""
+                           global_state: Optional[dict[str, Any]], limit: Optional[float] = None) -> list[Message]:
+        """Turn replies whose update fails the checks into logged rejections.
+
+        ``limit``: a tighter norm bound the nodes were told to clip to (client-side clipping).
+        """
         if global_state is None:
             return replies
         bound = self.cfg.federation.max_update_norm or default_max_update_norm(
             self.cfg, sum(t.numel() for t in global_state.values()))
+        if limit is not None:
+            bound = min(bound, limit)
         max_bytes = self.cfg.federation.max_message_bytes or 2 * codec.tensor_bytes(global_state) + 2**20
         rec = self._round(server_round)
         kept = []
@@ -202,6 +208,19 @@ class RunRecorder:
                     continue
             kept.append(msg)
         return kept
+
+    def note(self, server_round: int, key: str, values: Any) -> None:
+        """Something the round's line in ``metrics.jsonl`` should carry under ``key``."""
+        self._round(server_round)[key] = values
+
+    def error(self, server_round: int, phase: str, node: int, reason: str) -> None:
+        log.warning("round %s %s: node %s failed: %s", server_round, phase, node, reason)
+        self._round(server_round)["errors"].append({"phase": phase, "node": node, "reason": reason})
+
+    def stop(self, server_round: int, phase: str, reason: str) -> None:
+        self._round(server_round)["stopped"] = True
+        self._flush(server_round)
+        raise FederationStopped(f"round {server_round} {phase}: {reason}; stopping")
 
     def _client(self, server_round: int, msg: Message) -> tuple[dict[str, Any], dict[str, Any]]:
         """This reply's institution entry in the round record, and the reply's metrics."""
@@ -278,6 +297,7 @@ class RunRecorder:
         now = time.perf_counter() - self.started
         line = {"round": server_round, "run_id": self.run_id, "clients": clients, "eval_weighted": weighted,
                 "errors": rec["errors"], "stopped": rec.get("stopped", False),
+                **{k: rec[k] for k in ("client_level", "secure_aggregation") if k in rec},
                 "wall_seconds": now, "round_seconds": now - rec["started"]}
         self._last_end = now
         self.rounds.append(line)
@@ -297,6 +317,8 @@ class Recording:
 
     recorder: RunRecorder
     offset: int = 0
+    # Set by client-side clipping: updates over the bound the nodes were sent are rejected.
+    update_norm_limit: Optional[float] = None
     sent: Optional[dict[str, Any]] = None  # the global adapter sent this round, to check updates against
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any):
@@ -312,7 +334,7 @@ class Recording:
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Reject bad updates and failed replies (logged), record the rest; ``server_round`` is shifted."""
-        checked = self.recorder.reject_bad_updates(server_round, list(replies), self.sent)
+        checked = self.recorder.reject_bad_updates(server_round, list(replies), self.sent, self.update_norm_limit)
         self._screened = server_round
         return self.recorder.on_train(server_round, checked)
 
@@ -369,9 +391,7 @@ def make_strategies(cfg: Config, recorder: RunRecorder) -> tuple[Any, Any]:
     strategy.recorder = recorder
     if not client_level:
         return strategy, strategy
-    from fedslm.privacy.client_level import ClientLevelDP
-
-    return ClientLevelDP.around(strategy, cfg), strategy
+    return client_level_strategy(strategy, cfg), strategy
 
 
 def label_set(cfg: Config) -> Optional[list[str]]:
@@ -428,7 +448,8 @@ def run_server(grid: Any, cfg: Config, run_id: str) -> dict[str, Any]:
     final = initial
     if cfg.federation.rounds > done:
         result = outer.start(
-            grid=grid, initial_arrays=codec.state_to_record(initial), num_rounds=cfg.federation.rounds - done,
+            grid=SecureAggregationGrid(grid, cfg, recorder) if cfg.federation.secure_aggregation else grid,
+            initial_arrays=codec.state_to_record(initial), num_rounds=cfg.federation.rounds - done,
             timeout=cfg.federation.round_timeout,
             train_config=codec.request_config(config_yaml, base.fingerprint, run_id, frozen_digest(model)),
             evaluate_config=codec.request_config(config_yaml, base.fingerprint, run_id, frozen_digest(model)),
@@ -492,8 +513,10 @@ def summarize(cfg: Config, rounds: list[dict[str, Any]], run_id: str, fingerprin
             "unit": "one record of one institution (example-level DP, per institution)",
             "per_institution": {str(k): v for k, v in sorted(privacy.items())},
             "noise_source": check_secure_mode(cfg.privacy.secure_mode) if cfg.privacy.enabled else "none (privacy disabled)",
-            **({"client_level": client_level_summary(cfg, len([r for r in rounds if not r.get("stopped")]))}
+            **({"client_level": client_level_summary(cfg, len([r for r in rounds if not r.get("stopped")]), rounds)}
                if cfg.privacy.client_level.enabled else {}),
+            **({"secure_aggregation": secure_aggregation_summary(cfg, rounds)}
+               if cfg.federation.secure_aggregation else {}),
         },
         "bytes": {"up_total": bytes_up, "down_total": bytes_down, "adapter": adapter_bytes, "base_model": model_bytes,
                   "adapter_over_model": adapter_bytes / model_bytes if model_bytes else None},

@@ -1,34 +1,60 @@
-"""Client-level DP at aggregation, with Flower's own wrapper, and its accounting.
+"""Client-level DP at aggregation, with Flower's own DP strategy wrappers, and its accounting.
 
-Flower's ``DifferentialPrivacyServerSideFixedClipping`` clips each institution's update to
-``clipping_norm`` (L2 distance from the global adapter), lets the inner strategy average them
-(unweighted: fedslm switches FedAvg to a unit weight per institution, since weighting by size
-would let a large institution move the average by more than the clipping bound), and adds
-Gaussian noise of std ``z · C / m`` for m institutions per round. fedslm adds two things:
+Each institution's update (its adapter minus the global one) is clipped to an L2 bound C, the
+inner strategy averages them unweighted (fedslm switches FedAvg to a unit weight per institution:
+weighting by size would let a large institution move the average by more than C), and Gaussian
+noise of std ``z · C / m`` is added for m institutions per round. Four variants, each a subclass of
+Flower's wrapper of the same name:
 
-* updates are screened (NaN, shapes, keys, norm bound, size; failed replies logged) *before*
-  they are clipped, so a malformed update is rejected with its reason instead of crashing the
-  clipping arithmetic (and an update of norm 0 is kept, not divided by zero);
-* the noise comes from the OS CSPRNG (:mod:`fedslm.privacy.csprng`) instead of numpy's global
-  generator.
+* server-side fixed clipping (``DifferentialPrivacyServerSideFixedClipping``): the coordinator clips;
+* client-side fixed clipping (``DifferentialPrivacyClientSideFixedClipping``): each node clips before
+  it sends (:func:`clip_update`), and the coordinator rejects an update over the bound instead of
+  trusting it; the only variant that works with secure aggregation, where the coordinator never
+  sees a single update;
+* adaptive clipping, server- or client-side (``DifferentialPrivacy*AdaptiveClipping``, Andrew et
+  al. 2021): C follows a target quantile of the update norms, from a noised count of clipped updates.
+
+fedslm changes four things in Flower's wrappers:
+
+* updates are screened (NaN, shapes, keys, norm bound, size; failed replies logged) *before* they
+  are clipped, so a malformed update is rejected with its reason instead of crashing the clipping
+  arithmetic (and an update of norm 0 is kept, not divided by zero);
+* updates are paired with the global adapter by key, not by position;
+* adaptive clipping noises a round's average with the bound that round was clipped to. Flower 1.42
+  moves the bound first and then noises with the new one, so a falling bound under-noises the round;
+* noise (on the updates, and on the clipped count) comes from the OS CSPRNG
+  (:mod:`fedslm.privacy.csprng`), not numpy's global generator.
 
 Accounting: each round is one Gaussian mechanism with noise multiplier z on the institution-level
 sensitivity; composed over the rounds with Opacus' RDP accountant, with no sampling amplification
 assumed (every round's institutions count as chosen, which is exact for fraction_train = 1 and
-conservative otherwise). The unit is one institution's whole data set.
+conservative otherwise). With adaptive clipping, the updates get z_Δ = (z⁻² − (2σ_b)⁻²)^-½ and the
+count gets σ_b, which together cost exactly what one Gaussian mechanism with z costs (Andrew et al.,
+Thm. 1), so the same accounting holds. The unit is one institution's whole data set.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import math
+from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from fedslm.config import Config
+from fedslm.errors import FedslmError
 from fedslm.privacy import csprng
 from fedslm.privacy.accountant import epsilon
+
+# A node's clipped update may exceed the bound by float rounding only.
+_ROUNDING = 1e-4
 
 
 def sampled_per_round(cfg: Config) -> int:
@@ -41,53 +67,183 @@ def client_level_delta(cfg: Config) -> float:
     return cl.delta if cl.delta is not None else 1.0 / (10 * cfg.federation.num_clients)
 
 
-class ClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
-    @classmethod
-    def around(cls, inner: Any, cfg: Config) -> "ClientLevelDP":
-        cl = cfg.privacy.client_level
-        return cls(inner, noise_multiplier=cl.noise_multiplier, clipping_norm=cl.clipping_norm,
-                   num_sampled_clients=sampled_per_round(cfg))
+def clipped_count_stddev(cfg: Config) -> float:
+    cl = cfg.privacy.client_level
+    if cl.clipped_count_stddev is not None:
+        return cl.clipped_count_stddev
+    return max(sampled_per_round(cfg) / 20, 1.2 * cl.noise_multiplier)
+
+
+def update_norm(update: Mapping[str, np.ndarray]) -> float:
+    return float(math.sqrt(sum(float((u.astype(np.float64) ** 2).sum()) for u in update.values())))
+
+
+def clip_update(sent: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray],
+                clipping_norm: float) -> tuple[dict[str, np.ndarray], float, bool]:
+    """``sent + clip(values - sent)`` by key (FlatClip), the update's norm, and whether it was clipped."""
+    update = {k: values[k].astype(np.float64) - sent[k].astype(np.float64) for k in sent}
+    norm = update_norm(update)
+    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
+    clipped = {k: np.asarray(sent[k] + update[k] * scale, dtype=values[k].dtype) for k in sent}
+    return clipped, norm, scale < 1.0
+
+
+class ClippingMismatch(FedslmError):
+    pass
+
+
+def _noised(arrays: ArrayRecord, std: float) -> ArrayRecord:
+    out = {}
+    for key, array in arrays.items():
+        values = array.numpy()
+        noise = csprng.standard_normal(values.size).reshape(values.shape) * std
+        out[key] = Array(np.asarray(values + noise.astype(values.dtype)))
+    return ArrayRecord(out)
+
+
+class _Fedslm:
+    """Shared by the four wrappers: screening first, CSPRNG noise, per-round bookkeeping."""
+
+    strategy: Any
+    noise_multiplier: float
+    clipping_norm: float
+    num_sampled_clients: int
+    client_side: bool = False
+    adaptive: bool = False
+    current_arrays: ArrayRecord
+    _round_norm: Optional[float] = None  # set when the round is configured
+    # Under secure aggregation: the quantisation step, which the unmasked average may be off by per coordinate.
+    secagg_step: float = 0.0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any):
+        self.current_arrays = arrays
+        self._round_norm = self.clipping_norm  # the bound this round is clipped to, and noised for
+        if self.client_side:
+            config[KEY_CLIPPING_NORM] = self.clipping_norm
+            # The coordinator holds nodes to the bound they were sent. Under secure aggregation it sees
+            # only the average, whose norm the same bound limits, up to the quantisation error.
+            numel = sum(a.numpy().size for a in arrays.values())
+            self.strategy.update_norm_limit = self.clipping_norm * (1 + _ROUNDING) + math.sqrt(numel) * self.secagg_step
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def _screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        inner = self.strategy
+        return inner.screen(server_round + inner.offset, replies)
+
+    def _clip_on_server(self, replies: list[Message]) -> int:
+        current = {k: a.numpy() for k, a in self.current_arrays.items()}
+        clipped = 0
+        for reply in replies:
+            for name, record in reply.content.array_records.items():
+                values, _, was = clip_update(current, {k: a.numpy() for k, a in record.items()}, self._round_norm)
+                clipped += int(was)
+                reply.content[name] = ArrayRecord({k: Array(v) for k, v in values.items()})
+        return clipped
+
+    def _note(self, server_round: int, **values: Any) -> None:
+        inner = self.strategy
+        inner.recorder.note(server_round + inner.offset, "client_level", values)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        """Screen, clip each update (FlatClip, as Flower's wrapper does; an update of norm 0 stays as it
-        is, where Flower's helper would divide by zero), average in the inner strategy, add noise."""
-        inner = self.strategy
-        valid = inner.screen(server_round + inner.offset, replies)
-        # By key, not by position: screening checked the key set and shapes, not the order a node sent.
-        current = {k: a.numpy() for k, a in self.current_arrays.items()}
-        for reply in valid:
-            for name, record in reply.content.array_records.items():
-                values = {k: a.numpy() for k, a in record.items()}
-                update = {k: v - current[k] for k, v in values.items()}
-                norm = float(np.sqrt(sum(float((u.astype(np.float64) ** 2).sum()) for u in update.values())))
-                scale = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
-                reply.content[name] = ArrayRecord({k: Array(np.asarray(current[k] + update[k] * scale,
-                                                                       dtype=values[k].dtype))
-                                                   for k in current})
-        arrays, metrics = inner.aggregate_train(server_round, valid)
+        if self._round_norm is None:
+            self._round_norm = self.clipping_norm
+        valid = self._screen(server_round, replies)
+        if self.client_side:
+            bits = [int(bool(r.content["metrics"].get(KEY_NORM_BIT, 0))) for r in valid] if self.adaptive else []
+            clipped = sum(bits)
+        else:
+            clipped = self._clip_on_server(valid)
+        arrays, metrics = self.strategy.aggregate_train(server_round, valid)
+        std = self.noise_multiplier * self._round_norm / self.num_sampled_clients
         if arrays is not None:
-            arrays = self._add_noise_to_aggregated_arrays(arrays)
+            arrays = _noised(arrays, std)
+        note: dict[str, Any] = {"clipping_norm": self._round_norm, "noise_std": std}
+        if not self.client_side or self.adaptive:
+            note["clipped"] = clipped
+        if self.adaptive and valid:
+            # Andrew et al.: move C by a noised fraction of clipped updates, after this round's noise.
+            noisy = (clipped + float(csprng.standard_normal(1)[0]) * self.clipped_count_stddev) / len(valid)
+            self._geometric_update(noisy)
+            note.update(clipped_fraction_noised=noisy, next_clipping_norm=self.clipping_norm)
+        self._note(server_round, **note)
+        self._round_norm = None
         return arrays, metrics
 
-    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
-        std = self.noise_multiplier * self.clipping_norm / self.num_sampled_clients
-        noised = {}
-        for key, array in aggregated_arrays.items():
-            values = array.numpy()
-            noise = csprng.standard_normal(values.size).reshape(values.shape) * std
-            noised[key] = Array(np.asarray(values + noise.astype(values.dtype)))
-        return ArrayRecord(noised)
+
+class ServerFixed(_Fedslm, DifferentialPrivacyServerSideFixedClipping):
+    pass
 
 
-def client_level_summary(cfg: Config, releases: int) -> dict[str, Any]:
+class ClientFixed(_Fedslm, DifferentialPrivacyClientSideFixedClipping):
+    client_side = True
+
+
+class ServerAdaptive(_Fedslm, DifferentialPrivacyServerSideAdaptiveClipping):
+    adaptive = True
+
+
+class ClientAdaptive(_Fedslm, DifferentialPrivacyClientSideAdaptiveClipping):
+    client_side = True
+    adaptive = True
+
+
+# Kept for callers of the first version (server-side fixed clipping).
+ClientLevelDP = ServerFixed
+
+
+def client_level_strategy(inner: Any, cfg: Config) -> Any:
+    """``inner`` (a Recording strategy) wrapped in the client-level DP variant ``cfg`` asks for."""
+    cl = cfg.privacy.client_level
+    m = sampled_per_round(cfg)
+    strategy: _Fedslm
+    if cl.adaptive:
+        cls = ClientAdaptive if cl.clipping == "client" else ServerAdaptive
+        strategy = cls(inner, noise_multiplier=cl.noise_multiplier, num_sampled_clients=m,
+                       initial_clipping_norm=cl.clipping_norm, target_clipped_quantile=cl.target_quantile,
+                       clip_norm_lr=cl.clip_norm_lr, clipped_count_stddev=clipped_count_stddev(cfg))
+    else:
+        cls = ClientFixed if cl.clipping == "client" else ServerFixed
+        strategy = cls(inner, noise_multiplier=cl.noise_multiplier, clipping_norm=cl.clipping_norm,
+                       num_sampled_clients=m)
+    if cfg.federation.secure_aggregation:
+        from fedslm.federation.secagg import quantization_step
+
+        strategy.secagg_step = quantization_step(cfg)
+    return strategy
+
+
+def client_clip(cfg: Config, config_norm: Optional[float], sent: Mapping[str, np.ndarray],
+                values: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A node's side of client-side clipping: clip to the bound the coordinator sent.
+
+    The node checks that the coordinator asks for clipping when its own config says client-side
+    clipping is on (and the other way round), so neither side silently skips it.
+    """
+    cl = cfg.privacy.client_level
+    wanted = cl.enabled and cl.clipping == "client"
+    if wanted != (config_norm is not None):
+        raise ClippingMismatch(
+            "privacy.client_level.clipping=client in the run config, but the coordinator sent no clipping bound"
+            if wanted else "the coordinator sent a clipping bound, but the run config does not ask for "
+                           "client-side clipping (privacy.client_level.clipping=client)")
+    if not wanted:
+        return dict(values), {}
+    clipped, norm, was = clip_update(sent, values, float(config_norm))
+    return clipped, {KEY_NORM_BIT: int(was), "update-norm": norm}
+
+
+def client_level_summary(cfg: Config, releases: int, rounds: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
     cl = cfg.privacy.client_level
     delta = client_level_delta(cfg)
-    return {
+    norms = [r["client_level"]["clipping_norm"] for r in rounds or [] if "client_level" in r]
+    out = {
         "unit": "one institution's entire data (client-level DP, for the federation's released adapters)",
         "epsilon": epsilon([(cl.noise_multiplier, 1.0, releases)], delta) if releases else 0.0,
         "delta": delta,
         "rounds": releases,
         "noise_multiplier": cl.noise_multiplier,
+        "clipping": cl.clipping,
+        "adaptive": cl.adaptive,
         "clipping_norm": cl.clipping_norm,
         "institutions_per_round": sampled_per_round(cfg),
         "accountant": "rdp (Opacus), Gaussian mechanism per round, no sampling amplification assumed",
@@ -95,3 +251,7 @@ def client_level_summary(cfg: Config, releases: int) -> dict[str, Any]:
         "trust": "the coordinator adds this noise: it protects institutions from whoever receives the adapter, "
                  "not from the coordinator itself",
     }
+    if cl.adaptive:
+        out["clipping_norms"] = norms
+        out["clipped_count_stddev"] = clipped_count_stddev(cfg)
+    return out

@@ -1,0 +1,392 @@
+"""Secure aggregation: Flower's SecAgg+ protocol under fedslm's rounds.
+
+With ``federation.secure_aggregation=true`` a training round runs Flower's SecAgg+ (Bell et al.
+2020) instead of collecting plain updates: nodes agree on pairwise masks, each sends its update
+quantised and masked, and the coordinator can unmask only the weighted *sum*; a node that drops
+out after sending is unmasked from its neighbours' secret shares, as long as ``threshold`` of them
+answer. The protocol is Flower's own: the coordinator drives ``SecAggPlusWorkflow``'s four stages,
+the node runs ``secaggplus_mod``. fedslm adds:
+
+* a node sends its *update* (adapter minus the global one) rather than its adapter, so the
+  quantisation range (``federation.secagg.clipping_range``) fits updates, which are small, and
+  the coordinator adds the unmasked average back onto the global adapter;
+* masks with the seed's full 256 bits: Flower 1.42's ``pseudo_rand_gen`` folds each 32-byte seed
+  into a 32-bit numpy seed, so a coordinator could search 2**32 seeds to strip one node's
+  private mask. :func:`mask_stream` expands the whole seed with SHAKE-256 and is installed on
+  both sides (:func:`install_mask_stream`), so both ends always agree;
+* coordinator-side checks on every masked vector (count, shapes, size) before it enters the sum;
+  a malformed one counts as a dropout, with its node and reason in ``metrics.jsonl``;
+* every protocol failure is logged with its stage, node and reason; too few live nodes stop the
+  run with the reason, like any other round.
+
+The coordinator sees each node's metrics (loss, ε, record count) in plain text, as without
+secure aggregation, and can no longer screen single updates: it checks only the average.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+from typing import Any, Iterable, Mapping, Optional
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import Code, FitIns, FitRes, Parameters, Status, bytes_to_ndarray, ndarrays_to_parameters
+from flwr.common import parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+
+from fedslm.config import Config
+from fedslm.errors import FedslmError
+from fedslm.federation import codec
+
+log = logging.getLogger("fedslm.secagg")
+
+# The modules themselves (their packages re-export functions under the same names).
+_mod_module = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+_workflow_module = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
+
+# Mask values live in [0, 2**32): the protocol's modulus.
+MODULUS = 2**32
+# An error a node states (a refused budget, bad data): the same code the ClientApp uses.
+NODE_REFUSED = 1001
+
+
+# --------------------------------------------------------------------------------------------
+# Masks with the seed's full entropy
+
+
+def mask_stream(seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """Uniform integers in [0, num_range) of the given shapes, expanded from all of ``seed``.
+
+    SHAKE-256 over (seed, tensor index); ``num_range`` must be a power of two up to 2**32, which
+    makes the reduction exact. Drop-in for Flower's ``pseudo_rand_gen``.
+    """
+    if num_range > MODULUS or num_range & (num_range - 1):
+        raise ValueError(f"the mask range must be a power of two <= 2**32, got {num_range}")
+    out = []
+    for index, dims in enumerate(dimensions_list):
+        count = int(np.prod(dims)) if len(dims) else 1
+        raw = hashlib.shake_256(seed + index.to_bytes(4, "little")).digest(4 * count)
+        values = (np.frombuffer(raw, dtype="<u4").astype(np.int64) & (num_range - 1))
+        out.append(values.reshape(dims) if len(dims) else np.array(values[0], dtype=np.int64))
+    return out
+
+
+def install_mask_stream() -> None:
+    """Make Flower's SecAgg+ node mod and coordinator workflow draw masks from :func:`mask_stream`."""
+    _mod_module.pseudo_rand_gen = mask_stream
+    _workflow_module.pseudo_rand_gen = mask_stream
+
+
+install_mask_stream()
+
+
+# --------------------------------------------------------------------------------------------
+# Shared by both ends
+
+
+def quantization_range(cfg: Config) -> int:
+    """Levels over [-clipping_range, clipping_range]: as many as the 2**32 modulus allows for the
+    federation's size (the sum of every institution's levels must not wrap), at most 2**30 (Flower
+    rounds into int32)."""
+    fixed = cfg.federation.secagg.quantization_range
+    if fixed is not None:
+        return int(fixed)
+    bits = min(30, ((MODULUS - 1) // cfg.federation.num_clients).bit_length() - 1)
+    return 2**bits
+
+
+def quantization_step(cfg: Config) -> float:
+    return 2 * cfg.federation.secagg.clipping_range / quantization_range(cfg)
+
+
+def max_weight(cfg: Config) -> float:
+    """The weight bound both ends use: 1 under client-level DP (every institution counts once),
+    else ``federation.secagg.max_weight`` training records."""
+    return 1.0 if cfg.privacy.client_level.enabled else float(cfg.federation.secagg.max_weight)
+
+
+# --------------------------------------------------------------------------------------------
+# The node's side
+
+
+def in_protocol(msg: Message) -> bool:
+    return msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records
+
+
+class _Refused(Exception):
+    def __init__(self, error: Error):
+        super().__init__(error.reason)
+        self.error = error
+
+
+def secure_aggregation_mod(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's ``secaggplus_mod`` for train messages that carry the protocol; others pass through.
+
+    A failure in any stage (or a refusal of the training itself) goes back as an error reply with
+    its reason, which the coordinator logs against this node; the protocol treats it as a dropout.
+    """
+    if not in_protocol(msg):
+        return call_next(msg, context)
+    stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, "?"))
+
+    def train(inner: Message, ctx: Context) -> Message:
+        reply = call_next(inner, ctx)
+        if reply.has_error():
+            raise _Refused(reply.error)
+        return reply
+
+    try:
+        return _mod_module.secaggplus_mod(msg, context, train)
+    except _Refused as exc:
+        return Message(error=exc.error, reply_to=msg)
+    except Exception as exc:  # a protocol violation, reported with its stage rather than a traceback
+        log.warning("secure aggregation stage %s failed: %s", stage, exc)
+        return Message(error=Error(code=NODE_REFUSED, reason=f"secure aggregation ({stage}): {exc}"), reply_to=msg)
+
+
+def secure_payload(cfg: Config, sent: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                   num_examples: int) -> tuple[list[np.ndarray], float, dict[str, Any]]:
+    """What a node masks: its update per tensor (in the order the coordinator sent them), its weight,
+    and metrics saying how many coordinates the quantisation range clipped."""
+    limit = cfg.federation.secagg.clipping_range
+    update = [(state[k].double() - sent[k].double()).numpy() for k in sent]
+    clipped = int(sum(int((np.abs(u) > limit).sum()) for u in update))
+    if not all(np.isfinite(u).all() for u in update):
+        raise FedslmError("the update holds NaN or inf; it would poison the masked sum, so it is not sent")
+    if clipped:
+        log.warning("secure aggregation: %d update coordinates exceed federation.secagg.clipping_range=%s and are "
+                    "clipped", clipped, limit)
+    bound = max_weight(cfg)
+    weight = 1.0 if cfg.privacy.client_level.enabled else float(num_examples)
+    if weight > bound:
+        log.warning("secure aggregation: %s training records count as federation.secagg.max_weight=%s", weight, bound)
+        weight = bound
+    return update, weight, {"secagg-clipped": clipped, "secagg-weight": weight}
+
+
+def masked_train_reply(msg: Message, update: list[np.ndarray], weight: float, metrics: Mapping[str, Any]) -> Message:
+    """The reply Flower's ``secaggplus_mod`` masks: a FitRes of the update and weight, plus fedslm's metrics."""
+    fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(update),
+                    num_examples=weight, metrics={})  # type: ignore[arg-type]
+    content = compat.fitres_to_recorddict(fitres, keep_input=True)
+    content[codec.METRICS] = MetricRecord(codec.metric_values(metrics))
+    return Message(content, reply_to=msg)
+
+
+# --------------------------------------------------------------------------------------------
+# The coordinator's side
+
+
+class _Node(ClientProxy):
+    """The workflow's handle on a node: only its id is ever used."""
+
+    def __init__(self, node_id: int):
+        super().__init__(str(node_id))
+        self.node_id = node_id
+
+    def get_properties(self, ins, timeout, group_id):  # pragma: no cover - never called
+        raise NotImplementedError
+
+    def get_parameters(self, ins, timeout, group_id):  # pragma: no cover
+        raise NotImplementedError
+
+    def fit(self, ins, timeout, group_id):  # pragma: no cover
+        raise NotImplementedError
+
+    def evaluate(self, ins, timeout, group_id):  # pragma: no cover
+        raise NotImplementedError
+
+    def reconnect(self, ins, timeout, group_id):  # pragma: no cover
+        raise NotImplementedError
+
+
+class _Round:
+    """The legacy strategy the workflow calls: the round's nodes in, the unmasked average out."""
+
+    def __init__(self, node_ids: list[int]):
+        self.node_ids = node_ids
+        self.average: Optional[list[np.ndarray]] = None
+        self.contributors: list[int] = []
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any):
+        return [(_Node(n), FitIns(parameters=Parameters(tensors=[], tensor_type=""), config={})) for n in self.node_ids]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]):
+        if results:
+            self.average = parameters_to_ndarrays(results[0][1].parameters)
+            self.contributors = [proxy.node_id for proxy, _ in results]
+        return None, {}
+
+
+class _StageGrid:
+    """The grid as the workflow sees it: logs every failed or missing reply with its stage and node,
+    and checks masked vectors before they enter the sum."""
+
+    def __init__(self, grid: Any, recorder: Any, server_round: int, shapes: list[tuple[int, ...]], max_bytes: int):
+        self.grid = grid
+        self.recorder = recorder
+        self.server_round = server_round
+        self.shapes = [()] + shapes  # the weight factor comes first
+        self.max_bytes = max_bytes
+        self.collected: dict[int, Message] = {}
+        self.bytes_up: dict[int, int] = {}
+        self.failed: set[int] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def _check_masked(self, reply: Message) -> Optional[str]:
+        size = codec.content_bytes(reply)
+        if size > self.max_bytes:
+            return f"oversized masked vector: {size} bytes, limit {self.max_bytes}"
+        try:
+            blobs = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+            arrays = [bytes_to_ndarray(b) for b in blobs]  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001 - anything unreadable is a bad vector
+            return f"unreadable masked vector ({exc})"
+        got = [tuple(a.shape) for a in arrays]
+        if got != [tuple(s) if s != () else (1,) for s in self.shapes]:
+            return f"masked vector of shapes {got[:3]}... does not match the adapter's"
+        if not all(np.issubdtype(a.dtype, np.integer) for a in arrays):
+            return "masked vector is not integer"
+        return None
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> list[Message]:
+        messages = list(messages)
+        stage = str(messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]) if messages else "?"
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        answered = set()
+        kept = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            reason = None
+            if reply.has_error():
+                reason = reply.error.reason or f"error code {reply.error.code}"
+            elif stage == Stage.COLLECT_MASKED_VECTORS:
+                reason = self._check_masked(reply)
+                if reason is None:
+                    self.collected[node] = reply
+                    self.bytes_up[node] = codec.content_bytes(reply)
+            if reason is not None:
+                self.failed.add(node)
+                self.recorder.error(self.server_round, f"train/secagg-{stage}", node, reason)
+                reply = Message(error=Error(code=NODE_REFUSED, reason=reason), reply_to=_as_sent(reply, messages))
+            kept.append(reply)
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node not in answered:
+                self.failed.add(node)
+                self.recorder.error(self.server_round, f"train/secagg-{stage}", node, "no reply in time (dropped out)")
+        return kept
+
+
+def _as_sent(reply: Message, sent: list[Message]) -> Message:
+    """The message ``reply`` answers (so a replacement error reply names the same node)."""
+    for msg in sent:
+        if msg.metadata.dst_node_id == reply.metadata.src_node_id:
+            return msg
+    raise KeyError(f"a reply from node {reply.metadata.src_node_id}, which was sent nothing")
+
+
+class SecureAggregationGrid:
+    """A grid whose train rounds run SecAgg+; everything else passes through to ``grid``.
+
+    The strategy gets one reply per node whose masked update made it into the sum: each carries
+    that node's metrics and, as its arrays, the same unmasked average (global + mean update), so
+    the strategy's average of them is that average.
+    """
+
+    def __init__(self, grid: Any, cfg: Config, recorder: Any):
+        self.grid = grid
+        self.cfg = cfg
+        self.recorder = recorder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> list[Message]:
+        messages = list(messages)
+        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+            return list(self.grid.send_and_receive(messages, timeout=timeout))
+        return self._secure_round(messages, timeout)
+
+    def _workflow(self, timeout: Optional[float]) -> Any:
+        sa = self.cfg.federation.secagg
+        return _workflow_module.SecAggPlusWorkflow(
+            num_shares=float(sa.shares), reconstruction_threshold=float(sa.threshold),
+            max_weight=max_weight(self.cfg), clipping_range=float(sa.clipping_range),
+            quantization_range=quantization_range(self.cfg), modulus_range=MODULUS, timeout=timeout)
+
+    def _secure_round(self, messages: list[Message], timeout: Optional[float]) -> list[Message]:
+        first = messages[0].content
+        server_round = int(first[codec.CONFIG]["server-round"])
+        sent = first[codec.ARRAYS]
+        names = list(sent.keys())
+        globals_ = [sent[k].numpy() for k in names]
+        shapes = [tuple(a.shape) for a in globals_]
+        numel = sum(a.size for a in globals_)
+        # A masked vector is int64 per coordinate; allow twice that plus 1 MiB of keys and metrics.
+        stage_grid = _StageGrid(self.grid, self.recorder, server_round, shapes, 2 * 8 * numel + 2**20)
+        plan = _Round([m.metadata.dst_node_id for m in messages])
+        context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                                strategy=plan)  # type: ignore[arg-type]
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
+        context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+        workflow = self._workflow(timeout)
+        state = _workflow_module.WorkflowState()
+        stages = [("setup", workflow.setup_stage), ("share-keys", workflow.share_keys_stage),
+                  ("collect-masked-vectors", workflow.collect_masked_vectors_stage),
+                  ("unmask", workflow.unmask_stage)]
+        for name, stage in stages:
+            if name == "collect-masked-vectors":  # each node's own copy: the workflow writes into it
+                state.nid_to_fitins = {m.metadata.dst_node_id: RecordDict({
+                    codec.ARRAYS: sent, codec.CONFIG: ConfigRecord(dict(m.content[codec.CONFIG]))}) for m in messages}
+            if not stage(stage_grid, context, state):
+                self.recorder.stop(server_round, "train", f"secure aggregation halted at stage {name}: too few "
+                                   f"institutions left to unmask (each needs {state.threshold} live neighbours; "
+                                   f"federation.secagg.threshold)")
+        if plan.average is None:
+            self.recorder.stop(server_round, "train", "secure aggregation produced no sum")
+        average = ArrayRecord({k: _array(g + u) for k, g, u in zip(names, globals_, plan.average)})  # type: ignore[arg-type]
+        self.recorder.note(server_round, "secure_aggregation", {
+            "contributors": sorted(plan.contributors), "dropped": sorted(stage_grid.failed),
+            "threshold": state.threshold, "shares": state.num_shares,
+            "bytes_up": {str(k): v for k, v in sorted(stage_grid.bytes_up.items())},
+        })
+        replies = []
+        for node in plan.contributors:
+            reply = stage_grid.collected[node]
+            metrics = dict(reply.content[codec.METRICS]) if codec.METRICS in reply.content else {}
+            metrics["bytes-up"] = stage_grid.bytes_up[node]
+            reply.content = RecordDict({codec.ARRAYS: average, codec.METRICS: MetricRecord(metrics)})
+            replies.append(reply)
+        return replies
+
+
+def _array(values: np.ndarray) -> Any:
+    from flwr.app import Array
+
+    return Array(np.asarray(values, dtype=np.float32))
+
+
+def secure_aggregation_summary(cfg: Config, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    sa = cfg.federation.secagg
+    per_round = {str(r["round"]): r["secure_aggregation"] for r in rounds if "secure_aggregation" in r}
+    return {
+        "protocol": "SecAgg+ (Flower's SecAggPlusWorkflow / secaggplus_mod), masks expanded with SHAKE-256",
+        "what_the_coordinator_sees": "the weighted sum of the updates, never one institution's update; each "
+                                     "institution's metrics (loss, epsilon, record count) in plain text",
+        "threshold": sa.threshold, "shares": sa.shares, "clipping_range": sa.clipping_range,
+        "quantization_range": quantization_range(cfg), "max_weight": max_weight(cfg),
+        "quantization_step": quantization_step(cfg),
+        "rounds": per_round,
+    }

@@ -1,0 +1,327 @@
+"""Secure aggregation (Flower's SecAgg+) and client-side / adaptive client-level DP.
+
+The secure rounds here run the real protocol end to end in one process: the coordinator's
+SecureAggregationGrid drives Flower's workflow, and every message goes to the real ClientApp (with
+Flower's secaggplus_mod) of the node it is addressed to, each node with its own persistent
+context, data partition and ledger. What the nodes released is read back from their ledgers'
+release files, which is the obviously correct reference for the average.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen as flower_prg
+from flwr.supercore.task_identity import TaskIdentity
+
+import clients.app as client_app
+from fedslm.config import to_yaml
+from fedslm.errors import ConfigError
+from fedslm.federation import codec, secagg
+from fedslm.federation.server import FederationStopped, RunRecorder, make_strategies
+from fedslm.lora import get_adapter_state
+from fedslm.privacy import Ledger
+from fedslm.privacy.client_level import client_clip
+from fedslm.privacy.releases import Releases, adapter_digest
+from fedslm.train import build_node
+
+NODES = [11, 12, 13, 14]
+
+
+@pytest.fixture
+def flower_identity():
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield TaskIdentity
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+class NodesInProcess:
+    """A grid whose nodes are the real ClientApp, called in this process.
+
+    ``drop``: {stage: node} — that node's reply to that stage never arrives (a crash), or, with
+    ``corrupt=True``, arrives with a masked vector of the wrong shape.
+    """
+
+    def __init__(self, tmp_path: Path, nodes=NODES, drop=None, corrupt=False):
+        self.nodes = list(nodes)
+        self.drop = drop or {}
+        self.corrupt = corrupt
+        self.contexts = {n: Context(run_id=1, node_id=n, state=RecordDict(), run_config={}, node_config={
+            "partition-id": i, "num-partitions": len(self.nodes), "ledger": str(tmp_path / f"ledger-{n}.json")})
+            for i, n in enumerate(self.nodes)}
+        self.stages: list[str] = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            node = msg.metadata.dst_node_id
+            stage = (str(msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
+                     if RECORD_KEY_CONFIGS in msg.content.config_records else "plain")
+            self.stages.append(stage)
+            TaskIdentity.node_id = node
+            try:
+                if self.drop.get(stage) == node and not self.corrupt:
+                    continue  # the node died before answering
+                reply = client_app.app(copy.deepcopy(msg), self.contexts[node])  # as if it had crossed the wire
+                if self.drop.get(stage) == node and self.corrupt:
+                    blobs = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+                    reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS] = blobs[:-1]
+                replies.append(reply)
+            finally:
+                TaskIdentity.node_id = 1
+        return replies
+
+
+def _train_messages(cfg, grid, strategy):
+    node = build_node(cfg)
+    initial = get_adapter_state(node.model)
+    config = ConfigRecord(dict(codec.request_config(to_yaml(cfg), node.base.fingerprint, "run-s")))
+    return initial, list(strategy.configure_train(1, codec.state_to_record(initial), config, grid))
+
+
+def _released(tmp_path, node, initial):
+    """What ``node`` released in round 1 of run-s: read from its ledger's release file."""
+    ledger = Ledger(tmp_path / f"ledger-{node}.json")
+    entries = [e for record in ledger.read()["datasets"].values() for e in record["entries"]]
+    found = Releases(ledger.path).find(entries, "run-s", 1, adapter_digest(initial))
+    assert found is not None, f"node {node} released nothing"
+    return found
+
+
+def _secure_round(cfg, tmp_path, **grid_kwargs):
+    grid = NodesInProcess(tmp_path, **grid_kwargs)
+    recorder = RunRecorder(cfg, tmp_path, "run-s")
+    outer, inner = make_strategies(cfg, recorder)
+    initial, messages = _train_messages(cfg, grid, outer)
+    replies = secagg.SecureAggregationGrid(grid, cfg, recorder).send_and_receive(messages)
+    arrays, _ = outer.aggregate_train(1, replies)
+    return grid, recorder, initial, codec.record_to_state(arrays), replies
+
+
+@pytest.fixture
+def secure_config(cls_config, tmp_path):
+    def make(*overrides):
+        return cls_config("federation.num_clients=4", "federation.min_clients=3", "federation.partitioner=iid",
+                          "federation.secure_aggregation=true", f"output.dir={tmp_path / 'run'}", *overrides)
+    return make
+
+
+def test_mask_stream_uses_all_256_bits_of_the_seed_on_both_ends():
+    import sys
+
+    node_side = sys.modules["flwr.client.mod.secure_aggregation.secaggplus_mod"]
+    coordinator_side = sys.modules["flwr.server.workflow.secure_aggregation.secaggplus_workflow"]
+    assert node_side.pseudo_rand_gen is secagg.mask_stream is coordinator_side.pseudo_rand_gen
+    # Two seeds that differ only where Flower's 32-bit fold cancels out: same masks there, not here.
+    a = bytes(range(32))
+    b = bytes([a[0] ^ 0xFF]) + a[1:4] + bytes([a[4] ^ 0xFF]) + a[5:]
+    shapes = [(1000,), (3, 7)]
+    assert all(np.array_equal(x, y) for x, y in zip(flower_prg(a, 2**32, shapes), flower_prg(b, 2**32, shapes)))
+    ours_a, ours_b = secagg.mask_stream(a, 2**32, shapes), secagg.mask_stream(a, 2**32, shapes)
+    assert all(np.array_equal(x, y) for x, y in zip(ours_a, ours_b))  # deterministic in the seed
+    other = secagg.mask_stream(b, 2**32, shapes)
+    assert not np.array_equal(ours_a[0], other[0])
+    values = np.concatenate([m.ravel() for m in secagg.mask_stream(b"\x01" * 32, 2**32, [(200_000,)])])
+    assert values.min() >= 0 and values.max() < 2**32
+    assert abs(values.mean() / 2**32 - 0.5) < 0.005  # uniform over the modulus
+    with pytest.raises(ValueError, match="power of two"):
+        secagg.mask_stream(a, 3 * 2**20, shapes)
+
+
+def _weighted_mean(states, weights):
+    return {k: sum(w * s[k].double() for s, w in zip(states, weights)) / sum(weights) for k in states[0]}
+
+
+def _quantisation_bound(cfg, weights):
+    """The largest error SecAgg+'s stochastic quantisation can put on one coordinate of the average."""
+    step = secagg.quantization_step(cfg)
+    ratios = [w / secagg.max_weight(cfg) for w in weights]
+    return len(weights) * step / sum(ratios) + 1e-6
+
+
+def test_secure_round_equals_plain_fedavg_within_the_quantisation_error(flower_identity, secure_config, tmp_path):
+    cfg = secure_config()
+    grid, recorder, initial, average, replies = _secure_round(cfg, tmp_path)
+    assert {"setup", "share_keys", "collect_masked_vectors", "unmask"} <= set(grid.stages)
+    released = [_released(tmp_path, n, initial) for n in NODES]
+    weights = [m["num-examples"] for _, m in released]
+    reference = _weighted_mean([s for s, _ in released], weights)  # plain FedAvg, by examples
+    bound = _quantisation_bound(cfg, weights)
+    for key, ref in reference.items():
+        err = float((average[key].double() - ref).abs().max())
+        assert err <= bound, (key, err, bound)
+    moved = max(float((reference[k] - initial[k].double()).abs().max()) for k in reference)
+    assert moved > 100 * bound  # the check above is not vacuous: the adapter really moved
+    note = recorder.pending[1]["secure_aggregation"]
+    assert note["contributors"] == NODES and note["dropped"] == []
+    # The coordinator holds each node's metrics, and the same average for all: never one node's update.
+    assert {int(r.content[codec.METRICS]["institution"]) for r in replies} == {0, 1, 2, 3}
+    for node, (state, _) in zip(NODES, released):
+        assert any(not torch.equal(state[k], average[k]) for k in state)
+
+
+@pytest.mark.parametrize("stage,corrupt", [(Stage.COLLECT_MASKED_VECTORS, False), (Stage.UNMASK, False),
+                                           (Stage.COLLECT_MASKED_VECTORS, True)],
+                         ids=["dies-before-sending", "dies-after-sending", "malformed-vector"])
+def test_a_node_lost_within_the_threshold_does_not_stop_the_round(flower_identity, secure_config, tmp_path,
+                                                                  stage, corrupt):
+    cfg = secure_config()
+    lost = NODES[1]
+    grid, recorder, initial, average, replies = _secure_round(cfg, tmp_path, drop={stage: lost}, corrupt=corrupt)
+    note = recorder.pending[1]["secure_aggregation"]
+    in_sum = NODES if stage == Stage.UNMASK else [n for n in NODES if n != lost]
+    assert note["contributors"] == in_sum and note["dropped"] == [lost]
+    errors = recorder.pending[1]["errors"]
+    assert [e["node"] for e in errors] == [lost]
+    assert ("does not match" in errors[0]["reason"]) if corrupt else ("dropped out" in errors[0]["reason"])
+    released = [_released(tmp_path, n, initial) for n in in_sum]
+    weights = [m["num-examples"] for _, m in released]
+    reference = _weighted_mean([s for s, _ in released], weights)
+    bound = _quantisation_bound(cfg, weights)
+    for key, ref in reference.items():
+        assert float((average[key].double() - ref).abs().max()) <= bound, key
+
+
+def test_too_many_lost_nodes_stop_the_run_with_the_reason(flower_identity, secure_config, tmp_path):
+    cfg = secure_config("federation.secagg.threshold=1.0")  # every share needed: no node may be lost
+    with pytest.raises(FederationStopped, match="secure aggregation halted at stage collect-masked-vectors"):
+        _secure_round(cfg, tmp_path, drop={Stage.COLLECT_MASKED_VECTORS: NODES[0]})
+    line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["stopped"] and line["errors"][0]["node"] == NODES[0]
+
+
+def test_secure_aggregation_with_client_side_clipping_bounds_the_average(flower_identity, secure_config, tmp_path):
+    cfg = secure_config("privacy.client_level.enabled=true", "privacy.client_level.clipping=client",
+                        "privacy.client_level.clipping_norm=0.05", "privacy.client_level.noise_multiplier=1e-6",
+                        "train.lr=0.05")
+    grid, recorder, initial, average, replies = _secure_round(cfg, tmp_path)
+    released = [_released(tmp_path, n, initial) for n in NODES]
+    for state, metrics in released:  # each node clipped its own update before masking it
+        norm = float(torch.sqrt(sum(((state[k].double() - initial[k].double()) ** 2).sum() for k in state)))
+        assert norm <= 0.05 * (1 + 1e-4) and metrics["norm_bit"] == 1 and metrics["update-norm"] > 0.05
+    reference = _weighted_mean([s for s, _ in released], [1] * len(NODES))  # unweighted under client-level DP
+    bound = _quantisation_bound(cfg, [1] * len(NODES)) + 1e-5  # plus the (tiny) DP noise
+    for key, ref in reference.items():
+        assert float((average[key].double() - ref).abs().max()) <= bound, key
+    assert recorder.pending[1]["client_level"]["clipping_norm"] == 0.05
+
+
+def test_secure_aggregation_refuses_server_side_clipping_and_two_institutions(secure_config):
+    with pytest.raises(ConfigError, match="privacy.client_level.clipping=client"):
+        secure_config("privacy.client_level.enabled=true")
+    with pytest.raises(ConfigError, match="federation.min_clients >= 3"):
+        secure_config("federation.min_clients=2")
+
+
+def test_a_node_that_requires_secure_aggregation_refuses_a_plain_round(flower_identity, cls_config, tmp_path):
+    cfg = cls_config("federation.num_clients=2", "federation.partitioner=iid")
+    grid = NodesInProcess(tmp_path, nodes=[11, 12])
+    grid.contexts[12].node_config["require-secure-aggregation"] = "true"
+    recorder = RunRecorder(cfg, tmp_path, "run-s")
+    outer, _ = make_strategies(cfg, recorder)
+    _, messages = _train_messages(cfg, grid, outer)
+    replies = grid.send_and_receive(messages)
+    by_node = {r.metadata.src_node_id: r for r in replies}
+    assert not by_node[11].has_error()
+    assert by_node[12].has_error() and "requires secure aggregation" in by_node[12].error.reason
+    assert not Path(tmp_path / "ledger-12.json").exists()  # refused before training: nothing charged
+
+
+# -------------------------------------------------------------------------------- client-level DP
+
+
+def _reply(node, arrays, metrics=None):
+    TaskIdentity.node_id = 1
+    req = Message(RecordDict({codec.CONFIG: ConfigRecord({"server-round": 1})}), dst_node_id=node,
+                  message_type=MessageType.TRAIN)
+    TaskIdentity.node_id = node
+    reply = Message(RecordDict({
+        codec.ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+        codec.METRICS: MetricRecord({"num-examples": 10, "unit-weight": 1, "institution": node, "train-loss": 1.0,
+                                     "epsilon": 1.0, "delta": 1e-5, **(metrics or {})}),
+    }), reply_to=req)
+    TaskIdentity.node_id = 1
+    return reply
+
+
+def test_node_side_clipping_bounds_the_update_and_checks_the_coordinator_agrees(cls_config):
+    cfg = cls_config("privacy.client_level.enabled=true", "privacy.client_level.clipping=client")
+    sent = {"a": np.zeros(4, np.float32), "b": np.ones(3, np.float32)}
+    values = {"a": np.full(4, 3.0, np.float32), "b": np.ones(3, np.float32)}  # update norm 6
+    clipped, extra = client_clip(cfg, 0.5, sent, values)
+    update = np.concatenate([clipped["a"] - sent["a"], clipped["b"] - sent["b"]])
+    assert np.linalg.norm(update) == pytest.approx(0.5, rel=1e-6) and extra["norm_bit"] == 1
+    assert extra["update-norm"] == pytest.approx(6.0)
+    small = {"a": np.full(4, 0.01, np.float32), "b": np.ones(3, np.float32)}
+    kept, extra = client_clip(cfg, 0.5, sent, small)
+    assert np.array_equal(kept["a"], small["a"]) and extra["norm_bit"] == 0
+    from fedslm.privacy.client_level import ClippingMismatch
+
+    with pytest.raises(ClippingMismatch, match="sent no clipping bound"):
+        client_clip(cfg, None, sent, values)
+    with pytest.raises(ClippingMismatch, match="does not ask"):
+        client_clip(cls_config(), 0.5, sent, values)
+
+
+def test_client_side_clipping_rejects_a_node_that_did_not_clip(flower_identity, cls_config, tmp_path):
+    cfg = cls_config("federation.num_clients=3", "federation.min_clients=2", "privacy.client_level.enabled=true",
+                     "privacy.client_level.clipping=client", "privacy.client_level.clipping_norm=0.5",
+                     "privacy.client_level.noise_multiplier=1e-9", "federation.max_update_norm=100")
+    sent = {"w": np.zeros(8, np.float32)}
+    outer, inner = make_strategies(cfg, RunRecorder(cfg, tmp_path, "r"))
+    config = ConfigRecord({"server-round": 1})
+    grid = NodesInProcess(tmp_path, nodes=[2, 3, 4])
+    messages = list(outer.configure_train(1, codec.state_to_record({"w": torch.zeros(8)}), config, grid))
+    assert all(m.content[codec.CONFIG]["clipping_norm"] == 0.5 for m in messages)  # the bound goes to the nodes
+    inner.recorder.sent = []  # these were never sent (no message ids): name nodes by the replies' sender
+    honest = [{"w": np.full(8, 0.1, np.float32)}, {"w": np.full(8, -0.1, np.float32)}]  # norms 0.28
+    cheat = {"w": np.full(8, 1.0, np.float32)}  # norm 2.8: ignored the bound
+    arrays, _ = outer.aggregate_train(1, [_reply(2, honest[0]), _reply(3, cheat), _reply(4, honest[1])])
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.zeros(8), atol=1e-6)
+    reasons = {e["node"]: e["reason"] for e in inner.recorder.pending[1]["errors"]}
+    assert list(reasons) == [3] and "norm" in reasons[3]
+    assert sent  # the coordinator never clipped: the honest updates went in as sent
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_adaptive_clipping_noises_with_the_rounds_bound_and_moves_it_to_the_quantile(flower_identity, cls_config,
+                                                                                    tmp_path, side):
+    cfg = cls_config("federation.num_clients=4", "federation.min_clients=4", "privacy.client_level.enabled=true",
+                     f"privacy.client_level.clipping={side}", "privacy.client_level.adaptive=true",
+                     "privacy.client_level.clipping_norm=1.0", "privacy.client_level.noise_multiplier=0.5",
+                     "privacy.client_level.target_quantile=0.0", "privacy.client_level.clip_norm_lr=2.0",
+                     "privacy.client_level.clipped_count_stddev=0.3", "federation.max_update_norm=1e9")
+    n = 40_000
+    outer, inner = make_strategies(cfg, RunRecorder(cfg, tmp_path, "r"))
+    zero = {"w": np.zeros(n, np.float32)}
+    list(outer.configure_train(1, codec.state_to_record({"w": torch.zeros(n)}), ConfigRecord({"server-round": 1}),
+                               NodesInProcess(tmp_path, nodes=[2, 3, 4, 5])))
+    inner.recorder.sent = []
+    # Every update is far over the bound, so every one is clipped (client side: the nodes say so).
+    big = {"w": np.full(n, 5.0 if side == "server" else 1.0 / np.sqrt(n), np.float32)}
+    bit = {"norm_bit": 1} if side == "client" else {}
+    replies = [_reply(k, big if k != 5 else zero, bit if k != 5 or not bit else {"norm_bit": 0}) for k in (2, 3, 4, 5)]
+    arrays, _ = outer.aggregate_train(1, replies)
+    note = inner.recorder.pending[1]["client_level"]
+    assert note["clipping_norm"] == 1.0 and note["clipped"] == 3
+    # z_Δ = (z⁻² − (2σ_b)⁻²)^-½ with z = 0.5, σ_b = 0.3; noise std = z_Δ · C_round / m, C_round = 1.0
+    z_delta = (0.5 ** -2 - 0.6 ** -2) ** -0.5
+    mean = arrays.to_numpy_ndarrays()[0] - (3 / 4) * (1.0 / np.sqrt(n))  # clipped updates have norm 1
+    assert float(mean.std()) == pytest.approx(z_delta * 1.0 / 4, rel=0.03)
+    # Target quantile 0: the bound falls by exp(-lr · noised clipped fraction), after the noise.
+    assert note["next_clipping_norm"] == pytest.approx(np.exp(-2.0 * note["clipped_fraction_noised"]))
+    assert abs(note["clipped_fraction_noised"] - 0.75) < 6 * 0.3 / 4 and note["next_clipping_norm"] < 0.6
+    assert outer.clipping_norm == note["next_clipping_norm"]
