@@ -117,7 +117,8 @@ def test_noise_has_the_calibrated_scale(cls_config, secure):
                         for n, p in node.model.named_parameters() if n in before])
     assert deltas.numel() > 200
     assert float(deltas.std()) == pytest.approx(sigma * clip / batch, rel=0.15)
-    assert abs(float(deltas.mean())) < 0.1 * sigma * clip / batch
+    # Centred: the mean of n draws is within 5 standard errors (the CSPRNG case is unseeded, so no luck allowed).
+    assert abs(float(deltas.mean())) < 5 * sigma * clip / batch / deltas.numel() ** 0.5
 
 
 def test_poisson_sampling_varies_batch_sizes_and_hits_empty_batches():

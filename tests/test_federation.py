@@ -482,3 +482,61 @@ def test_client_level_epsilon_composes_rounds_below_the_classical_rdp_bound(cls_
     for rounds, e in zip((1, 2, 4), eps):  # RDP of R Gaussian releases: R·α/(2z²), classical conversion
         classical = min(rounds * a / (2 * 1.5 ** 2) + np.log(1 / delta) / (a - 1) for a in np.linspace(1.01, 64, 5000))
         assert e <= classical + 1e-6 and e > 0.5 * classical
+
+
+def test_float16_transfer_halves_the_bytes_and_the_coordinator_averages_in_float32(flower_identity, cls_config,
+                                                                                    tmp_path):
+    cfg = cls_config("federation.num_clients=2", "federation.partitioner=iid", "federation.transfer_dtype=float16")
+    node = build_node(cfg)
+    state = get_adapter_state(node.model)
+    recorder = RunRecorder(cfg, tmp_path, "r")
+    strategy = make_strategy(cfg, recorder)
+    sent = list(strategy.configure_train(1, codec.state_to_record(state), ConfigRecord(
+        dict(codec.request_config(to_yaml(cfg), node.base.fingerprint, "run-x"))), _TwoNodeGrid()))
+    wire = codec.record_to_state(sent[0].content[codec.ARRAYS])
+    assert all(t.dtype == torch.float16 for t in wire.values())  # the global adapter goes down in float16
+    replies = []
+    for inst in (0, 1):
+        msg = _request(cfg, state, node.base.fingerprint)
+        msg.content[codec.ARRAYS] = sent[0].content[codec.ARRAYS]
+        TaskIdentity.node_id = 2 + inst
+        reply = client_app.train(msg, _context({"partition-id": inst, "num-partitions": 2}))
+        assert not reply.has_error(), reply.error
+        up = codec.reply_state(reply)
+        assert all(t.dtype == torch.float16 for t in up.values())
+        assert reply.content[codec.METRICS]["bytes-up"] == codec.tensor_bytes(state) // 2
+        assert reply.content[codec.METRICS]["bytes-down"] == codec.tensor_bytes(state) // 2
+        replies.append(reply)
+    TaskIdentity.node_id = 1
+    ups = [{k: v.float() for k, v in codec.reply_state(r).items()} for r in replies]
+    weights = [r.content[codec.METRICS]["num-examples"] for r in replies]
+    recorder.sent = []
+    arrays, _ = strategy.aggregate_train(1, replies)
+    got = codec.record_to_state(arrays)
+    for key, value in got.items():
+        assert value.dtype == torch.float32
+        ref = (ups[0][key] * weights[0] + ups[1][key] * weights[1]) / sum(weights)
+        torch.testing.assert_close(value, ref, rtol=1e-6, atol=1e-7)
+
+
+class _TwoNodeGrid:
+    def get_node_ids(self):
+        return [2, 3]
+
+
+def test_a_simulation_joins_a_ray_cluster_when_given_its_address(cls_config, tmp_path):
+    import tomllib
+
+    from fedslm.federation.simulate import write_flower_config
+
+    write_flower_config(tmp_path / "local", 9999, cls_config("federation.client_cpus=1"))
+    write_flower_config(tmp_path / "cluster", 9999, cls_config("federation.ray_address=auto",
+                                                               "federation.client_cpus=2"))
+    local = tomllib.loads((tmp_path / "local" / "config.toml").read_text())["superlink"]["fedslm"]
+    cluster = tomllib.loads((tmp_path / "cluster" / "config.toml").read_text())["superlink"]["fedslm"]
+    assert "address" not in local["options"]["backend"]["init-args"]
+    assert local["options"]["backend"]["init-args"]["num-cpus"] >= 1
+    # On a cluster, Ray counts every machine's CPUs itself (ray.init refuses num_cpus with an address).
+    assert cluster["options"]["backend"]["init-args"]["address"] == "auto"
+    assert "num-cpus" not in cluster["options"]["backend"]["init-args"]
+    assert cluster["options"]["backend"]["client-resources"]["num-cpus"] == 2

@@ -213,6 +213,10 @@ def validate(cfg: Config) -> None:
     _positive("federation.client_cpus", f.client_cpus)
     _positive("federation.max_update_norm", f.max_update_norm, allow_none=True)
     _positive("federation.max_message_bytes", f.max_message_bytes, allow_none=True)
+    _choice("federation.transfer_dtype", f.transfer_dtype, ("float32", "float16"))
+    _check(not (f.transfer_dtype == "float16" and cl.enabled and cl.clipping == "client"),
+           "federation.transfer_dtype=float16 would round a node's clipped update past its bound "
+           "(privacy.client_level.clipping=client); use float32, or clipping=server")
     sa = f.secagg
     _check(0.0 < sa.shares <= 1.0, f"federation.secagg.shares must be in (0, 1], got {sa.shares}")
     _check(0.0 < sa.threshold <= 1.0, f"federation.secagg.threshold must be in (0, 1], got {sa.threshold}")

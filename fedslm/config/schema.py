@@ -167,6 +167,9 @@ class FederationConfig:
     round_timeout: float = 3600.0
     # Ray workers' CPUs per simulated institution.
     client_cpus: int = 1
+    # Simulation on a multi-machine Ray cluster: its address (e.g. "auto" on a cluster node, or
+    # "ray://head:10001"); None: a private Ray instance on this machine.
+    ray_address: Optional[str] = None
     # Updates that move the adapter further than this (L2) are rejected; None: a generous bound
     # derived from lr x local steps (see fedslm.federation.validate).
     max_update_norm: Optional[float] = None
@@ -176,6 +179,8 @@ class FederationConfig:
     # Before round 1, every institution evaluates the initial adapter (round 0 in metrics.jsonl):
     # the "before" next to the final "after".
     evaluate_initial: bool = False
+    # Adapters travel as float32 or float16 (half the bytes; the coordinator averages in float32).
+    transfer_dtype: str = "float32"
     # SecAgg+ (Flower's protocol): the coordinator only ever sees the sum of the updates.
     secure_aggregation: bool = False
     secagg: SecAggConfig = field(default_factory=SecAggConfig)

@@ -24,7 +24,7 @@ from fedslm.data import TaskData, load_task_data
 from fedslm.data.partition import institution_data
 from fedslm.data.tasks import get_task
 from fedslm.errors import ConfigError, FedslmError
-from fedslm.federation.codec import Request, tensor_bytes
+from fedslm.federation.codec import Request, tensor_bytes, transfer
 from fedslm.federation.secagg import secure_payload
 from fedslm.lora import get_adapter_state, set_adapter_state, wrap
 from fedslm.lora.adapter import frozen_digest
@@ -235,7 +235,7 @@ def client_train(request: Request, node: NodeSettings, *,
                         "seconds": time.perf_counter() - started})
         log.warning("%s: round %s of run %s was already paid for; sending the same update again, no new charge",
                     node.name, request.server_round, request.run_id)
-        return state, metrics
+        return _on_the_wire(cfg, state, metrics, secure)
     if any(e.get("run") == request.run_id and e.get("round") == request.server_round for e in entries):
         log.warning("%s: round %s of run %s is asked again with a different adapter; training and charging anew",
                     node.name, request.server_round, request.run_id)
@@ -254,7 +254,17 @@ def client_train(request: Request, node: NodeSettings, *,
     state, extra = _released(cfg, request, inst.model)
     metrics = {**_train_metrics(result, node, state, request), **extra}
     metrics["seconds"] = time.perf_counter() - started
-    return state, metrics
+    return _on_the_wire(cfg, state, metrics, secure)
+
+
+def _on_the_wire(cfg: Config, state: dict[str, torch.Tensor], metrics: dict[str, Any],
+                 secure: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The released adapter in federation.transfer_dtype (a cast after the noise: post-processing).
+    Under secure aggregation the caller masks the float32 update instead."""
+    if secure or cfg.federation.transfer_dtype == "float32":
+        return state, metrics
+    wire = transfer(state, cfg.federation.transfer_dtype)
+    return wire, {**metrics, "bytes-up": tensor_bytes(wire)}
 
 
 def client_secure_train(request: Request, node: NodeSettings) -> tuple[list[np.ndarray], float, dict[str, Any]]:

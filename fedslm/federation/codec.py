@@ -45,6 +45,18 @@ def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
 
 
+def transfer(state: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """``state`` as it travels: floating tensors cast to ``dtype`` (federation.transfer_dtype)."""
+    target = getattr(torch, dtype)
+    return {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def transfer_record(record: ArrayRecord, dtype: str) -> ArrayRecord:
+    if dtype == "float32":
+        return record
+    return state_to_record(transfer(record_to_state(record), dtype))
+
+
 def tensor_bytes(state: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 

@@ -323,12 +323,14 @@ class Recording:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any):
         self.sent = codec.record_to_state(arrays)
+        wire = codec.transfer_record(arrays, self.recorder.cfg.federation.transfer_dtype)
         return self.recorder.remember(
-            super().configure_train(server_round + self.offset, arrays, config, grid))  # type: ignore[misc]
+            super().configure_train(server_round + self.offset, wire, config, grid))  # type: ignore[misc]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any):
+        wire = codec.transfer_record(arrays, self.recorder.cfg.federation.transfer_dtype)
         return self.recorder.remember(
-            super().configure_evaluate(server_round + self.offset, arrays, config, grid))  # type: ignore[misc]
+            super().configure_evaluate(server_round + self.offset, wire, config, grid))  # type: ignore[misc]
 
     _screened: int = -1  # the (shifted) round whose replies were already screened by a wrapper
 
@@ -336,7 +338,12 @@ class Recording:
         """Reject bad updates and failed replies (logged), record the rest; ``server_round`` is shifted."""
         checked = self.recorder.reject_bad_updates(server_round, list(replies), self.sent, self.update_norm_limit)
         self._screened = server_round
-        return self.recorder.on_train(server_round, checked)
+        valid = self.recorder.on_train(server_round, checked)
+        for reply in valid:  # averaged (and clipped) in float32, whatever the wire carried
+            state = codec.reply_state(reply)
+            if any(t.is_floating_point() and t.dtype != torch.float32 for t in state.values()):
+                reply.content[codec.ARRAYS] = codec.state_to_record(codec.transfer(state, "float32"))
+        return valid
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.offset

@@ -62,6 +62,12 @@ def _bin(name: str) -> str:
 def write_flower_config(flwr_home: Path, port: int, cfg: Config) -> None:
     flwr_home.mkdir(parents=True, exist_ok=True)
     cpus = os.cpu_count() or 1
+    ray_address = cfg.federation.ray_address
+    # On this machine: a private Ray instance with this machine's CPUs. On a cluster (ray_address): join it;
+    # Ray then schedules institutions on every machine's CPUs, and may not be told how many there are.
+    resources = (f'options.backend.init-args.address = "{ray_address}"\n' if ray_address
+                 else f"options.backend.init-args.num-cpus = {cpus}\n")
+    per_client = cfg.federation.client_cpus if ray_address else min(cfg.federation.client_cpus, cpus)
     (flwr_home / "config.toml").write_text(
         "[superlink]\n"
         f'default = "{CONNECTION}"\n\n'
@@ -69,9 +75,9 @@ def write_flower_config(flwr_home: Path, port: int, cfg: Config) -> None:
         f'address = "127.0.0.1:{port}"\n'
         "insecure = true\n"
         f"options.num-supernodes = {cfg.federation.num_clients}\n"
-        f"options.backend.client-resources.num-cpus = {min(cfg.federation.client_cpus, cpus)}\n"
+        f"options.backend.client-resources.num-cpus = {per_client}\n"
         "options.backend.client-resources.num-gpus = 0\n"
-        f"options.backend.init-args.num-cpus = {cpus}\n"
+        f"{resources}"
         'options.backend.init-args.logging-level = "ERROR"\n'
         "options.backend.init-args.log-to-driver = false\n",
         encoding="utf-8",

@@ -113,7 +113,7 @@ def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> No
     for key, ref in expected.items():
         if tuple(state[key].shape) != tuple(ref.shape):
             raise ValueError(f"adapter tensor {key}: shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}")
-    result = set_peft_model_state_dict(model, {k: v.to(ref.dtype) for k, v in state.items()})
+    result = set_peft_model_state_dict(model, {k: v.to(expected[k].dtype) for k, v in state.items()})
     if getattr(result, "unexpected_keys", None):
         bad = [k for k in result.unexpected_keys if "lora_" in k or "modules_to_save" in k]
         if bad:
