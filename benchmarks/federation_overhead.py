@@ -8,7 +8,9 @@ by side and no one waits for a slot), then reads the run folder:
   institution's compute (its train handler + its evaluate handler, each timed
   inside the ClientApp, model loading included). What remains is Flower, Ray,
   messaging, aggregation and checkpointing.
-* bytes up per institution per round / bytes of the full model (fp32).
+* bytes up per institution per round / bytes of the full model (fp32), for the adapter sent in
+  float32 (the main run), in float16 (`federation.transfer_dtype=float16`) and masked under secure
+  aggregation (`federation.secure_aggregation=true`, 3 institutions), each from a one-round run.
 
     python benchmarks/federation_overhead.py [--rounds 4] [--clients 2]
 
@@ -39,13 +41,27 @@ def main() -> None:
     ap.add_argument("--local-steps", type=int, default=10)
     ap.add_argument("--out", type=Path, default=RESULTS / "federation_overhead.json")
     args = ap.parse_args()
-    run_dir = Path(tempfile.mkdtemp(prefix="fedslm-bench-")) / "run"
-    cmd = [sys.executable, "-m", "fedslm.cli.main", "simulate", "-c", str(ROOT / "simulations/icd10-hospitals.yaml"),
-           "--out", str(run_dir), f"federation.num_clients={args.clients}", f"federation.min_clients={args.clients}",
-           f"federation.rounds={args.rounds}", f"train.local_steps={args.local_steps}", "federation.client_cpus=1"]
+    work = Path(tempfile.mkdtemp(prefix="fedslm-bench-"))
+
+    def simulate(name: str, clients: int, rounds: int, *extra: str) -> Path:
+        run_dir = work / name
+        cmd = [sys.executable, "-m", "fedslm.cli.main", "simulate", "-c",
+               str(ROOT / "simulations/icd10-hospitals.yaml"), "--out", str(run_dir),
+               f"federation.num_clients={clients}", f"federation.min_clients={clients}", f"federation.rounds={rounds}",
+               f"train.local_steps={args.local_steps}", "federation.client_cpus=1", *extra]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        return run_dir
+
     started = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    run_dir = simulate("fp32", args.clients, args.rounds)
     wall = time.perf_counter() - started
+    transfer = {}
+    for name, clients, extra in (("float16", args.clients, ["federation.transfer_dtype=float16"]),
+                                 ("secure aggregation", 3, ["federation.secure_aggregation=true"])):
+        other = simulate(name.replace(" ", "_"), clients, 1, *extra)
+        line = json.loads((other / "metrics.jsonl").read_text().splitlines()[0])
+        transfer[name] = {"bytes_up_per_client_round": statistics.median(c["bytes_up"] for c in line["clients"]),
+                          "bytes_down_per_client_round": statistics.median(c["bytes_down"] for c in line["clients"])}
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
     per_round = []
@@ -70,6 +86,9 @@ def main() -> None:
         "model_bytes": summary["bytes"]["base_model"],
         "bytes_share": statistics.median(bytes_up) / summary["bytes"]["base_model"],
         "simulate_wall_seconds": wall,
+        "transfer": {"float32": {"bytes_up_per_client_round": statistics.median(bytes_up),
+                                 "bytes_down_per_client_round": statistics.median(
+                                     c["bytes_down"] for r in rounds for c in r["clients"])}, **transfer},
         "targets": {"overhead_share": 0.10, "bytes_share": 0.001},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +100,9 @@ def main() -> None:
           f"(target <= 10%); round 1 adds Ray worker start-up: {result['round1_overhead_seconds']:.1f}s")
     print(f"bytes up per institution per round = {result['bytes_up_per_client_round']:,} B = "
           f"{100 * result['bytes_share']:.3f}% of the {result['model_bytes']:,} B model (target <= 0.1%)")
+    for name, t in result["transfer"].items():
+        print(f"{name}: up {t['bytes_up_per_client_round']:,.0f} B ({100 * t['bytes_up_per_client_round'] / result['model_bytes']:.3f}% "
+              f"of the model), down {t['bytes_down_per_client_round']:,.0f} B per institution per round")
     print(f"written to {args.out}")
 
 

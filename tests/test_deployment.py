@@ -313,13 +313,15 @@ def test_strangers_are_refused_and_malformed_updates_over_the_wire_are_rejected(
 def test_secure_aggregation_client_level_dp_and_ffa_work_in_deployment(federation, tiny_bert_dir):
     """Every privacy switch at once over the wire: SecAgg+ (each message a fresh ClientApp process,
     so the protocol's state lives in the node's context between its four stages), client-level DP
-    clipped on the nodes with an adaptive bound, FFA-LoRA. One node insists on secure aggregation."""
+    clipped on the nodes with an adaptive bound, FFA-LoRA, secure noise. One node insists on secure
+    aggregation."""
     f = federation
     tmp, env = f["tmp"], f["env"]
     _enrol_and_start(f, extra={0: " require-secure-aggregation=true"})
     out = tmp / "run"
     scenario = _scenario(tmp, out, tiny_bert_dir, rounds=2, secure_aggregation=True, lora={"ffa": True},
-                         privacy={"client_level": {"enabled": True, "clipping": "client", "adaptive": True,
+                         privacy={"secure_mode": True,
+                                  "client_level": {"enabled": True, "clipping": "client", "adaptive": True,
                                                    "noise_multiplier": 0.5}})
     run = _flwr_run(ROOT, scenario, env, tmp / "run.log")
     try:
@@ -328,6 +330,7 @@ def test_secure_aggregation_client_level_dp_and_ffa_work_in_deployment(federatio
         stop_process_tree(run)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 2
+    assert summary["privacy"]["noise_source"].startswith("OS CSPRNG")
     secure = summary["privacy"]["secure_aggregation"]["rounds"]
     assert sorted(secure) == ["1", "2"]
     for r in secure.values():

@@ -161,20 +161,21 @@ def _our_processes(port_marker: str) -> list[psutil.Process]:
 
 def test_three_institution_simulation_writes_the_run_folder(cls_config, tmp_path):
     """Also every privacy switch at once, through `fedslm simulate`: secure aggregation, client-level DP
-    with client-side adaptive clipping, FFA-LoRA."""
+    with client-side adaptive clipping, FFA-LoRA, secure noise."""
     out = tmp_path / "sim"
     cfg = cls_config(
         "federation.num_clients=3", "federation.rounds=2", "federation.min_clients=3",
         "federation.partitioner=iid", f"output.dir={out}", "privacy.target_epsilon=3",
         "privacy.client_level.enabled=true", "privacy.client_level.noise_multiplier=0.5",
         "privacy.client_level.clipping=client", "privacy.client_level.adaptive=true",
-        "federation.secure_aggregation=true", "lora.ffa=true",
+        "federation.secure_aggregation=true", "lora.ffa=true", "privacy.secure_mode=true", "privacy.noise_seed=null",
     )
     summary = simulate(cfg)
     # Both guarantees, separately: record-level per institution, client-level for the federation.
     assert set(summary["privacy"]["per_institution"]) == {"0", "1", "2"}
     cl = summary["privacy"]["client_level"]
     assert cl["rounds"] == 2 and cl["institutions_per_round"] == 3 and 0 < cl["epsilon"] < float("inf")
+    assert summary["privacy"]["noise_source"].startswith("OS CSPRNG")
     assert cl["clipping"] == "client" and cl["adaptive"] and len(cl["clipping_norms"]) == 2
     assert cl["clipping_norms"][0] == cfg.privacy.client_level.clipping_norm != cl["clipping_norms"][1]
     sa = summary["privacy"]["secure_aggregation"]
