@@ -203,6 +203,24 @@ def test_too_many_lost_nodes_stop_the_run_with_the_reason(flower_identity, secur
     assert line["stopped"] and line["errors"][0]["node"] == NODES[0]
 
 
+def test_an_out_of_range_update_stops_the_round_instead_of_spoiling_the_average(flower_identity, secure_config,
+                                                                                 tmp_path, monkeypatch):
+    import fedslm.federation.client as node_side
+
+    honest = node_side.secure_payload
+
+    def poisoned(cfg, sent, state, num_examples):
+        update, weight, metrics = honest(cfg, sent, state, num_examples)
+        if TaskIdentity.node_id == NODES[2]:
+            update = [np.full_like(u, 0.9) for u in update]  # within the quantisation range, far past the norm bound
+        return update, weight, metrics
+
+    monkeypatch.setattr(node_side, "secure_payload", poisoned)
+    cfg = secure_config("federation.max_update_norm=1")
+    with pytest.raises(FederationStopped, match="securely aggregated average was rejected .*secure aggregation hides"):
+        _secure_round(cfg, tmp_path)
+
+
 def test_secure_aggregation_with_client_side_clipping_bounds_the_average(flower_identity, secure_config, tmp_path):
     cfg = secure_config("privacy.client_level.enabled=true", "privacy.client_level.clipping=client",
                         "privacy.client_level.clipping_norm=0.05", "privacy.client_level.noise_multiplier=1e-6",

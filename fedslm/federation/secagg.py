@@ -45,6 +45,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from fedslm.config import Config
 from fedslm.errors import FedslmError
 from fedslm.federation import codec
+from fedslm.federation.validate import check_update, default_max_update_norm
 
 log = logging.getLogger("fedslm.secagg")
 
@@ -357,6 +358,12 @@ class SecureAggregationGrid:
         if plan.average is None:
             self.recorder.stop(server_round, "train", "secure aggregation produced no sum")
         average = ArrayRecord({k: _array(g + u) for k, g, u in zip(names, globals_, plan.average)})  # type: ignore[arg-type]
+        # One out-of-range update spoils the sum, and no one can say whose it was: stop, do not publish it.
+        bound = self.cfg.federation.max_update_norm or default_max_update_norm(self.cfg, numel)
+        reason = check_update(codec.record_to_state(sent), codec.record_to_state(average), bound)
+        if reason is not None:
+            self.recorder.stop(server_round, "train", f"the securely aggregated average was rejected ({reason}); an "
+                               "institution sent an update outside the bound, and secure aggregation hides which")
         self.recorder.note(server_round, "secure_aggregation", {
             "contributors": sorted(plan.contributors), "dropped": sorted(stage_grid.failed),
             "threshold": state.threshold, "shares": state.num_shares,
