@@ -70,8 +70,29 @@ def main() -> None:
         lines.append(f"| {r['name']} | {acc:.4f} | {r['fixed_test']['macro_f1']:.4f} | {100 * (acc - base):+.1f} pts | "
                      f"{worst.get('accuracy', float('nan')):.3f} | {r['wall_seconds']:.0f} s |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    plot(doc, stem.with_suffix(".png"))
     print("\n".join(lines))
-    print(f"written: {stem}.json, {stem}.md")
+    print(f"written: {stem}.json, {stem}.md, {stem}.png")
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = doc["variants"]
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    acc = [100 * r["fixed_test"]["accuracy"] for r in rows]
+    ax.barh([r["name"] for r in rows][::-1], acc[::-1], color="tab:blue")
+    ax.axvline(acc[0], color="grey", linestyle=":", label="base")
+    for y, value in enumerate(acc[::-1]):
+        ax.text(value + 0.5, y, f"{value:.1f}%", va="center", fontsize=8)
+    ax.set(xlabel="fixed-test accuracy (%)", title="Federated DP ε=8: one lever at a time", xlim=(0, 100))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,30 @@ def main() -> None:
         md.append(f"| {r['institutions']} | {r['rounds']} | {med:.0f} s | {r['wall_seconds']:.0f} s | "
                   f"{r['peak_pss_mb']:.0f} MB | {r['peak_rss_sum_mb']:.0f} MB | {med / r['institutions']:.2f} s/round |")
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    plot(result, stem.with_suffix(".png"))
     print("\n".join(md))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(result["rows"], key=lambda r: r["institutions"])
+    n = [r["institutions"] for r in rows]
+    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax_m.plot(n, [r["peak_pss_mb"] / 1024 for r in rows], "o-", label="peak PSS (process tree)")
+    ax_m.plot(n, [r["peak_rss_sum_mb"] / 1024 for r in rows], "s--", label="sum of RSS")
+    ax_m.axhline(result["target_peak_mb_at_100"] / 1024, color="tab:red", linestyle=":", label="target at 100")
+    ax_m.set(xlabel="institutions", ylabel="GB", title="Peak memory", ylim=(0, None))
+    ax_m.legend(fontsize=8)
+    ax_t.plot(n, [sorted(r["round_seconds"])[len(r["round_seconds"]) // 2] for r in rows], "o-")
+    ax_t.set(xlabel="institutions", ylabel="s", title="Median round wall time", ylim=(0, None))
+    fig.suptitle(f"{result['machine']}, {result['date']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
