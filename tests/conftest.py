@@ -10,6 +10,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from flwr.supercore.task_identity import TaskIdentity
+
 from fedslm.config import load_config
 
 WORDS = (
@@ -146,3 +148,12 @@ def causal_config(tiny_llama_dir, causal_jsonl, tmp_path):
             f"output.dir={tmp_path / 'run'}", "privacy.noise_seed=7", *overrides,
         ])
     return make
+
+
+@pytest.fixture
+def flower_identity():
+    """Messages need the process' task identity, as Flower's runtimes set it."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield TaskIdentity
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

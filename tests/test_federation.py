@@ -34,15 +34,6 @@ from fedslm.privacy.releases import Releases
 from fedslm.train import build_node
 
 
-@pytest.fixture
-def flower_identity():
-    """Messages need the process' task identity, as Flower's runtimes set it."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield TaskIdentity
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 def _request(cfg, state, fingerprint, node_id=2, mtype=MessageType.TRAIN):
     TaskIdentity.node_id = 1
     content = RecordDict({

@@ -36,14 +36,6 @@ from fedslm.train import build_node
 NODES = [11, 12, 13, 14]
 
 
-@pytest.fixture
-def flower_identity():
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield TaskIdentity
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 class NodesInProcess:
     """A grid whose nodes are the real ClientApp, called in this process.
 

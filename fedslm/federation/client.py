@@ -241,8 +241,11 @@ def client_train(request: Request, node: NodeSettings, *,
                     node.name, request.server_round, request.run_id)
     inst = build_institution(cfg, node, request, data=data)
 
+    released: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = []
+
     def keep(result: RoundResult) -> dict[str, Any]:
-        state, extra = _released(cfg, request, inst.model)
+        released.append(_released(cfg, request, inst.model))
+        state, extra = released[0]
         return releases.save(data.dataset_id, request.run_id, request.server_round, digest, state,
                              {**_train_metrics(result, node, state, request), **extra})
 
@@ -251,7 +254,7 @@ def client_train(request: Request, node: NodeSettings, *,
         run_id=request.run_id, round_idx=request.server_round, proximal_mu=request.proximal_mu,
         release=keep if request.run_id else None,
     )
-    state, extra = _released(cfg, request, inst.model)
+    state, extra = released[0] if released else _released(cfg, request, inst.model)  # clipped once, kept as sent
     metrics = {**_train_metrics(result, node, state, request), **extra}
     metrics["seconds"] = time.perf_counter() - started
     return _on_the_wire(cfg, state, metrics, secure)

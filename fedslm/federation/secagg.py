@@ -165,11 +165,11 @@ def secure_payload(cfg: Config, sent: Mapping[str, torch.Tensor], state: Mapping
     if clipped:
         log.warning("secure aggregation: %d update coordinates exceed federation.secagg.clipping_range=%s and are "
                     "clipped", clipped, limit)
-    bound = max_weight(cfg)
-    weight = 1.0 if cfg.privacy.client_level.enabled else float(num_examples)
-    if weight > bound:
-        log.warning("secure aggregation: %s training records count as federation.secagg.max_weight=%s", weight, bound)
-        weight = bound
+    bound = max_weight(cfg)  # 1 under client-level DP: every institution counts once
+    weight = min(float(num_examples), bound)
+    if num_examples > bound and not cfg.privacy.client_level.enabled:
+        log.warning("secure aggregation: %s training records count as federation.secagg.max_weight=%s",
+                    num_examples, bound)
     return update, weight, {"secagg-clipped": clipped, "secagg-weight": weight}
 
 

@@ -339,10 +339,9 @@ class Recording:
         checked = self.recorder.reject_bad_updates(server_round, list(replies), self.sent, self.update_norm_limit)
         self._screened = server_round
         valid = self.recorder.on_train(server_round, checked)
-        for reply in valid:  # averaged (and clipped) in float32, whatever the wire carried
-            state = codec.reply_state(reply)
-            if any(t.is_floating_point() and t.dtype != torch.float32 for t in state.values()):
-                reply.content[codec.ARRAYS] = codec.state_to_record(codec.transfer(state, "float32"))
+        if self.recorder.cfg.federation.transfer_dtype != "float32":
+            for reply in valid:  # averaged (and clipped) in float32, whatever the wire carried
+                reply.content[codec.ARRAYS] = codec.state_to_record(codec.transfer(codec.reply_state(reply), "float32"))
         return valid
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):

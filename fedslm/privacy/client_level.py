@@ -50,6 +50,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from fedslm.config import Config
 from fedslm.errors import FedslmError
+from fedslm.federation import codec
 from fedslm.privacy import csprng
 from fedslm.privacy.accountant import epsilon
 
@@ -122,8 +123,8 @@ class _Fedslm:
             config[KEY_CLIPPING_NORM] = self.clipping_norm
             # The coordinator holds nodes to the bound they were sent. Under secure aggregation it sees
             # only the average, whose norm the same bound limits, up to the quantisation error.
-            numel = sum(a.numpy().size for a in arrays.values())
-            self.strategy.update_norm_limit = self.clipping_norm * (1 + _ROUNDING) + math.sqrt(numel) * self.secagg_step
+            slack = math.sqrt(sum(a.numpy().size for a in arrays.values())) * self.secagg_step if self.secagg_step else 0.0
+            self.strategy.update_norm_limit = self.clipping_norm * (1 + _ROUNDING) + slack
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def _screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
@@ -149,7 +150,7 @@ class _Fedslm:
             self._round_norm = self.clipping_norm
         valid = self._screen(server_round, replies)
         if self.client_side:
-            bits = [int(bool(r.content["metrics"].get(KEY_NORM_BIT, 0))) for r in valid] if self.adaptive else []
+            bits = [int(bool(codec.reply_metrics(r).get(KEY_NORM_BIT, 0))) for r in valid] if self.adaptive else []
             clipped = sum(bits)
         else:
             clipped = self._clip_on_server(valid)
@@ -185,10 +186,6 @@ class ServerAdaptive(_Fedslm, DifferentialPrivacyServerSideAdaptiveClipping):
 class ClientAdaptive(_Fedslm, DifferentialPrivacyClientSideAdaptiveClipping):
     client_side = True
     adaptive = True
-
-
-# Kept for callers of the first version (server-side fixed clipping).
-ClientLevelDP = ServerFixed
 
 
 def client_level_strategy(inner: Any, cfg: Config) -> Any:
