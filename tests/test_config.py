@@ -59,11 +59,13 @@ def test_files_then_overrides_merge_in_order(tmp_path):
         ("lora.r", "override 'lora.r' is not key=value"),
         ("data.labels=[a]", "data.labels must list at least 2 labels"),
         ("federation.rounds=0", "federation.rounds must be > 0, got 0"),
+        ("model.pooling=max", "model.pooling must be one of cls, mean; got 'max'"),
+        ("model.task=causal_lm model.pooling=mean", "model.pooling 'mean' applies to model.task 'classification' only"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:
-        load_config(overrides=[override])
+        load_config(overrides=override.split())
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 

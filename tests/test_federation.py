@@ -27,7 +27,7 @@ from fedslm.federation.server import (
 )
 from fedslm.federation.simulate import simulate
 from fedslm.lora import get_adapter_state, set_adapter_state, trainable_parameters
-from fedslm.lora.adapter import frozen_digest
+from fedslm.lora.adapter import frozen_digest, read_adapter_meta
 from fedslm.models import load_base
 from fedslm.privacy import Ledger
 from fedslm.privacy.releases import Releases
@@ -152,7 +152,7 @@ def _our_processes(port_marker: str) -> list[psutil.Process]:
 
 def test_three_institution_simulation_writes_the_run_folder(cls_config, tmp_path):
     """Also every privacy switch at once, through `fedslm simulate`: secure aggregation, client-level DP
-    with client-side adaptive clipping, FFA-LoRA, secure noise."""
+    with client-side adaptive clipping, FFA-LoRA, secure noise; and a mean-pooled head."""
     out = tmp_path / "sim"
     cfg = cls_config(
         "federation.num_clients=3", "federation.rounds=2", "federation.min_clients=3",
@@ -160,6 +160,7 @@ def test_three_institution_simulation_writes_the_run_folder(cls_config, tmp_path
         "privacy.client_level.enabled=true", "privacy.client_level.noise_multiplier=0.5",
         "privacy.client_level.clipping=client", "privacy.client_level.adaptive=true",
         "federation.secure_aggregation=true", "lora.ffa=true", "privacy.secure_mode=true", "privacy.noise_seed=null",
+        "model.pooling=mean",
     )
     summary = simulate(cfg)
     # Both guarantees, separately: record-level per institution, client-level for the federation.
@@ -195,6 +196,8 @@ def test_three_institution_simulation_writes_the_run_folder(cls_config, tmp_path
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["round"] == 2
     base = load_base(cfg.model, 3)
+    assert summary["base_fingerprint"] == base.fingerprint  # every node and the coordinator pooled by mean
+    assert read_adapter_meta(out / "adapter")["pooling"] == "mean"
     PeftModel.from_pretrained(base.model, out / "adapter")
     assert not _our_processes(str(out))  # every process the run started is gone
 

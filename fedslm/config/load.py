@@ -16,7 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from fedslm.config.schema import ACCOUNTANTS, OPTIMIZERS, PARTITIONERS, STRATEGIES, TASKS, Config
+from fedslm.config.schema import ACCOUNTANTS, OPTIMIZERS, PARTITIONERS, POOLINGS, STRATEGIES, TASKS, Config
 from fedslm.errors import ConfigError
 
 
@@ -137,6 +137,9 @@ def validate(cfg: Config) -> None:
     _choice("model.task", cfg.model.task, TASKS)
     _positive("model.max_length", cfg.model.max_length)
     _check(cfg.model.max_length >= 4, f"model.max_length must be >= 4, got {cfg.model.max_length}")
+    _choice("model.pooling", cfg.model.pooling, POOLINGS)
+    _check(cfg.model.pooling == "cls" or cfg.model.task == "classification",
+           f"model.pooling '{cfg.model.pooling}' applies to model.task 'classification' only")
 
     _positive("lora.r", cfg.lora.r)
     _positive("lora.alpha", cfg.lora.alpha)

@@ -15,6 +15,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam")
 PARTITIONERS = ("iid", "dirichlet", "column")
 ACCOUNTANTS = ("rdp", "prv")
 OPTIMIZERS = ("adamw", "sgd")
+POOLINGS = ("cls", "mean")
 
 
 @dataclass
@@ -25,6 +26,9 @@ class ModelConfig:
     max_length: int = 64
     # Seeds the freshly initialised task head so every node builds the same base.
     init_seed: int = 0
+    # What a classifier's head reads: "cls" (the encoder's [CLS] pooler, Hugging Face's default) or
+    # "mean" (the masked mean of the token vectors, what sentence encoders like MiniLM were trained for).
+    pooling: str = "cls"
 
 
 @dataclass

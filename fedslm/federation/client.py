@@ -143,7 +143,7 @@ def build_institution(cfg: Config, node: NodeSettings, request: Request, *, for_
     if request.base_fingerprint and request.base_fingerprint != base.fingerprint:
         raise FingerprintMismatch(
             f"{node.name}: base model fingerprint {base.fingerprint[:12]} differs from the coordinator's "
-            f"{request.base_fingerprint[:12]} (different model.name, label set or model.init_seed)"
+            f"{request.base_fingerprint[:12]} (different model.name, label set, model.init_seed or model.pooling)"
         )
     if request.frozen_digest != frozen_digest(model):
         raise FingerprintMismatch(

@@ -139,7 +139,7 @@ def adapter_meta(cfg: Any, fingerprint: str, labels: Optional[list[str]] = None)
 
     name = cfg.model.name if presets.get(cfg.model.name) else str(Path(cfg.model.name).expanduser().resolve())
     return {"model": name, "task": cfg.model.task, "max_length": cfg.model.max_length,
-            "init_seed": cfg.model.init_seed, "labels": labels, "base_fingerprint": fingerprint}
+            "init_seed": cfg.model.init_seed, "pooling": cfg.model.pooling, "labels": labels, "base_fingerprint": fingerprint}
 
 
 def read_adapter_meta(folder: str | Path) -> dict[str, Any]:

@@ -39,7 +39,7 @@ def load_tuned(adapter_dir: str | Path) -> Tuned:
     meta = read_adapter_meta(adapter_dir)
     labels = meta.get("labels")
     cfg = ModelConfig(name=meta["model"], task=meta["task"], max_length=int(meta.get("max_length", 128)),
-                      init_seed=int(meta.get("init_seed", 0)))
+                      init_seed=int(meta.get("init_seed", 0)), pooling=str(meta.get("pooling", "cls")))
     base = load_base(cfg, len(labels) if labels else None)
     if meta.get("base_fingerprint") and base.fingerprint != meta["base_fingerprint"]:
         raise ModelError(f"{adapter_dir}: trained on base {meta['base_fingerprint'][:12]}, but {meta['model']} "
@@ -79,6 +79,10 @@ def export_merged(adapter_dir: str | Path, out: str | Path) -> dict[str, Any]:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"{out} already exists and is not empty; choose a new folder")
+    if read_adapter_meta(adapter_dir).get("pooling", "cls") != "cls":
+        # A plain Hugging Face classifier would read its [CLS] pooler, not the mean this head was trained on.
+        raise ModelError(f"{adapter_dir} was trained with model.pooling 'mean', which a plain Hugging Face "
+                         "classifier folder cannot express; use the adapter with fedslm (evaluate, or load_tuned)")
     tuned = load_tuned(adapter_dir)
     probe = _probe(tuned)
     logits_before = tuned.model(**probe).logits

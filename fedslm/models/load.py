@@ -21,6 +21,7 @@ from torch import nn
 from fedslm.config.schema import ModelConfig
 from fedslm.errors import ModelError
 from fedslm.models import presets
+from fedslm.models.pooling import use_mean_pooling
 
 
 @dataclass
@@ -109,6 +110,8 @@ def load_base(cfg: ModelConfig, num_labels: Optional[int] = None) -> BaseModel:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     _redraw_fresh(model, sorted(info.get("missing_keys", ())), cfg.init_seed)
+    if cfg.task == "classification" and cfg.pooling == "mean":
+        use_mean_pooling(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
