@@ -129,3 +129,22 @@ def test_poisson_sampling_varies_batch_sizes_and_hits_empty_batches():
     assert sizes.count(0) > 20
     assert abs(sum(sizes) / len(sizes) - 2.0) < 0.3
     assert all(len(set(b)) == len(b) for b in batches)  # no record twice in a batch
+
+
+def test_a_noise_seed_reproduces_a_round_in_any_run_and_another_seed_does_not(cls_config, tmp_path):
+    """privacy.noise_seed fixes batches and noise from (seed, dataset, round): a rerun (a new run id)
+    trains to the same adapter, bit for bit; another seed to a different one."""
+    from fedslm.lora import get_adapter_state
+    from fedslm.privacy import Ledger
+    from fedslm.train import train_round
+
+    def adapter(seed: int, run_id: str, name: str) -> dict[str, torch.Tensor]:
+        cfg = cls_config(f"privacy.noise_seed={seed}", "train.local_steps=2")
+        node = build_node(cfg)
+        train_round(node.model, node.train, cfg, dataset_id=node.data.dataset_id,
+                    ledger=Ledger(tmp_path / f"{name}.json"), run_id=run_id, round_idx=1)
+        return get_adapter_state(node.model)
+
+    one, rerun, other = adapter(7, "run-a", "a"), adapter(7, "run-b", "b"), adapter(8, "run-a", "c")
+    assert all(torch.equal(one[k], rerun[k]) for k in one)
+    assert any(not torch.equal(one[k], other[k]) for k in one)

@@ -104,8 +104,9 @@ class PrivacyConfig:
     # Noise and Poisson sampling from the OS CSPRNG (fedslm.privacy.csprng) instead of torch's
     # generator; incompatible with noise_seed.
     secure_mode: bool = False
-    # Seeds DP noise and Poisson sampling, for reproducible research runs only.
-    # Leave null in deployment: anyone who knows the seed can subtract the noise.
+    # Seeds DP noise and Poisson sampling from (seed, dataset, round), for reproducible research runs
+    # only: a rerun draws the same. Leave null in deployment: anyone who knows the seed can subtract
+    # the noise, and two runs with the same seed share it.
     noise_seed: Optional[int] = None
     client_level: ClientLevelConfig = field(default_factory=ClientLevelConfig)
 

@@ -64,7 +64,11 @@ def privacy_plan(cfg: Config, num_examples: int) -> PrivacyPlan:
 
 
 def _generator(seed: Optional[int], *salt: object) -> torch.Generator:
-    """Seeded from (seed, salt) for reproducible research runs, else from the OS's CSPRNG."""
+    """Seeded from (seed, salt) for reproducible research runs, else from the OS's CSPRNG.
+
+    The salt is (purpose, dataset, round), not the run: a rerun with the same seed draws the same
+    batches and noise, so it reproduces its figures. (Two runs with one seed therefore share noise;
+    a seed is for research only, see privacy.noise_seed.)"""
     if seed is None:
         return torch.Generator().manual_seed(secrets.randbits(63))
     digest = hashlib.sha256(repr((seed, *salt)).encode()).digest()
@@ -123,11 +127,11 @@ def train_round(
         engine: DPSGD | PlainSGD = DPSGD(
             model, optimizer=optimizer, noise_multiplier=pl.noise_multiplier, max_grad_norm=p.max_grad_norm,
             expected_batch_size=t.batch_size, physical_batch_size=t.physical_batch_size,
-            noise_generator=_generator(p.noise_seed, "noise", dataset_id, run_id, round_idx),
+            noise_generator=_generator(p.noise_seed, "noise", dataset_id, round_idx),
             secure_mode=p.secure_mode, extra_grad=extra_grad,
         )
         q, delta, sigma = pl.sample_rate, pl.delta, pl.noise_multiplier
-        sampler = _generator(p.noise_seed, "sample", dataset_id, run_id, round_idx)
+        sampler = _generator(p.noise_seed, "sample", dataset_id, round_idx)
     else:
         if p.max_epsilon is not None:
             raise BudgetExceededError(
@@ -137,7 +141,7 @@ def train_round(
         engine = PlainSGD(model, optimizer=optimizer, physical_batch_size=t.physical_batch_size,
                           extra_grad=extra_grad)
         q, delta, sigma, noise_source = min(1.0, t.batch_size / n), None, None, "none (privacy disabled)"
-        sampler = _generator(t.seed, "sample", dataset_id, run_id, round_idx)
+        sampler = _generator(t.seed, "sample", dataset_id, round_idx)
 
     if p.enabled and p.secure_mode:  # the batches' membership, too, from the OS CSPRNG
         batches = [[int(i) for i in np.flatnonzero(csprng.poisson_mask(n, q))] for _ in range(t.local_steps)]
