@@ -38,7 +38,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # All benchmarks (about two hours on 2 cores); QUICK=1: a smoke test of the same pipeline (fewer steps and
-# variants). Results: benchmarks/results/.
+# variants; about 8 minutes). Results: benchmarks/results/.
 bench: $(STAMP)
 ifeq ($(QUICK),1)
 	$(BIN)/python benchmarks/dp_overhead.py --steps 4 --repeats 1 --out benchmarks/results/dp_overhead_quick.json

