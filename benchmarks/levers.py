@@ -108,7 +108,7 @@ def plot(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = doc["variants"]
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
     acc = [100 * r["fixed_test"]["accuracy"] for r in rows]
     ax.barh([r["name"] for r in rows][::-1], acc[::-1], color="tab:blue")
     ax.axvline(acc[0], color="grey", linestyle=":", label="base")
@@ -122,7 +122,7 @@ def plot(doc: dict, path: Path) -> None:
     for y, value in enumerate(acc[::-1]):
         ax.text(value + 0.5, y, f"{value:.1f}%", va="center", fontsize=8)
     ax.set(xlabel="fixed-test accuracy (%)", title="Federated DP ε=8: one lever at a time", xlim=(0, 100))
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
