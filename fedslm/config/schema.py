@@ -105,8 +105,9 @@ class PrivacyConfig:
     # generator; incompatible with noise_seed.
     secure_mode: bool = False
     # Seeds DP noise and Poisson sampling from (seed, dataset, round), for reproducible research runs
-    # only: a rerun draws the same. Leave null in deployment: anyone who knows the seed can subtract
-    # the noise, and two runs with the same seed share it.
+    # only: a rerun draws the same (a model's own dropout is not seeded by it). Leave null in
+    # deployment: anyone who knows the seed can subtract the noise, and two runs with the same seed
+    # share it.
     noise_seed: Optional[int] = None
     client_level: ClientLevelConfig = field(default_factory=ClientLevelConfig)
 

@@ -67,8 +67,8 @@ def _generator(seed: Optional[int], *salt: object) -> torch.Generator:
     """Seeded from (seed, salt) for reproducible research runs, else from the OS's CSPRNG.
 
     The salt is (purpose, dataset, round), not the run: a rerun with the same seed draws the same
-    batches and noise, so it reproduces its figures. (Two runs with one seed therefore share noise;
-    a seed is for research only, see privacy.noise_seed.)"""
+    batches and noise. (Two runs with one seed therefore share noise; a seed is for research only,
+    see privacy.noise_seed. A model's dropout still draws from torch's global generator.)"""
     if seed is None:
         return torch.Generator().manual_seed(secrets.randbits(63))
     digest = hashlib.sha256(repr((seed, *salt)).encode()).digest()
