@@ -1,20 +1,22 @@
-"""The fedslm ClientApp: an institution's node. Thin: read the message and node config, call fedslm.
+"""The fedslm ClientApp: an institution's node. Thin: read the node config and message, call fedslm.
 
-Errors a node can explain (bad data, a refused budget, a different base model) go back as an
-error reply carrying the reason; the coordinator logs it and carries on without this node.
-Train messages that carry Flower's SecAgg+ protocol go through its mod (fedslm.federation.secagg);
-the update is then masked before it leaves the node.
+The node config names the institution's policy (``policy="/path/policy.yaml"``); every request is
+planned through it (fedslm.node.plan). Anything that goes wrong goes back as an error reply with a
+category and a fixed reason only (fedslm.wire.errors); the details go to this node's log. Train
+messages that carry Flower's SecAgg+ protocol go through its mod (fedslm.node.secagg); the update is
+then masked before it leaves the node.
 """
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedslm.errors import FedslmError
-from fedslm.federation import codec, secagg
-from fedslm.federation.client import client_evaluate, client_secure_train, client_train, node_settings
+from fedslm.node import secagg
+from fedslm.node.errors import refusal
+from fedslm.node.serve import client_evaluate, client_secure_train, client_train, node_context
+from fedslm.wire import codec
+from fedslm.wire.errors import NODE_REFUSED
 
-# Error code for a node refusing or failing a round for a reason it states.
-NODE_REFUSED = secagg.NODE_REFUSED
+__all__ = ["NODE_REFUSED", "app"]
 
 app = ClientApp(mods=[secagg.secure_aggregation_mod])
 
@@ -22,20 +24,20 @@ app = ClientApp(mods=[secagg.secure_aggregation_mod])
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     try:
-        request, node = codec.parse_request(msg), node_settings(context.node_config)
+        request, node = codec.parse_request(msg), node_context(context.node_config)
         if secagg.in_protocol(msg):
             update, weight, metrics = client_secure_train(request, node)
             return secagg.masked_train_reply(msg, update, weight, metrics)
         state, metrics = client_train(request, node)
-    except FedslmError as exc:
-        return Message(error=Error(code=NODE_REFUSED, reason=str(exc)), reply_to=msg)
+    except Exception as exc:  # noqa: BLE001 - nothing of the node may reach the reply: category only
+        return Message(error=refusal(exc, "train"), reply_to=msg)
     return codec.train_reply(msg, state, metrics)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     try:
-        metrics = client_evaluate(codec.parse_request(msg), node_settings(context.node_config))
-    except FedslmError as exc:
-        return Message(error=Error(code=NODE_REFUSED, reason=str(exc)), reply_to=msg)
+        metrics = client_evaluate(codec.parse_request(msg), node_context(context.node_config))
+    except Exception as exc:  # noqa: BLE001 - as above
+        return Message(error=refusal(exc, "evaluate"), reply_to=msg)
     return codec.evaluate_reply(msg, metrics)

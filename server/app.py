@@ -12,7 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedslm.config import load_config
-from fedslm.federation.server import run_server
+from fedslm.coordinator.server import run_server
 
 APP_DIR = Path(__file__).resolve().parent.parent
 

@@ -157,3 +157,26 @@ def flower_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     yield TaskIdentity
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture
+def node_policy(tmp_path):
+    """Write a deployed node's policy: its data, ledger and caps; ``cfg`` (the coordinator's config)
+    names the base model the institution allows."""
+    import yaml
+
+    def make(cfg=None, *, data, name="h0", ledger=None, max_epsilon=8.0, max_delta=1e-4, min_test_records=1,
+             models=None, path=None, **privacy):
+        allowed = models if models is not None else [cfg.model.name if cfg is not None else "minilm"]
+        policy = {
+            "name": name,
+            "data": {"source": str(data), "min_test_records": min_test_records},
+            "privacy": {"ledger": str(ledger or tmp_path / f"{name}.ledger.json"), "max_epsilon": max_epsilon,
+                        "max_delta": max_delta, **privacy},
+            "models": {"allowed": [str(m) for m in allowed]},
+        }
+        out = Path(path or tmp_path / f"{name}.policy.yaml")
+        out.write_text(yaml.safe_dump(policy), encoding="utf-8")
+        return out
+
+    return make

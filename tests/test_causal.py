@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from fedslm.cli.main import app
 from fedslm.errors import ModelError
-from fedslm.federation.simulate import simulate
+from fedslm.simulation.simulate import simulate
 from fedslm.models import presets
 
 

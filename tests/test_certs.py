@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from fedslm.cli.main import app
 from fedslm.deploy.certs import make_credentials
 from fedslm.errors import ConfigError
-from fedslm.federation.simulate import free_port, stop_process_tree
+from fedslm.simulation.simulate import free_port, stop_process_tree
 
 
 def test_credentials_are_valid_and_private(tmp_path):

@@ -93,7 +93,7 @@ def test_config_show_prints_resolved_yaml():
 
 def test_registries_reject_duplicates():
     from fedslm.data.tasks import TASKS
-    from fedslm.federation.server import STRATEGIES
+    from fedslm.coordinator.server import STRATEGIES
     from fedslm.registry import Registry
 
     reg: Registry[int] = Registry("thing")

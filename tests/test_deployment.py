@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from fedslm.deploy.certs import make_credentials
-from fedslm.federation.simulate import free_port, stop_process_tree
+from fedslm.simulation.simulate import free_port, stop_process_tree
 from fedslm.privacy import Ledger
 
 from conftest import CLASS_WORDS, _class_rows

@@ -136,12 +136,12 @@ def test_a_noise_seed_reproduces_a_round_in_any_run_and_another_seed_does_not(cl
     trains to the same adapter, bit for bit; another seed to a different one."""
     from fedslm.lora import get_adapter_state
     from fedslm.privacy import Ledger
-    from fedslm.train import train_round
+    from fedslm.train import round_spec, train_round
 
     def adapter(seed: int, run_id: str, name: str) -> dict[str, torch.Tensor]:
         cfg = cls_config(f"privacy.noise_seed={seed}", "train.local_steps=2")
         node = build_node(cfg)
-        train_round(node.model, node.train, cfg, dataset_id=node.data.dataset_id,
+        train_round(node.model, node.train, round_spec(cfg), unit=cfg.privacy.unit,
                     ledger=Ledger(tmp_path / f"{name}.json"), run_id=run_id, round_idx=1)
         return get_adapter_state(node.model)
 

@@ -4,6 +4,7 @@ error replies, and a real 3-institution simulation (Flower simulation engine) on
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,8 @@ from peft import PeftModel
 
 import clients.app as client_app
 from fedslm.config import to_yaml
-from fedslm.federation import codec
-from fedslm.federation.server import (
+from fedslm.wire import codec
+from fedslm.coordinator.server import (
     FederationStopped,
     RunFolderError,
     RunRecorder,
@@ -25,13 +26,14 @@ from fedslm.federation.server import (
     make_strategies,
     make_strategy,
 )
-from fedslm.federation.simulate import simulate
+from fedslm.simulation.simulate import simulate
 from fedslm.lora import get_adapter_state, set_adapter_state, trainable_parameters
 from fedslm.lora.adapter import frozen_digest, read_adapter_meta
 from fedslm.models import load_base
 from fedslm.privacy import Ledger
-from fedslm.privacy.releases import Releases
+from fedslm.node.releases import Releases
 from fedslm.train import build_node
+from fedslm.wire.errors import public_reason
 
 
 def _request(cfg, state, fingerprint, node_id=2, mtype=MessageType.TRAIN):
@@ -67,25 +69,29 @@ def test_clientapp_reply_carries_only_the_adapter(flower_identity, cls_config, t
     assert metrics["num-examples"] > 0
 
 
-def test_clientapp_refuses_a_different_base_with_a_reason(flower_identity, cls_config):
+def test_clientapp_refuses_a_different_base_with_its_category_only(flower_identity, cls_config):
     cfg = cls_config("federation.num_clients=2", "federation.partitioner=iid")
     node = build_node(cfg)
     msg = _request(cfg, get_adapter_state(node.model), "0" * 64)
     TaskIdentity.node_id = 2
     reply = client_app.train(msg, _context({"partition-id": 1, "num-partitions": 2}))
-    assert reply.has_error() and "fingerprint" in reply.error.reason
+    assert reply.has_error() and reply.error.reason == public_reason("base-mismatch")
+    assert node.base.fingerprint[:12] not in reply.error.reason
 
 
-def test_clientapp_bad_data_replies_with_the_reason(flower_identity, cls_config, tmp_path):
+def test_clientapp_bad_data_replies_with_a_category_and_logs_the_details(flower_identity, cls_config, tmp_path,
+                                                                         node_policy, caplog):
     bad = tmp_path / "broken.csv"
     bad.write_bytes(b"text,label\nfever,resp\n\xff\xfe,cardio\n")
-    cfg = cls_config("federation.num_clients=2", "federation.partitioner=iid")
+    cfg = cls_config("federation.num_clients=2", "federation.partitioner=iid", "privacy.noise_seed=null")
     node = build_node(cfg)
     msg = _request(cfg, get_adapter_state(node.model), node.base.fingerprint)
     TaskIdentity.node_id = 2
-    reply = client_app.train(msg, _context({"data-source": str(bad)}))
-    assert reply.has_error()
-    assert "broken.csv line 3" in reply.error.reason and "not UTF-8" in reply.error.reason
+    with caplog.at_level("WARNING", logger="fedslm.node"):
+        reply = client_app.train(msg, _context({"policy": str(node_policy(cfg, data=bad))}))
+    assert reply.has_error() and reply.error.reason == public_reason("node-misconfigured")
+    assert "broken.csv" not in reply.error.reason
+    assert "broken.csv line 3" in caplog.text and "not UTF-8" in caplog.text  # the operator reads it here
 
 
 def _train_request_to(node_id):
@@ -340,32 +346,35 @@ class _FakeGrid:
 def test_a_reused_model_in_one_process_trains_exactly_like_a_fresh_one(flower_identity, cls_config, tmp_path):
     """Simulation actors reuse the loaded base across rounds and institutions: institution 1's update
     after institution 0 trained in the same process equals its update in a fresh process."""
-    from fedslm.federation import client as node_logic
+    from fedslm.node import serve as node_logic
 
     cfg = cls_config("federation.num_clients=2", "federation.partitioner=iid")
     node = build_node(cfg)
     state = get_adapter_state(node.model)
     TaskIdentity.node_id = 2
 
-    def train(inst, ledger):
+    def train(inst):
         reply = client_app.train(_request(cfg, state, node.base.fingerprint), _context(
-            {"partition-id": inst, "num-partitions": 2, "ledger": str(tmp_path / ledger)}))
+            {"partition-id": inst, "num-partitions": 2}))
         assert not reply.has_error(), reply.error
         assert reply.content[codec.METRICS]["replayed"] == 0
         return codec.reply_state(reply)
 
     node_logic._LOADED.clear()
-    train(0, "a0.json")
-    reused = train(1, "a1.json")
+    train(0)
+    reused = train(1)
     node_logic._LOADED.clear()
-    fresh = train(1, "b1.json")  # a ledger of its own, so the same request is trained again, same seeds
+    ledgers = Path(cfg.output.dir) / "ledgers"
+    for kept in ledgers.glob("institution-1.json*"):  # a fresh ledger: the same request is trained again
+        shutil.rmtree(kept) if kept.is_dir() else kept.unlink()
+    fresh = train(1)
     for key in fresh:
         torch.testing.assert_close(reused[key], fresh[key], rtol=0, atol=0)
 
 
 def _local_updates(cfg, n=3):
     """n institutions' updates from one global start: same data, different DP noise."""
-    from fedslm.train import train_round
+    from fedslm.train import round_spec, train_round
 
     start = build_node(cfg)
     initial = get_adapter_state(start.model)
@@ -373,8 +382,8 @@ def _local_updates(cfg, n=3):
     for i in range(n):
         node = build_node(cfg)
         set_adapter_state(node.model, initial)
-        train_round(node.model, node.train, cfg, dataset_id=f"d{i}", ledger=Ledger(Path(cfg.output.dir) / f"l{i}.json"),
-                    run_id=f"noise-{i}")
+        train_round(node.model, node.train, round_spec(cfg), unit=f"d{i}",
+                    ledger=Ledger(Path(cfg.output.dir) / f"l{i}.json"), run_id=f"noise-{i}")
         states.append(get_adapter_state(node.model))
         a_mats.append({k.replace(".default.", "."): p.detach().clone()
                        for k, p in node.model.named_parameters() if ".lora_A." in k})
@@ -467,7 +476,7 @@ def test_client_level_dp_adds_noise_of_std_z_c_over_m_and_screens_first(flower_i
 
 
 def test_client_level_epsilon_composes_rounds_below_the_classical_rdp_bound(cls_config):
-    from fedslm.privacy.client_level import client_level_summary
+    from fedslm.coordinator.client_level import client_level_summary
 
     cfg = cls_config("federation.num_clients=5", "privacy.client_level.enabled=true",
                      "privacy.client_level.noise_multiplier=1.5")
@@ -522,7 +531,7 @@ class _TwoNodeGrid:
 def test_a_simulation_joins_a_ray_cluster_when_given_its_address(cls_config, tmp_path):
     import tomllib
 
-    from fedslm.federation.simulate import write_flower_config
+    from fedslm.simulation.simulate import write_flower_config
 
     write_flower_config(tmp_path / "local", 9999, cls_config("federation.client_cpus=1"))
     write_flower_config(tmp_path / "cluster", 9999, cls_config("federation.ray_address=auto",

@@ -16,7 +16,7 @@ def test_gemma_preset_trains_with_dp_and_generates(tmp_path):
     from fedslm.config import load_config
     from fedslm.models.generate import generate
     from fedslm.privacy import Ledger
-    from fedslm.train import build_node, train_round
+    from fedslm.train import round_spec, build_node, train_round
 
     cfg = load_config(overrides=["model.name=gemma3-270m", "model.task=causal_lm", "model.max_length=32",
                                  "data.source=icd10-instruct", "data.max_test_records=8", "train.batch_size=4",
@@ -24,7 +24,7 @@ def test_gemma_preset_trains_with_dp_and_generates(tmp_path):
                                  f"output.dir={tmp_path}"])
     node = build_node(cfg)
     assert node.base.model.config.model_type == "gemma3_text"
-    result = train_round(node.model, node.train, cfg, dataset_id=node.data.dataset_id,
+    result = train_round(node.model, node.train, round_spec(cfg), unit=cfg.privacy.unit,
                          ledger=Ledger(tmp_path / "ledger.json"))
     assert result.steps == 1 and 0 < result.epsilon <= cfg.privacy.target_epsilon
     text = generate(node.model, node.base.tokenizer, "ICD-10-CM description: Acute bronchitis\nCode:",

@@ -14,7 +14,7 @@ from fedslm.cli.main import app
 from fedslm.errors import BudgetExceededError
 from fedslm.lora import get_adapter_state
 from fedslm.privacy import Ledger, LedgerError, epsilon
-from fedslm.train import build_node, ledger_path, train_round
+from fedslm.train import round_spec, build_node, ledger_path, train_round
 
 
 def test_ledger_composes_every_round(tmp_path):
@@ -22,7 +22,7 @@ def test_ledger_composes_every_round(tmp_path):
     for r in range(3):
         led.charge("d1", (1.2, 0.05, 40), delta=1e-5, num_examples=1000, run="a", round=r + 1)
     assert led.spent("d1", 1e-5) == pytest.approx(epsilon([(1.2, 0.05, 120)], 1e-5))
-    assert led.spent("other", 1e-5) == 0.0  # one accountant per dataset
+    assert led.spent("other", 1e-5) == 0.0  # one accountant per privacy unit
     assert not list(tmp_path.glob("*.tmp"))  # atomic write leaves no temp files
 
 
@@ -53,7 +53,7 @@ def test_check_refuses_past_cap_and_names_it(tmp_path):
     led = Ledger(tmp_path / "l.json")
     led.charge("d", (0.8, 0.1, 100), delta=1e-5, num_examples=100)
     spent = led.spent("d", 1e-5)
-    with pytest.raises(BudgetExceededError, match=r"privacy.max_epsilon=.*refusing"):
+    with pytest.raises(BudgetExceededError, match=r"max_epsilon=.*refusing"):
         led.check("d", (0.8, 0.1, 100), delta=1e-5, max_epsilon=spent + 0.01)
     before, after = led.check("d", (0.8, 0.1, 1), delta=1e-5, max_epsilon=spent + 10)
     assert before == pytest.approx(spent) and after > before
@@ -65,25 +65,25 @@ def test_training_rounds_charge_the_ledger_before_release_and_stop_at_cap(cls_co
     led = Ledger(ledger_path(cfg))
     spent = []
     for r in (1, 2):
-        res = train_round(node.model, node.train, cfg, dataset_id=node.data.dataset_id, ledger=led,
+        res = train_round(node.model, node.train, round_spec(cfg), unit=cfg.privacy.unit, ledger=led,
                           run_id="run-a", round_idx=r)
-        assert len(led.entries(node.data.dataset_id)) == r  # on disk when the result is returned
-        assert res.epsilon == pytest.approx(led.spent(node.data.dataset_id, res.delta))
+        assert len(led.entries(cfg.privacy.unit)) == r  # on disk when the result is returned
+        assert res.epsilon == pytest.approx(led.spent(cfg.privacy.unit, res.delta))
         spent.append(res.epsilon)
     assert spent[0] < spent[1] <= 2.0 + 1e-9
     # A third round (e.g. a coordinator asking for more) would pass the node's cap: refused, nothing charged.
     state = get_adapter_state(node.model)
     with pytest.raises(BudgetExceededError):
-        train_round(node.model, node.train, cfg, dataset_id=node.data.dataset_id, ledger=led, run_id="run-a",
+        train_round(node.model, node.train, round_spec(cfg), unit=cfg.privacy.unit, ledger=led, run_id="run-a",
                     round_idx=3)
-    assert len(led.entries(node.data.dataset_id)) == 2
+    assert len(led.entries(cfg.privacy.unit)) == 2
     after = get_adapter_state(node.model)
     assert all((state[k] == after[k]).all() for k in state)  # no training happened
 
     # A fresh process (new node object, same ledger file) continues from the spent budget.
     node2 = build_node(cfg)
     with pytest.raises(BudgetExceededError, match=r"spent so far ε=1\.9"):
-        train_round(node2.model, node2.train, cfg, dataset_id=node2.data.dataset_id, ledger=Ledger(ledger_path(cfg)),
+        train_round(node2.model, node2.train, round_spec(cfg), unit=cfg.privacy.unit, ledger=Ledger(ledger_path(cfg)),
                     run_id="run-b", round_idx=1)
 
 
@@ -91,21 +91,21 @@ def test_node_cap_wins_over_a_larger_target(cls_config):
     cfg = cls_config("privacy.target_epsilon=8", "privacy.max_epsilon=1")
     node = build_node(cfg)
     with pytest.raises(BudgetExceededError, match="max_epsilon=1"):
-        train_round(node.model, node.train, cfg, dataset_id=node.data.dataset_id, ledger=Ledger(ledger_path(cfg)))
+        train_round(node.model, node.train, round_spec(cfg), unit=cfg.privacy.unit, ledger=Ledger(ledger_path(cfg)))
 
 
 def test_non_private_training_is_recorded_as_infinite_and_refused_under_a_cap(cls_config):
     capped = cls_config("privacy.enabled=false", "privacy.max_epsilon=5")
     node = build_node(capped)
     with pytest.raises(BudgetExceededError, match="no privacy guarantee"):
-        train_round(node.model, node.train, capped, dataset_id=node.data.dataset_id, ledger=Ledger(ledger_path(capped)))
+        train_round(node.model, node.train, round_spec(capped), unit=capped.privacy.unit, ledger=Ledger(ledger_path(capped)))
     cfg = cls_config("privacy.enabled=false")
     led = Ledger(ledger_path(cfg))
-    res = train_round(node.model, node.train, cfg, dataset_id=node.data.dataset_id, ledger=led)
+    res = train_round(node.model, node.train, round_spec(cfg), unit=cfg.privacy.unit, ledger=led)
     assert math.isinf(res.epsilon)
     # After a non-private release, no DP round on that dataset can claim a finite ε.
     with pytest.raises(BudgetExceededError, match="∞"):
-        train_round(node.model, node.train, cls_config(), dataset_id=node.data.dataset_id, ledger=led)
+        train_round(node.model, node.train, round_spec(cls_config()), unit=cfg.privacy.unit, ledger=led)
 
 
 def test_ledger_show_cli(tmp_path):
@@ -117,9 +117,92 @@ def test_ledger_show_cli(tmp_path):
     res = runner.invoke(app, ["ledger", "show", str(path), "--json"])
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
-    assert rows[0]["dataset_id"] == "hospital-a:abc" and rows[0]["rounds"] == 2 and rows[0]["steps"] == 200
+    assert rows[0]["unit"] == "hospital-a:abc" and rows[0]["rounds"] == 2 and rows[0]["steps"] == 200
     assert rows[0]["epsilon"] == pytest.approx(epsilon([(1.0, 0.02, 200)], 1e-5))
     table = runner.invoke(app, ["ledger", "show", str(path)])
     assert table.exit_code == 0 and "hospital-a:abc" in table.stdout
     missing = runner.invoke(app, ["ledger", "show", str(tmp_path / "none.json")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_reservation_is_atomic_two_concurrent_rounds_cannot_both_pass_a_cap_that_admits_one(tmp_path):
+    """Eight processes reserve the same round at once against a cap that admits exactly one: the
+    check and the write happen under one lock, so exactly one reservation lands (check-then-charge
+    outside a lock let all of them through)."""
+    path = tmp_path / "l.json"
+    step = (1.0, 0.1, 50)
+    one = epsilon([step], 1e-5)
+    two = epsilon([step, step], 1e-5)
+    cap = (one + two) / 2
+    code = (
+        "import sys, time; from fedslm.privacy import Ledger; from fedslm.errors import BudgetExceededError\n"
+        "t = float(sys.argv[1])\n"
+        "while time.time() < t: pass\n"
+        "try:\n"
+        f"    Ledger(r'{path}').reserve('u', {step!r}, delta=1e-5, max_epsilon={cap!r}, num_examples=100)\n"
+        "    print('reserved')\n"
+        "except BudgetExceededError:\n"
+        "    print('refused')\n"
+    )
+    import time
+
+    start = str(time.time() + 3.0)
+    procs = [subprocess.Popen([sys.executable, "-c", code, start], stdout=subprocess.PIPE, text=True)
+             for _ in range(8)]
+    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert outs.count("reserved") == 1 and outs.count("refused") == 7, outs
+    assert len(Ledger(path).entries("u")) == 1
+
+
+def test_a_reserved_round_counts_before_training_and_a_crash_after_it_loses_budget_never_gains(cls_config):
+    cfg = cls_config("federation.rounds=2", "privacy.target_epsilon=2")
+    node = build_node(cfg)
+    led = Ledger(ledger_path(cfg))
+    seen = []
+
+    def crash(result):  # training is over: the entry must already be on disk
+        seen.append(len(led.entries(cfg.privacy.unit)))
+        raise RuntimeError("the node dies before it releases")
+
+    with pytest.raises(RuntimeError):
+        train_round(node.model, node.train, round_spec(cfg), unit=cfg.privacy.unit, ledger=led, run_id="r",
+                    round_idx=1, release=crash)
+    assert seen == [1]
+    (entry,) = led.entries(cfg.privacy.unit)
+    assert "release" not in entry and led.spent(cfg.privacy.unit, entry["delta"]) > 0  # paid, nothing released
+
+
+def test_budget_is_per_privacy_unit_not_per_content(cls_config, class_csv):
+    """Another split seed, another held-out share, a subset, one more record: all the same people,
+    all charged to one budget (the old ledger keyed by a hash of the split gave each a fresh one)."""
+    base = ("federation.rounds=1", "privacy.target_epsilon=1", "privacy.max_epsilon=1.05")
+    led_path = None
+    for i, extra in enumerate([(), ("data.split_seed=5",), ("data.test_fraction=0.3",), ("data.max_train_records=60",)]):
+        cfg = cls_config(*base, *extra)
+        led_path = ledger_path(cfg)
+        node = build_node(cfg)
+        if i == 0:
+            train_round(node.model, node.train, round_spec(cfg), unit=cfg.privacy.unit, ledger=Ledger(led_path))
+            continue
+        with pytest.raises(BudgetExceededError):
+            train_round(node.model, node.train, round_spec(cfg), unit=cfg.privacy.unit, ledger=Ledger(led_path))
+    class_csv.write_text(class_csv.read_text() + "fever cough,resp\n")  # one added record
+    cfg = cls_config(*base)
+    node = build_node(cfg)
+    with pytest.raises(BudgetExceededError):
+        train_round(node.model, node.train, round_spec(cfg), unit=cfg.privacy.unit, ledger=Ledger(led_path))
+    assert [s.unit for s in Ledger(led_path).summary()] == ["all-records"]
+
+
+def test_an_old_content_hash_ledger_is_refused_until_migrated_and_keeps_its_spend(tmp_path):
+    path = tmp_path / "old.json"
+    old = {"format": "fedslm-privacy-ledger/1", "datasets": {
+        f"records.csv:{h}": {"num_examples": 100, "entries": [
+            {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 50, "delta": 1e-5, "run": "r", "round": 1,
+             "time": f"2026-11-0{i + 1}T00:00:00Z"}]} for i, h in enumerate(["aaa", "bbb"])}}
+    path.write_text(json.dumps(old))
+    with pytest.raises(LedgerError, match="ledger migrate"):
+        Ledger(path).spent("all-records", 1e-5)
+    res = CliRunner().invoke(app, ["ledger", "migrate", str(path), "--unit", "all-records"])
+    assert res.exit_code == 0, res.output
+    assert Ledger(path).spent("all-records", 1e-5) == pytest.approx(epsilon([(1.0, 0.1, 100)], 1e-5))

@@ -12,7 +12,7 @@ from fedslm.errors import ConfigError, ModelError
 from fedslm.lora import get_adapter_state, set_adapter_state, trainable_parameters
 from fedslm.models import load_base
 from fedslm.privacy import Ledger
-from fedslm.train import build_node, evaluate, ledger_path, train_round
+from fedslm.train import round_spec, build_node, evaluate, ledger_path, train_round
 
 
 @pytest.mark.parametrize("fixture", ["cls_config", "causal_config"])
@@ -35,7 +35,7 @@ def test_base_weights_unchanged_and_adapter_folder_loads(cls_config, tiny_bert_d
     node = build_node(cfg)
     frozen = {n: p.detach().clone() for n, p in node.model.named_parameters() if not p.requires_grad}
     adapter_before = get_adapter_state(node.model)
-    train_round(node.model, node.train, cfg, dataset_id=node.data.dataset_id, ledger=Ledger(ledger_path(cfg)))
+    train_round(node.model, node.train, round_spec(cfg), unit=cfg.privacy.unit, ledger=Ledger(ledger_path(cfg)))
     for n, p in node.model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n

@@ -11,7 +11,7 @@ from fedslm.config.schema import FederationConfig
 from fedslm.data import load_task_data
 from fedslm.data.partition import institution_data, partition_indices
 from fedslm.errors import ConfigError
-from fedslm.federation.compare import local_baselines
+from fedslm.simulation.compare import local_baselines
 from fedslm.privacy import Ledger
 
 

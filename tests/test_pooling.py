@@ -12,7 +12,7 @@ from fedslm.lora.adapter import adapter_meta
 from fedslm.lora.merge import export_merged, load_tuned
 from fedslm.models.pooling import use_mean_pooling
 from fedslm.privacy import Ledger
-from fedslm.train import build_node, evaluate, ledger_path, train_round
+from fedslm.train import round_spec, build_node, evaluate, ledger_path, train_round
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def test_mean_pooled_head_trains_under_dp_and_survives_the_adapter_folder(cls_co
     node = build_node(cfg)
     assert not any("pooler" in k for k in get_adapter_state(node.model))
     before = get_adapter_state(node.model)
-    train_round(node.model, node.train, cfg, dataset_id=node.data.dataset_id, ledger=Ledger(ledger_path(cfg)))
+    train_round(node.model, node.train, round_spec(cfg), unit=cfg.privacy.unit, ledger=Ledger(ledger_path(cfg)))
     after = get_adapter_state(node.model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     folder = save_adapter(node.model, tmp_path / "adapter",

@@ -25,12 +25,15 @@ from flwr.supercore.task_identity import TaskIdentity
 import clients.app as client_app
 from fedslm.config import to_yaml
 from fedslm.errors import ConfigError
-from fedslm.federation import codec, secagg
-from fedslm.federation.server import FederationStopped, RunRecorder, make_strategies
+from fedslm.coordinator import secagg
+from fedslm.wire import secagg as wire_secagg
+from fedslm.wire import codec
+from fedslm.wire.errors import public_reason
+from fedslm.coordinator.server import FederationStopped, RunRecorder, make_strategies
 from fedslm.lora import get_adapter_state
 from fedslm.privacy import Ledger
-from fedslm.privacy.client_level import client_clip
-from fedslm.privacy.releases import Releases, adapter_digest
+from fedslm.node.clipping import client_clip
+from fedslm.node.releases import Releases, adapter_digest
 from fedslm.train import build_node
 
 NODES = [11, 12, 13, 14]
@@ -48,8 +51,7 @@ class NodesInProcess:
         self.drop = drop or {}
         self.corrupt = corrupt
         self.contexts = {n: Context(run_id=1, node_id=n, state=RecordDict(), run_config={}, node_config={
-            "partition-id": i, "num-partitions": len(self.nodes), "ledger": str(tmp_path / f"ledger-{n}.json")})
-            for i, n in enumerate(self.nodes)}
+            "partition-id": i, "num-partitions": len(self.nodes)}) for i, n in enumerate(self.nodes)}
         self.stages: list[str] = []
 
     def get_node_ids(self):
@@ -84,10 +86,15 @@ def _train_messages(cfg, grid, strategy):
     return initial, list(strategy.configure_train(1, codec.state_to_record(initial), config, grid))
 
 
+def _ledger(tmp_path, node) -> Ledger:
+    """A simulated node's ledger (the scenario's output.dir is tmp_path/run)."""
+    return Ledger(tmp_path / "run" / "ledgers" / f"institution-{NODES.index(node)}.json")
+
+
 def _released(tmp_path, node, initial):
     """What ``node`` released in round 1 of run-s: read from its ledger's release file."""
-    ledger = Ledger(tmp_path / f"ledger-{node}.json")
-    entries = [e for record in ledger.read()["datasets"].values() for e in record["entries"]]
+    ledger = _ledger(tmp_path, node)
+    entries = [e for record in ledger.read()["units"].values() for e in record["entries"]]
     found = Releases(ledger.path).find(entries, "run-s", 1, adapter_digest(initial))
     assert found is not None, f"node {node} released nothing"
     return found
@@ -116,21 +123,21 @@ def test_mask_stream_uses_all_256_bits_of_the_seed_on_both_ends():
 
     node_side = sys.modules["flwr.client.mod.secure_aggregation.secaggplus_mod"]
     coordinator_side = sys.modules["flwr.server.workflow.secure_aggregation.secaggplus_workflow"]
-    assert node_side.pseudo_rand_gen is secagg.mask_stream is coordinator_side.pseudo_rand_gen
+    assert node_side.pseudo_rand_gen is wire_secagg.mask_stream is coordinator_side.pseudo_rand_gen
     # Two seeds that differ only where Flower's 32-bit fold cancels out: same masks there, not here.
     a = bytes(range(32))
     b = bytes([a[0] ^ 0xFF]) + a[1:4] + bytes([a[4] ^ 0xFF]) + a[5:]
     shapes = [(1000,), (3, 7)]
     assert all(np.array_equal(x, y) for x, y in zip(flower_prg(a, 2**32, shapes), flower_prg(b, 2**32, shapes)))
-    ours_a, ours_b = secagg.mask_stream(a, 2**32, shapes), secagg.mask_stream(a, 2**32, shapes)
+    ours_a, ours_b = wire_secagg.mask_stream(a, 2**32, shapes), wire_secagg.mask_stream(a, 2**32, shapes)
     assert all(np.array_equal(x, y) for x, y in zip(ours_a, ours_b))  # deterministic in the seed
-    other = secagg.mask_stream(b, 2**32, shapes)
+    other = wire_secagg.mask_stream(b, 2**32, shapes)
     assert not np.array_equal(ours_a[0], other[0])
-    values = np.concatenate([m.ravel() for m in secagg.mask_stream(b"\x01" * 32, 2**32, [(200_000,)])])
+    values = np.concatenate([m.ravel() for m in wire_secagg.mask_stream(b"\x01" * 32, 2**32, [(200_000,)])])
     assert values.min() >= 0 and values.max() < 2**32
     assert abs(values.mean() / 2**32 - 0.5) < 0.005  # uniform over the modulus
     with pytest.raises(ValueError, match="power of two"):
-        secagg.mask_stream(a, 3 * 2**20, shapes)
+        wire_secagg.mask_stream(a, 3 * 2**20, shapes)
 
 
 def _weighted_mean(states, weights):
@@ -139,8 +146,8 @@ def _weighted_mean(states, weights):
 
 def _quantisation_bound(cfg, weights):
     """The largest error SecAgg+'s stochastic quantisation can put on one coordinate of the average."""
-    step = secagg.quantization_step(cfg)
-    ratios = [w / secagg.max_weight(cfg) for w in weights]
+    step = wire_secagg.quantization_step(cfg)
+    ratios = [w / wire_secagg.max_weight(cfg) for w in weights]
     return len(weights) * step / sum(ratios) + 1e-6
 
 
@@ -197,12 +204,12 @@ def test_too_many_lost_nodes_stop_the_run_with_the_reason(flower_identity, secur
 
 def test_an_out_of_range_update_stops_the_round_instead_of_spoiling_the_average(flower_identity, secure_config,
                                                                                  tmp_path, monkeypatch):
-    import fedslm.federation.client as node_side
+    import fedslm.node.serve as node_side
 
     honest = node_side.secure_payload
 
-    def poisoned(cfg, sent, state, num_examples):
-        update, weight, metrics = honest(cfg, sent, state, num_examples)
+    def poisoned(sent, state, num_examples, **bounds):
+        update, weight, metrics = honest(sent, state, num_examples, **bounds)
         if TaskIdentity.node_id == NODES[2]:
             update = [np.full_like(u, 0.9) for u in update]  # within the quantisation range, far past the norm bound
         return update, weight, metrics
@@ -236,18 +243,21 @@ def test_secure_aggregation_refuses_server_side_clipping_and_two_institutions(se
         secure_config("federation.min_clients=2")
 
 
-def test_a_node_that_requires_secure_aggregation_refuses_a_plain_round(flower_identity, cls_config, tmp_path):
-    cfg = cls_config("federation.num_clients=2", "federation.partitioner=iid")
+def test_a_node_that_requires_secure_aggregation_refuses_a_plain_round(flower_identity, cls_config, tmp_path,
+                                                                      class_csv, node_policy):
+    cfg = cls_config("federation.num_clients=2", "federation.partitioner=iid", "privacy.noise_seed=null")
     grid = NodesInProcess(tmp_path, nodes=[11, 12])
-    grid.contexts[12].node_config["require-secure-aggregation"] = "true"
+    ledger = tmp_path / "ledger-12.json"
+    grid.contexts[12].node_config = {"policy": str(node_policy(cfg, data=class_csv, ledger=ledger,
+                                                               require_secure_aggregation=True))}
     recorder = RunRecorder(cfg, tmp_path, "run-s")
     outer, _ = make_strategies(cfg, recorder)
     _, messages = _train_messages(cfg, grid, outer)
     replies = grid.send_and_receive(messages)
     by_node = {r.metadata.src_node_id: r for r in replies}
     assert not by_node[11].has_error()
-    assert by_node[12].has_error() and "requires secure aggregation" in by_node[12].error.reason
-    assert not Path(tmp_path / "ledger-12.json").exists()  # refused before training: nothing charged
+    assert by_node[12].has_error() and by_node[12].error.reason == public_reason("refused-by-policy")
+    assert not ledger.exists()  # refused before training: nothing charged
 
 
 # -------------------------------------------------------------------------------- client-level DP
@@ -267,23 +277,22 @@ def _reply(node, arrays, metrics=None):
     return reply
 
 
-def test_node_side_clipping_bounds_the_update_and_checks_the_coordinator_agrees(cls_config):
-    cfg = cls_config("privacy.client_level.enabled=true", "privacy.client_level.clipping=client")
+def test_node_side_clipping_bounds_the_update_and_checks_the_coordinator_agrees():
     sent = {"a": np.zeros(4, np.float32), "b": np.ones(3, np.float32)}
     values = {"a": np.full(4, 3.0, np.float32), "b": np.ones(3, np.float32)}  # update norm 6
-    clipped, extra = client_clip(cfg, 0.5, sent, values)
+    clipped, extra = client_clip(True, 0.5, sent, values)
     update = np.concatenate([clipped["a"] - sent["a"], clipped["b"] - sent["b"]])
     assert np.linalg.norm(update) == pytest.approx(0.5, rel=1e-6) and extra["norm_bit"] == 1
     assert extra["update-norm"] == pytest.approx(6.0)
     small = {"a": np.full(4, 0.01, np.float32), "b": np.ones(3, np.float32)}
-    kept, extra = client_clip(cfg, 0.5, sent, small)
+    kept, extra = client_clip(True, 0.5, sent, small)
     assert np.array_equal(kept["a"], small["a"]) and extra["norm_bit"] == 0
-    from fedslm.privacy.client_level import ClippingMismatch
+    from fedslm.node.clipping import ClippingMismatch
 
     with pytest.raises(ClippingMismatch, match="sent no clipping bound"):
-        client_clip(cfg, None, sent, values)
+        client_clip(True, None, sent, values)
     with pytest.raises(ClippingMismatch, match="does not ask"):
-        client_clip(cls_config(), 0.5, sent, values)
+        client_clip(False, 0.5, sent, values)
 
 
 def test_client_side_clipping_rejects_a_node_that_did_not_clip(flower_identity, cls_config, tmp_path):

@@ -35,7 +35,7 @@ from fedslm.errors import ConfigError
 from fedslm.lora import wrap
 from fedslm.models import load_base
 from fedslm.privacy import Ledger
-from fedslm.train.local import privacy_plan, train_round
+from fedslm.train.local import privacy_plan, round_spec, train_round
 from fedslm.train.losses import PER_RECORD_LOSS
 
 
@@ -142,14 +142,15 @@ def run_audit(cfg: Config, canaries: int = 200, guess_fraction: float = 0.2, con
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(cfg.privacy.ledger or out / "privacy_ledger.json")
-    dataset_id = f"audit:{data.dataset_id}:{rng.integers(1 << 31)}"
     run_id = f"audit-{time.strftime('%Y%m%dT%H%M%S')}"
     delta = privacy_plan(cfg, len(encoded)).delta if cfg.privacy.enabled else 1.0 / (10 * len(encoded))
     result = None
+    spec = round_spec(cfg)
     for r in range(1, cfg.federation.rounds + 1):
         say(f"training round {r}/{cfg.federation.rounds} on {len(encoded)} records "
             f"({int(included.sum())} of them canaries)")
-        result = train_round(model, encoded, cfg, dataset_id=dataset_id, ledger=ledger, run_id=run_id, round_idx=r)
+        # The real records are trained on: the audit is charged to their privacy unit like any training.
+        result = train_round(model, encoded, spec, unit=cfg.privacy.unit, ledger=ledger, run_id=run_id, round_idx=r)
     say("scoring the canaries")
     scores = _scores(model, task.encode(canary_examples, base.tokenizer, cfg.model.max_length), cfg.model.task)
     k = max(1, int(round(canaries * guess_fraction / 2)))

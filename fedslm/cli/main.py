@@ -35,6 +35,8 @@ app.add_typer(ledger_app, name="ledger")
 app.add_typer(config_app, name="config")
 model_app = typer.Typer(help="Bundled base models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+node_app = typer.Typer(help="An institution's node policy: write and check it.", no_args_is_help=True)
+app.add_typer(node_app, name="node")
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -128,7 +130,7 @@ def ledger_show(
     accountant: str = typer.Option("rdp", "--accountant", help="rdp or prv."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """What this node has spent, per dataset, composed over every round and run."""
+    """What this node has spent, per privacy unit, composed over every round and run."""
     from fedslm.errors import ConfigError
     from fedslm.privacy import Ledger
 
@@ -140,12 +142,74 @@ def ledger_show(
                          indent=2))
         return
     table = Table(title=f"privacy spent — {path}")
-    for col in ("dataset", "records", "rounds", "steps", "δ", "ε spent"):
-        table.add_column(col, justify="left" if col == "dataset" else "right")
+    for col in ("privacy unit", "records", "rounds", "steps", "δ", "ε spent"):
+        table.add_column(col, justify="left" if col == "privacy unit" else "right")
     for r in rows:
         eps = _fmt_eps(r.epsilon) + ("" if r.private else " (non-private rounds)")
-        table.add_row(r.dataset_id, str(r.num_examples), str(r.rounds), str(r.steps), f"{r.delta:.3g}", eps)
+        table.add_row(r.unit, str(r.num_examples), str(r.rounds), str(r.steps), f"{r.delta:.3g}", eps)
     console.print(table)
+
+
+@ledger_app.command("migrate")
+@user_errors
+def ledger_migrate(
+    path: Path = typer.Argument(..., help="A ledger written by an earlier fedslm (one budget per content hash)."),
+    unit: str = typer.Option(..., "--unit", "-u", help="The privacy unit its spend is charged to (your policy's "
+                             "privacy.unit; all-records by default)."),
+) -> None:
+    """Charge every round of an old ledger to one privacy unit, so none of its spend is forgotten."""
+    from fedslm.privacy import Ledger
+
+    if not path.is_file():
+        raise ConfigError(f"ledger {path} does not exist")
+    moved = Ledger(path).migrate(unit)
+    console.print(f"{path}: {moved} round(s) now charged to privacy unit {unit!r}")
+
+
+@node_app.command("init")
+@user_errors
+def node_init(
+    path: Path = typer.Argument(..., help="Where to write the policy (must not exist)."),
+    name: str = typer.Option("my-hospital", "--name", help="The institution's name in its own logs."),
+    data: str = typer.Option("/data/records.csv", "--data", help="The institution's records (.csv or .jsonl)."),
+    ledger: Optional[str] = typer.Option(None, "--ledger", help="The ledger file (default: beside the policy)."),
+) -> None:
+    """Write a commented node policy template to PATH."""
+    from fedslm.node.policy import template
+
+    if path.exists():
+        raise ConfigError(f"{path} already exists; a node policy is never overwritten")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(template(path, name=name, source=data, ledger=ledger), encoding="utf-8")
+    console.print(f"wrote {path}; edit it, then: fedslm node check {path}")
+
+
+@node_app.command("check")
+@user_errors
+def node_check(
+    path: Path = typer.Argument(..., help="The node policy."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+) -> None:
+    """Validate a node policy, read its data, and show its split, budget and allowed models."""
+    from fedslm.node.check import check_policy
+
+    report = check_policy(path)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    console.print(f"[bold]{path}[/]: valid node policy for [bold]{report['name']}[/]")
+    console.print(f"data     {report['data']['source']}: {report['data']['train_records']} training / "
+                  f"{report['data']['test_records']} held-out records (split seed {report['data']['split_seed']}, "
+                  f"labels: {', '.join(report['data']['labels'] or []) or 'none'})")
+    b = report["privacy"]
+    console.print(f"budget   unit {b['unit']!r}: spent ε={_fmt_eps(b['spent_epsilon'] if b['spent_epsilon'] is not None else math.inf)} of max_epsilon={b['max_epsilon']:g} "
+                  f"at δ={b['max_delta']:g} (1/n = {b['one_over_n']:.3g}); ledger {b['ledger']}")
+    console.print(f"rounds   non-private {'allowed' if b['allow_non_private'] else 'refused'}; secure noise "
+                  f"{'required' if b['require_secure_noise'] else 'optional'}; secure aggregation "
+                  f"{'required' if b['require_secure_aggregation'] else 'optional'}")
+    console.print(f"models   {', '.join(report['models']['allowed'])}")
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}")
 
 
 @app.command("train")
@@ -169,7 +233,7 @@ def simulate_cmd(
     overrides: Optional[List[str]] = OverridesArg,
 ) -> None:
     """Simulate federation.num_clients institutions on this machine with Flower's simulation engine."""
-    from fedslm.federation.simulate import describe, simulate
+    from fedslm.simulation.simulate import describe, simulate
 
     cfg = _load(config, [*(overrides or []), *([f"output.dir={out}"] if out else [])])
     summary = simulate(cfg, console=console)

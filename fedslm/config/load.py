@@ -169,6 +169,7 @@ def validate(cfg: Config) -> None:
         _check(p.noise_multiplier >= 0, f"privacy.noise_multiplier must be >= 0, got {p.noise_multiplier}")
     if p.ledger is not None:
         _check(bool(p.ledger.strip()), "privacy.ledger must be a file path or null, got ''")
+    _check(bool(p.unit.strip()), "privacy.unit must name the privacy unit the ledger charges, got ''")
     _positive("privacy.client_level.noise_multiplier", p.client_level.noise_multiplier)
     _positive("privacy.client_level.clipping_norm", p.client_level.clipping_norm)
     if p.client_level.delta is not None:

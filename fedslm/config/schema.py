@@ -96,8 +96,11 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     # The node's hard cap on its total spend in the ledger; None: target_epsilon.
     max_epsilon: Optional[float] = None
-    # Ledger file; None: <output.dir>/privacy_ledger.json.
+    # Ledger file; None: <output.dir>/privacy_ledger.json. (On a federation node its policy decides.)
     ledger: Optional[str] = None
+    # The privacy unit the ledger charges: a name for the people whose records these are, not a
+    # hash of them, so a new split, subset or one added record is charged to the same budget.
+    unit: str = "all-records"
     accountant: str = "rdp"
     # Set to fix sigma yourself instead of calibrating it to the plan.
     noise_multiplier: Optional[float] = None
@@ -177,7 +180,7 @@ class FederationConfig:
     # "ray://head:10001"); None: a private Ray instance on this machine.
     ray_address: Optional[str] = None
     # Updates that move the adapter further than this (L2) are rejected; None: a generous bound
-    # derived from lr x local steps (see fedslm.federation.validate).
+    # derived from lr x local steps (see fedslm.coordinator.screen).
     max_update_norm: Optional[float] = None
     # Replies whose records add up to more bytes than this are refused before they are parsed;
     # None: twice the adapter's size plus 1 MiB for metrics.

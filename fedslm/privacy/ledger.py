@@ -1,11 +1,17 @@
-"""The node's privacy ledger: one accountant per (node, dataset), on disk, never reset.
+"""The node's privacy ledger: one accountant per (node, privacy unit), on disk, never reset.
 
-Every round of DP-SGD a node runs on a dataset is appended as
-``(noise_multiplier, sample_rate, steps)`` — with its run, round, δ and time —
-and ε is always computed by composing the whole history, across rounds, runs
-and restarts. Writes are atomic (temp file + fsync + rename) under a file
-lock; a round is charged before its update leaves the node. A ledger that
-cannot be read stops training: losing it must never look like a fresh budget.
+A *privacy unit* is a set of people's records the node declares (its node policy; default: one
+unit for everything it holds). It is named by the node, never derived from the content: a new
+split, subset, order, column choice or one added record is still the same people, and is charged
+to the same budget. Every round of DP-SGD is appended as ``(noise_multiplier, sample_rate,
+steps)`` with its run, round, δ and time, and ε is always computed by composing the unit's whole
+history, across rounds, runs and restarts.
+
+A round's cost is *reserved* before training starts: the cap is checked and the entry written
+under one file lock (:meth:`Ledger.reserve`), so two rounds started together cannot both pass a
+cap that admits one, and a crash after the reservation loses budget, never gains it. Writes are
+atomic (temp file + fsync + rename). A ledger that cannot be read stops training: losing it must
+never look like a fresh budget.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import math
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -24,7 +31,10 @@ from typing import Any, Iterator, Optional
 from fedslm.errors import BudgetExceededError, FedslmError
 from fedslm.privacy.accountant import Step, epsilon
 
-FORMAT = "fedslm-privacy-ledger/1"
+FORMAT = "fedslm-privacy-ledger/2"
+# Ledgers of fedslm before privacy units: budgets keyed by a hash of the training split.
+OLD_FORMAT = "fedslm-privacy-ledger/1"
+DEFAULT_UNIT = "all-records"
 # Slack for float noise in ε so a plan calibrated to exactly the cap is not refused.
 _EPS_SLACK = 1e-9
 
@@ -34,14 +44,18 @@ class LedgerError(FedslmError):
 
 
 @dataclass(frozen=True)
-class DatasetSpend:
-    dataset_id: str
+class UnitSpend:
+    unit: str
     num_examples: int
     rounds: int
     steps: int
     delta: float
     epsilon: float
     private: bool
+
+
+def _steps(entries: list[dict[str, Any]]) -> list[Step]:
+    return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries]
 
 
 class Ledger:
@@ -51,7 +65,7 @@ class Ledger:
     # -- reading -------------------------------------------------------------
     def read(self) -> dict[str, Any]:
         if not self.path.exists():
-            return {"format": FORMAT, "datasets": {}}
+            return {"format": FORMAT, "units": {}}
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -59,25 +73,29 @@ class Ledger:
                 f"privacy ledger {self.path} is unreadable ({exc}); refusing to train, since a lost ledger "
                 "must not reset the spent budget. Restore it from backup."
             ) from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("datasets"), dict):
+        if isinstance(data, dict) and data.get("format") == OLD_FORMAT:
+            raise LedgerError(
+                f"privacy ledger {self.path} was written by an earlier fedslm that kept one budget per content hash; "
+                f"refusing to train until its spend is charged to a privacy unit: fedslm ledger migrate {self.path} "
+                f"--unit {DEFAULT_UNIT} (or the unit named in your node policy)")
+        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("units"), dict):
             raise LedgerError(f"privacy ledger {self.path} is not a {FORMAT} file; refusing to train")
         return data
 
-    def history(self, dataset_id: str) -> list[Step]:
-        entries = self.read()["datasets"].get(dataset_id, {}).get("entries", [])
-        return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries]
+    def history(self, unit: str) -> list[Step]:
+        return _steps(self.entries(unit))
 
-    def spent(self, dataset_id: str, delta: float, accountant: str = "rdp") -> float:
-        return epsilon(self.history(dataset_id), delta, accountant)
+    def spent(self, unit: str, delta: float, accountant: str = "rdp") -> float:
+        return epsilon(self.history(unit), delta, accountant)
 
-    def summary(self, accountant: str = "rdp") -> list[DatasetSpend]:
+    def summary(self, accountant: str = "rdp") -> list[UnitSpend]:
         out = []
-        for dataset_id, record in sorted(self.read()["datasets"].items()):
+        for unit, record in sorted(self.read()["units"].items()):
             entries = record.get("entries", [])
             delta = float(entries[-1]["delta"]) if entries else 0.0
-            hist = [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries]
-            out.append(DatasetSpend(
-                dataset_id=dataset_id,
+            hist = _steps(entries)
+            out.append(UnitSpend(
+                unit=unit,
                 num_examples=int(record.get("num_examples", 0)),
                 rounds=len(entries),
                 steps=sum(int(e["steps"]) for e in entries),
@@ -87,49 +105,89 @@ class Ledger:
             ))
         return out
 
-    def entries(self, dataset_id: str) -> list[dict[str, Any]]:
-        return list(self.read()["datasets"].get(dataset_id, {}).get("entries", []))
+    def entries(self, unit: str) -> list[dict[str, Any]]:
+        return list(self.read()["units"].get(unit, {}).get("entries", []))
 
-    # -- enforcing -----------------------------------------------------------
+    # -- enforcing and writing ---------------------------------------------
+    @staticmethod
+    def _refusal(unit: str, after: float, before: float, delta: float, max_epsilon: float, path: Path) -> str:
+        shown = "∞ (no noise)" if math.isinf(after) else f"{after:.3f}"
+        return (f"privacy budget: this round would take privacy unit {unit!r} to ε={shown} at δ={delta:.3g}, past this "
+                f"node's cap max_epsilon={max_epsilon:g} (spent so far ε={before:.3f}, ledger {path}); refusing to train")
+
     def check(
-        self, dataset_id: str, planned: Step, *, delta: float, max_epsilon: float, accountant: str = "rdp"
+        self, unit: str, planned: Step, *, delta: float, max_epsilon: float, accountant: str = "rdp"
     ) -> tuple[float, float]:
-        """(ε spent, ε after ``planned``); refuse if the latter passes ``max_epsilon``."""
-        history = self.history(dataset_id)
+        """(ε spent, ε after ``planned``); refuse if the latter passes ``max_epsilon``. Writes nothing:
+        use :meth:`reserve` to spend."""
+        history = self.history(unit)
         before = epsilon(history, delta, accountant)
         after = epsilon([*history, planned], delta, accountant)
         if not after <= max_epsilon + _EPS_SLACK:
-            shown = "∞ (no noise)" if math.isinf(after) else f"{after:.3f}"
-            raise BudgetExceededError(
-                f"privacy budget: this round would take dataset {dataset_id} to ε={shown} at δ={delta:.3g}, "
-                f"past this node's privacy.max_epsilon={max_epsilon:g} (spent so far ε={before:.3f}, "
-                f"ledger {self.path}); refusing to train"
-            )
+            raise BudgetExceededError(self._refusal(unit, after, before, delta, max_epsilon, self.path))
         return before, after
 
-    # -- writing -------------------------------------------------------------
-    def charge(
-        self, dataset_id: str, step: Step, *, delta: float, num_examples: int,
+    def reserve(
+        self, unit: str, step: Step, *, delta: float, max_epsilon: float, num_examples: int,
         run: str = "", round: Optional[int] = None, accountant: str = "rdp",
-        release: Optional[dict[str, Any]] = None,
-    ) -> float:
-        """Append one round's steps (atomically, durably) and return ε spent after it.
-
-        ``release`` names the update this charge paid for (see :mod:`fedslm.privacy.releases`).
-        """
+    ) -> str:
+        """Check the cap and write the round's entry under one lock, before any training; returns the
+        entry's id (for :meth:`settle`). Refuses, writing nothing, if the round would pass ``max_epsilon``."""
         sigma, q, steps = step
+        entry_id = uuid.uuid4().hex
         with self._locked():
             data = self.read()
-            record = data["datasets"].setdefault(dataset_id, {"num_examples": num_examples, "entries": []})
+            record = data["units"].setdefault(unit, {"num_examples": num_examples, "entries": []})
+            history = _steps(record["entries"])
+            before = epsilon(history, delta, accountant)
+            after = epsilon([*history, (float(sigma), float(q), int(steps))], delta, accountant)
+            if not after <= max_epsilon + _EPS_SLACK:
+                raise BudgetExceededError(self._refusal(unit, after, before, delta, max_epsilon, self.path))
             record["num_examples"] = num_examples
             record["entries"].append({
-                "noise_multiplier": float(sigma), "sample_rate": float(q), "steps": int(steps),
+                "id": entry_id, "noise_multiplier": float(sigma), "sample_rate": float(q), "steps": int(steps),
                 "delta": float(delta), "accountant": accountant, "run": run, "round": round,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **({"release": release} if release else {}),
             })
             self._write(data)
-        return self.spent(dataset_id, delta, accountant)
+        return entry_id
+
+    def settle(self, unit: str, entry_id: str, release: dict[str, Any]) -> None:
+        """Record which update a reserved round paid for (see :mod:`fedslm.node.releases`)."""
+        with self._locked():
+            data = self.read()
+            for entry in data["units"].get(unit, {}).get("entries", []):
+                if entry.get("id") == entry_id:
+                    entry["release"] = release
+                    self._write(data)
+                    return
+        raise LedgerError(f"privacy ledger {self.path} holds no reserved entry {entry_id} for unit {unit!r}")
+
+    def charge(
+        self, unit: str, step: Step, *, delta: float, num_examples: int,
+        run: str = "", round: Optional[int] = None, accountant: str = "rdp",
+    ) -> float:
+        """Append one round's steps with no cap (ε may become ∞) and return ε spent after it."""
+        self.reserve(unit, step, delta=delta, max_epsilon=math.inf, num_examples=num_examples, run=run,
+                     round=round, accountant=accountant)
+        return self.spent(unit, delta, accountant)
+
+    def migrate(self, unit: str) -> int:
+        """Charge every entry of an old (content-hash keyed) ledger to ``unit``: they were spent on the
+        node's records, so all of them count against its budget. Returns how many entries moved."""
+        with self._locked():
+            try:
+                old = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise LedgerError(f"privacy ledger {self.path} is unreadable ({exc})") from None
+            if not isinstance(old, dict) or old.get("format") != OLD_FORMAT or not isinstance(old.get("datasets"), dict):
+                raise LedgerError(f"privacy ledger {self.path} is not a {OLD_FORMAT} file; nothing to migrate")
+            entries = [e for d in old["datasets"].values() for e in d.get("entries", [])]
+            entries.sort(key=lambda e: str(e.get("time", "")))
+            size = max((int(d.get("num_examples", 0)) for d in old["datasets"].values()), default=0)
+            self._write({"format": FORMAT, "units": {unit: {"num_examples": size, "entries": entries}},
+                         "migrated_from": OLD_FORMAT})
+        return len(entries)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

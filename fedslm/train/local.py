@@ -1,9 +1,13 @@
-"""One node's local training round: plan, check the budget, train, charge, release.
+"""One node's local training round: plan, reserve the budget, train, release.
 
-The order is the privacy contract: the node's own cap is checked against the
-whole ledger *before* training, and the round's steps are written to the
-ledger *before* the caller can read the adapter (``RoundResult`` is only
-returned after the charge is on disk).
+The order is the privacy contract: the round's cost is checked against the node's own cap over the
+whole ledger *and written* to it, under one lock, before training starts (a crash afterwards loses
+budget, never gains it); the caller reads the adapter only after that (``release`` is called with
+the trained model, and the ledger entry then names the update it paid for).
+
+This module takes a :class:`RoundSpec`, never the coordinator's whole config: on a node the spec
+is what the node's policy allowed of a request (:mod:`fedslm.node.plan`); for one institution
+alone (``fedslm train``) it comes from that institution's own config (:func:`round_spec`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,61 @@ ProgressFn = Callable[[int, int, float], None]
 
 
 @dataclass(frozen=True)
+class DPSpec:
+    """The differential privacy of one round, as the node decided it."""
+
+    enabled: bool
+    target_epsilon: float
+    # The node's cap on its total spend for the privacy unit (the ledger refuses past it).
+    max_epsilon: float
+    # δ of the node's guarantee; None: 1/(10 n).
+    delta: Optional[float]
+    max_grad_norm: float
+    accountant: str
+    # Rounds the noise is calibrated for (the plan: rounds × local steps reach target_epsilon).
+    planned_rounds: int
+    noise_multiplier: Optional[float] = None
+    secure_mode: bool = False
+    noise_seed: Optional[int] = None
+    # A non-private round (ε = ∞) is refused unless this is set.
+    allow_non_private: bool = False
+    # With noise_seed: what tells apart the streams of institutions that share a seed and a unit name
+    # (simulation: the institution).
+    seed_salt: str = ""
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    task: str
+    batch_size: int
+    physical_batch_size: int
+    local_steps: int
+    lr: float
+    optimizer: str
+    weight_decay: float
+    seed: int
+    dp: DPSpec
+
+
+def round_spec(cfg: Config) -> RoundSpec:
+    """The spec of one institution training on its own (``fedslm train``, audits, local baselines),
+    where the config is the institution's own: its privacy.max_epsilon (else target_epsilon) caps it,
+    and privacy.enabled=false is allowed only without a cap."""
+    p, t = cfg.privacy, cfg.train
+    return RoundSpec(
+        task=cfg.model.task, batch_size=t.batch_size, physical_batch_size=t.physical_batch_size,
+        local_steps=t.local_steps, lr=t.lr, optimizer=t.optimizer, weight_decay=t.weight_decay, seed=t.seed,
+        dp=DPSpec(
+            enabled=p.enabled, target_epsilon=p.target_epsilon,
+            max_epsilon=p.max_epsilon if p.max_epsilon is not None else (p.target_epsilon if p.enabled else math.inf),
+            delta=p.delta, max_grad_norm=p.max_grad_norm, accountant=p.accountant,
+            planned_rounds=cfg.federation.rounds, noise_multiplier=p.noise_multiplier, secure_mode=p.secure_mode,
+            noise_seed=p.noise_seed, allow_non_private=p.max_epsilon is None,
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class RoundResult:
     num_examples: int
     steps: int
@@ -54,12 +113,13 @@ def ledger_path(cfg: Config) -> Path:
     return Path(cfg.privacy.ledger) if cfg.privacy.ledger else Path(cfg.output.dir) / "privacy_ledger.json"
 
 
-def privacy_plan(cfg: Config, num_examples: int) -> PrivacyPlan:
-    p = cfg.privacy
+def privacy_plan(spec: RoundSpec | Config, num_examples: int) -> PrivacyPlan:
+    spec = spec if isinstance(spec, RoundSpec) else round_spec(spec)
+    dp = spec.dp
     return plan(
-        num_examples=num_examples, batch_size=cfg.train.batch_size, local_steps=cfg.train.local_steps,
-        rounds=cfg.federation.rounds, target_epsilon=p.target_epsilon, delta=p.delta,
-        accountant=p.accountant, noise_multiplier=p.noise_multiplier,
+        num_examples=num_examples, batch_size=spec.batch_size, local_steps=spec.local_steps,
+        rounds=dp.planned_rounds, target_epsilon=dp.target_epsilon, delta=dp.delta,
+        accountant=dp.accountant, noise_multiplier=dp.noise_multiplier,
     )
 
 
@@ -91,9 +151,9 @@ def _proximal(params: list[torch.nn.Parameter], mu: float) -> Callable[[], None]
 def train_round(
     model: nn.Module,
     train: Encoded,
-    cfg: Config,
+    spec: RoundSpec,
     *,
-    dataset_id: str,
+    unit: str,
     ledger: Ledger,
     run_id: str = "",
     round_idx: int = 1,
@@ -101,16 +161,17 @@ def train_round(
     proximal_mu: float = 0.0,
     release: Optional[Callable[[RoundResult], dict]] = None,
 ) -> RoundResult:
-    """Run ``train.local_steps`` steps on ``model``'s trainable tensors, DP unless disabled.
+    """Run ``spec.local_steps`` steps on ``model``'s trainable tensors, DP unless disabled, charged
+    to privacy unit ``unit`` of ``ledger``.
 
     ``proximal_mu`` > 0 adds FedProx's pull towards the weights the round started from.
-    ``release``, if given, is called after training and before the charge (with ε not yet
-    known: NaN); what it returns is recorded in the ledger entry (the kept update's name and hash).
+    ``release``, if given, is called after training (with ε not yet known: NaN); what it returns
+    (the kept update's name and hash) is recorded in the round's ledger entry.
     """
-    p, t = cfg.privacy, cfg.train
+    p, t = spec.dp, spec
     n = len(train)
-    task = get_task(cfg.model.task)
-    per_record = PER_RECORD_LOSS[cfg.model.task]
+    task = get_task(spec.task)
+    per_record = PER_RECORD_LOSS[spec.task]
 
     def loss_fn(module: nn.Module, indices) -> torch.Tensor:
         return per_record(module, task.collate(train, indices))
@@ -119,29 +180,33 @@ def train_round(
     optimizer = make_optimizer(params, t.optimizer, t.lr, t.weight_decay)
     extra_grad = _proximal(params, proximal_mu) if proximal_mu > 0 else None
     if p.enabled:
-        pl = privacy_plan(cfg, n)
-        step_record = (pl.noise_multiplier, pl.sample_rate, t.local_steps)
-        max_eps = p.max_epsilon if p.max_epsilon is not None else p.target_epsilon
-        ledger.check(dataset_id, step_record, delta=pl.delta, max_epsilon=max_eps, accountant=p.accountant)
+        pl = privacy_plan(spec, n)
+        q, delta, sigma = pl.sample_rate, pl.delta, pl.noise_multiplier
+        # Reserved (checked and written under the ledger's lock) before a single record is touched.
+        entry = ledger.reserve(unit, (sigma, q, t.local_steps), delta=delta, max_epsilon=p.max_epsilon,
+                               num_examples=n, run=run_id, round=round_idx, accountant=p.accountant)
         noise_source = check_secure_mode(p.secure_mode)
         engine: DPSGD | PlainSGD = DPSGD(
-            model, optimizer=optimizer, noise_multiplier=pl.noise_multiplier, max_grad_norm=p.max_grad_norm,
+            model, optimizer=optimizer, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
             expected_batch_size=t.batch_size, physical_batch_size=t.physical_batch_size,
-            noise_generator=_generator(p.noise_seed, "noise", dataset_id, round_idx),
+            noise_generator=_generator(p.noise_seed, "noise", unit, p.seed_salt, round_idx),
             secure_mode=p.secure_mode, extra_grad=extra_grad,
         )
-        q, delta, sigma = pl.sample_rate, pl.delta, pl.noise_multiplier
-        sampler = _generator(p.noise_seed, "sample", dataset_id, round_idx)
+        sampler = _generator(p.noise_seed, "sample", unit, p.seed_salt, round_idx)
     else:
-        if p.max_epsilon is not None:
+        if not p.allow_non_private:
             raise BudgetExceededError(
                 f"privacy.enabled=false would release updates with no privacy guarantee (ε=∞), past this node's "
-                f"privacy.max_epsilon={p.max_epsilon:g}; refusing to train"
+                f"cap max_epsilon={p.max_epsilon:g}; refusing to train"
             )
+        q, delta, sigma, noise_source = min(1.0, t.batch_size / n), None, None, "none (privacy disabled)"
+        # Recorded as σ=0 (ε=∞): the data was exposed, and no later DP round can claim a finite ε.
+        entry = ledger.reserve(unit, (0.0, q, t.local_steps), delta=p.delta or 1.0 / (10 * n),
+                               max_epsilon=math.inf, num_examples=n, run=run_id, round=round_idx,
+                               accountant=p.accountant)
         engine = PlainSGD(model, optimizer=optimizer, physical_batch_size=t.physical_batch_size,
                           extra_grad=extra_grad)
-        q, delta, sigma, noise_source = min(1.0, t.batch_size / n), None, None, "none (privacy disabled)"
-        sampler = _generator(t.seed, "sample", dataset_id, round_idx)
+        sampler = _generator(t.seed, "sample", unit, p.seed_salt, round_idx)
 
     if p.enabled and p.secure_mode:  # the batches' membership, too, from the OS CSPRNG
         batches = [[int(i) for i in np.flatnonzero(csprng.poisson_mask(n, q))] for _ in range(t.local_steps)]
@@ -173,11 +238,7 @@ def train_round(
         sample_rate=q,
         noise_source=noise_source,
     )
-    kept = release(result) if release is not None else None
-    # Charge before release. A non-private round is recorded as σ=0 (ε=∞): the data was exposed.
-    charged = (sigma if sigma is not None else 0.0, q, t.local_steps)
-    spent = ledger.charge(
-        dataset_id, charged, delta=delta if delta is not None else 1.0 / (10 * n), num_examples=n,
-        run=run_id, round=round_idx, accountant=p.accountant, release=kept,
-    )
+    if release is not None:
+        ledger.settle(unit, entry, release(result))
+    spent = ledger.spent(unit, delta if delta is not None else p.delta or 1.0 / (10 * n), p.accountant)
     return dataclasses.replace(result, epsilon=spent)

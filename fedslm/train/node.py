@@ -15,7 +15,6 @@ from fedslm.models import BaseModel, load_base
 
 @dataclass
 class Node:
-    cfg: Config
     data: TaskData
     base: BaseModel
     model: PeftModel
@@ -31,4 +30,4 @@ def build_node(cfg: Config) -> Node:
     train = task.encode(data.train, base.tokenizer, cfg.model.max_length)
     test = task.encode(data.test, base.tokenizer, cfg.model.max_length)
     model = wrap(base.model, cfg.lora, cfg.model.task, base.target_modules, seed=cfg.train.seed)
-    return Node(cfg, data, base, model, train, test)
+    return Node(data, base, model, train, test)

@@ -23,7 +23,7 @@ from fedslm.config import Config, to_yaml
 from fedslm.lora import adapter_meta, save_adapter
 from fedslm.privacy import Ledger
 from fedslm.train.evaluate import evaluate
-from fedslm.train.local import ledger_path, privacy_plan, train_round
+from fedslm.train.local import ledger_path, privacy_plan, round_spec, train_round
 from fedslm.train.node import build_node
 
 
@@ -48,18 +48,19 @@ def run_local(cfg: Config, console: Optional[Console] = None) -> dict[str, Any]:
     ledger = Ledger(ledger_path(cfg))
     console.print(
         f"[bold]{cfg.model.name}[/] ({cfg.model.task}) on [bold]{node.data.source}[/]: "
-        f"{len(node.train)} training / {len(node.test)} held-out records; dataset id {node.data.dataset_id}"
+        f"{len(node.train)} training / {len(node.test)} held-out records; privacy unit {cfg.privacy.unit!r}"
     )
     if cfg.privacy.enabled:
         pl = privacy_plan(cfg, len(node.train))
         console.print(
             f"DP-SGD: σ={pl.noise_multiplier:.4f}, q={pl.sample_rate:.4g}, clip={cfg.privacy.max_grad_norm}, "
             f"planned ε={pl.epsilon:.3f} at δ={pl.delta:.3g} over {pl.rounds}×{pl.local_steps} steps; "
-            f"ledger {ledger.path} (already spent ε={ledger.spent(node.data.dataset_id, pl.delta, cfg.privacy.accountant):.3f})"
+            f"ledger {ledger.path} (already spent ε={ledger.spent(cfg.privacy.unit, pl.delta, cfg.privacy.accountant):.3f})"
         )
     else:
         console.print("[yellow]privacy disabled: updates carry no DP guarantee (the ledger records ε=∞)[/]")
 
+    spec = round_spec(cfg)
     metrics_path = out / "metrics.jsonl"
     before = evaluate(node.model, node.test, cfg.model.task, cfg.train.eval_batch_size)
     table = Table(title="local training")
@@ -74,12 +75,12 @@ def run_local(cfg: Config, console: Optional[Console] = None) -> dict[str, Any]:
                           console=console, transient=True) as bar:
                 task_id = bar.add_task("steps", total=cfg.train.local_steps, loss=float("nan"))
                 result = train_round(
-                    node.model, node.train, cfg, dataset_id=node.data.dataset_id, ledger=ledger,
+                    node.model, node.train, spec, unit=cfg.privacy.unit, ledger=ledger,
                     run_id=run_id, round_idx=r,
                     progress=lambda i, n, loss: bar.update(task_id, completed=i, loss=loss),
                 )
             ev = evaluate(node.model, node.test, cfg.model.task, cfg.train.eval_batch_size)
-            record = {"round": r, "run_id": run_id, "dataset_id": node.data.dataset_id,
+            record = {"round": r, "run_id": run_id, "unit": cfg.privacy.unit, "dataset_id": node.data.dataset_id,
                       **{k: _jsonable(v) for k, v in result.__dict__.items()},
                       "eval": {k: _jsonable(v) for k, v in ev.items()}}
             fh.write(json.dumps(record) + "\n")
@@ -101,6 +102,7 @@ def run_local(cfg: Config, console: Optional[Console] = None) -> dict[str, Any]:
         "run_id": run_id,
         "model": cfg.model.name,
         "base_fingerprint": node.base.fingerprint,
+        "unit": cfg.privacy.unit,
         "dataset_id": node.data.dataset_id,
         "train_records": len(node.train),
         "test_records": len(node.test),

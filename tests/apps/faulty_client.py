@@ -7,7 +7,7 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 import clients.app as honest
-from fedslm.federation import codec
+from fedslm.wire import codec
 
 app = ClientApp()
 

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from fedslm.config import Config, to_yaml
 from fedslm.errors import FedslmError
-from fedslm.federation.server import find_checkpoint
+from fedslm.coordinator.server import find_checkpoint
 
 CONNECTION = "fedslm"
 
@@ -159,7 +159,7 @@ def _clients_done(out: Path, round_idx: int) -> int:
     for ledger in (out / "ledgers").glob("*.json"):
         with contextlib.suppress(OSError, json.JSONDecodeError):
             data = json.loads(ledger.read_text(encoding="utf-8"))
-            entries = [e for d in data.get("datasets", {}).values() for e in d.get("entries", [])]
+            entries = [e for d in data.get("units", {}).values() for e in d.get("entries", [])]
             done += any(e.get("round") == round_idx for e in entries)
     return done
 
@@ -244,7 +244,7 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
         raise SimulationError(f"the federation did not finish: {_failure_reason(log_file)} (full log: {log_file})")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     if cfg.federation.compare_local:
-        from fedslm.federation.compare import local_baselines
+        from fedslm.simulation.compare import local_baselines
         from fedslm.report import write_report
 
         with console.status("training each institution alone under the same ε (federation.compare_local)") as st:

@@ -30,13 +30,13 @@ from safetensors.torch import load_file, save_file
 from fedslm.config import Config, to_yaml
 from fedslm.data import bundled, load_task_data
 from fedslm.errors import ConfigError, FedslmError
-from fedslm.federation import codec
-from fedslm.federation.secagg import SecureAggregationGrid, secure_aggregation_summary
-from fedslm.federation.validate import check_update, default_max_update_norm
+from fedslm.wire import codec
+from fedslm.coordinator.secagg import SecureAggregationGrid, secure_aggregation_summary
+from fedslm.coordinator.screen import check_update, default_max_update_norm
 from fedslm.lora import adapter_meta, get_adapter_state, save_adapter, set_adapter_state, wrap
 from fedslm.lora.adapter import frozen_digest
 from fedslm.models import load_base
-from fedslm.privacy.client_level import client_level_strategy, client_level_summary
+from fedslm.coordinator.client_level import client_level_strategy, client_level_summary
 from fedslm.privacy.dpsgd import check_secure_mode
 from fedslm.registry import Registry
 

@@ -1,189 +1,31 @@
-"""Secure aggregation: Flower's SecAgg+ protocol under fedslm's rounds.
+"""The coordinator's side of SecAgg+: Flower's ``SecAggPlusWorkflow`` stages under fedslm's rounds.
 
-With ``federation.secure_aggregation=true`` a training round runs Flower's SecAgg+ (Bell et al.
-2020) instead of collecting plain updates: nodes agree on pairwise masks, each sends its update
-quantised and masked, and the coordinator can unmask only the weighted *sum*; a node that drops
-out after sending is unmasked from its neighbours' secret shares, as long as ``threshold`` of them
-answer. The protocol is Flower's own: the coordinator drives ``SecAggPlusWorkflow``'s four stages,
-the node runs ``secaggplus_mod``. fedslm adds:
-
-* a node sends its *update* (adapter minus the global one) rather than its adapter, so the
-  quantisation range (``federation.secagg.clipping_range``) fits updates, which are small, and
-  the coordinator adds the unmasked average back onto the global adapter;
-* masks with the seed's full 256 bits: Flower 1.42's ``pseudo_rand_gen`` folds each 32-byte seed
-  into a 32-bit numpy seed, so a coordinator could search 2**32 seeds to strip one node's
-  private mask. :func:`mask_stream` expands the whole seed with SHAKE-256 and is installed on
-  both sides (:func:`install_mask_stream`), so both ends always agree;
-* coordinator-side checks on every masked vector (count, shapes, size) before it enters the sum;
-  a malformed one counts as a dropout, with its node and reason in ``metrics.jsonl``;
-* every protocol failure is logged with its stage, node and reason; too few live nodes stop the
-  run with the reason, like any other round.
-
-The coordinator sees each node's metrics (loss, ε, record count) in plain text, as without
-secure aggregation, and can no longer screen single updates: it checks only the average.
+See :mod:`fedslm.wire.secagg` for the protocol and what fedslm changes in it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import logging
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.common import Code, FitIns, FitRes, Parameters, Status, bytes_to_ndarray, ndarrays_to_parameters
-from flwr.common import parameters_to_ndarrays
+from flwr.common import FitIns, FitRes, Parameters, bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
 from fedslm.config import Config
-from fedslm.errors import FedslmError
-from fedslm.federation import codec
-from fedslm.federation.validate import check_update, default_max_update_norm
+from fedslm.coordinator.screen import check_update, default_max_update_norm
+from fedslm.wire import codec
+from fedslm.wire.errors import NODE_REFUSED
+from fedslm.wire.secagg import MODULUS, _workflow_module, max_weight, quantization_range, quantization_step
 
-log = logging.getLogger("fedslm.secagg")
-
-# The modules themselves (their packages re-export functions under the same names).
-_mod_module = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
-_workflow_module = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
-
-# Mask values live in [0, 2**32): the protocol's modulus.
-MODULUS = 2**32
-# An error a node states (a refused budget, bad data): the same code the ClientApp uses.
-NODE_REFUSED = 1001
+log = logging.getLogger("fedslm.coordinator.secagg")
 
 
-# --------------------------------------------------------------------------------------------
-# Masks with the seed's full entropy
-
-
-def mask_stream(seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]) -> list[np.ndarray]:
-    """Uniform integers in [0, num_range) of the given shapes, expanded from all of ``seed``.
-
-    SHAKE-256 over (seed, tensor index); ``num_range`` must be a power of two up to 2**32, which
-    makes the reduction exact. Drop-in for Flower's ``pseudo_rand_gen``.
-    """
-    if num_range > MODULUS or num_range & (num_range - 1):
-        raise ValueError(f"the mask range must be a power of two <= 2**32, got {num_range}")
-    out = []
-    for index, dims in enumerate(dimensions_list):
-        count = int(np.prod(dims)) if len(dims) else 1
-        raw = hashlib.shake_256(seed + index.to_bytes(4, "little")).digest(4 * count)
-        values = (np.frombuffer(raw, dtype="<u4").astype(np.int64) & (num_range - 1))
-        out.append(values.reshape(dims) if len(dims) else np.array(values[0], dtype=np.int64))
-    return out
-
-
-def install_mask_stream() -> None:
-    """Make Flower's SecAgg+ node mod and coordinator workflow draw masks from :func:`mask_stream`."""
-    _mod_module.pseudo_rand_gen = mask_stream
-    _workflow_module.pseudo_rand_gen = mask_stream
-
-
-install_mask_stream()
-
-
-# --------------------------------------------------------------------------------------------
-# Shared by both ends
-
-
-def quantization_range(cfg: Config) -> int:
-    """Levels over [-clipping_range, clipping_range]: as many as the 2**32 modulus allows for the
-    federation's size (the sum of every institution's levels must not wrap), at most 2**30 (Flower
-    rounds into int32)."""
-    fixed = cfg.federation.secagg.quantization_range
-    if fixed is not None:
-        return int(fixed)
-    bits = min(30, ((MODULUS - 1) // cfg.federation.num_clients).bit_length() - 1)
-    return 2**bits
-
-
-def quantization_step(cfg: Config) -> float:
-    return 2 * cfg.federation.secagg.clipping_range / quantization_range(cfg)
-
-
-def max_weight(cfg: Config) -> float:
-    """The weight bound both ends use: 1 under client-level DP (every institution counts once),
-    else ``federation.secagg.max_weight`` training records."""
-    return 1.0 if cfg.privacy.client_level.enabled else float(cfg.federation.secagg.max_weight)
-
-
-# --------------------------------------------------------------------------------------------
-# The node's side
-
-
-def in_protocol(msg: Message) -> bool:
-    return msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records
-
-
-class _Refused(Exception):
-    def __init__(self, error: Error):
-        super().__init__(error.reason)
-        self.error = error
-
-
-def secure_aggregation_mod(msg: Message, context: Context, call_next: Any) -> Message:
-    """Flower's ``secaggplus_mod`` for train messages that carry the protocol; others pass through.
-
-    A failure in any stage (or a refusal of the training itself) goes back as an error reply with
-    its reason, which the coordinator logs against this node; the protocol treats it as a dropout.
-    """
-    if not in_protocol(msg):
-        return call_next(msg, context)
-    stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, "?"))
-
-    def train(inner: Message, ctx: Context) -> Message:
-        reply = call_next(inner, ctx)
-        if reply.has_error():
-            raise _Refused(reply.error)
-        return reply
-
-    try:
-        return _mod_module.secaggplus_mod(msg, context, train)
-    except _Refused as exc:
-        return Message(error=exc.error, reply_to=msg)
-    except Exception as exc:  # a protocol violation, reported with its stage rather than a traceback
-        log.warning("secure aggregation stage %s failed: %s", stage, exc)
-        return Message(error=Error(code=NODE_REFUSED, reason=f"secure aggregation ({stage}): {exc}"), reply_to=msg)
-
-
-def secure_payload(cfg: Config, sent: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
-                   num_examples: int) -> tuple[list[np.ndarray], float, dict[str, Any]]:
-    """What a node masks: its update per tensor (in the order the coordinator sent them), its weight,
-    and metrics saying how many coordinates the quantisation range clipped."""
-    limit = cfg.federation.secagg.clipping_range
-    update = [(state[k].double() - sent[k].double()).numpy() for k in sent]
-    clipped = int(sum(int((np.abs(u) > limit).sum()) for u in update))
-    if not all(np.isfinite(u).all() for u in update):
-        raise FedslmError("the update holds NaN or inf; it would poison the masked sum, so it is not sent")
-    if clipped:
-        log.warning("secure aggregation: %d update coordinates exceed federation.secagg.clipping_range=%s and are "
-                    "clipped", clipped, limit)
-    bound = max_weight(cfg)  # 1 under client-level DP: every institution counts once
-    weight = min(float(num_examples), bound)
-    if num_examples > bound and not cfg.privacy.client_level.enabled:
-        log.warning("secure aggregation: %s training records count as federation.secagg.max_weight=%s",
-                    num_examples, bound)
-    return update, weight, {"secagg-clipped": clipped, "secagg-weight": weight}
-
-
-def masked_train_reply(msg: Message, update: list[np.ndarray], weight: float, metrics: Mapping[str, Any]) -> Message:
-    """The reply Flower's ``secaggplus_mod`` masks: a FitRes of the update and weight, plus fedslm's metrics."""
-    fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(update),
-                    num_examples=weight, metrics={})  # type: ignore[arg-type]
-    content = compat.fitres_to_recorddict(fitres, keep_input=True)
-    content[codec.METRICS] = MetricRecord(codec.metric_values(metrics))
-    return Message(content, reply_to=msg)
-
-
-# --------------------------------------------------------------------------------------------
-# The coordinator's side
 
 
 class _Node(ClientProxy):

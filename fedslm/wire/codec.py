@@ -15,6 +15,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedslm.errors import FedslmError
+
 ARRAYS = "arrays"
 # Every train reply carries this metric = 1, so FedAvg can average institutions unweighted.
 UNIT_WEIGHT = "unit-weight"
@@ -66,7 +68,18 @@ def request_config(config_yaml: str, base_fingerprint: str, run_id: str, frozen_
                          "frozen-digest": frozen_digest})
 
 
+class MalformedMessage(FedslmError):
+    """A message whose records do not have the types the contract says."""
+
+
 def parse_request(msg: Message) -> Request:
+    try:
+        return _parse_request(msg)
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise MalformedMessage(f"a request whose records cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def _parse_request(msg: Message) -> Request:
     content = msg.content
     cfg = content[CONFIG] if CONFIG in content else ConfigRecord()
     adapter = None

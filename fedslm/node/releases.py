@@ -8,8 +8,12 @@ ledger entry with its SHA-256) and sends the same bytes again: repeating an outp
 already paid for is post-processing and costs no privacy. A request that differs in
 any way (another run, round or input adapter) is trained and charged as new.
 
-The file is written before the charge and only trusted when a ledger entry names it
-with a matching hash, so a crash between the two never yields an unpaid release.
+The round's cost is reserved in the ledger before training; the file is written after
+training and only trusted once the round's ledger entry names it with a matching hash,
+so a crash in between never yields an unpaid release. Each file is named by its run,
+round *and input adapter*, so a second request for one round with another adapter is
+kept beside the first (and a later replay of either is found, not charged again).
+Files and folder are readable by the node's user only (0600 / 0700).
 """
 
 from __future__ import annotations
@@ -47,26 +51,33 @@ def _file_sha(path: Path) -> str:
 class Releases:
     """The folder ``<ledger>.releases/`` of one node's paid-for updates, newest round per run."""
 
+    FILE_MODE = 0o600
+
     def __init__(self, ledger_path: str | Path):
         ledger_path = Path(ledger_path).expanduser()
         self.folder = ledger_path.with_name(ledger_path.name + ".releases")
 
     @staticmethod
-    def _prefix(dataset_id: str, run: str) -> str:
-        return hashlib.sha256(f"{dataset_id}|{run}".encode()).hexdigest()[:16]
+    def _prefix(unit: str, run: str) -> str:
+        return hashlib.sha256(f"{unit}|{run}".encode()).hexdigest()[:16]
 
-    def save(self, dataset_id: str, run: str, round_idx: int, input_digest: str,
+    def save(self, unit: str, run: str, round_idx: int, input_digest: str,
              state: Mapping[str, torch.Tensor], metrics: Mapping[str, Any]) -> dict[str, Any]:
-        """Write the update (before the charge); returns what the ledger entry records about it."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        prefix = self._prefix(dataset_id, run)
-        path = self.folder / f"{prefix}-round-{round_idx}.safetensors"
+        """Write the update; returns what the round's ledger entry records about it."""
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.folder, 0o700)
+        prefix = self._prefix(unit, run)
+        path = self.folder / f"{prefix}-round-{round_idx}-{(input_digest or 'none')[:16]}.safetensors"
         tmp = path.with_name(path.name + ".tmp")
+        # Created 0600 before a byte is written, so no other user can ever read it.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.FILE_MODE))
+        os.chmod(tmp, self.FILE_MODE)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp),
                   metadata={"metrics": json.dumps(dict(metrics))})
+        os.chmod(tmp, self.FILE_MODE)
         os.replace(tmp, path)
         for old in self.folder.glob(f"{prefix}-round-*.safetensors"):  # earlier rounds can never be asked again
-            if old != path:
+            if not old.name.startswith(f"{prefix}-round-{round_idx}-"):
                 old.unlink(missing_ok=True)
         return {"input": input_digest, "file": path.name, "sha256": _file_sha(path)}
 

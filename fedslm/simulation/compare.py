@@ -13,28 +13,28 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from fedslm.config import Config
-from fedslm.federation.client import NodeSettings, build_institution
-from fedslm.federation.codec import Request
+from fedslm.node.plan import NodeContext, plan_round
+from fedslm.node.serve import build_institution
 from fedslm.privacy import Ledger
 from fedslm.train.evaluate import evaluate
 from fedslm.train.local import train_round
+from fedslm.wire.codec import Request
 
 
 def local_baselines(cfg: Config, progress: Optional[Callable[[int], None]] = None) -> dict[str, dict[str, Any]]:
     out = Path(cfg.output.dir)
     headline = "accuracy" if cfg.model.task == "classification" else "perplexity"
     results: dict[str, Any] = {}
-    # No coordinator: a fresh adapter from the same seed, nothing to check the base against.
-    request = Request(server_round=0, config_yaml="", base_fingerprint="", run_id="local-only",
-                      proximal_mu=0.0, adapter=None, bytes_down=0)
     for inst in range(cfg.federation.num_clients):
-        node = NodeSettings(inst, cfg.federation.num_clients, None, None, None, f"institution-{inst}")
-        local_cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(
-            cfg.privacy, ledger=str(out / "ledgers-local" / f"{node.name}.json")))
-        built = build_institution(local_cfg, node, request)
-        ledger = Ledger(local_cfg.privacy.ledger)
+        node = NodeContext(institution=inst, num_institutions=cfg.federation.num_clients, policy=None)
+        plan = dataclasses.replace(plan_round(cfg, node), ledger=out / "ledgers-local" / f"{node.name}.json")
+        # No coordinator: a fresh adapter from the same seed, nothing to check the base against.
+        request = Request(server_round=0, config_yaml="", base_fingerprint="", run_id="local-only",
+                          proximal_mu=0.0, adapter=None, bytes_down=0)
+        built = build_institution(plan, request)
+        ledger = Ledger(plan.ledger)
         for r in range(1, cfg.federation.rounds + 1):
-            train_round(built.model, built.train, local_cfg, dataset_id=built.data.dataset_id, ledger=ledger,
+            train_round(built.model, built.train, plan.spec, unit=plan.unit, ledger=ledger,
                         run_id="local-only", round_idx=r)
         ev = evaluate(built.model, built.test, cfg.model.task, cfg.train.eval_batch_size)
         results[str(inst)] = ev.get(headline)

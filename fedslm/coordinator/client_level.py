@@ -49,8 +49,8 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from fedslm.config import Config
-from fedslm.errors import FedslmError
-from fedslm.federation import codec
+from fedslm.privacy.clipping import clip_update
+from fedslm.wire import codec
 from fedslm.privacy import csprng
 from fedslm.privacy.accountant import epsilon
 
@@ -73,24 +73,6 @@ def clipped_count_stddev(cfg: Config) -> float:
     if cl.clipped_count_stddev is not None:
         return cl.clipped_count_stddev
     return max(sampled_per_round(cfg) / 20, 1.2 * cl.noise_multiplier)
-
-
-def update_norm(update: Mapping[str, np.ndarray]) -> float:
-    return float(math.sqrt(sum(float((u.astype(np.float64) ** 2).sum()) for u in update.values())))
-
-
-def clip_update(sent: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray],
-                clipping_norm: float) -> tuple[dict[str, np.ndarray], float, bool]:
-    """``sent + clip(values - sent)`` by key (FlatClip), the update's norm, and whether it was clipped."""
-    update = {k: values[k].astype(np.float64) - sent[k].astype(np.float64) for k in sent}
-    norm = update_norm(update)
-    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
-    clipped = {k: np.asarray(sent[k] + update[k] * scale, dtype=values[k].dtype) for k in sent}
-    return clipped, norm, scale < 1.0
-
-
-class ClippingMismatch(FedslmError):
-    pass
 
 
 def _noised(arrays: ArrayRecord, std: float) -> ArrayRecord:
@@ -203,30 +185,10 @@ def client_level_strategy(inner: Any, cfg: Config) -> Any:
         strategy = cls(inner, noise_multiplier=cl.noise_multiplier, clipping_norm=cl.clipping_norm,
                        num_sampled_clients=m)
     if cfg.federation.secure_aggregation:
-        from fedslm.federation.secagg import quantization_step
+        from fedslm.wire.secagg import quantization_step
 
         strategy.secagg_step = quantization_step(cfg)
     return strategy
-
-
-def client_clip(cfg: Config, config_norm: Optional[float], sent: Mapping[str, np.ndarray],
-                values: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """A node's side of client-side clipping: clip to the bound the coordinator sent.
-
-    The node checks that the coordinator asks for clipping when its own config says client-side
-    clipping is on (and the other way round), so neither side silently skips it.
-    """
-    cl = cfg.privacy.client_level
-    wanted = cl.enabled and cl.clipping == "client"
-    if wanted != (config_norm is not None):
-        raise ClippingMismatch(
-            "privacy.client_level.clipping=client in the run config, but the coordinator sent no clipping bound"
-            if wanted else "the coordinator sent a clipping bound, but the run config does not ask for "
-                           "client-side clipping (privacy.client_level.clipping=client)")
-    if not wanted:
-        return dict(values), {}
-    clipped, norm, was = clip_update(sent, values, float(config_norm))
-    return clipped, {KEY_NORM_BIT: int(was), "update-norm": norm}
 
 
 def client_level_summary(cfg: Config, releases: int, rounds: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:

@@ -1,0 +1,60 @@
+"""``fedslm node check``: a node policy validated, its data read, its budget and split shown."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from fedslm.config.schema import DataConfig
+from fedslm.data import load_task_data
+from fedslm.node.policy import PolicyError, load_policy
+from fedslm.privacy import Ledger
+from fedslm.privacy.ledger import LedgerError
+
+
+def check_policy(path: str | Path) -> dict[str, Any]:
+    policy = load_policy(path)
+    d, p = policy.data, policy.privacy
+    data_cfg = DataConfig(source=d.source, text_column=d.text_column, label_column=d.label_column,
+                          prompt_column=d.prompt_column, completion_column=d.completion_column,
+                          test_fraction=d.test_fraction, split_seed=d.split_seed)
+    # The task follows from the columns the file has; try classification first.
+    data = None
+    errors = []
+    for task in ("classification", "causal_lm"):
+        try:
+            data = load_task_data(data_cfg, task)
+            break
+        except Exception as exc:  # noqa: BLE001 - reported below if neither task reads the file
+            errors.append(f"{task}: {exc}")
+    if data is None:
+        raise PolicyError(f"node policy {path}: data.source cannot be read ({'; '.join(errors)})")
+    n = len(data.train)
+    warnings = []
+    if not p.max_delta < 1.0 / n:  # type: ignore[operator]
+        raise PolicyError(f"node policy {path}: privacy.max_delta={p.max_delta:g} is not below 1/n = {1.0 / n:.3g} "
+                          f"for {n} training records; choose at most {1.0 / (10 * n):.3g}")
+    if len(data.test) < d.min_test_records:
+        warnings.append(f"{len(data.test)} held-out records, fewer than data.min_test_records={d.min_test_records}: "
+                        "this node will refuse to evaluate")
+    try:
+        spent = Ledger(str(p.ledger)).spent(p.unit, float(p.max_delta), p.accountant)  # type: ignore[arg-type]
+    except LedgerError as exc:
+        raise PolicyError(f"node policy {path}: {exc}") from None
+    if spent >= float(p.max_epsilon):  # type: ignore[arg-type]
+        warnings.append(f"the budget of unit {p.unit!r} is spent (ε={spent:.3f}): every training round will be refused")
+    if not p.require_secure_noise:
+        warnings.append("privacy.require_secure_noise=false: DP noise may come from torch's generator")
+    return {
+        "name": policy.name,
+        "data": {"source": d.source, "train_records": n, "test_records": len(data.test), "split_seed": d.split_seed,
+                 "test_fraction": d.test_fraction, "labels": data.labels},
+        "privacy": {"unit": p.unit, "ledger": str(p.ledger), "max_epsilon": p.max_epsilon, "max_delta": p.max_delta,
+                    "one_over_n": 1.0 / n, "accountant": p.accountant,
+                    "spent_epsilon": None if math.isinf(spent) else spent,
+                    "allow_non_private": p.allow_non_private, "require_secure_noise": p.require_secure_noise,
+                    "require_secure_aggregation": p.require_secure_aggregation},
+        "models": {"allowed": list(policy.models.allowed), "fingerprints": policy.models.fingerprints},
+        "warnings": warnings,
+    }

@@ -1,0 +1,235 @@
+"""A request is a request: the coordinator's run config ∩ the node's policy -> one round plan.
+
+Everything a message carries is untrusted input. The node parses the request's config with no
+interpolation (``${oc.env:…}`` would read the node's environment), validates it like any config,
+and then takes from it only what may vary within its policy:
+
+=====================  ================================================================
+taken from the request  rounds (for the noise plan), local steps, batch sizes, lr, optimizer,
+                        weight decay, train seed, LoRA shape, model preset *if the policy
+                        allows it*, max_length, pooling, head seed, label set, clip norm, a
+                        fixed σ, the target ε *up to the node's cap*, secure noise (only ever
+                        switched on), transfer dtype, client-side clipping, SecAgg+ settings
+decided by the node     records and their split, the privacy unit, the ledger, the ε and δ
+                        caps (δ of the guarantee is the node's), the accountant, whether a
+                        non-private round may run (refused by default), secure noise when
+                        required, which base models load, the smallest held-out set, threads,
+                        where it writes
+refused outright        a noise seed outside simulation, ``privacy.enabled=false`` unless
+                        the policy allows it, a base model the policy does not list
+=====================  ================================================================
+
+The rooms below (train, lora, data, privacy) receive their pieces of the plan, never the
+coordinator's whole :class:`~fedslm.config.Config`.
+
+In simulation, the researcher is coordinator and institutions at once: the scenario stands for
+every node's policy (each institution's share of the data, a ledger per institution in the run
+folder, the scenario's caps, and its noise seed for reproducible research runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from fedslm.config import Config, load_config
+from fedslm.config.schema import DataConfig, FederationConfig, LoraConfig, ModelConfig
+from fedslm.errors import ConfigError, FedslmError
+from fedslm.node.policy import NodePolicy
+from fedslm.train.local import DPSpec, RoundSpec, round_spec
+from fedslm.wire.secagg import max_weight
+
+log = logging.getLogger("fedslm.node")
+
+
+class BadRequest(FedslmError):
+    """The request cannot be read as a fedslm round (malformed, invalid, or interpolating)."""
+
+
+class PolicyRefusal(FedslmError):
+    """The request asks for something the node's policy does not allow."""
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    """What the node knows about itself, from its SuperNode's node config (trusted: the
+    institution sets it, never the coordinator)."""
+
+    institution: int
+    num_institutions: int
+    # The institution's policy; None in simulation, where the scenario stands for it.
+    policy: Optional[NodePolicy]
+
+    @property
+    def simulation(self) -> bool:
+        return self.policy is None
+
+    @property
+    def name(self) -> str:
+        return self.policy.name if self.policy is not None else f"institution-{self.institution}"
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """One round as this node will run it."""
+
+    name: str
+    institution: int
+    model: ModelConfig
+    lora: LoraConfig
+    data: DataConfig
+    spec: RoundSpec
+    unit: str
+    ledger: Path
+    threads: Optional[int]
+    eval_batch_size: int
+    transfer_dtype: str
+    # The run config asks for secure aggregation / this node requires it.
+    secure_aggregation: bool
+    require_secure_aggregation: bool
+    client_clipping: bool
+    secagg_clipping_range: float
+    secagg_max_weight: float
+    min_test_records: int
+    allowed_fingerprints: Optional[tuple[str, ...]] = None
+    # Simulation only: which share of the scenario's dataset this institution holds.
+    partition: Optional[FederationConfig] = None
+
+
+def _interpolations(value: Any, path: str = "") -> list[str]:
+    if isinstance(value, str):
+        return [path or "?"] if "${" in value else []
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _interpolations(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _interpolations(v, f"{path}[{i}]")]
+    return []
+
+
+def parse_request_config(text: str) -> Config:
+    """The request's run config, validated, with no interpolation ever resolved."""
+    if not text:
+        raise BadRequest("the request carries no fedslm config (run-config 'fedslm-config' missing)")
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise BadRequest("the request's config is not valid YAML") from None
+    if not isinstance(content, dict):
+        raise BadRequest("the request's config is not a mapping of sections")
+    found = _interpolations(content)
+    if found:
+        raise BadRequest(f"the request's config holds interpolations (at {', '.join(found[:5])}); a node never "
+                         "resolves them, since ${oc.env:...} would read this node's environment")
+    try:
+        return load_config(texts=[yaml.safe_dump(content)])
+    except ConfigError as exc:
+        raise BadRequest(f"the request's config is invalid: {exc}") from None
+
+
+def _simulation_plan(cfg: Config, node: NodeContext) -> RoundPlan:
+    i = node.institution
+    if cfg.privacy.ledger:
+        ledger = Path(cfg.privacy.ledger).expanduser()
+        ledger = ledger.with_name(f"{ledger.stem}-institution-{i}{ledger.suffix or '.json'}")
+    else:
+        ledger = Path(cfg.output.dir) / "ledgers" / f"institution-{i}.json"
+    spec = round_spec(cfg)
+    spec = replace(spec, dp=replace(spec.dp, seed_salt=f"institution-{i}"))
+    return RoundPlan(
+        name=node.name, institution=i, model=cfg.model, lora=cfg.lora, data=cfg.data, spec=spec,
+        unit=cfg.privacy.unit, ledger=ledger, threads=cfg.train.threads or cfg.federation.client_cpus,
+        eval_batch_size=cfg.train.eval_batch_size, transfer_dtype=cfg.federation.transfer_dtype,
+        secure_aggregation=cfg.federation.secure_aggregation, require_secure_aggregation=False,
+        client_clipping=cfg.privacy.client_level.enabled and cfg.privacy.client_level.clipping == "client",
+        secagg_clipping_range=cfg.federation.secagg.clipping_range, secagg_max_weight=max_weight(cfg),
+        min_test_records=1, partition=cfg.federation,
+    )
+
+
+def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
+    """This node's plan for the request ``cfg`` (already parsed by :func:`parse_request_config`).
+
+    Raises :class:`PolicyRefusal` for what the policy forbids; logs every request value it overrides.
+    """
+    if node.policy is None:
+        return _simulation_plan(cfg, node)
+    pol, req = node.policy, cfg.privacy
+    name = pol.name
+
+    def overridden(what: str) -> None:
+        log.warning("%s: %s", name, what)
+
+    if not req.enabled and not pol.privacy.allow_non_private:
+        raise PolicyRefusal("the request asks for a non-private round (privacy.enabled=false) and this node's "
+                            "policy does not allow one (privacy.allow_non_private=false)")
+    if req.noise_seed is not None:
+        raise PolicyRefusal("the request fixes privacy.noise_seed: whoever knows it could subtract the noise; a "
+                            "deployed node draws its noise itself and refuses seeds")
+    if cfg.model.name not in pol.models.allowed:
+        raise PolicyRefusal(f"the request's base model {cfg.model.name!r} is not in this node's models.allowed "
+                            f"({', '.join(pol.models.allowed)})")
+    cap = float(pol.privacy.max_epsilon)  # type: ignore[arg-type]
+    delta = float(pol.privacy.max_delta)  # type: ignore[arg-type]
+    target = req.target_epsilon
+    if target > cap:
+        overridden(f"the request's privacy.target_epsilon={target:g} is above this node's cap; planning for "
+                   f"max_epsilon={cap:g}")
+        target = cap
+    if req.delta is not None and req.delta != delta:
+        overridden(f"the request's privacy.delta={req.delta:g} is ignored; this node's guarantee is at its "
+                   f"max_delta={delta:g}")
+    if req.max_epsilon is not None and req.max_epsilon != cap:
+        overridden(f"the request's privacy.max_epsilon={req.max_epsilon:g} is ignored; this node's cap is {cap:g}")
+    if req.ledger is not None:
+        overridden("the request's privacy.ledger is ignored; this node keeps its ledger where its policy says")
+    if req.unit != pol.privacy.unit:
+        overridden(f"the request's privacy.unit is ignored; this node charges its unit {pol.privacy.unit!r}")
+    if req.accountant != pol.privacy.accountant:
+        overridden(f"the request's privacy.accountant={req.accountant} is ignored; this node composes with "
+                   f"{pol.privacy.accountant}")
+    secure_noise = req.secure_mode or pol.privacy.require_secure_noise
+    if pol.privacy.require_secure_noise and not req.secure_mode:
+        overridden("noise from the OS CSPRNG (this node's policy requires it)")
+    if cfg.data.max_train_records is not None:
+        overridden("the request's data.max_train_records is ignored; this node trains on its whole training split")
+    max_test = cfg.data.max_test_records
+    if max_test is not None and max_test < pol.data.min_test_records:
+        overridden(f"the request's data.max_test_records={max_test} is below this node's min_test_records; "
+                   f"scoring {pol.data.min_test_records}")
+        max_test = pol.data.min_test_records
+    t = cfg.train
+    spec = RoundSpec(
+        task=cfg.model.task, batch_size=t.batch_size, physical_batch_size=t.physical_batch_size,
+        local_steps=t.local_steps, lr=t.lr, optimizer=t.optimizer, weight_decay=t.weight_decay, seed=t.seed,
+        dp=DPSpec(
+            enabled=req.enabled, target_epsilon=target,
+            max_epsilon=cap if req.enabled else math.inf, delta=delta, max_grad_norm=req.max_grad_norm,
+            accountant=pol.privacy.accountant, planned_rounds=cfg.federation.rounds,
+            noise_multiplier=req.noise_multiplier, secure_mode=secure_noise, noise_seed=None,
+            allow_non_private=pol.privacy.allow_non_private,
+        ),
+    )
+    d = pol.data
+    data = DataConfig(
+        source=d.source, text_column=d.text_column, label_column=d.label_column, prompt_column=d.prompt_column,
+        completion_column=d.completion_column, labels=cfg.data.labels, test_fraction=d.test_fraction,
+        split_seed=d.split_seed, max_train_records=None, max_test_records=max_test,
+    )
+    cl = cfg.privacy.client_level
+    return RoundPlan(
+        name=name, institution=node.institution, model=cfg.model, lora=cfg.lora, data=data, spec=spec,
+        unit=pol.privacy.unit, ledger=Path(str(pol.privacy.ledger)).expanduser(), threads=pol.threads,
+        eval_batch_size=t.eval_batch_size, transfer_dtype=cfg.federation.transfer_dtype,
+        secure_aggregation=cfg.federation.secure_aggregation,
+        require_secure_aggregation=pol.privacy.require_secure_aggregation,
+        client_clipping=cl.enabled and cl.clipping == "client",
+        secagg_clipping_range=cfg.federation.secagg.clipping_range, secagg_max_weight=max_weight(cfg),
+        min_test_records=d.min_test_records,
+        allowed_fingerprints=tuple(pol.models.fingerprints) if pol.models.fingerprints else None,
+    )
+

@@ -1,0 +1,212 @@
+"""The node policy: what an institution decides for itself, read only on its own machine.
+
+A coordinator's request can vary only what the policy lets vary (rounds, steps, batch, lr, LoRA
+shape, strategy-side settings; see :mod:`fedslm.node.plan`). Everything that decides privacy is
+here: which records, their fixed train/held-out split, the privacy unit the ledger charges, the
+ledger's path, the ε and δ caps, whether a non-private round is ever allowed, whether noise must
+come from the OS CSPRNG, which base models may be loaded, and the smallest held-out set the node
+will score.
+
+The SuperNode names the file in its node config (``--node-config 'policy="/etc/fedslm/node.yaml"'``).
+``fedslm node init`` writes a commented template and ``fedslm node check`` validates one.
+
+A node that truly holds two disjoint datasets (two registries about different people) runs one
+SuperNode per dataset, each with its own policy and its own ``privacy.unit`` name (they may share
+one ledger file: budgets are kept per unit). Two datasets that may hold the same people are one
+unit: give both policies the same ``privacy.unit`` and ledger, and every round on either is
+charged to one budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedslm.config.schema import ACCOUNTANTS
+from fedslm.errors import ConfigError
+
+# The node-config key naming the policy file.
+NODE_POLICY = "policy"
+# Optional node-config key: a small public integer naming the institution in the coordinator's metrics.
+NODE_INSTITUTION = "institution"
+
+
+class PolicyError(ConfigError):
+    """The node's own policy is missing, incomplete or invalid: the node's operator must fix it."""
+
+
+@dataclass
+class PolicyData:
+    # The node's own records: a .csv or .jsonl file (or a bundled dataset name, for trials).
+    source: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    # The held-out share and the seed of the node's fixed train/held-out split.
+    test_fraction: float = 0.1
+    split_seed: int = 0
+    # The node never scores fewer held-out records than this, whatever a request asks.
+    min_test_records: int = 50
+
+
+@dataclass
+class PolicyPrivacy:
+    # The privacy unit every round on this node's records is charged to (see the module docstring).
+    unit: str = "all-records"
+    # The ledger file (kept forever; losing it must never reset the budget).
+    ledger: Optional[str] = None
+    # Caps of this node's guarantee: total ε over every round and run, at δ = max_delta.
+    max_epsilon: Optional[float] = None
+    max_delta: Optional[float] = None
+    accountant: str = "rdp"
+    # Whether a round with no DP at all (ε = ∞) may ever run on these records.
+    allow_non_private: bool = False
+    # DP noise and Poisson sampling from the OS CSPRNG, whatever the request says.
+    require_secure_noise: bool = False
+    # Send an update only inside secure aggregation (SecAgg+).
+    require_secure_aggregation: bool = False
+
+
+@dataclass
+class PolicyModels:
+    # Base models this node may load: bundled preset names, or local model folders it vouches for.
+    allowed: List[str] = field(default_factory=lambda: ["minilm"])
+    # If set, the loaded base (with its task head) must have one of these fingerprints.
+    fingerprints: Optional[List[str]] = None
+
+
+@dataclass
+class NodePolicy:
+    # The institution's name in this node's own log lines and files.
+    name: str = "institution"
+    data: PolicyData = field(default_factory=PolicyData)
+    privacy: PolicyPrivacy = field(default_factory=PolicyPrivacy)
+    models: PolicyModels = field(default_factory=PolicyModels)
+    # torch threads for training on this node; None: torch's default.
+    threads: Optional[int] = None
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise PolicyError(message)
+
+
+def validate_policy(policy: NodePolicy, *, complete: bool = True, where: str = "node policy") -> None:
+    """Reject values no node could use, naming the key. ``complete``: every key a deployed node needs
+    (data source, ledger, ε and δ caps) must be set."""
+    d, p = policy.data, policy.privacy
+    if complete:
+        for key, value in (("data.source", d.source.strip()), ("privacy.ledger", p.ledger),
+                           ("privacy.max_epsilon", p.max_epsilon), ("privacy.max_delta", p.max_delta)):
+            _check(value not in (None, ""), f"{where}: {key} is required (a node without it refuses to serve)")
+    _check(bool(policy.name.strip()), f"{where}: name must not be empty")
+    _check(0.0 < d.test_fraction < 1.0, f"{where}: data.test_fraction must be in (0, 1), got {d.test_fraction}")
+    _check(d.min_test_records >= 1, f"{where}: data.min_test_records must be >= 1, got {d.min_test_records}")
+    _check(bool(p.unit.strip()), f"{where}: privacy.unit must name the privacy unit, got ''")
+    if p.max_epsilon is not None:
+        _check(p.max_epsilon > 0 and not math.isnan(p.max_epsilon),
+               f"{where}: privacy.max_epsilon must be > 0, got {p.max_epsilon}")
+        _check(not math.isinf(p.max_epsilon) or p.allow_non_private,
+               f"{where}: privacy.max_epsilon=inf is no cap; set a finite ε")
+    if p.max_delta is not None:
+        _check(0.0 < p.max_delta < 1.0, f"{where}: privacy.max_delta must be in (0, 1), got {p.max_delta}")
+    _check(p.accountant in ACCOUNTANTS,
+           f"{where}: privacy.accountant must be one of {', '.join(ACCOUNTANTS)}; got {p.accountant!r}")
+    _check(len(policy.models.allowed) > 0 and all(m.strip() for m in policy.models.allowed),
+           f"{where}: models.allowed must list at least one preset or model folder")
+    if policy.threads is not None:
+        _check(policy.threads >= 1, f"{where}: threads must be >= 1, got {policy.threads}")
+
+
+def load_policy(path: str | Path, *, complete: bool = True) -> NodePolicy:
+    """Read and validate the node policy at ``path``; every error names the file and the key."""
+    path = Path(path).expanduser()
+    where = f"node policy {path}"
+    if not path.is_file():
+        raise PolicyError(f"{where} does not exist (write one with: fedslm node init {path})")
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise PolicyError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(content, dict):
+        raise PolicyError(f"{where} must hold a mapping (name, data, privacy, models), got {type(content).__name__}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(NodePolicy), OmegaConf.create(content))
+        policy: NodePolicy = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise PolicyError(f"{where}: {key}: {str(getattr(exc, 'msg', exc)).splitlines()[0]}") from None
+    validate_policy(policy, complete=complete, where=where)
+    return policy
+
+
+def policy_dict(policy: NodePolicy) -> dict[str, Any]:
+    return dataclasses.asdict(policy)
+
+
+TEMPLATE = """\
+# fedslm node policy: what this institution decides for itself, whatever a coordinator asks.
+# Read only on this machine. Name it in the SuperNode's node config:
+#   flower-supernode ... --node-config 'policy="{path}"'
+# Check it with: fedslm node check {path}
+
+# This institution's name in its own logs and files (never sent).
+name: {name}
+
+data:
+  # Your records: a .csv or .jsonl file with a text and a label column (classification), or a
+  # prompt and a completion column (causal LM).
+  source: {source}
+  text_column: text
+  label_column: label
+  # Your fixed split: this share of the records is held out for evaluation, by this seed.
+  # A coordinator cannot change it.
+  test_fraction: 0.1
+  split_seed: 0
+  # Never score fewer held-out records than this, whatever a request asks.
+  min_test_records: 50
+
+privacy:
+  # The privacy unit the ledger charges: one name for the people whose records these are.
+  # Every round on them is charged to it, whatever split, subset or order is used. A second,
+  # disjoint dataset (other people) runs under its own SuperNode and policy, with its own unit.
+  unit: all-records
+  # The ledger: keep it forever and back it up; a lost ledger must never look like a fresh budget.
+  ledger: {ledger}
+  # This node's guarantee: at most max_epsilon in total, over every round and run, at δ = max_delta.
+  # Both are required. δ must stay below 1/n for n training records (1/(10 n) is common).
+  max_epsilon: 8.0
+  max_delta: 1.0e-6
+  # rdp or prv: how the ledger composes every round (prv is tighter; both are upper bounds).
+  accountant: rdp
+  # A round with no DP at all (ε = ∞) is refused unless this is true.
+  allow_non_private: false
+  # Draw DP noise and Poisson sampling from the OS CSPRNG, whatever the request says.
+  require_secure_noise: true
+  # Send an update only inside secure aggregation (SecAgg+).
+  require_secure_aggregation: false
+
+models:
+  # Base models this node may load: bundled presets (fedslm model list) or local model folders.
+  allowed: [minilm]
+  # Optionally pin the exact base (with its task head) by fingerprint (fedslm node check prints it).
+  # fingerprints: [...]
+
+# torch threads for training on this node (null: torch's default).
+threads: null
+"""
+
+
+def template(path: str | Path, name: str = "my-hospital", source: str = "/data/records.csv",
+             ledger: Optional[str] = None) -> str:
+    path = Path(path)
+    ledger = ledger or str(path.resolve().with_name(path.stem + ".ledger.json"))
+    return TEMPLATE.format(path=path, name=name, source=source, ledger=ledger)

@@ -1,0 +1,266 @@
+"""What an institution's node does in a round, with no Flower types in sight.
+
+Every request is untrusted input: its run config becomes this node's :class:`RoundPlan` through
+the node policy (:mod:`fedslm.node.plan`), and only that plan reaches training, the ledger and the
+data. In simulation the scenario stands for every node's policy; in deployment the SuperNode's
+node config names the policy file, and a node without one refuses to serve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+from peft import PeftModel
+
+from fedslm.data import TaskData, load_task_data
+from fedslm.data.partition import institution_data
+from fedslm.data.tasks import get_task
+from fedslm.errors import FedslmError
+from fedslm.lora import get_adapter_state, set_adapter_state, wrap
+from fedslm.lora.adapter import frozen_digest
+from fedslm.models import BaseModel, load_base
+from fedslm.node.clipping import ClippingMismatch, client_clip
+from fedslm.node.plan import NodeContext, PolicyRefusal, RoundPlan, parse_request_config, plan_round
+from fedslm.node.policy import NODE_INSTITUTION, NODE_POLICY, PolicyError, load_policy
+from fedslm.node.releases import Releases, adapter_digest
+from fedslm.node.secagg import secure_payload
+from fedslm.privacy import Ledger
+from fedslm.train.evaluate import evaluate
+from fedslm.train.local import RoundResult, train_round
+from fedslm.train.node import Node
+from fedslm.wire.codec import Request, tensor_bytes, transfer
+
+log = logging.getLogger("fedslm.node")
+
+
+class FingerprintMismatch(FedslmError):
+    pass
+
+
+class SecureAggregationRequired(FedslmError):
+    pass
+
+
+def node_context(node_config: Mapping[str, Any]) -> NodeContext:
+    """This node, from its SuperNode's node config: a deployed node names its policy file; a simulated
+    one carries Flower's partition-id (the scenario then stands for its policy)."""
+    if NODE_POLICY in node_config:
+        policy = load_policy(str(node_config[NODE_POLICY]))
+        return NodeContext(institution=int(node_config.get(NODE_INSTITUTION, 0)), num_institutions=0, policy=policy)
+    if "partition-id" in node_config:
+        return NodeContext(institution=int(node_config["partition-id"]),
+                           num_institutions=int(node_config.get("num-partitions", 1)), policy=None)
+    raise PolicyError(f"this SuperNode's node config names no policy file; start it with --node-config "
+                      f"'{NODE_POLICY}=\"/path/to/policy.yaml\"' (write one with: fedslm node init)")
+
+
+def institution_task_data(plan: RoundPlan, *, for_training: bool = True) -> TaskData:
+    if plan.partition is None:  # deployment: the node's own file, split as its policy says
+        data = load_task_data(plan.data, plan.model.task)
+    else:  # simulation: this institution's share of the scenario's dataset
+        fed = plan.partition
+        group = fed.partition_column if fed.partitioner == "column" else None
+        whole = load_task_data(plan.data, plan.model.task, group_column=group)
+        data = institution_data(whole, fed, plan.institution, plan.data.test_fraction, plan.data.split_seed,
+                                plan.data.max_test_records)
+    if for_training and plan.spec.dp.enabled and plan.spec.dp.delta is not None:
+        n = len(data.train)
+        if not plan.spec.dp.delta < 1.0 / n:
+            raise PolicyError(f"{plan.name}: privacy.max_delta={plan.spec.dp.delta:g} is not below 1/n = {1.0 / n:.3g} "
+                              f"for this node's {n} training records; a δ that large protects no one")
+    if not for_training and len(data.test) < plan.min_test_records:
+        raise PolicyError(f"{plan.name}: {len(data.test)} held-out records, fewer than this node's "
+                          f"data.min_test_records={plan.min_test_records}; refusing to score")
+    return data
+
+
+# The last base + LoRA model this process built. A simulation's Ray actors serve many rounds and
+# institutions in one process; loading the base again each time is most of a round's cost for a
+# small model. Reuse is exact: the base is frozen (and fingerprinted), and every trainable tensor
+# is overwritten from the request's adapter (set_adapter_state is strict about keys and shapes).
+_LOADED: dict[str, tuple[BaseModel, PeftModel]] = {}
+
+
+def _base_and_model(plan: RoundPlan, num_labels: Optional[int]) -> tuple[BaseModel, PeftModel]:
+    key = json.dumps([asdict(plan.model), asdict(plan.lora), plan.spec.seed, num_labels], sort_keys=True)
+    if key not in _LOADED:
+        _LOADED.clear()
+        base = load_base(plan.model, num_labels)
+        _LOADED[key] = (base, wrap(base.model, plan.lora, plan.model.task, base.target_modules, seed=plan.spec.seed))
+    return _LOADED[key]
+
+
+def build_institution(plan: RoundPlan, request: Request, *, for_training: bool = True,
+                      data: Optional[TaskData] = None) -> Node:
+    data = data if data is not None else institution_task_data(plan, for_training=for_training)
+    num_labels = len(data.labels) if data.labels is not None else None
+    if request.adapter is not None:
+        base, model = _base_and_model(plan, num_labels)
+    else:
+        base = load_base(plan.model, num_labels)
+        model = wrap(base.model, plan.lora, plan.model.task, base.target_modules, seed=plan.spec.seed)
+    if plan.allowed_fingerprints is not None and base.fingerprint not in plan.allowed_fingerprints:
+        raise PolicyRefusal(f"{plan.name}: base model fingerprint {base.fingerprint[:12]} is not in this node's "
+                            "models.fingerprints")
+    if request.base_fingerprint and request.base_fingerprint != base.fingerprint:
+        raise FingerprintMismatch(
+            f"{plan.name}: base model fingerprint {base.fingerprint[:12]} differs from the coordinator's "
+            f"{request.base_fingerprint[:12]} (different model.name, label set, model.init_seed or model.pooling)"
+        )
+    if request.frozen_digest != frozen_digest(model):
+        raise FingerprintMismatch(
+            f"{plan.name}: the frozen LoRA A (lora.ffa) differs from the coordinator's "
+            f"({frozen_digest(model)[:12] or 'none'} vs {request.frozen_digest[:12] or 'none'}): different "
+            "lora settings, train.seed or library versions")
+    task = get_task(plan.model.task)
+    if request.adapter is not None:
+        set_adapter_state(model, request.adapter)
+        for p in model.parameters():  # nothing of an earlier round may leak into this one
+            p.grad = None
+    # Evaluation needs only the held-out records; tokenizing the training split would be wasted time.
+    train = task.encode(data.train if for_training else [], base.tokenizer, plan.model.max_length)
+    return Node(data, base, model, train, task.encode(data.test, base.tokenizer, plan.model.max_length))
+
+
+def _threads(plan: RoundPlan) -> None:
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
+
+
+def _train_metrics(result: RoundResult, plan: RoundPlan, state: dict[str, torch.Tensor],
+                   request: Request) -> dict[str, Any]:
+    return {
+        "num-examples": result.num_examples,
+        "unit-weight": 1,
+        "institution": plan.institution,
+        "train-loss": result.mean_loss,
+        "epsilon": result.epsilon,
+        "delta": result.delta if result.delta is not None else 0.0,
+        "noise-multiplier": result.noise_multiplier if result.noise_multiplier is not None else 0.0,
+        "sample-rate": result.sample_rate,
+        "steps": result.steps,
+        "empty-steps": result.empty_steps,
+        "bytes-up": tensor_bytes(state),
+        "bytes-down": request.bytes_down,
+        "train-seconds": result.seconds,
+        "private": result.private,
+        # Every reply carries the same metric keys (Flower's FedAvg refuses a mix); 1 on a replay.
+        "replayed": 0,
+    }
+
+
+def _check_secure(plan: RoundPlan, secure: bool) -> None:
+    if secure:
+        return
+    if plan.require_secure_aggregation:
+        raise SecureAggregationRequired(
+            f"{plan.name}: this node's policy requires secure aggregation (privacy.require_secure_aggregation), and "
+            "the coordinator asked for a plain update")
+    if plan.secure_aggregation:
+        raise SecureAggregationRequired(
+            f"{plan.name}: the run config sets federation.secure_aggregation=true, but this update was asked for "
+            "outside the protocol; refusing to send it unmasked")
+
+
+def _released(plan: RoundPlan, request: Request, model: PeftModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter this node releases: clipped to the coordinator's bound under client-side clipping."""
+    state = get_adapter_state(model)
+    sent = {k: v.numpy() for k, v in (request.adapter or {}).items()}
+    if request.clipping_norm is not None and request.adapter is None:
+        raise ClippingMismatch("client-side clipping needs the global adapter in the request")
+    clipped, extra = client_clip(plan.client_clipping, request.clipping_norm, sent,
+                                 {k: v.numpy() for k, v in state.items()})
+    if extra:
+        state = {k: torch.from_numpy(np.ascontiguousarray(clipped[k])) for k in state}
+    return state, extra
+
+
+def round_plan(request: Request, node: NodeContext) -> RoundPlan:
+    return plan_round(parse_request_config(request.config_yaml), node)
+
+
+def client_train(request: Request, node: NodeContext, *,
+                 secure: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Train one round and return the adapter to release and its metrics.
+
+    ``secure``: the request came inside the secure aggregation protocol (the caller masks the result).
+    """
+    started = time.perf_counter()
+    plan = round_plan(request, node)
+    _check_secure(plan, secure)
+    _threads(plan)
+    data = institution_task_data(plan)
+    ledger = Ledger(plan.ledger)
+    releases = Releases(ledger.path)
+    digest = adapter_digest(request.adapter)
+    entries = ledger.entries(plan.unit)
+    paid = releases.find(entries, request.run_id, request.server_round, digest)
+    if paid is not None:  # the coordinator lost this round after we paid for it: same request, same bytes
+        state, metrics = paid
+        delta = metrics.get("delta") or entries[-1]["delta"]
+        metrics.update({"epsilon": ledger.spent(plan.unit, float(delta), plan.spec.dp.accountant),
+                        "bytes-down": request.bytes_down, "replayed": 1,
+                        "seconds": time.perf_counter() - started})
+        log.warning("%s: round %s of run %s was already paid for; sending the same update again, no new charge",
+                    plan.name, request.server_round, request.run_id)
+        return _on_the_wire(plan, state, metrics, secure)
+    if any(e.get("run") == request.run_id and e.get("round") == request.server_round for e in entries):
+        log.warning("%s: round %s of run %s is asked again with a different adapter; training and charging anew",
+                    plan.name, request.server_round, request.run_id)
+    inst = build_institution(plan, request, data=data)
+
+    released: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = []
+
+    def keep(result: RoundResult) -> dict[str, Any]:
+        released.append(_released(plan, request, inst.model))
+        state, extra = released[0]
+        return releases.save(plan.unit, request.run_id, request.server_round, digest, state,
+                             {**_train_metrics(result, plan, state, request), **extra})
+
+    result = train_round(
+        inst.model, inst.train, plan.spec, unit=plan.unit, ledger=ledger,
+        run_id=request.run_id, round_idx=request.server_round, proximal_mu=request.proximal_mu,
+        release=keep if request.run_id else None,
+    )
+    state, extra = released[0] if released else _released(plan, request, inst.model)  # clipped once, kept as sent
+    metrics = {**_train_metrics(result, plan, state, request), **extra}
+    metrics["seconds"] = time.perf_counter() - started
+    return _on_the_wire(plan, state, metrics, secure)
+
+
+def _on_the_wire(plan: RoundPlan, state: dict[str, torch.Tensor], metrics: dict[str, Any],
+                 secure: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The released adapter in federation.transfer_dtype (a cast after the noise: post-processing).
+    Under secure aggregation the caller masks the float32 update instead."""
+    if secure or plan.transfer_dtype == "float32":
+        return state, metrics
+    wire = transfer(state, plan.transfer_dtype)
+    return wire, {**metrics, "bytes-up": tensor_bytes(wire)}
+
+
+def client_secure_train(request: Request, node: NodeContext) -> tuple[list[np.ndarray], float, dict[str, Any]]:
+    """A round inside secure aggregation: the update to mask, its weight, and the metrics."""
+    if request.adapter is None:
+        raise FedslmError("a secure aggregation round needs the global adapter in the request")
+    plan = round_plan(request, node)
+    state, metrics = client_train(request, node, secure=True)
+    update, weight, extra = secure_payload(request.adapter, state, int(metrics["num-examples"]),
+                                           clipping_range=plan.secagg_clipping_range,
+                                           max_weight=plan.secagg_max_weight)
+    return update, weight, {**metrics, **extra}
+
+
+def client_evaluate(request: Request, node: NodeContext) -> dict[str, Any]:
+    started = time.perf_counter()
+    plan = round_plan(request, node)
+    _threads(plan)
+    inst = build_institution(plan, request, for_training=False)
+    ev = evaluate(inst.model, inst.test, plan.model.task, plan.eval_batch_size)
+    return {"institution": plan.institution, "unit-weight": 1, **{k.replace("_", "-"): v for k, v in ev.items()},
+            "seconds": time.perf_counter() - started}

@@ -1,0 +1,1 @@
+"""The researcher's driver: a local SuperLink + ``flwr run``, and local-only baselines."""

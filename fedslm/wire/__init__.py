@@ -1,0 +1,1 @@
+"""The message contract both sides speak: records <-> tensors, error categories, SecAgg+ masks."""

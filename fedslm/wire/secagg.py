@@ -1,0 +1,97 @@
+"""Secure aggregation: Flower's SecAgg+ protocol under fedslm's rounds.
+
+With ``federation.secure_aggregation=true`` a training round runs Flower's SecAgg+ (Bell et al.
+2020) instead of collecting plain updates: nodes agree on pairwise masks, each sends its update
+quantised and masked, and the coordinator can unmask only the weighted *sum*; a node that drops
+out after sending is unmasked from its neighbours' secret shares, as long as ``threshold`` of them
+answer. The protocol is Flower's own: the coordinator drives ``SecAggPlusWorkflow``'s four stages,
+the node runs ``secaggplus_mod``. fedslm adds:
+
+* a node sends its *update* (adapter minus the global one) rather than its adapter, so the
+  quantisation range (``federation.secagg.clipping_range``) fits updates, which are small, and
+  the coordinator adds the unmasked average back onto the global adapter;
+* masks with the seed's full 256 bits: Flower 1.42's ``pseudo_rand_gen`` folds each 32-byte seed
+  into a 32-bit numpy seed, so a coordinator could search 2**32 seeds to strip one node's
+  private mask. :func:`mask_stream` expands the whole seed with SHAKE-256 and is installed on
+  both sides (:func:`install_mask_stream`), so both ends always agree;
+* coordinator-side checks on every masked vector (count, shapes, size) before it enters the sum;
+  a malformed one counts as a dropout, with its node and reason in ``metrics.jsonl``;
+* every protocol failure is logged with its stage, node and reason; too few live nodes stop the
+  run with the reason, like any other round.
+
+The coordinator sees each node's metrics (loss, ε, record count) in plain text, as without
+secure aggregation, and can no longer screen single updates: it checks only the average.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+
+import numpy as np
+
+from fedslm.config import Config
+
+# The modules themselves (their packages re-export functions under the same names).
+_mod_module = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+_workflow_module = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
+
+# Mask values live in [0, 2**32): the protocol's modulus.
+MODULUS = 2**32
+
+
+# --------------------------------------------------------------------------------------------
+# Masks with the seed's full entropy
+
+
+def mask_stream(seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """Uniform integers in [0, num_range) of the given shapes, expanded from all of ``seed``.
+
+    SHAKE-256 over (seed, tensor index); ``num_range`` must be a power of two up to 2**32, which
+    makes the reduction exact. Drop-in for Flower's ``pseudo_rand_gen``.
+    """
+    if num_range > MODULUS or num_range & (num_range - 1):
+        raise ValueError(f"the mask range must be a power of two <= 2**32, got {num_range}")
+    out = []
+    for index, dims in enumerate(dimensions_list):
+        count = int(np.prod(dims)) if len(dims) else 1
+        raw = hashlib.shake_256(seed + index.to_bytes(4, "little")).digest(4 * count)
+        values = (np.frombuffer(raw, dtype="<u4").astype(np.int64) & (num_range - 1))
+        out.append(values.reshape(dims) if len(dims) else np.array(values[0], dtype=np.int64))
+    return out
+
+
+def install_mask_stream() -> None:
+    """Make Flower's SecAgg+ node mod and coordinator workflow draw masks from :func:`mask_stream`."""
+    _mod_module.pseudo_rand_gen = mask_stream
+    _workflow_module.pseudo_rand_gen = mask_stream
+
+
+install_mask_stream()
+
+
+# --------------------------------------------------------------------------------------------
+# Shared by both ends
+
+
+def quantization_range(cfg: Config) -> int:
+    """Levels over [-clipping_range, clipping_range]: as many as the 2**32 modulus allows for the
+    federation's size (the sum of every institution's levels must not wrap), at most 2**30 (Flower
+    rounds into int32)."""
+    fixed = cfg.federation.secagg.quantization_range
+    if fixed is not None:
+        return int(fixed)
+    bits = min(30, ((MODULUS - 1) // cfg.federation.num_clients).bit_length() - 1)
+    return 2**bits
+
+
+def quantization_step(cfg: Config) -> float:
+    return 2 * cfg.federation.secagg.clipping_range / quantization_range(cfg)
+
+
+def max_weight(cfg: Config) -> float:
+    """The weight bound both ends use: 1 under client-level DP (every institution counts once),
+    else ``federation.secagg.max_weight`` training records."""
+    return 1.0 if cfg.privacy.client_level.enabled else float(cfg.federation.secagg.max_weight)
+
+
