@@ -22,6 +22,7 @@ import pytest
 from fedslm.deploy.certs import make_credentials
 from fedslm.simulation.simulate import free_port, stop_process_tree
 from fedslm.privacy import Ledger
+from fedslm.wire.errors import public_reason
 
 from conftest import CLASS_WORDS, _class_rows
 
@@ -96,7 +97,18 @@ def _write_institution_files(tmp: Path) -> list[Path]:
     return files
 
 
-def test_killed_node_round_completes_and_restarted_node_keeps_its_ledger(federation, tiny_bert_dir):
+def _policies(tmp: Path, model: Path, node_policy, **privacy) -> list[str]:
+    """Each institution's node config: its policy (its file, ledger, caps, the tiny base it allows)."""
+    files = _write_institution_files(tmp)
+    configs = []
+    for i, path in enumerate(files):
+        policy = node_policy(data=path, name=f"h{i}", ledger=tmp / f"ledger-h{i}.json", max_epsilon=3.0,
+                             models=[model], **privacy.get(i, {}))
+        configs.append(f'institution={i} policy="{policy}"')
+    return configs
+
+
+def test_killed_node_round_completes_and_restarted_node_keeps_its_ledger(federation, tiny_bert_dir, node_policy):
     import psutil
 
     f = federation
@@ -104,9 +116,7 @@ def test_killed_node_round_completes_and_restarted_node_keeps_its_ledger(federat
     for name in ("h0", "h1", "h2"):
         subprocess.run([str(BIN / "flwr"), "supernode", "register", str(f["creds"].institutions[name][1]), "fed"],
                        env=env, check=True, capture_output=True, cwd=tmp)
-    files = _write_institution_files(tmp)
-    configs = [f'institution={i} name="h{i}" data-source="{p}" ledger="{tmp / f"ledger-h{i}.json"}"'
-               for i, p in enumerate(files)]
+    configs = _policies(tmp, tiny_bert_dir, node_policy)
     nodes = [f["supernode"](f["creds"].institutions[f"h{i}"][0], f"h{i}", configs[i]) for i in range(3)]
     out = tmp / "run"
     scenario = tmp / "scenario.yaml"
@@ -156,24 +166,21 @@ def test_killed_node_round_completes_and_restarted_node_keeps_its_ledger(federat
     # The restarted node rejoined, and its ledger continued from where it was instead of resetting.
     assert 2 in [c["institution"] for c in rounds[-1]["clients"]]
     later = ledger.summary()[0]
-    entries = ledger.entries(later.dataset_id)
+    entries = ledger.entries(later.unit)
     assert entries[0]["round"] == 1 and entries[-1]["round"] == 4
     assert later.epsilon > after_round1.epsilon and later.steps == after_round1.steps * len(entries)
     eps_reported = next(c["epsilon"] for c in rounds[-1]["clients"] if c["institution"] == 2)
     assert eps_reported == pytest.approx(later.epsilon)
 
 
-def _enrol_and_start(f, names=("h0", "h1", "h2"), extra=None):
+def _enrol_and_start(f, model, node_policy, names=("h0", "h1", "h2"), extra=None, privacy=None):
     tmp, env = f["tmp"], f["env"]
     for name in names:
         subprocess.run([str(BIN / "flwr"), "supernode", "register", str(f["creds"].institutions[name][1]), "fed"],
                        env=env, check=True, capture_output=True, cwd=tmp)
-    files = _write_institution_files(tmp)
-    nodes = []
-    for i, path in enumerate(files):
-        cfg = f'institution={i} name="h{i}" data-source="{path}" ledger="{tmp / f"ledger-h{i}.json"}"'
-        nodes.append(f["supernode"](f["creds"].institutions[f"h{i}"][0], f"h{i}", cfg + (extra or {}).get(i, "")))
-    return nodes
+    configs = _policies(tmp, model, node_policy, **(privacy or {}))
+    return [f["supernode"](f["creds"].institutions[f"h{i}"][0], f"h{i}", cfg + (extra or {}).get(i, ""))
+            for i, cfg in enumerate(configs)]
 
 
 def _scenario(tmp: Path, out: Path, model: Path, lora=None, privacy=None, **federation) -> Path:
@@ -209,14 +216,15 @@ def _rounds(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_coordinator_killed_mid_round_resumes_without_repeating_or_double_charging(federation, tiny_bert_dir):
+def test_coordinator_killed_mid_round_resumes_without_repeating_or_double_charging(federation, tiny_bert_dir,
+                                                                                  node_policy):
     """kill -9 the SuperLink (and its ServerApp) right after every node paid for round 2; restart it
     and launch the same run again: it continues from the checkpoint, each round is in metrics.jsonl
     once, and each ledger holds each round once (a round paid for but lost is answered from the
     node's kept update, not trained and charged again)."""
     f = federation
     tmp, env = f["tmp"], f["env"]
-    _enrol_and_start(f)
+    _enrol_and_start(f, tiny_bert_dir, node_policy)
     out = tmp / "run"
     scenario = _scenario(tmp, out, tiny_bert_dir, rounds=3)
     ledgers = [Ledger(tmp / f"ledger-h{i}.json") for i in range(3)]
@@ -224,7 +232,7 @@ def test_coordinator_killed_mid_round_resumes_without_repeating_or_double_chargi
     def paid_rounds(ledger):
         if not ledger.path.exists():
             return []
-        return [e["round"] for spend in ledger.summary() for e in ledger.entries(spend.dataset_id)]
+        return [e["round"] for spend in ledger.summary() for e in ledger.entries(spend.unit)]
 
     run = _flwr_run(ROOT, scenario, env, tmp / "run.log")
     try:
@@ -254,7 +262,7 @@ def test_coordinator_killed_mid_round_resumes_without_repeating_or_double_chargi
     assert len({r["run_id"] for r in rounds}) == 1  # the resumed rounds belong to the same run
     for ledger in ledgers:
         assert paid_rounds(ledger) == [1, 2, 3]  # nothing charged twice
-        assert len({e["run"] for spend in ledger.summary() for e in ledger.entries(spend.dataset_id)}) == 1
+        assert len({e["run"] for spend in ledger.summary() for e in ledger.entries(spend.unit)}) == 1
     if done == 1:  # round 2 was lost after every node paid for it: all three sent their kept update
         assert all(c.get("replayed") for c in rounds[1]["clients"]) and len(rounds[1]["clients"]) == 3
     final_eps = {c["institution"]: c["epsilon"] for c in rounds[-1]["clients"]}
@@ -262,24 +270,31 @@ def test_coordinator_killed_mid_round_resumes_without_repeating_or_double_chargi
         assert final_eps[i] == pytest.approx(ledger.summary()[0].epsilon) and final_eps[i] <= 3.0 + 1e-9
 
 
-def _faulty_app(tmp: Path) -> Path:
-    """This project's apps, with a ClientApp that corrupts its replies as its node config says."""
-    app = tmp / "faulty-app"
+def _test_app(tmp: Path, module: str, component: str) -> Path:
+    """This project's apps, with tests/apps/<module>.py as its ClientApp or ServerApp (``component``)."""
+    app = tmp / f"{module}-app"
     shutil.copytree(ROOT / "clients", app / "clients", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "server", app / "server", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "tests" / "apps" / "faulty_client.py", app / "faulty_client.py")
+    shutil.copy(ROOT / "tests" / "apps" / f"{module}.py", app / f"{module}.py")
     text = (ROOT / "pyproject.toml").read_text()
-    text = text.replace('clientapp = "clients.app:app"', 'clientapp = "faulty_client:app"')
-    text = re.sub(r"(?m)^fab-include = .*$", 'fab-include = ["faulty_client.py", "clients/*.py", "server/*.py"]', text)
+    default = {"clientapp": "clients.app:app", "serverapp": "server.app:app"}[component]
+    text = text.replace(f'{component} = "{default}"', f'{component} = "{module}:app"')
+    text = re.sub(r"(?m)^fab-include = .*$", f'fab-include = ["{module}.py", "clients/*.py", "server/*.py"]', text)
     (app / "pyproject.toml").write_text(text)
     return app
 
 
-def test_strangers_are_refused_and_malformed_updates_over_the_wire_are_rejected(federation, tiny_bert_dir):
+def _faulty_app(tmp: Path) -> Path:
+    """This project's apps, with a ClientApp that corrupts its replies as its node config says."""
+    return _test_app(tmp, "faulty_client", "clientapp")
+
+
+def test_strangers_are_refused_and_malformed_updates_over_the_wire_are_rejected(federation, tiny_bert_dir,
+                                                                                node_policy):
     f = federation
     tmp, env = f["tmp"], f["env"]
     faults = {1: ["nan", "shape", "extra-key"], 2: ["missing-key", "norm", "oversized"]}
-    _enrol_and_start(f, extra={i: f' faults="{",".join(v)}"' for i, v in faults.items()})
+    _enrol_and_start(f, tiny_bert_dir, node_policy, extra={i: f' faults="{",".join(v)}"' for i, v in faults.items()})
     # Meanwhile, a node whose key was never enrolled, and a plain-text node, try to join.
     stranger = f["supernode"](f["stranger"], "stranger", retries=1)
     plain = f["supernode"](None, "plain", insecure=True, retries=1)
@@ -310,14 +325,15 @@ def test_strangers_are_refused_and_malformed_updates_over_the_wire_are_rejected(
     assert json.loads((out / "summary.json").read_text())["rounds_completed"] == 3
 
 
-def test_secure_aggregation_client_level_dp_and_ffa_work_in_deployment(federation, tiny_bert_dir):
+def test_secure_aggregation_client_level_dp_and_ffa_work_in_deployment(federation, tiny_bert_dir, node_policy):
     """Every privacy switch at once over the wire: SecAgg+ (each message a fresh ClientApp process,
     so the protocol's state lives in the node's context between its four stages), client-level DP
     clipped on the nodes with an adaptive bound, FFA-LoRA, secure noise. One node insists on secure
     aggregation."""
     f = federation
     tmp, env = f["tmp"], f["env"]
-    _enrol_and_start(f, extra={0: " require-secure-aggregation=true"})
+    _enrol_and_start(f, tiny_bert_dir, node_policy, privacy={0: {"require_secure_aggregation": True,
+                                                                 "require_secure_noise": True}})
     out = tmp / "run"
     scenario = _scenario(tmp, out, tiny_bert_dir, rounds=2, secure_aggregation=True, lora={"ffa": True},
                          privacy={"secure_mode": True,
@@ -343,4 +359,42 @@ def test_secure_aggregation_client_level_dp_and_ffa_work_in_deployment(federatio
     for i in range(3):  # each node paid for each round once, under its own ε cap
         ledger = Ledger(tmp / f"ledger-h{i}.json")
         (spend,) = ledger.summary()
-        assert [e["round"] for e in ledger.entries(spend.dataset_id)] == [1, 2] and spend.epsilon <= 3.0 + 1e-9
+        assert [e["round"] for e in ledger.entries(spend.unit)] == [1, 2] and spend.epsilon <= 3.0 + 1e-9
+
+
+def test_a_hostile_coordinator_cannot_reset_weaken_or_read_a_node_over_the_wire(federation, tiny_bert_dir,
+                                                                               node_policy):
+    """Real SuperLink and SuperNodes, and a ServerApp that attacks them (tests/apps/hostile_server.py):
+    an env interpolation, a non-private round, a noise seed, then an honest round that spends the
+    nodes' budget, then the same round with another split seed, held-out share and subset (the old
+    ledger keyed by the split's hash gave a fresh budget), a δ of 0.4, and a fresh ledger path with a
+    huge cap. Every attack is refused with its category only; each ledger holds the honest round
+    alone; the node's environment never reaches a reply."""
+    f = federation
+    tmp, env = f["tmp"], f["env"]
+    secret = "s3cret-value-of-the-node"
+    env["FEDSLM_TEST_SECRET"] = secret  # in every SuperNode's (and so ClientApp's) environment
+    _enrol_and_start(f, tiny_bert_dir, node_policy, names=("h0", "h1", "h2"))
+    scenario = _scenario(tmp, tmp / "run", tiny_bert_dir, rounds=1, min_clients=3)
+    run = _flwr_run(_test_app(tmp, "hostile_server", "serverapp"), scenario, env, tmp / "run.log")
+    try:
+        assert run.wait(timeout=400) == 0, (tmp / "run.log").read_text()[-3000:]
+    finally:
+        stop_process_tree(run)
+    replies = json.loads(scenario.with_suffix(".replies.json").read_text())
+    assert secret not in json.dumps(replies)
+    by_attack: dict[str, list] = {}
+    for r in replies:
+        by_attack.setdefault(r["attack"], []).append(r)
+    expected = {"env-interpolation": "bad-request", "non-private": "refused-by-policy",
+                "noise-seed": "refused-by-policy", "split-seed": "budget-exhausted", "delta": "budget-exhausted",
+                "ledger-path": "budget-exhausted"}
+    for attack, category in expected.items():
+        assert len(by_attack[attack]) == 3, attack
+        for r in by_attack[attack]:
+            assert r["error"]["reason"] == public_reason(category), (attack, r)
+    assert all("metrics" in r and 0 < r["metrics"]["epsilon"] <= 3.0 + 1e-9 for r in by_attack["honest"])
+    for i in range(3):
+        (spend,) = Ledger(tmp / f"ledger-h{i}.json").summary()
+        assert spend.rounds == 1 and spend.unit == "all-records"
+    assert not Path("/tmp/fedslm-fresh-ledger.json").exists() and not Path("/tmp/fedslm-hostile-out").exists()

@@ -1,0 +1,319 @@
+"""A hostile coordinator against one deployed node, in process through the real ClientApp.
+
+Each test is one attack a coordinator could try with ordinary config keys; the node, holding its own
+policy, must refuse it, override it (and say so in its own log), or charge it to the same budget.
+The same attacks over real SuperLink/SuperNode processes are in test_deployment.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+import clients.app as client_app
+from fedslm.config import to_yaml
+from fedslm.lora import get_adapter_state
+from fedslm.node.releases import Releases
+from fedslm.privacy import Ledger
+from fedslm.train import build_node
+from fedslm.wire import codec
+from fedslm.wire.errors import public_reason
+
+CAP = 2.0
+
+
+@pytest.fixture
+def coordinator(cls_config):
+    """The coordinator's config (no noise seed: a deployment) and the global adapter it sends."""
+    cfg = cls_config("privacy.noise_seed=null", "federation.rounds=1", f"privacy.target_epsilon={CAP}")
+    node = build_node(cfg)
+    return cfg, get_adapter_state(node.model), node.base.fingerprint
+
+
+@pytest.fixture
+def hospital(node_policy, class_csv, coordinator, tmp_path):
+    """A deployed node: its policy (cap ε=2 at δ=1e-4, the coordinator's tiny base allowed)."""
+    cfg = coordinator[0]
+
+    def make(**policy):
+        path = node_policy(cfg, data=policy.pop("data", class_csv), ledger=tmp_path / "hospital.ledger.json",
+                           max_epsilon=policy.pop("max_epsilon", CAP), **policy)
+        return Context(run_id=1, node_id=2, node_config={"policy": str(path)}, state=RecordDict(), run_config={})
+
+    return make
+
+
+def _yaml(cfg, **edits) -> str:
+    content = yaml.safe_load(to_yaml(cfg))
+    for dotted, value in edits.items():
+        section, key = dotted.split("__")
+        content[section][key] = value
+    return yaml.safe_dump(content)
+
+
+def _send(context, text, state, *, fingerprint="", server_round=1, run="run-h", evaluate=False) -> Message:
+    TaskIdentity.node_id = 1
+    msg = Message(RecordDict({
+        codec.ARRAYS: codec.state_to_record(state),
+        codec.CONFIG: ConfigRecord({**codec.request_config(text, fingerprint, run), "server-round": server_round}),
+    }), dst_node_id=2, message_type=MessageType.EVALUATE if evaluate else MessageType.TRAIN)
+    TaskIdentity.node_id = 2
+    return (client_app.evaluate if evaluate else client_app.train)(msg, context)
+
+
+def _ledger(tmp_path) -> Ledger:
+    return Ledger(tmp_path / "hospital.ledger.json")
+
+
+def _ok(reply):
+    assert not reply.has_error(), reply.error
+    return reply.content[codec.METRICS]
+
+
+def _refused(reply, category):
+    assert reply.has_error(), "the node served a request it should have refused"
+    assert reply.error.reason == public_reason(category), reply.error.reason
+
+
+# ------------------------------------------------------------------ budget reset (one unit, whatever the split)
+
+
+@pytest.mark.parametrize("edits", [
+    {"data__split_seed": 5}, {"data__test_fraction": 0.4}, {"data__max_train_records": 30},
+    {"data__text_column": "label", "data__label_column": "text"}, {"data__labels": ["ortho", "resp", "cardio"]},
+    {"data__source": "elsewhere.csv"},
+], ids=["split-seed", "test-fraction", "max-train-records", "columns", "labels", "source"])
+def test_a_new_split_asked_by_the_coordinator_is_charged_to_the_same_budget(flower_identity, coordinator, hospital,
+                                                                            tmp_path, edits):
+    cfg, state, fp = coordinator
+    node = hospital()
+    _ok(_send(node, _yaml(cfg), state, fingerprint=fp))
+    _refused(_send(node, _yaml(cfg, **edits), state, server_round=2), "budget-exhausted")
+    assert _ledger(tmp_path).summary()[0].rounds == 1
+
+
+@pytest.mark.parametrize("change", ["append", "reorder", "rename"])
+def test_the_institution_changing_its_own_file_keeps_its_budget(flower_identity, coordinator, hospital, class_csv,
+                                                                tmp_path, change):
+    cfg, state, fp = coordinator
+    _ok(_send(hospital(), _yaml(cfg), state, fingerprint=fp))
+    lines = class_csv.read_text().splitlines()
+    target = class_csv
+    if change == "append":
+        class_csv.write_text("\n".join(lines + ["fever cough lung,resp"]) + "\n")
+    elif change == "reorder":
+        class_csv.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
+    else:
+        target = class_csv.rename(class_csv.with_name("records-2026.csv"))
+    _refused(_send(hospital(data=target), _yaml(cfg), state, fingerprint=fp, server_round=2), "budget-exhausted")
+
+
+# ------------------------------------------------------------------ keys only the node decides
+
+
+def test_a_non_private_round_is_refused_unless_the_policy_allows_it(flower_identity, coordinator, hospital, tmp_path):
+    cfg, state, fp = coordinator
+    _refused(_send(hospital(), _yaml(cfg, privacy__enabled=False), state, fingerprint=fp), "refused-by-policy")
+    assert not _ledger(tmp_path).path.exists()  # refused before a record was touched
+    metrics = _ok(_send(hospital(allow_non_private=True), _yaml(cfg, privacy__enabled=False), state, fingerprint=fp))
+    assert metrics["private"] == 0
+    assert _ledger(tmp_path).summary()[0].epsilon == float("inf")  # charged as ε = ∞, for good
+
+
+def test_a_noise_seed_is_refused_outside_simulation(flower_identity, coordinator, hospital):
+    cfg, state, fp = coordinator
+    _refused(_send(hospital(), _yaml(cfg, privacy__noise_seed=7), state, fingerprint=fp), "refused-by-policy")
+
+
+def test_the_coordinators_delta_and_caps_are_ignored(flower_identity, coordinator, hospital, tmp_path, caplog):
+    """δ=0.5 would make almost any σ pass an ε cap; a target and a max ε above the node's cap would spend past it."""
+    cfg, state, fp = coordinator
+    text = _yaml(cfg, privacy__delta=0.5, privacy__target_epsilon=50.0, privacy__max_epsilon=50.0)
+    with caplog.at_level("WARNING", logger="fedslm.node"):
+        metrics = _ok(_send(hospital(), text, state, fingerprint=fp))
+    assert metrics["delta"] == pytest.approx(1e-4)  # the node's max_delta
+    assert 0 < metrics["epsilon"] <= CAP + 1e-9
+    assert "privacy.delta=0.5 is ignored" in caplog.text and "planning for max_epsilon=2" in caplog.text
+    (entry,) = _ledger(tmp_path).entries("all-records")
+    assert entry["delta"] == pytest.approx(1e-4)
+
+
+def test_secure_noise_required_by_the_policy_is_used_whatever_the_request_says(flower_identity, coordinator,
+                                                                              hospital, monkeypatch):
+    import fedslm.train.local as local
+
+    seen = []
+    real = local.DPSGD
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["secure_mode"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(local, "DPSGD", spy)
+    cfg, state, fp = coordinator
+    _ok(_send(hospital(require_secure_noise=True), _yaml(cfg, privacy__secure_mode=False), state, fingerprint=fp))
+    assert seen == [True]
+
+
+def test_the_request_cannot_choose_where_the_node_keeps_its_ledger_or_writes(flower_identity, coordinator, hospital,
+                                                                           tmp_path):
+    cfg, state, fp = coordinator
+    fresh, out = tmp_path / "fresh-ledger.json", tmp_path / "coordinator-chosen"
+    _ok(_send(hospital(), _yaml(cfg), state, fingerprint=fp))
+    text = _yaml(cfg, privacy__ledger=str(fresh), privacy__max_epsilon=100.0, output__dir=str(out))
+    _refused(_send(hospital(), text, state, server_round=2), "budget-exhausted")  # the node's own ledger is full
+    assert not fresh.exists() and not out.exists()
+
+
+def test_a_base_model_the_policy_does_not_list_is_never_loaded(flower_identity, coordinator, hospital, tmp_path,
+                                                               monkeypatch):
+    import fedslm.node.serve as serve
+
+    def never(*args, **kwargs):
+        raise AssertionError("the node loaded a model its policy does not allow")
+
+    monkeypatch.setattr(serve, "load_base", never)
+    serve._LOADED.clear()
+    cfg, state, _ = coordinator
+    elsewhere = tmp_path / "some-folder-on-the-node"
+    elsewhere.mkdir()
+    _refused(_send(hospital(), _yaml(cfg, model__name=str(elsewhere)), state), "refused-by-policy")
+    _refused(_send(hospital(), _yaml(cfg, model__name="gemma3-270m"), state), "refused-by-policy")
+
+
+def test_a_held_out_set_smaller_than_the_policy_minimum_is_not_scored(flower_identity, coordinator, hospital):
+    """data.max_test_records=1 would score one record; the node scores at least its minimum, or refuses."""
+    cfg, state, fp = coordinator
+    metrics = _ok(_send(hospital(min_test_records=5), _yaml(cfg, data__max_test_records=1), state, fingerprint=fp,
+                        evaluate=True))
+    assert metrics["num-examples"] >= 5
+    _refused(_send(hospital(min_test_records=1000), _yaml(cfg), state, fingerprint=fp, evaluate=True),
+             "node-misconfigured")
+
+
+def test_a_node_without_a_policy_or_caps_refuses_to_serve(flower_identity, coordinator, node_policy, class_csv,
+                                                          tmp_path, caplog):
+    cfg, state, fp = coordinator
+    bare = Context(run_id=1, node_id=2, node_config={"institution": 0}, state=RecordDict(), run_config={})
+    _refused(_send(bare, _yaml(cfg), state, fingerprint=fp), "node-misconfigured")
+    path = node_policy(cfg, data=class_csv)
+    policy = yaml.safe_load(path.read_text())
+    del policy["privacy"]["max_delta"]
+    path.write_text(yaml.safe_dump(policy))
+    uncapped = Context(run_id=1, node_id=2, node_config={"policy": str(path)}, state=RecordDict(), run_config={})
+    with caplog.at_level("WARNING", logger="fedslm.node"):
+        _refused(_send(uncapped, _yaml(cfg), state, fingerprint=fp), "node-misconfigured")
+    assert "privacy.max_delta is required" in caplog.text
+
+
+# ------------------------------------------------------------------ the node read through its errors
+
+
+def test_an_env_interpolation_is_never_resolved_and_nothing_of_the_node_is_in_a_reply(flower_identity, coordinator,
+                                                                                       hospital, monkeypatch):
+    monkeypatch.setenv("FEDSLM_TEST_SECRET", "the-node-secret")
+    cfg, state, fp = coordinator
+    for key in ("model__name", "data__labels", "output__dir"):
+        value = "${oc.env:FEDSLM_TEST_SECRET}"
+        reply = _send(hospital(), _yaml(cfg, **{key: [value, "x"] if key == "data__labels" else value}), state)
+        _refused(reply, "bad-request")
+        assert "the-node-secret" not in reply.error.reason
+
+
+def test_a_cell_value_never_reaches_an_error_reply(flower_identity, coordinator, hospital, class_csv, caplog):
+    cfg, state, fp = coordinator
+    class_csv.write_text(class_csv.read_text() + "chest pain,123-45-6000\n")  # a label no one agreed on
+    with caplog.at_level("WARNING", logger="fedslm.node"):
+        reply = _send(hospital(), _yaml(cfg, data__labels=["cardio", "ortho", "resp"]), state)
+    _refused(reply, "node-misconfigured")
+    assert "123-45-6000" not in reply.error.reason and str(class_csv) not in reply.error.reason
+    assert "123-45-6000" in caplog.text  # the operator sees it in the node's own log
+
+
+def test_an_unexpected_failure_replies_internal_with_no_text_of_the_exception(flower_identity, coordinator,
+                                                                              hospital, monkeypatch):
+    import fedslm.node.serve as serve
+
+    def boom(*args, **kwargs):
+        raise RuntimeError(f"disk full at {os.environ.get('HOME')}")
+
+    monkeypatch.setattr(serve, "train_round", boom)
+    cfg, state, fp = coordinator
+    reply = _send(hospital(), _yaml(cfg), state, fingerprint=fp)
+    _refused(reply, "internal")
+    assert "disk" not in reply.error.reason
+
+
+# ------------------------------------------------------------------ smaller items
+
+
+def test_a_second_adapter_for_a_round_is_kept_beside_the_first_and_both_replay_free(flower_identity, coordinator,
+                                                                                   hospital, tmp_path):
+    cfg, state, fp = coordinator
+    moved = {k: v + 0.01 for k, v in state.items()}
+    node = hospital(max_epsilon=10.0)
+    _ok(_send(node, _yaml(cfg), state, fingerprint=fp))
+    _ok(_send(node, _yaml(cfg), moved, fingerprint=fp))
+    folder = Releases(_ledger(tmp_path).path).folder
+    kept = sorted(folder.glob("*.safetensors"))
+    assert len(kept) == 2  # one file per input adapter: the second no longer overwrites the first
+    for path in kept:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for adapter in (state, moved):  # both replayed, neither charged again
+        assert _ok(_send(node, _yaml(cfg), adapter, fingerprint=fp))["replayed"] == 1
+    assert _ledger(tmp_path).summary()[0].rounds == 2
+
+
+def test_a_policy_and_data_path_with_a_hash_sign_are_read_whole(flower_identity, coordinator, node_policy, class_csv,
+                                                                tmp_path):
+    cfg, state, fp = coordinator
+    folder = tmp_path / "ward #3"
+    folder.mkdir()
+    data = class_csv.rename(folder / "records #1.csv")
+    path = node_policy(cfg, data=data, path=folder / "policy #2.yaml")
+    context = Context(run_id=1, node_id=2, node_config={"policy": str(path)}, state=RecordDict(), run_config={})
+    _ok(_send(context, _yaml(cfg), state, fingerprint=fp))
+
+
+def test_an_audit_is_charged_to_the_privacy_unit(cls_config):
+    from fedslm.audit import run_audit
+    from fedslm.errors import BudgetExceededError
+
+    cfg = cls_config("federation.rounds=1", "privacy.target_epsilon=1", "privacy.max_epsilon=1.05",
+                     "privacy.noise_seed=null")
+    run_audit(cfg, canaries=10, seed=0)
+    (spend,) = Ledger(Path(cfg.output.dir) / "privacy_ledger.json").summary()
+    assert spend.unit == "all-records" and spend.rounds == 1
+    with pytest.raises(BudgetExceededError):  # an audit spends the same budget as training
+        run_audit(cfg, canaries=10, seed=1)
+
+
+def test_node_init_writes_a_template_that_node_check_accepts(tmp_path, class_csv):
+    from typer.testing import CliRunner
+
+    from fedslm.cli.main import app
+
+    runner = CliRunner()
+    path = tmp_path / "policy.yaml"
+    res = runner.invoke(app, ["node", "init", str(path), "--data", str(class_csv), "--name", "st-mary"])
+    assert res.exit_code == 0, res.output
+    assert "max_epsilon" in path.read_text() and "#" in path.read_text()  # commented
+    res = runner.invoke(app, ["node", "check", str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["name"] == "st-mary" and report["data"]["train_records"] + report["data"]["test_records"] == 120
+    assert report["privacy"]["max_delta"] < report["privacy"]["one_over_n"]
+    again = runner.invoke(app, ["node", "init", str(path)])
+    assert again.exit_code == 2 and "never overwritten" in again.output
+    text = path.read_text().replace("max_epsilon: 8.0", "max_epsilon: -1")
+    path.write_text(text)
+    bad = runner.invoke(app, ["node", "check", str(path)])
+    assert bad.exit_code == 2 and "privacy.max_epsilon must be > 0" in bad.output
