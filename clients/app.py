@@ -5,15 +5,16 @@ planned through it (fedslm.node.plan). Anything that goes wrong goes back as an 
 category and a fixed reason only (fedslm.wire.errors); the details go to this node's log. Train
 messages that carry Flower's SecAgg+ protocol go through its mod (fedslm.node.secagg); the update is
 then masked before it leaves the node.
+
+A deployed node starts a fresh process for every message, so the heavy part of fedslm (torch, the
+models, Opacus) is imported by the handlers that need it: SecAgg+'s key-exchange and unmask stages,
+answered by the mod alone, start in about a second.
 """
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedslm.node import secagg
-from fedslm.node.errors import refusal
-from fedslm.node.serve import client_evaluate, client_secure_train, client_train, node_context
-from fedslm.wire import codec
 from fedslm.wire.errors import NODE_REFUSED
 
 __all__ = ["NODE_REFUSED", "app"]
@@ -23,7 +24,12 @@ app = ClientApp(mods=[secagg.secure_aggregation_mod])
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from fedslm.node.errors import refusal
+
     try:
+        from fedslm.node.serve import client_secure_train, client_train, node_context
+        from fedslm.wire import codec
+
         request, node = codec.parse_request(msg), node_context(context.node_config)
         if secagg.in_protocol(msg):
             update, weight, metrics = client_secure_train(request, node)
@@ -36,7 +42,12 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    from fedslm.node.errors import refusal
+
     try:
+        from fedslm.node.serve import client_evaluate, node_context
+        from fedslm.wire import codec
+
         metrics = client_evaluate(codec.parse_request(msg), node_context(context.node_config))
     except Exception as exc:  # noqa: BLE001 - as above
         return Message(error=refusal(exc, "evaluate"), reply_to=msg)

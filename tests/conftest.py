@@ -150,6 +150,14 @@ def causal_config(tiny_llama_dir, causal_jsonl, tmp_path):
     return make
 
 
+@pytest.fixture(autouse=True)
+def simulated_machine(monkeypatch):
+    """In-process tests call the ClientApp with simulation node configs (partition-id), as Flower's
+    simulation engine does: mark this machine as a simulation, as `fedslm simulate` does. Tests of a
+    deployed node name a policy, which wins; the refusal of a bare partition-id deletes the flag."""
+    monkeypatch.setenv("FEDSLM_SIMULATION", "1")
+
+
 @pytest.fixture
 def flower_identity():
     """Messages need the process' task identity, as Flower's runtimes set it."""
@@ -166,11 +174,12 @@ def node_policy(tmp_path):
     import yaml
 
     def make(cfg=None, *, data, name="h0", ledger=None, max_epsilon=8.0, max_delta=1e-4, min_test_records=1,
-             models=None, path=None, **privacy):
+             models=None, path=None, labels=tuple(sorted(CLASS_WORDS)), **privacy):
         allowed = models if models is not None else [cfg.model.name if cfg is not None else "minilm"]
         policy = {
             "name": name,
-            "data": {"source": str(data), "min_test_records": min_test_records},
+            "data": {"source": str(data), "min_test_records": min_test_records,
+                     "labels": list(labels) if labels is not None else None},
             "privacy": {"ledger": str(ledger or tmp_path / f"{name}.ledger.json"), "max_epsilon": max_epsilon,
                         "max_delta": max_delta, **privacy},
             "models": {"allowed": [str(m) for m in allowed]},

@@ -87,9 +87,9 @@ def _refused(reply, category):
 
 @pytest.mark.parametrize("edits", [
     {"data__split_seed": 5}, {"data__test_fraction": 0.4}, {"data__max_train_records": 30},
-    {"data__text_column": "label", "data__label_column": "text"}, {"data__labels": ["ortho", "resp", "cardio"]},
-    {"data__source": "elsewhere.csv"},
-], ids=["split-seed", "test-fraction", "max-train-records", "columns", "labels", "source"])
+    {"data__text_column": "label", "data__label_column": "text"}, {"data__source": "elsewhere.csv"},
+    {"model__max_length": 12},
+], ids=["split-seed", "test-fraction", "max-train-records", "columns", "source", "max-length"])
 def test_a_new_split_asked_by_the_coordinator_is_charged_to_the_same_budget(flower_identity, coordinator, hospital,
                                                                             tmp_path, edits):
     cfg, state, fp = coordinator
@@ -116,6 +116,66 @@ def test_the_institution_changing_its_own_file_keeps_its_budget(flower_identity,
 
 
 # ------------------------------------------------------------------ keys only the node decides
+
+
+def test_a_label_set_other_than_the_policys_is_refused_before_the_records_are_read(flower_identity, coordinator,
+                                                                                   hospital, class_csv):
+    """A prober sending every label but one would learn, from accept or refuse, whether a record carries it."""
+    cfg, state, fp = coordinator
+    for labels in (["cardio", "ortho"], ["ortho", "resp", "cardio"], ["cardio", "ortho", "resp", "rare-disease"]):
+        _refused(_send(hospital(), _yaml(cfg, data__labels=labels), state), "refused-by-policy")
+    class_csv.write_text("text,label\n" + "fever cough,resp\n" * 60)  # the same answer whatever the records
+    _refused(_send(hospital(), _yaml(cfg, data__labels=["cardio", "ortho"]), state), "refused-by-policy")
+
+
+def test_a_partition_id_outside_a_simulation_does_not_make_a_node_trust_the_request(flower_identity, coordinator,
+                                                                                   monkeypatch, tmp_path):
+    """A deployed SuperNode started with Flower's partition-id (as Flower's own examples do) and no policy
+    must refuse, not fall back to the simulation's trust in the scenario."""
+    monkeypatch.delenv("FEDSLM_SIMULATION")
+    cfg, state, fp = coordinator
+    text = _yaml(cfg, privacy__enabled=False, privacy__ledger=str(tmp_path / "evil.json"))
+    bare = Context(run_id=1, node_id=2, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                   run_config={})
+    _refused(_send(bare, text, state, fingerprint=fp), "node-misconfigured")
+    assert not (tmp_path / "evil.json").exists()
+
+
+@pytest.mark.parametrize("edits", [{"privacy__noise_multiplier": float("inf")}, {"privacy__max_grad_norm": float("nan")},
+                                   {"train__lr": float("inf")}], ids=["sigma-inf", "clip-nan", "lr-inf"])
+def test_non_finite_numbers_are_a_bad_request_not_an_endless_plan(flower_identity, coordinator, hospital, edits):
+    cfg, state, fp = coordinator
+    _refused(_send(hospital(), _yaml(cfg, **edits), state, fingerprint=fp), "bad-request")
+
+
+def test_a_huge_or_non_finite_global_adapter_is_refused_before_training(flower_identity, coordinator, hospital,
+                                                                        tmp_path):
+    """Weights of 1e36 could make some records' gradients overflow, so that whether the update comes back
+    finite would depend on the data."""
+    cfg, state, fp = coordinator
+    key = sorted(state)[0]
+    for value in (1e36, float("nan")):
+        bad = dict(state)
+        bad[key] = state[key].clone().fill_(value)
+        _refused(_send(hospital(), _yaml(cfg), bad, fingerprint=fp), "bad-request")
+    assert not _ledger(tmp_path).path.exists()
+
+
+def test_a_clipping_bound_the_run_does_not_ask_for_is_refused_before_the_budget_is_charged(flower_identity,
+                                                                                         coordinator, hospital,
+                                                                                         tmp_path):
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    cfg, state, fp = coordinator
+    TaskIdentity.node_id = 1
+    msg = Message(RecordDict({
+        codec.ARRAYS: codec.state_to_record(state),
+        codec.CONFIG: ConfigRecord({**codec.request_config(_yaml(cfg), fp, "run-h"), "server-round": 1,
+                                    KEY_CLIPPING_NORM: 0.5}),
+    }), dst_node_id=2, message_type=MessageType.TRAIN)
+    TaskIdentity.node_id = 2
+    _refused(client_app.train(msg, hospital()), "bad-request")
+    assert not _ledger(tmp_path).path.exists()
 
 
 def test_a_non_private_round_is_refused_unless_the_policy_allows_it(flower_identity, coordinator, hospital, tmp_path):

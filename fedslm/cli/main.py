@@ -175,12 +175,19 @@ def node_init(
     ledger: Optional[str] = typer.Option(None, "--ledger", help="The ledger file (default: beside the policy)."),
 ) -> None:
     """Write a commented node policy template to PATH."""
+    from fedslm.config.schema import DataConfig
+    from fedslm.data import load_task_data
     from fedslm.node.policy import template
 
     if path.exists():
         raise ConfigError(f"{path} already exists; a node policy is never overwritten")
+    labels = None
+    try:  # the label set of the records, if they are a classification file already
+        labels = load_task_data(DataConfig(source=data), "classification").labels
+    except FedslmError:
+        err_console.print(f"note: no label set read from {data}; set data.labels in the policy for classification")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(template(path, name=name, source=data, ledger=ledger), encoding="utf-8")
+    path.write_text(template(path, name=name, source=data, ledger=ledger, labels=labels), encoding="utf-8")
     console.print(f"wrote {path}; edit it, then: fedslm node check {path}")
 
 

@@ -131,8 +131,21 @@ def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
     _check(value in allowed, f"{key} must be one of {', '.join(allowed)}; got {value!r}")
 
 
+def _finite_floats(obj: Any, prefix: str = "") -> None:
+    """Every float in the config is finite: ``.inf`` or ``.nan`` would make the noise plan loop forever
+    or release NaN (and a node takes its config from an untrusted request)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _finite_floats(value, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+
+
 def validate(cfg: Config) -> None:
     """Reject values no run could use, naming the key. Raises ConfigError."""
+    _finite_floats(cfg)
     _check(bool(cfg.model.name.strip()), "model.name must name a bundled preset or a local model directory, got ''")
     _choice("model.task", cfg.model.task, TASKS)
     _positive("model.max_length", cfg.model.max_length)

@@ -18,7 +18,7 @@ def check_policy(path: str | Path) -> dict[str, Any]:
     d, p = policy.data, policy.privacy
     data_cfg = DataConfig(source=d.source, text_column=d.text_column, label_column=d.label_column,
                           prompt_column=d.prompt_column, completion_column=d.completion_column,
-                          test_fraction=d.test_fraction, split_seed=d.split_seed)
+                          labels=d.labels, test_fraction=d.test_fraction, split_seed=d.split_seed)
     # The task follows from the columns the file has; try classification first.
     data = None
     errors = []
@@ -44,8 +44,17 @@ def check_policy(path: str | Path) -> dict[str, Any]:
         raise PolicyError(f"node policy {path}: {exc}") from None
     if spent >= float(p.max_epsilon):  # type: ignore[arg-type]
         warnings.append(f"the budget of unit {p.unit!r} is spent (ε={spent:.3f}): every training round will be refused")
+    from fedslm.models import presets
+
+    for name in policy.models.allowed:
+        if presets.get(name) is None and not Path(name).expanduser().is_dir():
+            warnings.append(f"models.allowed lists {name!r}, which is neither a bundled preset "
+                            f"({', '.join(presets.names())}) nor a model folder on this machine")
     if not p.require_secure_noise:
-        warnings.append("privacy.require_secure_noise=false: DP noise may come from torch's generator")
+        warnings.append("privacy.require_secure_noise=false: DP noise may come from torch's generator, whose 32-bit "
+                        "seed a coordinator could search to subtract the noise; set it to true")
+    if data.labels is not None and d.labels is None:
+        warnings.append("data.labels is not set: this node refuses classification rounds until it lists the label set")
     return {
         "name": policy.name,
         "data": {"source": d.source, "train_records": n, "test_records": len(data.test), "split_seed": d.split_seed,

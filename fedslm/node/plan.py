@@ -40,7 +40,7 @@ import yaml
 from fedslm.config import Config, load_config
 from fedslm.config.schema import DataConfig, FederationConfig, LoraConfig, ModelConfig
 from fedslm.errors import ConfigError, FedslmError
-from fedslm.node.policy import NodePolicy
+from fedslm.node.policy import NodePolicy, PolicyError
 from fedslm.train.local import DPSpec, RoundSpec, round_spec
 from fedslm.wire.secagg import max_weight
 
@@ -170,6 +170,15 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
     if req.noise_seed is not None:
         raise PolicyRefusal("the request fixes privacy.noise_seed: whoever knows it could subtract the noise; a "
                             "deployed node draws its noise itself and refuses seeds")
+    labels = cfg.data.labels
+    if cfg.model.task == "classification":
+        # Decided before any record is read: the answer must not depend on the records.
+        if pol.data.labels is None:
+            raise PolicyError(f"{name}: this node's policy has no data.labels; a classification node must fix the "
+                              "label set it agreed to")
+        if labels is not None and list(labels) != list(pol.data.labels):
+            raise PolicyRefusal("the request's data.labels differ from the label set in this node's policy")
+        labels = list(pol.data.labels)
     if cfg.model.name not in pol.models.allowed:
         raise PolicyRefusal(f"the request's base model {cfg.model.name!r} is not in this node's models.allowed "
                             f"({', '.join(pol.models.allowed)})")
@@ -217,7 +226,7 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
     d = pol.data
     data = DataConfig(
         source=d.source, text_column=d.text_column, label_column=d.label_column, prompt_column=d.prompt_column,
-        completion_column=d.completion_column, labels=cfg.data.labels, test_fraction=d.test_fraction,
+        completion_column=d.completion_column, labels=labels, test_fraction=d.test_fraction,
         split_seed=d.split_seed, max_train_records=None, max_test_records=max_test,
     )
     cl = cfg.privacy.client_level

@@ -50,6 +50,10 @@ class PolicyData:
     label_column: str = "label"
     prompt_column: str = "prompt"
     completion_column: str = "completion"
+    # The label set this institution agreed to, in index order (required for classification). A
+    # request's label set must equal it: a node that checked a request's labels against its records
+    # would tell a prober, by accepting or refusing, whether some record carries a given label.
+    labels: Optional[List[str]] = None
     # The held-out share and the seed of the node's fixed train/held-out split.
     test_fraction: float = 0.1
     split_seed: int = 0
@@ -69,8 +73,9 @@ class PolicyPrivacy:
     accountant: str = "rdp"
     # Whether a round with no DP at all (ε = ∞) may ever run on these records.
     allow_non_private: bool = False
-    # DP noise and Poisson sampling from the OS CSPRNG, whatever the request says.
-    require_secure_noise: bool = False
+    # DP noise and Poisson sampling from the OS CSPRNG, whatever the request says. Leave it on: torch's
+    # generator takes a 32-bit seed, so a coordinator could search every seed and subtract the noise.
+    require_secure_noise: bool = True
     # Send an update only inside secure aggregation (SecAgg+).
     require_secure_aggregation: bool = False
 
@@ -110,6 +115,9 @@ def validate_policy(policy: NodePolicy, *, complete: bool = True, where: str = "
     _check(bool(policy.name.strip()), f"{where}: name must not be empty")
     _check(0.0 < d.test_fraction < 1.0, f"{where}: data.test_fraction must be in (0, 1), got {d.test_fraction}")
     _check(d.min_test_records >= 1, f"{where}: data.min_test_records must be >= 1, got {d.min_test_records}")
+    if d.labels is not None:
+        _check(len(d.labels) >= 2 and len(set(d.labels)) == len(d.labels),
+               f"{where}: data.labels must list at least 2 distinct labels, got {d.labels}")
     _check(bool(p.unit.strip()), f"{where}: privacy.unit must name the privacy unit, got ''")
     if p.max_epsilon is not None:
         _check(p.max_epsilon > 0 and not math.isnan(p.max_epsilon),
@@ -167,6 +175,9 @@ data:
   source: {source}
   text_column: text
   label_column: label
+  # The label set the federation agreed on, in index order (classification). A request with another
+  # label set is refused; a record with a label outside it stops the node (fix the data).
+  labels: {labels}
   # Your fixed split: this share of the records is held out for evaluation, by this seed.
   # A coordinator cannot change it.
   test_fraction: 0.1
@@ -189,7 +200,8 @@ privacy:
   accountant: rdp
   # A round with no DP at all (ε = ∞) is refused unless this is true.
   allow_non_private: false
-  # Draw DP noise and Poisson sampling from the OS CSPRNG, whatever the request says.
+  # Draw DP noise and Poisson sampling from the OS CSPRNG, whatever the request says. Keep it on:
+  # torch's generator takes a 32-bit seed, which a coordinator could search to subtract the noise.
   require_secure_noise: true
   # Send an update only inside secure aggregation (SecAgg+).
   require_secure_aggregation: false
@@ -206,7 +218,8 @@ threads: null
 
 
 def template(path: str | Path, name: str = "my-hospital", source: str = "/data/records.csv",
-             ledger: Optional[str] = None) -> str:
+             ledger: Optional[str] = None, labels: Optional[List[str]] = None) -> str:
     path = Path(path)
     ledger = ledger or str(path.resolve().with_name(path.stem + ".ledger.json"))
-    return TEMPLATE.format(path=path, name=name, source=source, ledger=ledger)
+    shown = yaml.safe_dump(list(labels), default_flow_style=True).strip() if labels else "null"
+    return TEMPLATE.format(path=path, name=name, source=source, ledger=ledger, labels=shown)

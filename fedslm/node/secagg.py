@@ -6,19 +6,23 @@ See :mod:`fedslm.wire.secagg` for the protocol and what fedslm changes in it.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
-import torch
 from flwr.app import Context, Error, Message, MessageType, MetricRecord
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 
 from fedslm.errors import FedslmError
-from fedslm.wire import codec
 from fedslm.wire.errors import NODE_REFUSED, public_reason
 from fedslm.wire.secagg import _mod_module
+
+if TYPE_CHECKING:
+    import torch
+
+# Kept light on purpose (no torch, no models): a deployed node starts a fresh ClientApp process for
+# every message, and three of SecAgg+'s four stages need nothing but this mod.
 
 log = logging.getLogger("fedslm.node.secagg")
 
@@ -83,6 +87,8 @@ def secure_payload(sent: Mapping[str, torch.Tensor], state: Mapping[str, torch.T
 
 def masked_train_reply(msg: Message, update: list[np.ndarray], weight: float, metrics: Mapping[str, Any]) -> Message:
     """The reply Flower's ``secaggplus_mod`` masks: a FitRes of the update and weight, plus fedslm's metrics."""
+    from fedslm.wire import codec
+
     fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(update),
                     num_examples=weight, metrics={})  # type: ignore[arg-type]
     content = compat.fitres_to_recorddict(fitres, keep_input=True)

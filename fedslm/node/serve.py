@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 from dataclasses import asdict
 from typing import Any, Mapping, Optional
@@ -25,8 +27,8 @@ from fedslm.errors import FedslmError
 from fedslm.lora import get_adapter_state, set_adapter_state, wrap
 from fedslm.lora.adapter import frozen_digest
 from fedslm.models import BaseModel, load_base
-from fedslm.node.clipping import ClippingMismatch, client_clip
-from fedslm.node.plan import NodeContext, PolicyRefusal, RoundPlan, parse_request_config, plan_round
+from fedslm.node.clipping import ClippingMismatch, check_clipping, client_clip
+from fedslm.node.plan import BadRequest, NodeContext, PolicyRefusal, RoundPlan, parse_request_config, plan_round
 from fedslm.node.policy import NODE_INSTITUTION, NODE_POLICY, PolicyError, load_policy
 from fedslm.node.releases import Releases, adapter_digest
 from fedslm.node.secagg import secure_payload
@@ -47,13 +49,28 @@ class SecureAggregationRequired(FedslmError):
     pass
 
 
+# Set by `fedslm simulate` for the processes it starts (and by tests): this machine runs a simulation.
+SIMULATION_ENV = "FEDSLM_SIMULATION"
+
+
+def _simulated() -> bool:
+    """A simulation, by a signal no coordinator can send: fedslm's own flag in this process's
+    environment, or running inside a Ray worker (the simulation engine's ClientApps do; a deployed
+    SuperNode's never do)."""
+    if os.environ.get(SIMULATION_ENV) == "1":
+        return True
+    ray = sys.modules.get("ray")
+    return ray is not None and bool(ray.is_initialized())
+
+
 def node_context(node_config: Mapping[str, Any]) -> NodeContext:
     """This node, from its SuperNode's node config: a deployed node names its policy file; a simulated
-    one carries Flower's partition-id (the scenario then stands for its policy)."""
+    one carries Flower's partition-id (the scenario then stands for its policy). A partition-id
+    outside a simulation is not enough: a node without a policy refuses to serve."""
     if NODE_POLICY in node_config:
         policy = load_policy(str(node_config[NODE_POLICY]))
         return NodeContext(institution=int(node_config.get(NODE_INSTITUTION, 0)), num_institutions=0, policy=policy)
-    if "partition-id" in node_config:
+    if "partition-id" in node_config and _simulated():
         return NodeContext(institution=int(node_config["partition-id"]),
                            num_institutions=int(node_config.get("num-partitions", 1)), policy=None)
     raise PolicyError(f"this SuperNode's node config names no policy file; start it with --node-config "
@@ -120,7 +137,10 @@ def build_institution(plan: RoundPlan, request: Request, *, for_training: bool =
             "lora settings, train.seed or library versions")
     task = get_task(plan.model.task)
     if request.adapter is not None:
-        set_adapter_state(model, request.adapter)
+        try:
+            set_adapter_state(model, request.adapter)
+        except (KeyError, ValueError) as exc:
+            raise BadRequest(f"the request's adapter does not fit this round's model: {exc}") from None
         for p in model.parameters():  # nothing of an earlier round may leak into this one
             p.grad = None
     # Evaluation needs only the held-out records; tokenizing the training split would be wasted time.
@@ -213,6 +233,10 @@ def client_train(request: Request, node: NodeContext, *,
     if any(e.get("run") == request.run_id and e.get("round") == request.server_round for e in entries):
         log.warning("%s: round %s of run %s is asked again with a different adapter; training and charging anew",
                     plan.name, request.server_round, request.run_id)
+    # Whether the bound and the run agree is known before training: refuse before anything is charged.
+    if request.clipping_norm is not None and request.adapter is None:
+        raise ClippingMismatch("client-side clipping needs the global adapter in the request")
+    check_clipping(plan.client_clipping, request.clipping_norm)
     inst = build_institution(plan, request, data=data)
 
     released: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = []

@@ -216,7 +216,9 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = {**os.environ, "PATH": path, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DISABLE_USAGE_STATS": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "TOKENIZERS_PARALLELISM": "false", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+           "TOKENIZERS_PARALLELISM": "false", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+           # The ClientApps are simulated institutions: the scenario stands for their node policies.
+           "FEDSLM_SIMULATION": "1"}
     started = time.monotonic()
     console.print(f"run folder [bold]{out}[/]; Flower and Ray logs in {log_file}")
     if resume is not None:

@@ -7,6 +7,7 @@ the round. A reply carries the adapter (train only) and a MetricRecord.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -72,11 +73,33 @@ class MalformedMessage(FedslmError):
     """A message whose records do not have the types the contract says."""
 
 
+# A global adapter coordinate larger than this is refused: honest adapters are orders of magnitude
+# smaller, and huge weights could make a record's gradient overflow, so that whether the update comes
+# back finite would depend on the data.
+MAX_ADAPTER_VALUE = 1e4
+# Longer run ids are refused: they are written into the node's ledger and release file names.
+MAX_RUN_ID = 200
+
+
 def parse_request(msg: Message) -> Request:
     try:
-        return _parse_request(msg)
+        request = _parse_request(msg)
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise MalformedMessage(f"a request whose records cannot be read ({type(exc).__name__}: {exc})") from None
+    if len(request.run_id) > MAX_RUN_ID:
+        raise MalformedMessage(f"a run id of {len(request.run_id)} characters (at most {MAX_RUN_ID})")
+    for name, value in (("proximal-mu", request.proximal_mu), ("clipping_norm", request.clipping_norm)):
+        if value is not None and not math.isfinite(value):
+            raise MalformedMessage(f"{name} must be a finite number, got {value}")
+    if request.adapter is not None:
+        for key, tensor in request.adapter.items():
+            if not tensor.is_floating_point():
+                raise MalformedMessage(f"adapter tensor {key} is not floating point")
+            largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+            if not bool(torch.isfinite(tensor).all()) or largest > MAX_ADAPTER_VALUE:
+                raise MalformedMessage(f"adapter tensor {key} holds values that are not finite or exceed "
+                                       f"{MAX_ADAPTER_VALUE:g} in magnitude")
+    return request
 
 
 def _parse_request(msg: Message) -> Request:

@@ -30,16 +30,16 @@ def attacks(base: dict) -> list[tuple[str, int, dict]]:
             out[section].update(values)
         return out
 
+    # The rest of the threat model runs in process (tests/test_hostile_coordinator.py); these are the
+    # attacks that must also fail over real processes.
     return [
         ("env-interpolation", 1, edit(model={"name": "${oc.env:" + SECRET_VAR + "}"})),
         ("non-private", 1, edit(privacy={"enabled": False})),
-        ("noise-seed", 1, edit(privacy={"noise_seed": 1234})),
         ("honest", 1, base),
-        # Later rounds: a repeat of round 1 with the same adapter would be answered from the paid release.
-        ("split-seed", 2, edit(data={"split_seed": 5, "test_fraction": 0.3, "max_train_records": 20})),
-        ("delta", 3, edit(privacy={"delta": 0.4})),
-        ("ledger-path", 4, edit(privacy={"ledger": "/tmp/fedslm-fresh-ledger.json", "max_epsilon": 1000.0},
-                                output={"dir": "/tmp/fedslm-hostile-out"})),
+        # Round 2: a repeat of round 1 with the same adapter would be answered from the paid release.
+        ("split-seed", 2, edit(data={"split_seed": 5, "test_fraction": 0.3, "max_train_records": 20},
+                               privacy={"ledger": "/tmp/fedslm-fresh-ledger.json", "delta": 0.4},
+                               output={"dir": "/tmp/fedslm-hostile-out"})),
     ]
 
 
