@@ -207,7 +207,7 @@ def node_check(
     console.print(f"[bold]{path}[/]: valid node policy for [bold]{report['name']}[/]")
     console.print(f"data     {report['data']['source']}: {report['data']['train_records']} training / "
                   f"{report['data']['test_records']} held-out records (split seed {report['data']['split_seed']}, "
-                  f"labels: {', '.join(report['data']['labels'] or []) or 'none'})")
+                  f"{len(report['data']['labels'] or [])} labels)")
     b = report["privacy"]
     console.print(f"budget   unit {b['unit']!r}: spent ε={_fmt_eps(b['spent_epsilon'] if b['spent_epsilon'] is not None else math.inf)} of max_epsilon={b['max_epsilon']:g} "
                   f"at δ={b['max_delta']:g} (1/n = {b['one_over_n']:.3g}); ledger {b['ledger']}")

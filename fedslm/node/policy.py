@@ -177,7 +177,7 @@ data:
   label_column: label
   # The label set the federation agreed on, in index order (classification). A request with another
   # label set is refused; a record with a label outside it stops the node (fix the data).
-  labels: {labels}
+  labels:{labels}
   # Your fixed split: this share of the records is held out for evaluation, by this seed.
   # A coordinator cannot change it.
   test_fraction: 0.1
@@ -219,7 +219,11 @@ threads: null
 
 def template(path: str | Path, name: str = "my-hospital", source: str = "/data/records.csv",
              ledger: Optional[str] = None, labels: Optional[List[str]] = None) -> str:
-    path = Path(path)
-    ledger = ledger or str(path.resolve().with_name(path.stem + ".ledger.json"))
-    shown = yaml.safe_dump(list(labels), default_flow_style=True).strip() if labels else "null"
+    path = Path(path).resolve()
+    ledger = ledger or str(path.with_name(path.stem + ".ledger.json"))
+    if labels:
+        shown = "\n" + "".join(f"    - {yaml.safe_dump(label, default_style=None, width=10**6).strip().removesuffix('...').strip()}\n"
+                               for label in labels).rstrip("\n")
+    else:
+        shown = " null"
     return TEMPLATE.format(path=path, name=name, source=source, ledger=ledger, labels=shown)
