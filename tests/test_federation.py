@@ -459,7 +459,10 @@ def test_client_level_dp_clips_each_update_and_averages_unweighted(flower_identi
         np.testing.assert_allclose(got[k], np.mean([c[k] for c in clipped], axis=0), rtol=1e-5, atol=1e-6)
 
 
-def test_client_level_dp_adds_noise_of_std_z_c_over_m_and_screens_first(flower_identity, cls_config, tmp_path):
+def test_client_level_dp_adds_noise_of_std_z_c_over_the_k_replies_averaged_and_screens_first(flower_identity,
+                                                                                              cls_config, tmp_path):
+    """4 institutions planned, 2 of them rejected: the mean of the 2 left has sensitivity C/2, so the noise
+    is z·C/2 (z·C/4, for the planned count, under-noised such rounds)."""
     cfg = cls_config("federation.min_clients=2", "federation.num_clients=4", "privacy.client_level.enabled=true",
                      "privacy.client_level.clipping_norm=0.5", "privacy.client_level.noise_multiplier=2.0")
     sent = {"w": np.zeros(40_000, np.float32)}
@@ -470,7 +473,9 @@ def test_client_level_dp_adds_noise_of_std_z_c_over_m_and_screens_first(flower_i
     replies = [_cl_reply(2, sent), _cl_reply(3, bad), _cl_reply(4, sent), _cl_reply(5, {"w": np.zeros(3, np.float32)})]
     arrays, _ = outer.aggregate_train(1, replies)
     noise = arrays.to_numpy_ndarrays()[0]
-    assert float(noise.std()) == pytest.approx(2.0 * 0.5 / 4, rel=0.03)  # m = 4 institutions per round
+    assert float(noise.std()) == pytest.approx(2.0 * 0.5 / 2, rel=0.03)  # k = 2 updates averaged
+    note = inner.recorder.pending[1]["client_level"]
+    assert note["institutions_averaged"] == 2 and note["noise_std"] == pytest.approx(0.5)
     reasons = {e["node"]: e["reason"] for e in inner.recorder.pending[1]["errors"]}
     assert "NaN" in reasons[3] and "shape" in reasons[5]
 
@@ -482,7 +487,8 @@ def test_client_level_epsilon_composes_rounds_below_the_classical_rdp_bound(cls_
                      "privacy.client_level.noise_multiplier=1.5")
     eps = [client_level_summary(cfg, r)["epsilon"] for r in (1, 2, 4)]
     assert 0 < eps[0] < eps[1] < eps[2]
-    delta = 1 / 50
+    delta = 1e-5  # the default: far below 1/institutions (1/(10·5) = 0.02 was the old default)
+    assert client_level_summary(cfg, 1)["delta"] == delta
     for rounds, e in zip((1, 2, 4), eps):  # RDP of R Gaussian releases: R·α/(2z²), classical conversion
         classical = min(rounds * a / (2 * 1.5 ** 2) + np.log(1 / delta) / (a - 1) for a in np.linspace(1.01, 64, 5000))
         assert e <= classical + 1e-6 and e > 0.5 * classical

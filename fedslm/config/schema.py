@@ -66,7 +66,7 @@ class DataConfig:
 class ClientLevelConfig:
     """Client-level DP at aggregation, with Flower's DP strategy wrappers: each institution's update
     is clipped to a norm bound (L2, from the global adapter), the plain average is taken, and
-    Gaussian noise of std noise_multiplier x clipping_norm / institutions is added. Protects each
+    Gaussian noise of std noise_multiplier x clipping_norm / k is added, k the updates averaged. Protects each
     institution's whole contribution, on top of record-level DP at each node."""
 
     enabled: bool = False
@@ -83,7 +83,7 @@ class ClientLevelConfig:
     # Noise on the count of clipped updates; None: the larger of institutions/20 and
     # 1.2 x noise_multiplier (so the updates' noise grows by at most 10%).
     clipped_count_stddev: Optional[float] = None
-    # None: 1 / (10 x federation.num_clients).
+    # None: min(1e-5, 1 / (10 x federation.num_clients)).
     delta: Optional[float] = None
 
 

@@ -3,7 +3,7 @@
 Each institution's update (its adapter minus the global one) is clipped to an L2 bound C, the
 inner strategy averages them unweighted (fedslm switches FedAvg to a unit weight per institution:
 weighting by size would let a large institution move the average by more than C), and Gaussian
-noise of std ``z · C / m`` is added for m institutions per round. Four variants, each a subclass of
+noise of std ``z · C / k`` is added for the k institutions whose updates were averaged. Four variants, each a subclass of
 Flower's wrapper of the same name:
 
 * server-side fixed clipping (``DifferentialPrivacyServerSideFixedClipping``): the coordinator clips;
@@ -63,9 +63,14 @@ def sampled_per_round(cfg: Config) -> int:
     return max(fed.min_clients, int(fed.num_clients * fed.fraction_train))
 
 
+# δ of the client-level guarantee unless set: far below 1/institutions for any federation (1/(10·N)
+# would be 0.02 at 5 institutions: a 2% chance that the guarantee fails outright).
+DEFAULT_CLIENT_DELTA = 1e-5
+
+
 def client_level_delta(cfg: Config) -> float:
     cl = cfg.privacy.client_level
-    return cl.delta if cl.delta is not None else 1.0 / (10 * cfg.federation.num_clients)
+    return cl.delta if cl.delta is not None else min(DEFAULT_CLIENT_DELTA, 1.0 / (10 * cfg.federation.num_clients))
 
 
 def clipped_count_stddev(cfg: Config) -> float:
@@ -137,10 +142,14 @@ class _Fedslm:
         else:
             clipped = self._clip_on_server(valid)
         arrays, metrics = self.strategy.aggregate_train(server_round, valid)
-        std = self.noise_multiplier * self._round_norm / self.num_sampled_clients
+        # The release is the unweighted mean of the k updates that arrived, whose sensitivity to one
+        # institution is C/k: the noise must be z·C/k. (z·C/m with the planned m under-noises every
+        # round that lost replies to dropouts or rejections.)
+        k = max(len(valid), 1)
+        std = self.noise_multiplier * self._round_norm / k
         if arrays is not None:
             arrays = _noised(arrays, std)
-        note: dict[str, Any] = {"clipping_norm": self._round_norm, "noise_std": std}
+        note: dict[str, Any] = {"clipping_norm": self._round_norm, "noise_std": std, "institutions_averaged": k}
         if not self.client_side or self.adaptive:
             note["clipped"] = clipped
         if self.adaptive and valid:
@@ -209,6 +218,10 @@ def client_level_summary(cfg: Config, releases: int, rounds: Optional[list[dict[
         "noise_source": csprng.SOURCE,
         "trust": "the coordinator adds this noise: it protects institutions from whoever receives the adapter, "
                  "not from the coordinator itself",
+        "meaning": f"with {cfg.federation.num_clients} institutions, ε bounds how much any one institution's "
+                   "participation (all of its records at once) can change the released adapters; with so few "
+                   "institutions a small ε needs so much noise that the model learns little, and a large ε "
+                   "still lets a reader tell whether one named institution took part",
     }
     if cl.adaptive:
         out["clipping_norms"] = norms
