@@ -32,7 +32,7 @@ def train(msg: Message, context: Context) -> Message:
 
         request, node = codec.parse_request(msg), node_context(context.node_config)
         if secagg.in_protocol(msg):
-            update, weight, metrics = client_secure_train(request, node)
+            update, weight, metrics = client_secure_train(request, node, secagg.cohort(context))
             return secagg.masked_train_reply(msg, update, weight, metrics)
         state, metrics = client_train(request, node)
     except Exception as exc:  # noqa: BLE001 - nothing of the node may reach the reply: category only

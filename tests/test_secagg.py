@@ -46,10 +46,11 @@ class NodesInProcess:
     ``corrupt=True``, arrives with a masked vector of the wrong shape.
     """
 
-    def __init__(self, tmp_path: Path, nodes=NODES, drop=None, corrupt=False):
+    def __init__(self, tmp_path: Path, nodes=NODES, drop=None, corrupt=False, tamper=None):
         self.nodes = list(nodes)
         self.drop = drop or {}
         self.corrupt = corrupt
+        self.tamper = tamper or {}  # {(stage, node): fn(configs)}: the coordinator edits what it sends
         self.contexts = {n: Context(run_id=1, node_id=n, state=RecordDict(), run_config={}, node_config={
             "partition-id": i, "num-partitions": len(self.nodes)}) for i, n in enumerate(self.nodes)}
         self.stages: list[str] = []
@@ -69,7 +70,10 @@ class NodesInProcess:
             try:
                 if self.drop.get(stage) == node and not self.corrupt:
                     continue  # the node died before answering
-                reply = client_app.app(copy.deepcopy(msg), self.contexts[node])  # as if it had crossed the wire
+                sent = copy.deepcopy(msg)  # as if it had crossed the wire
+                if (stage, node) in self.tamper:
+                    self.tamper[(stage, node)](sent.content.config_records[RECORD_KEY_CONFIGS])
+                reply = client_app.app(sent, self.contexts[node])
                 if self.drop.get(stage) == node and self.corrupt:
                     blobs = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
                     reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS] = blobs[:-1]
@@ -97,7 +101,7 @@ def _released(tmp_path, node, initial):
     entries = [e for record in ledger.read()["units"].values() for e in record["entries"]]
     found = Releases(ledger.path).find(entries, "run-s", 1, adapter_digest(initial))
     assert found is not None, f"node {node} released nothing"
-    return found
+    return found[:2]
 
 
 def _secure_round(cfg, tmp_path, **grid_kwargs):
@@ -344,3 +348,104 @@ def test_adaptive_clipping_noises_with_the_rounds_bound_and_moves_it_to_the_quan
     assert note["next_clipping_norm"] == pytest.approx(np.exp(-2.0 * note["clipped_fraction_noised"]))
     assert abs(note["clipped_fraction_noised"] - 0.75) < 6 * 0.3 / 4 and note["next_clipping_norm"] < 0.6
     assert outer.clipping_norm == note["next_clipping_norm"]
+
+
+# -------------------------------------------------------------------------------- the node enforces SecAgg+
+
+
+@pytest.fixture
+def deployed_grid(tmp_path, class_csv, node_policy):
+    """Four deployed nodes (each with its policy and ledger) answering through the real ClientApp."""
+
+    def make(cfg, *, min_cohort=3, **kwargs):
+        grid = NodesInProcess(tmp_path, **kwargs)
+        for i, n in enumerate(grid.nodes):
+            path = node_policy(cfg, data=class_csv, name=f"n{n}", ledger=tmp_path / f"ledger-{n}.json", max_epsilon=50,
+                               path=tmp_path / f"policy-{n}.yaml")
+            text = path.read_text() + f"secure_aggregation: {{min_cohort: {min_cohort}, min_threshold: 2}}\n"
+            path.write_text(text)
+            grid.contexts[n].node_config = {"policy": str(path), "institution": i}
+        return grid
+
+    return make
+
+
+def _deployed_round(cfg, tmp_path, grid):
+    recorder = RunRecorder(cfg, tmp_path, "run-s")
+    outer, _ = make_strategies(cfg, recorder)
+    initial, messages = _train_messages(cfg, grid, outer)
+    replies = secagg.SecureAggregationGrid(grid, cfg, recorder).send_and_receive(messages)
+    return recorder, initial, messages, replies
+
+
+def test_deployed_nodes_mask_their_update_in_a_protocol_their_policy_accepts(flower_identity, secure_config,
+                                                                            tmp_path, deployed_grid):
+    cfg = secure_config("privacy.noise_seed=null")
+    recorder, _, _, replies = _deployed_round(cfg, tmp_path, deployed_grid(cfg))
+    assert recorder.pending[1]["secure_aggregation"]["contributors"] == NODES
+    assert recorder.pending[1]["secure_aggregation"]["threshold"] == 3  # 0.75 of 4 shares: more than half
+
+
+@pytest.mark.parametrize("overrides,min_cohort", [(("federation.secagg.threshold=0.5",), 3), ((), 5)],
+                         ids=["threshold-half", "cohort-below-policy"])
+def test_a_node_refuses_a_threshold_or_cohort_its_policy_does_not_accept(flower_identity, secure_config, tmp_path,
+                                                                         deployed_grid, overrides, min_cohort):
+    """Threshold 2 of 4 shares: told in two halves that a node dropped and that it is alive, a coordinator
+    would rebuild both of its secrets. Every node refuses at setup, before it trained or paid."""
+    cfg = secure_config("privacy.noise_seed=null", *overrides)
+    with pytest.raises(FederationStopped, match="halted at stage setup"):
+        _deployed_round(cfg, tmp_path, deployed_grid(cfg, min_cohort=min_cohort))
+    assert not any((tmp_path / f"ledger-{n}.json").exists() for n in NODES)
+
+
+def test_a_node_listed_both_alive_and_dropped_is_never_unmasked(flower_identity, secure_config, tmp_path,
+                                                                deployed_grid):
+    """The coordinator lists node 12 as dropped (and alive) in node 11's unmask request: revealing both
+    its sk1 share and its mask-seed share would help rebuild both of 12's secrets. Node 11 refuses."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+
+    def both(configs):
+        configs[Key.DEAD_NODE_ID_LIST] = [NODES[1]]
+
+    cfg = secure_config("privacy.noise_seed=null")
+    grid = deployed_grid(cfg, tamper={(Stage.UNMASK, NODES[0]): both})
+    recorder, _, _, _ = _deployed_round(cfg, tmp_path, grid)
+    errors = [e for e in recorder.pending[1]["errors"] if e["node"] == NODES[0]]
+    assert errors and errors[0]["reason"] == public_reason("secure-aggregation")
+
+
+def test_a_masked_release_is_replayed_only_into_the_same_cohort(flower_identity, secure_config, tmp_path,
+                                                                deployed_grid):
+    """After a secure round, the same request (run, round, adapter) again: among the same neighbours the
+    kept update is masked again at no cost; in a cohort with a node swapped, or in the clear (with a
+    config that says secure aggregation is off), it is refused: the difference of two sums, or the
+    plain update itself, would isolate it."""
+    cfg = secure_config("privacy.noise_seed=null")
+    grid = deployed_grid(cfg)
+    recorder, initial, messages, _ = _deployed_round(cfg, tmp_path, grid)
+    assert recorder.pending[1]["secure_aggregation"]["contributors"] == NODES
+
+    def entries(n):
+        return [e["round"] for e in Ledger(tmp_path / f"ledger-{n}.json").entries("all-records")]
+
+    (tmp_path / "again").mkdir()
+    again = secagg.SecureAggregationGrid(grid, cfg, RunRecorder(cfg, tmp_path / "again", "run-s"))
+    again.send_and_receive(copy.deepcopy(messages))  # same cohort: every node replays, no new charge
+    assert all(entries(n) == [1] for n in NODES)
+
+    swapped = deployed_grid(cfg, nodes=[*NODES[:3], 15])  # same institutions 11-13, a new neighbour 15
+    recorder2 = RunRecorder(cfg, tmp_path / "swapped", "run-s")
+    (tmp_path / "swapped").mkdir()
+    _, swapped_messages = _train_messages(cfg, swapped, make_strategies(cfg, recorder2)[0])
+    with pytest.raises(FederationStopped):
+        secagg.SecureAggregationGrid(swapped, cfg, recorder2).send_and_receive(swapped_messages)
+    refusals = {e["node"]: e["reason"] for e in recorder2.rounds[-1]["errors"]}  # written when it stopped
+    assert all(refusals[n] == public_reason("refused-by-policy") for n in NODES[:3])
+    assert all(entries(n) == [1] for n in NODES[:3])
+
+    clear = secure_config("privacy.noise_seed=null", "federation.secure_aggregation=false")
+    plain = [m for m in copy.deepcopy(messages) if m.metadata.dst_node_id == NODES[0]]
+    plain[0].content[codec.CONFIG]["fedslm-config"] = to_yaml(clear)
+    (reply,) = grid.send_and_receive(plain)  # the same run, round and adapter, outside the protocol
+    assert reply.has_error() and reply.error.reason == public_reason("refused-by-policy")
+    assert entries(NODES[0]) == [1]

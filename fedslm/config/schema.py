@@ -139,8 +139,10 @@ class SecAggConfig:
     shares: float = 1.0
     # Share of those shares needed to rebuild a secret: a round survives dropouts as long as every
     # institution keeps at least this many live neighbours; a coordinator must corrupt this many
-    # institutions to unmask one.
-    threshold: float = 0.5
+    # institutions to unmask one. Deployed nodes refuse a threshold of half the shares or fewer: a
+    # coordinator telling one half "u dropped" and the other "u is alive" would rebuild both of u's
+    # secrets and unmask u's update.
+    threshold: float = 0.75
     # Each coordinate of an update is clipped to [-clipping_range, clipping_range] before it is
     # quantised (nodes report how many they clipped); the update is the change to the adapter.
     clipping_range: float = 1.0

@@ -14,6 +14,7 @@ from fedslm.errors import BudgetExceededError, ConfigError, DataError, ModelErro
 from fedslm.node.clipping import ClippingMismatch
 from fedslm.node.plan import BadRequest, PolicyRefusal
 from fedslm.node.policy import PolicyError
+from fedslm.node.secagg import SecureAggregationRefused
 from fedslm.node.serve import FingerprintMismatch, SecureAggregationRequired
 from fedslm.privacy.ledger import LedgerError
 from fedslm.wire.codec import MalformedMessage
@@ -26,6 +27,7 @@ _CATEGORIES: tuple[tuple[type[BaseException], str], ...] = (
     (BudgetExceededError, "budget-exhausted"),
     (PolicyRefusal, "refused-by-policy"),
     (SecureAggregationRequired, "refused-by-policy"),
+    (SecureAggregationRefused, "secure-aggregation"),
     (BadRequest, "bad-request"),
     (ClippingMismatch, "bad-request"),
     (MalformedMessage, "bad-request"),

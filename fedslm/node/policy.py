@@ -81,6 +81,16 @@ class PolicyPrivacy:
 
 
 @dataclass
+class PolicySecureAggregation:
+    """What this node accepts of the SecAgg+ protocol's parameters (checked in each stage)."""
+
+    # The smallest cohort (institutions in the round) and neighbour set it masks its update in.
+    min_cohort: int = 3
+    # The fewest shares that may rebuild one of its secrets. Always also more than half its shares.
+    min_threshold: int = 2
+
+
+@dataclass
 class PolicyModels:
     # Base models this node may load: bundled preset names, or local model folders it vouches for.
     allowed: List[str] = field(default_factory=lambda: ["minilm"])
@@ -95,6 +105,7 @@ class NodePolicy:
     data: PolicyData = field(default_factory=PolicyData)
     privacy: PolicyPrivacy = field(default_factory=PolicyPrivacy)
     models: PolicyModels = field(default_factory=PolicyModels)
+    secure_aggregation: PolicySecureAggregation = field(default_factory=PolicySecureAggregation)
     # torch threads for training on this node; None: torch's default.
     threads: Optional[int] = None
 
@@ -130,6 +141,10 @@ def validate_policy(policy: NodePolicy, *, complete: bool = True, where: str = "
            f"{where}: privacy.accountant must be one of {', '.join(ACCOUNTANTS)}; got {p.accountant!r}")
     _check(len(policy.models.allowed) > 0 and all(m.strip() for m in policy.models.allowed),
            f"{where}: models.allowed must list at least one preset or model folder")
+    sa = policy.secure_aggregation
+    _check(sa.min_cohort >= 3, f"{where}: secure_aggregation.min_cohort must be >= 3 (with 2, each learns the "
+                               f"other's update from the sum), got {sa.min_cohort}")
+    _check(sa.min_threshold >= 2, f"{where}: secure_aggregation.min_threshold must be >= 2, got {sa.min_threshold}")
     if policy.threads is not None:
         _check(policy.threads >= 1, f"{where}: threads must be >= 1, got {policy.threads}")
 
@@ -211,6 +226,12 @@ models:
   allowed: [minilm]
   # Optionally pin the exact base (with its task head) by fingerprint (fedslm node check prints it).
   # fingerprints: [...]
+
+secure_aggregation:
+  # Mask this node's update only in a round of at least this many institutions and neighbours, and
+  # only if at least min_threshold (and more than half) of its shares are needed to rebuild a secret.
+  min_cohort: 3
+  min_threshold: 2
 
 # torch threads for training on this node (null: torch's default).
 threads: null

@@ -62,8 +62,10 @@ class Releases:
         return hashlib.sha256(f"{unit}|{run}".encode()).hexdigest()[:16]
 
     def save(self, unit: str, run: str, round_idx: int, input_digest: str,
-             state: Mapping[str, torch.Tensor], metrics: Mapping[str, Any]) -> dict[str, Any]:
-        """Write the update; returns what the round's ledger entry records about it."""
+             state: Mapping[str, torch.Tensor], metrics: Mapping[str, Any],
+             cohort: Optional[list[int]] = None) -> dict[str, Any]:
+        """Write the update; returns what the round's ledger entry records about it. ``cohort``: the
+        SecAgg+ neighbours it was masked among (None: it was sent in the clear)."""
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.folder, 0o700)
         prefix = self._prefix(unit, run)
@@ -73,7 +75,7 @@ class Releases:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.FILE_MODE))
         os.chmod(tmp, self.FILE_MODE)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp),
-                  metadata={"metrics": json.dumps(dict(metrics))})
+                  metadata={"metrics": json.dumps(dict(metrics)), "cohort": json.dumps(cohort)})
         os.chmod(tmp, self.FILE_MODE)
         os.replace(tmp, path)
         for old in self.folder.glob(f"{prefix}-round-*.safetensors"):  # earlier rounds can never be asked again
@@ -82,8 +84,9 @@ class Releases:
         return {"input": input_digest, "file": path.name, "sha256": _file_sha(path)}
 
     def find(self, entries: list[dict[str, Any]], run: str, round_idx: int,
-             input_digest: str) -> Optional[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
-        """The update already paid for this exact request, if its ledger entry and file agree."""
+             input_digest: str) -> Optional[tuple[dict[str, torch.Tensor], dict[str, Any], Optional[list[int]]]]:
+        """The update already paid for this exact request, if its ledger entry and file agree: its
+        tensors, metrics and the SecAgg+ cohort it was masked among (None: sent in the clear)."""
         for entry in reversed(entries):
             release = entry.get("release") or {}
             if entry.get("run") != run or entry.get("round") != round_idx or release.get("input") != input_digest:
@@ -94,6 +97,6 @@ class Releases:
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as fh:
-                metrics = json.loads((fh.metadata() or {}).get("metrics", "{}"))
-            return load_file(str(path)), metrics
+                meta = fh.metadata() or {}
+            return load_file(str(path)), json.loads(meta.get("metrics", "{}")), json.loads(meta.get("cohort", "null"))
         return None

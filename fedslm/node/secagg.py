@@ -9,9 +9,9 @@ import logging
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
-from flwr.app import Context, Error, Message, MessageType, MetricRecord
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
 from fedslm.errors import FedslmError
@@ -26,7 +26,71 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedslm.node.secagg")
 
+# This node's own record of the protocol in its context: the cohort it shares its secrets with.
+STATE = "fedslm-secagg"
+COHORT = "cohort"
 
+
+class SecureAggregationRefused(FedslmError):
+    """The coordinator's protocol parameters or stage messages are outside what this node accepts."""
+
+
+def _policy(context: Context) -> Any:
+    from fedslm.node.policy import NODE_POLICY, load_policy
+
+    if NODE_POLICY not in context.node_config:
+        return None  # simulation: only the protocol's own consistency checks
+    return load_policy(str(context.node_config[NODE_POLICY])).secure_aggregation
+
+
+def check_stage(msg: Message, context: Context) -> None:
+    """The node's checks on a SecAgg+ stage message, before Flower's mod acts on it.
+
+    Setup: a cohort and a threshold the policy accepts, and more than half of the shares needed to
+    rebuild a secret (else a coordinator could tell one half of the cohort that a node dropped and the
+    other half that it is alive, and rebuild both of its secrets). Share keys: at least the policy's
+    cohort of neighbours, remembered. Unmask: no node both alive and dropped (both of its secrets would
+    be revealed), this node not among the dropped, every node one of its neighbours.
+    """
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    stage = str(configs.get(Key.STAGE, "?"))
+    policy = _policy(context)
+    if stage == Stage.SETUP:
+        sample, shares, threshold = (int(configs[k]) for k in (Key.SAMPLE_NUMBER, Key.SHARE_NUMBER, Key.THRESHOLD))
+        if policy is not None:
+            if 2 * threshold <= shares:
+                raise SecureAggregationRefused(
+                    f"threshold {threshold} of {shares} shares is not more than half: a coordinator could rebuild both "
+                    "secrets of one node from two halves of the cohort")
+            if sample < policy.min_cohort or shares < policy.min_cohort:
+                raise SecureAggregationRefused(f"cohort of {sample} with {shares} shares, below this node's "
+                                               f"secure_aggregation.min_cohort={policy.min_cohort}")
+            if threshold < policy.min_threshold:
+                raise SecureAggregationRefused(f"threshold {threshold}, below this node's "
+                                               f"secure_aggregation.min_threshold={policy.min_threshold}")
+    elif stage == Stage.SHARE_KEYS:
+        neighbours = sorted(int(k) for k in configs.keys() if k != Key.STAGE)
+        if policy is not None and len(neighbours) < policy.min_cohort:
+            raise SecureAggregationRefused(f"{len(neighbours)} neighbours, below this node's "
+                                           f"secure_aggregation.min_cohort={policy.min_cohort}")
+        context.state.config_records[STATE] = ConfigRecord({COHORT: neighbours})
+    elif stage == Stage.UNMASK:
+        active = [int(n) for n in configs[Key.ACTIVE_NODE_ID_LIST]]  # type: ignore[union-attr]
+        dead = [int(n) for n in configs[Key.DEAD_NODE_ID_LIST]]  # type: ignore[union-attr]
+        both = sorted(set(active) & set(dead))
+        if both:
+            raise SecureAggregationRefused(f"nodes {both} are listed both alive and dropped")
+        if msg.metadata.dst_node_id in dead:
+            raise SecureAggregationRefused("this node, which is answering, is listed as dropped")
+        known = set(cohort(context) or [])
+        if known and not set(active + dead) <= known:
+            raise SecureAggregationRefused("the unmask request names nodes outside this node's cohort")
+
+
+def cohort(context: Context) -> list[int] | None:
+    """The neighbours this node shared its secrets with in the current round (None outside SecAgg+)."""
+    record = context.state.config_records.get(STATE)
+    return [int(n) for n in record[COHORT]] if record is not None and COHORT in record else None  # type: ignore[union-attr]
 
 
 def in_protocol(msg: Message) -> bool:
@@ -56,6 +120,7 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: Any) -> Me
         return reply
 
     try:
+        check_stage(msg, context)
         return _mod_module.secaggplus_mod(msg, context, train)
     except _Refused as exc:
         return Message(error=exc.error, reply_to=msg)

@@ -205,11 +205,12 @@ def round_plan(request: Request, node: NodeContext) -> RoundPlan:
     return plan_round(parse_request_config(request.config_yaml), node)
 
 
-def client_train(request: Request, node: NodeContext, *,
-                 secure: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def client_train(request: Request, node: NodeContext, *, secure: bool = False,
+                 cohort: Optional[list[int]] = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Train one round and return the adapter to release and its metrics.
 
-    ``secure``: the request came inside the secure aggregation protocol (the caller masks the result).
+    ``secure``: the request came inside the secure aggregation protocol (the caller masks the result),
+    among the neighbours ``cohort``.
     """
     started = time.perf_counter()
     plan = round_plan(request, node)
@@ -222,7 +223,13 @@ def client_train(request: Request, node: NodeContext, *,
     entries = ledger.entries(plan.unit)
     paid = releases.find(entries, request.run_id, request.server_round, digest)
     if paid is not None:  # the coordinator lost this round after we paid for it: same request, same bytes
-        state, metrics = paid
+        state, metrics, paid_cohort = paid
+        # A masked release goes out again only masked, among the very same neighbours: masked into
+        # another cohort, or sent in the clear, the difference of two sums would isolate it.
+        if paid_cohort is not None and (not secure or sorted(cohort or []) != sorted(paid_cohort)):
+            raise SecureAggregationRequired(
+                f"{plan.name}: round {request.server_round} of run {request.run_id} was released masked among "
+                f"{len(paid_cohort)} neighbours; it is replayed only into that same cohort")
         delta = metrics.get("delta") or entries[-1]["delta"]
         metrics.update({"epsilon": ledger.spent(plan.unit, float(delta), plan.spec.dp.accountant),
                         "bytes-down": request.bytes_down, "replayed": 1,
@@ -245,7 +252,8 @@ def client_train(request: Request, node: NodeContext, *,
         released.append(_released(plan, request, inst.model))
         state, extra = released[0]
         return releases.save(plan.unit, request.run_id, request.server_round, digest, state,
-                             {**_train_metrics(result, plan, state, request), **extra})
+                             {**_train_metrics(result, plan, state, request), **extra},
+                             cohort=sorted(cohort or []) if secure else None)
 
     result = train_round(
         inst.model, inst.train, plan.spec, unit=plan.unit, ledger=ledger,
@@ -268,12 +276,14 @@ def _on_the_wire(plan: RoundPlan, state: dict[str, torch.Tensor], metrics: dict[
     return wire, {**metrics, "bytes-up": tensor_bytes(wire)}
 
 
-def client_secure_train(request: Request, node: NodeContext) -> tuple[list[np.ndarray], float, dict[str, Any]]:
-    """A round inside secure aggregation: the update to mask, its weight, and the metrics."""
+def client_secure_train(request: Request, node: NodeContext,
+                        cohort: Optional[list[int]] = None) -> tuple[list[np.ndarray], float, dict[str, Any]]:
+    """A round inside secure aggregation among the neighbours ``cohort``: the update to mask, its
+    weight, and the metrics."""
     if request.adapter is None:
         raise FedslmError("a secure aggregation round needs the global adapter in the request")
     plan = round_plan(request, node)
-    state, metrics = client_train(request, node, secure=True)
+    state, metrics = client_train(request, node, secure=True, cohort=cohort)
     update, weight, extra = secure_payload(request.adapter, state, int(metrics["num-examples"]),
                                            clipping_range=plan.secagg_clipping_range,
                                            max_weight=plan.secagg_max_weight)
