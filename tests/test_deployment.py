@@ -231,10 +231,10 @@ def test_coordinator_killed_mid_round_resumes_without_repeating_or_double_chargi
     scenario = _scenario(tmp, out, tiny_bert_dir, rounds=3)
     ledgers = [Ledger(tmp / f"ledger-h{i}.json") for i in range(3)]
 
-    def paid_rounds(ledger):
+    def paid_rounds(ledger):  # training rounds (the held-out unit pays for each evaluation on its own)
         if not ledger.path.exists():
             return []
-        return [e["round"] for spend in ledger.summary() for e in ledger.entries(spend.unit)]
+        return [e["round"] for e in ledger.entries("all-records")]
 
     run = _flwr_run(ROOT, scenario, env, tmp / "run.log")
     try:
@@ -361,8 +361,10 @@ def test_secure_aggregation_client_level_dp_and_ffa_work_in_deployment(federatio
         assert all(c["bytes_up"] > c["bytes_down"] for c in r["clients"])  # masked 64-bit integers went up
     for i in range(3):  # each node paid for each round once, under its own ε cap
         ledger = Ledger(tmp / f"ledger-h{i}.json")
-        (spend,) = ledger.summary()
+        spend = next(s for s in ledger.summary() if s.unit == "all-records")
         assert [e["round"] for e in ledger.entries(spend.unit)] == [1, 2] and spend.epsilon <= 3.0 + 1e-9
+        held_out = next(s for s in ledger.summary() if s.unit == "held-out")  # each evaluation, a DP release
+        assert held_out.rounds == 2 and 0 < held_out.epsilon <= 10.0
 
 
 def test_a_hostile_coordinator_cannot_reset_weaken_or_read_a_node_over_the_wire(federation, tiny_bert_dir,

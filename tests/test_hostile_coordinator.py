@@ -248,12 +248,12 @@ def test_a_base_model_the_policy_does_not_list_is_never_loaded(flower_identity, 
     _refused(_send(hospital(), _yaml(cfg, model__name="gemma3-270m"), state), "refused-by-policy")
 
 
-def test_a_held_out_set_smaller_than_the_policy_minimum_is_not_scored(flower_identity, coordinator, hospital):
+def test_a_held_out_set_smaller_than_the_policy_minimum_is_not_scored(flower_identity, coordinator, hospital,
+                                                                      tmp_path):
     """data.max_test_records=1 would score one record; the node scores at least its minimum, or refuses."""
     cfg, state, fp = coordinator
-    metrics = _ok(_send(hospital(min_test_records=5), _yaml(cfg, data__max_test_records=1), state, fingerprint=fp,
-                        evaluate=True))
-    assert metrics["num-examples"] >= 5
+    _ok(_send(hospital(min_test_records=5), _yaml(cfg, data__max_test_records=1), state, fingerprint=fp, evaluate=True))
+    assert _ledger(tmp_path).read()["units"]["held-out"]["num_examples"] >= 5
     _refused(_send(hospital(min_test_records=1000), _yaml(cfg), state, fingerprint=fp, evaluate=True),
              "node-misconfigured")
 
@@ -377,3 +377,73 @@ def test_node_init_writes_a_template_that_node_check_accepts(tmp_path, class_csv
     path.write_text(text)
     bad = runner.invoke(app, ["node", "check", str(path)])
     assert bad.exit_code == 2 and "privacy.max_epsilon must be > 0" in bad.output
+
+
+# ------------------------------------------------------------------ what goes out: DP releases or public facts
+
+
+def test_a_deployed_evaluation_is_a_noised_release_charged_to_the_held_out_unit(flower_identity, coordinator,
+                                                                               hospital, tmp_path):
+    """data.max_test_records=1 and a crafted head would read one record's label from an exact accuracy;
+    the node releases noised sums, charged to its held-out unit before scoring, never to training."""
+    from fedslm.wire.codec import WITHHELD
+
+    cfg, state, fp = coordinator
+    node = hospital()
+    first = _ok(_send(node, _yaml(cfg), state, fingerprint=fp, evaluate=True))
+    second = _ok(_send(node, _yaml(cfg), state, fingerprint=fp, evaluate=True))
+    assert first["accuracy"] != second["accuracy"] or first["num-examples"] != second["num-examples"]  # noised
+    assert first["macro-f1"] == WITHHELD and first["seconds"] == WITHHELD
+    (held_out,) = [s for s in _ledger(tmp_path).summary() if s.unit == "held-out"]
+    assert held_out.rounds == 2 and 0 < held_out.epsilon <= 2.0 + 1e-6  # 1.0 per evaluation (policy default)
+    assert "all-records" not in {s.unit for s in _ledger(tmp_path).summary()}  # training budget untouched
+
+
+def test_evaluation_is_refused_past_the_held_out_budget(flower_identity, coordinator, hospital, node_policy,
+                                                        class_csv, tmp_path):
+    import yaml as _yaml_lib
+
+    cfg, state, fp = coordinator
+    path = node_policy(cfg, data=class_csv, ledger=tmp_path / "hospital.ledger.json")
+    policy = _yaml_lib.safe_load(path.read_text())
+    policy["evaluation"] = {"max_epsilon": 1.1, "epsilon_per_evaluation": 1.0}
+    path.write_text(_yaml_lib.safe_dump(policy))
+    node = Context(run_id=1, node_id=2, node_config={"policy": str(path)}, state=RecordDict(), run_config={})
+    _ok(_send(node, _yaml(cfg), state, fingerprint=fp, evaluate=True))
+    _refused(_send(node, _yaml(cfg), state, fingerprint=fp, evaluate=True), "budget-exhausted")
+
+
+def test_the_evaluation_release_is_the_calibrated_gaussian_mechanism():
+    """σ from the calibration costs exactly ε per evaluation (RDP), and the noise on each released sum has
+    std σ·√k: a one-record held-out set's label is hidden under noise of about that size."""
+    import numpy as np
+
+    from fedslm.node.metrics import calibrate, release_evaluation
+    from fedslm.privacy import epsilon
+
+    rel = calibrate(1.0, 1e-5, 3)
+    assert epsilon([(rel.noise_multiplier, 1.0, 1)], 1e-5) == pytest.approx(1.0, rel=0.02)
+    counts = {"records": 1000, "correct": 600, "loss_sum": 500.0}
+    draws = [release_evaluation(counts, rel, loss_cap=10.0, with_loss=True, task="classification")
+             for _ in range(3000)]
+    records = np.array([d["num-examples"] for d in draws], dtype=float)
+    assert np.std(records) == pytest.approx(rel.noise_std, rel=0.1) and abs(np.mean(records) - 1000) < 1
+    # accuracy = (600 + e1) / (1000 + e0): its spread is that of e1 and of 0.6·e0 together
+    accuracy = np.array([d["accuracy"] for d in draws]) * 1000
+    assert np.std(accuracy) == pytest.approx(rel.noise_std * np.sqrt(1 + 0.6 ** 2), rel=0.1)
+    assert rel.noise_std > 5  # a single record's label (a change of 1) is lost in it
+
+
+def test_training_metrics_that_depend_on_the_records_are_withheld(flower_identity, coordinator, hospital):
+    """Differencing train-loss between record caps would read one record's loss; the node sends none of it,
+    nor the sampling's empty steps, nor anything that reveals its size (unless its policy makes that public)."""
+    from fedslm.wire.codec import WITHHELD
+
+    cfg, state, fp = coordinator
+    metrics = _ok(_send(hospital(max_epsilon=10.0), _yaml(cfg), state, fingerprint=fp))
+    for key in ("train-loss", "empty-steps", "train-seconds", "seconds", "sample-rate", "noise-multiplier"):
+        assert metrics[key] == WITHHELD, key
+    assert metrics["num-examples"] == 1 and metrics["steps"] == cfg.train.local_steps
+    public = _ok(_send(hospital(max_epsilon=10.0, size_is_public=True), _yaml(cfg), state, fingerprint=fp,
+                       server_round=2))
+    assert public["num-examples"] > 1 and public["sample-rate"] > 0 and public["train-loss"] == WITHHELD

@@ -109,7 +109,10 @@ def find_checkpoint(out: Path, cfg: Config) -> Optional[Checkpoint]:
 
 
 def _finite(value: Any) -> Any:
+    """None for what cannot be shown: inf, NaN, or a value a deployed node withheld (codec.WITHHELD)."""
     if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == codec.WITHHELD:
         return None
     return value
 
@@ -238,9 +241,9 @@ class RunRecorder:
                 "train_loss": _finite(m.get("train-loss")), "epsilon": _finite(m.get("epsilon")),
                 "delta": m.get("delta"), "num_examples": int(m.get("num-examples", 0)),
                 "bytes_up": int(m.get("bytes-up", 0)), "bytes_down": int(m.get("bytes-down", 0)),
-                "steps": int(m.get("steps", 0)), "empty_steps": int(m.get("empty-steps", 0)),
-                "noise_multiplier": m.get("noise-multiplier"), "train_seconds": m.get("train-seconds"),
-                "train_handler_seconds": m.get("seconds"),
+                "steps": int(m.get("steps", 0)), "empty_steps": _finite(m.get("empty-steps")),
+                "noise_multiplier": _finite(m.get("noise-multiplier")), "train_seconds": _finite(m.get("train-seconds")),
+                "train_handler_seconds": _finite(m.get("seconds")),
             })
             if m.get("replayed"):  # an update this node had already paid for, sent again after a resume
                 entry["replayed"] = True

@@ -40,7 +40,7 @@ import yaml
 from fedslm.config import Config, load_config
 from fedslm.config.schema import DataConfig, FederationConfig, LoraConfig, ModelConfig
 from fedslm.errors import ConfigError, FedslmError
-from fedslm.node.policy import NodePolicy, PolicyError
+from fedslm.node.policy import NodePolicy, PolicyError, PolicyEvaluation
 from fedslm.train.local import DPSpec, RoundSpec, round_spec
 from fedslm.wire.secagg import max_weight
 
@@ -99,6 +99,10 @@ class RoundPlan:
     allowed_fingerprints: Optional[tuple[str, ...]] = None
     # Simulation only: which share of the scenario's dataset this institution holds.
     partition: Optional[FederationConfig] = None
+    # Deployment: evaluation is a DP release on the held-out unit (None: exact metrics, simulation);
+    # whether the training set's size may be sent.
+    evaluation: Optional[PolicyEvaluation] = None
+    size_is_public: bool = True
 
 
 def _interpolations(value: Any, path: str = "") -> list[str]:
@@ -240,5 +244,6 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
         secagg_clipping_range=cfg.federation.secagg.clipping_range, secagg_max_weight=max_weight(cfg),
         min_test_records=d.min_test_records,
         allowed_fingerprints=tuple(pol.models.fingerprints) if pol.models.fingerprints else None,
+        evaluation=pol.evaluation, size_is_public=d.size_is_public,
     )
 

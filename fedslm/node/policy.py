@@ -59,6 +59,24 @@ class PolicyData:
     split_seed: int = 0
     # The node never scores fewer held-out records than this, whatever a request asks.
     min_test_records: int = 50
+    # Whether the number of training records may be sent (FedAvg then weighs this node by it);
+    # false: it is withheld and the node counts as 1.
+    size_is_public: bool = False
+
+
+@dataclass
+class PolicyEvaluation:
+    """Federated evaluation as a DP release on the held-out records, a privacy unit of their own."""
+
+    unit: str = "held-out"
+    # The held-out unit's budget over every evaluation, and what each one costs (at privacy.max_delta).
+    max_epsilon: float = 10.0
+    epsilon_per_evaluation: float = 1.0
+    # Which metrics are released (noised): accuracy (classification) and/or loss. The record count is
+    # always released, noised; macro-F1 never.
+    release: List[str] = field(default_factory=lambda: ["accuracy", "loss"])
+    # Each record's loss is clipped to [0, loss_cap] before it is summed (the loss sum's sensitivity).
+    loss_cap: float = 10.0
 
 
 @dataclass
@@ -106,6 +124,7 @@ class NodePolicy:
     privacy: PolicyPrivacy = field(default_factory=PolicyPrivacy)
     models: PolicyModels = field(default_factory=PolicyModels)
     secure_aggregation: PolicySecureAggregation = field(default_factory=PolicySecureAggregation)
+    evaluation: PolicyEvaluation = field(default_factory=PolicyEvaluation)
     # torch threads for training on this node; None: torch's default.
     threads: Optional[int] = None
 
@@ -141,6 +160,15 @@ def validate_policy(policy: NodePolicy, *, complete: bool = True, where: str = "
            f"{where}: privacy.accountant must be one of {', '.join(ACCOUNTANTS)}; got {p.accountant!r}")
     _check(len(policy.models.allowed) > 0 and all(m.strip() for m in policy.models.allowed),
            f"{where}: models.allowed must list at least one preset or model folder")
+    ev = policy.evaluation
+    _check(bool(ev.unit.strip()) and ev.unit != p.unit,
+           f"{where}: evaluation.unit must name the held-out records' own privacy unit, not privacy.unit")
+    _check(0 < ev.epsilon_per_evaluation <= ev.max_epsilon,
+           f"{where}: evaluation.epsilon_per_evaluation must be in (0, evaluation.max_epsilon], got "
+           f"{ev.epsilon_per_evaluation}")
+    _check(set(ev.release) <= {"accuracy", "loss"} and len(ev.release) > 0,
+           f"{where}: evaluation.release must list accuracy and/or loss, got {ev.release}")
+    _check(ev.loss_cap > 0, f"{where}: evaluation.loss_cap must be > 0, got {ev.loss_cap}")
     sa = policy.secure_aggregation
     _check(sa.min_cohort >= 3, f"{where}: secure_aggregation.min_cohort must be >= 3 (with 2, each learns the "
                                f"other's update from the sum), got {sa.min_cohort}")
@@ -199,6 +227,8 @@ data:
   split_seed: 0
   # Never score fewer held-out records than this, whatever a request asks.
   min_test_records: 50
+  # Whether the number of training records may be sent (false: withheld; FedAvg counts you as 1).
+  size_is_public: false
 
 privacy:
   # The privacy unit the ledger charges: one name for the people whose records these are.
@@ -226,6 +256,17 @@ models:
   allowed: [minilm]
   # Optionally pin the exact base (with its task head) by fingerprint (fedslm node check prints it).
   # fingerprints: [...]
+
+evaluation:
+  # Scoring the coordinator's model on your held-out records is a DP release too: they are a privacy
+  # unit of their own, with this budget. Each evaluation costs epsilon_per_evaluation and releases
+  # the noised record count and the metrics listed (at 400 held-out records and ε = 1 per
+  # evaluation, accuracy carries noise of about ±2 points; ten evaluations compose to ε ≈ 3.5).
+  unit: held-out
+  max_epsilon: 10.0
+  epsilon_per_evaluation: 1.0
+  release: [accuracy, loss]
+  loss_cap: 10.0
 
 secure_aggregation:
   # Mask this node's update only in a round of at least this many institutions and neighbours, and

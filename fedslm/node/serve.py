@@ -33,10 +33,11 @@ from fedslm.node.policy import NODE_INSTITUTION, NODE_POLICY, PolicyError, load_
 from fedslm.node.releases import Releases, adapter_digest
 from fedslm.node.secagg import secure_payload
 from fedslm.privacy import Ledger
-from fedslm.train.evaluate import evaluate
+from fedslm.train.evaluate import evaluate, evaluation_counts
 from fedslm.train.local import RoundResult, train_round
 from fedslm.train.node import Node
-from fedslm.wire.codec import Request, tensor_bytes, transfer
+from fedslm.node.metrics import calibrate, public_train_metrics, release_evaluation
+from fedslm.wire.codec import WITHHELD, Request, tensor_bytes, transfer
 
 log = logging.getLogger("fedslm.node")
 
@@ -233,7 +234,7 @@ def client_train(request: Request, node: NodeContext, *, secure: bool = False,
         delta = metrics.get("delta") or entries[-1]["delta"]
         metrics.update({"epsilon": ledger.spent(plan.unit, float(delta), plan.spec.dp.accountant),
                         "bytes-down": request.bytes_down, "replayed": 1,
-                        "seconds": time.perf_counter() - started})
+                        "seconds": time.perf_counter() - started if plan.evaluation is None else WITHHELD})
         log.warning("%s: round %s of run %s was already paid for; sending the same update again, no new charge",
                     plan.name, request.server_round, request.run_id)
         return _on_the_wire(plan, state, metrics, secure)
@@ -251,8 +252,10 @@ def client_train(request: Request, node: NodeContext, *, secure: bool = False,
     def keep(result: RoundResult) -> dict[str, Any]:
         released.append(_released(plan, request, inst.model))
         state, extra = released[0]
-        return releases.save(plan.unit, request.run_id, request.server_round, digest, state,
-                             {**_train_metrics(result, plan, state, request), **extra},
+        kept = {**_train_metrics(result, plan, state, request), **extra}
+        if plan.evaluation is not None:
+            kept = public_train_metrics(kept, size_is_public=plan.size_is_public)
+        return releases.save(plan.unit, request.run_id, request.server_round, digest, state, kept,
                              cohort=sorted(cohort or []) if secure else None)
 
     result = train_round(
@@ -263,6 +266,8 @@ def client_train(request: Request, node: NodeContext, *, secure: bool = False,
     state, extra = released[0] if released else _released(plan, request, inst.model)  # clipped once, kept as sent
     metrics = {**_train_metrics(result, plan, state, request), **extra}
     metrics["seconds"] = time.perf_counter() - started
+    if plan.evaluation is not None:  # deployed: public facts only (fedslm.node.metrics)
+        metrics = public_train_metrics(metrics, size_is_public=plan.size_is_public)
     return _on_the_wire(plan, state, metrics, secure)
 
 
@@ -295,6 +300,29 @@ def client_evaluate(request: Request, node: NodeContext) -> dict[str, Any]:
     plan = round_plan(request, node)
     _threads(plan)
     inst = build_institution(plan, request, for_training=False)
+    if plan.evaluation is not None:
+        return {"institution": plan.institution, "unit-weight": 1, **_private_evaluation(plan, request, inst),
+                "seconds": WITHHELD}
     ev = evaluate(inst.model, inst.test, plan.model.task, plan.eval_batch_size)
     return {"institution": plan.institution, "unit-weight": 1, **{k.replace("_", "-"): v for k, v in ev.items()},
             "seconds": time.perf_counter() - started}
+
+
+def _private_evaluation(plan: RoundPlan, request: Request, inst: Node) -> dict[str, Any]:
+    """A deployed node's evaluation: reserved on the held-out unit's ledger, then scored and noised."""
+    ev = plan.evaluation
+    assert ev is not None and plan.spec.dp.delta is not None
+    delta, m = plan.spec.dp.delta, len(inst.test)
+    if not delta < 1.0 / m:
+        raise PolicyError(f"{plan.name}: privacy.max_delta={delta:g} is not below 1/m = {1.0 / m:.3g} for this node's "
+                          f"{m} held-out records")
+    with_accuracy = plan.model.task == "classification" and "accuracy" in ev.release
+    with_loss = "loss" in ev.release or plan.model.task != "classification"
+    release = calibrate(ev.epsilon_per_evaluation, delta, 1 + int(with_accuracy) + int(with_loss))
+    Ledger(plan.ledger).reserve(ev.unit, (release.noise_multiplier, 1.0, 1), delta=delta, max_epsilon=ev.max_epsilon,
+                                num_examples=m, run=request.run_id, round=request.server_round)
+    counts = evaluation_counts(inst.model, inst.test, plan.model.task, plan.eval_batch_size, ev.loss_cap)
+    out = release_evaluation(counts, release, loss_cap=ev.loss_cap, with_loss=with_loss, task=plan.model.task)
+    if plan.model.task == "classification" and not with_accuracy:
+        out["accuracy"] = WITHHELD
+    return out

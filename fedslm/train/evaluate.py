@@ -60,3 +60,30 @@ def evaluate(model: nn.Module, enc: Encoded, task_name: str, batch_size: int = 1
         model.train(was_training)
 
 
+
+
+@torch.no_grad()
+def evaluation_counts(model: nn.Module, enc: Encoded, task_name: str, batch_size: int = 128,
+                      loss_cap: float = 10.0) -> dict[str, float]:
+    """Per-record sums whose sensitivity to one record is bounded, for a DP release: the number of
+    records, how many were classified right (classification), and the sum of each record's loss
+    clipped to [0, loss_cap] (a causal LM record's loss is the mean over its own completion tokens)."""
+    task = get_task(task_name)
+    was_training = model.training
+    model.eval()
+    records, correct, loss_sum = 0, 0, 0.0
+    try:
+        for start in range(0, len(enc), batch_size):
+            batch = task.collate(enc, range(start, min(start + batch_size, len(enc))))
+            if task_name == "classification":
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+                per_record = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+                correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            else:
+                nll, mask = token_losses(model, batch)
+                per_record = (nll * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+            loss_sum += float(per_record.clamp(0.0, loss_cap).sum())
+            records += int(per_record.numel())
+    finally:
+        model.train(was_training)
+    return {"records": records, "correct": correct, "loss_sum": loss_sum}

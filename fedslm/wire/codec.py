@@ -19,6 +19,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from fedslm.errors import FedslmError
 
 ARRAYS = "arrays"
+# The value of a metric a deployed node does not release (every reply keeps the same metric keys).
+WITHHELD = -1.0
 # Every train reply carries this metric = 1, so FedAvg can average institutions unweighted.
 UNIT_WEIGHT = "unit-weight"
 CONFIG = "config"
