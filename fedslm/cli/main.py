@@ -214,6 +214,11 @@ def node_check(
     console.print(f"rounds   non-private {'allowed' if b['allow_non_private'] else 'refused'}; secure noise "
                   f"{'required' if b['require_secure_noise'] else 'optional'}; secure aggregation "
                   f"{'required' if b['require_secure_aggregation'] else 'optional'}")
+    e = report["evaluation"]
+    console.print(f"evaluate unit {e['unit']!r}: spent ε={e['spent_epsilon']:.3f} of {e['max_epsilon']:g}, "
+                  f"{e['epsilon_per_evaluation']:g} each; releases {', '.join(e['release'])} with noise std "
+                  f"{e['noise_std_per_sum']:.1f} per sum (accuracy ±{e['accuracy_noise_points']:.1f} points at this "
+                  "held-out size)")
     console.print(f"models   {', '.join(report['models']['allowed'])}")
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}")

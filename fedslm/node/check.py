@@ -55,7 +55,21 @@ def check_policy(path: str | Path) -> dict[str, Any]:
                         "seed a coordinator could search to subtract the noise; set it to true")
     if data.labels is not None and d.labels is None:
         warnings.append("data.labels is not set: this node refuses classification rounds until it lists the label set")
+    from fedslm.node.metrics import calibrate
+
+    ev = policy.evaluation
+    m = len(data.test)
+    sums = 1 + int("accuracy" in ev.release and data.labels is not None) + int("loss" in ev.release)
+    release = calibrate(ev.epsilon_per_evaluation, float(p.max_delta), sums)  # type: ignore[arg-type]
+    held_out_spent = Ledger(str(p.ledger)).spent(ev.unit, float(p.max_delta))  # type: ignore[arg-type]
+    if not float(p.max_delta) < 1.0 / max(m, 1):  # type: ignore[arg-type]
+        warnings.append(f"privacy.max_delta is not below 1/m for the {m} held-out records: this node will refuse "
+                        "to evaluate")
     return {
+        "evaluation": {"unit": ev.unit, "max_epsilon": ev.max_epsilon, "epsilon_per_evaluation": ev.epsilon_per_evaluation,
+                       "spent_epsilon": held_out_spent, "release": list(ev.release),
+                       "noise_std_per_sum": release.noise_std,
+                       "accuracy_noise_points": 100 * release.noise_std / max(m, 1)},
         "name": policy.name,
         "data": {"source": d.source, "train_records": n, "test_records": len(data.test), "split_seed": d.split_seed,
                  "test_fraction": d.test_fraction, "labels": data.labels},
