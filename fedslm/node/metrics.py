@@ -13,7 +13,7 @@ sums. Macro-F1, which needs per-class counts, is withheld.
 
 **Training** replies carry only public facts (steps, bytes, the node's ε and δ, whether it was
 private or a replay) and the adapter. The training loss, empty steps, seconds, the sample rate, the
-calibrated σ and the update norm depend on the records or on the secret sampling and are withheld
+calibrated σ, the update norm and how many coordinates SecAgg+'s range clipped depend on the records or on the secret sampling and are withheld
 (sent as ``WITHHELD``, so that every reply has the same metric keys, which Flower's FedAvg needs);
 the record count is sent only if the policy says the dataset's size is public, else 1 (each
 institution then weighs the same in FedAvg).
@@ -32,7 +32,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from fedslm.privacy import csprng
 from fedslm.wire.codec import WITHHELD
 # Training metrics that depend on the records or on the secret Poisson sampling.
-PRIVATE_TRAIN_METRICS = ("train-loss", "empty-steps", "train-seconds", "seconds", "update-norm")
+PRIVATE_TRAIN_METRICS = ("train-loss", "empty-steps", "train-seconds", "seconds", "update-norm", "secagg-clipped")
 # Training metrics that reveal the number of training records.
 SIZE_TRAIN_METRICS = ("sample-rate", "noise-multiplier")
 

@@ -292,7 +292,10 @@ def client_secure_train(request: Request, node: NodeContext,
     update, weight, extra = secure_payload(request.adapter, state, int(metrics["num-examples"]),
                                            clipping_range=plan.secagg_clipping_range,
                                            max_weight=plan.secagg_max_weight)
-    return update, weight, {**metrics, **extra}
+    metrics = {**metrics, **extra}
+    if plan.evaluation is not None:  # deployed: public facts only (fedslm.node.metrics)
+        metrics = public_train_metrics(metrics, size_is_public=plan.size_is_public)
+    return update, weight, metrics
 
 
 def client_evaluate(request: Request, node: NodeContext) -> dict[str, Any]:
