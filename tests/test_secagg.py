@@ -378,14 +378,6 @@ def _deployed_round(cfg, tmp_path, grid):
     return recorder, initial, messages, replies
 
 
-def test_deployed_nodes_mask_their_update_in_a_protocol_their_policy_accepts(flower_identity, secure_config,
-                                                                            tmp_path, deployed_grid):
-    cfg = secure_config("privacy.noise_seed=null")
-    recorder, _, _, replies = _deployed_round(cfg, tmp_path, deployed_grid(cfg))
-    assert recorder.pending[1]["secure_aggregation"]["contributors"] == NODES
-    assert recorder.pending[1]["secure_aggregation"]["threshold"] == 3  # 0.75 of 4 shares: more than half
-
-
 @pytest.mark.parametrize("overrides,min_cohort", [(("federation.secagg.threshold=0.5",), 3), ((), 5)],
                          ids=["threshold-half", "cohort-below-policy"])
 def test_a_node_refuses_a_threshold_or_cohort_its_policy_does_not_accept(flower_identity, secure_config, tmp_path,
@@ -423,7 +415,9 @@ def test_a_masked_release_is_replayed_only_into_the_same_cohort(flower_identity,
     cfg = secure_config("privacy.noise_seed=null")
     grid = deployed_grid(cfg)
     recorder, initial, messages, _ = _deployed_round(cfg, tmp_path, grid)
+    # Deployed nodes mask in a protocol their policies accept: 0.75 of 4 shares, more than half.
     assert recorder.pending[1]["secure_aggregation"]["contributors"] == NODES
+    assert recorder.pending[1]["secure_aggregation"]["threshold"] == 3
 
     def entries(n):
         return [e["round"] for e in Ledger(tmp_path / f"ledger-{n}.json").entries("all-records")]
