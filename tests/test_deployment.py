@@ -104,8 +104,9 @@ def _policies(tmp: Path, model: Path, node_policy, privacy=None) -> list[str]:
     files = _write_institution_files(tmp)
     configs = []
     for i, path in enumerate(files):
+        # Size public: these nodes may report their record count and ε, which the tests check.
         policy = node_policy(data=path, name=f"h{i}", ledger=tmp / f"ledger-h{i}.json", max_epsilon=3.0,
-                             models=[model], **(privacy or {}).get(i, {}))
+                             models=[model], size_is_public=True, **(privacy or {}).get(i, {}))
         configs.append(f'institution={i} policy="{policy}"')
     return configs
 

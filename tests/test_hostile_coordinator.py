@@ -197,7 +197,7 @@ def test_the_coordinators_delta_and_caps_are_ignored(flower_identity, coordinato
     cfg, state, fp = coordinator
     text = _yaml(cfg, privacy__delta=0.5, privacy__target_epsilon=50.0, privacy__max_epsilon=50.0)
     with caplog.at_level("WARNING", logger="fedslm.node"):
-        metrics = _ok(_send(hospital(), text, state, fingerprint=fp))
+        metrics = _ok(_send(hospital(size_is_public=True), text, state, fingerprint=fp))  # ε is sent
     assert metrics["delta"] == pytest.approx(1e-4)  # the node's max_delta
     assert 0 < metrics["epsilon"] <= CAP + 1e-9
     assert "privacy.delta=0.5 is ignored" in caplog.text and "planning for max_epsilon=2" in caplog.text
@@ -441,9 +441,10 @@ def test_training_metrics_that_depend_on_the_records_are_withheld(flower_identit
 
     cfg, state, fp = coordinator
     metrics = _ok(_send(hospital(max_epsilon=10.0), _yaml(cfg), state, fingerprint=fp))
-    for key in ("train-loss", "empty-steps", "train-seconds", "seconds", "sample-rate", "noise-multiplier"):
+    for key in ("train-loss", "empty-steps", "train-seconds", "seconds", "sample-rate", "noise-multiplier", "epsilon"):
         assert metrics[key] == WITHHELD, key
     assert metrics["num-examples"] == 1 and metrics["steps"] == cfg.train.local_steps
     public = _ok(_send(hospital(max_epsilon=10.0, size_is_public=True), _yaml(cfg), state, fingerprint=fp,
                        server_round=2))
     assert public["num-examples"] > 1 and public["sample-rate"] > 0 and public["train-loss"] == WITHHELD
+    assert 0 < public["epsilon"] <= 10.0

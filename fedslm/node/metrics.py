@@ -11,12 +11,13 @@ that one evaluation costs ``epsilon_per_evaluation`` at the policy's δ and char
 unit's ledger before the model is scored. Accuracy and mean loss are post-processing of the noised
 sums. Macro-F1, which needs per-class counts, is withheld.
 
-**Training** replies carry only public facts (steps, bytes, the node's ε and δ, whether it was
-private or a replay) and the adapter. The training loss, empty steps, seconds, the sample rate, the
-calibrated σ, the update norm and how many coordinates SecAgg+'s range clipped depend on the records or on the secret sampling and are withheld
-(sent as ``WITHHELD``, so that every reply has the same metric keys, which Flower's FedAvg needs);
-the record count is sent only if the policy says the dataset's size is public, else 1 (each
-institution then weighs the same in FedAvg).
+**Training** replies carry only public facts (steps, bytes, the node's δ, whether it was private or a
+replay) and the adapter. The training loss, empty steps, seconds, the update norm and how many
+coordinates SecAgg+'s range clipped depend on the records or on the secret sampling and are withheld
+(sent as ``WITHHELD``, so that every reply has the same metric keys, which Flower's FedAvg needs).
+The record count, the sample rate, σ and the ε spent reveal the dataset's size and are sent only if
+the policy says the size is public; otherwise the count is 1 (each institution then weighs the same in
+FedAvg) and the rest is withheld. The node's own ledger always shows its ε (``fedslm ledger show``).
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ from fedslm.privacy import csprng
 from fedslm.wire.codec import WITHHELD
 # Training metrics that depend on the records or on the secret Poisson sampling.
 PRIVATE_TRAIN_METRICS = ("train-loss", "empty-steps", "train-seconds", "seconds", "update-norm", "secagg-clipped")
-# Training metrics that reveal the number of training records.
-SIZE_TRAIN_METRICS = ("sample-rate", "noise-multiplier")
+# Training metrics that reveal the number of training records: q = batch / n, the σ calibrated to q,
+# and the ε spent, a function of (σ, q, steps): with a σ the request fixed, or after any round but the
+# last of a calibrated plan, it gives q and so n away.
+SIZE_TRAIN_METRICS = ("sample-rate", "noise-multiplier", "epsilon")
 
 
 def public_train_metrics(metrics: Mapping[str, Any], *, size_is_public: bool) -> dict[str, Any]:

@@ -59,8 +59,8 @@ class PolicyData:
     split_seed: int = 0
     # The node never scores fewer held-out records than this, whatever a request asks.
     min_test_records: int = 50
-    # Whether the number of training records may be sent (FedAvg then weighs this node by it);
-    # false: it is withheld and the node counts as 1.
+    # Whether the number of training records may be sent (FedAvg then weighs this node by it), with
+    # what reveals it (sample rate, σ, the ε spent); false: all withheld and the node counts as 1.
     size_is_public: bool = False
 
 
@@ -227,7 +227,8 @@ data:
   split_seed: 0
   # Never score fewer held-out records than this, whatever a request asks.
   min_test_records: 50
-  # Whether the number of training records may be sent (false: withheld; FedAvg counts you as 1).
+  # Whether the number of training records may be sent, with what reveals it (sample rate, σ, the
+  # ε spent). false: all withheld, FedAvg counts you as 1; `fedslm ledger show` still has your ε.
   size_is_public: false
 
 privacy:

@@ -202,6 +202,13 @@ def _released(plan: RoundPlan, request: Request, model: PeftModel) -> tuple[dict
     return state, extra
 
 
+def _published(plan: RoundPlan, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What of a training reply's metrics may leave: all in simulation, public facts when deployed."""
+    if plan.evaluation is None:
+        return metrics
+    return public_train_metrics(metrics, size_is_public=plan.size_is_public)
+
+
 def round_plan(request: Request, node: NodeContext) -> RoundPlan:
     return plan_round(parse_request_config(request.config_yaml), node)
 
@@ -233,11 +240,10 @@ def client_train(request: Request, node: NodeContext, *, secure: bool = False,
                 f"{len(paid_cohort)} neighbours; it is replayed only into that same cohort")
         delta = metrics.get("delta") or entries[-1]["delta"]
         metrics.update({"epsilon": ledger.spent(plan.unit, float(delta), plan.spec.dp.accountant),
-                        "bytes-down": request.bytes_down, "replayed": 1,
-                        "seconds": time.perf_counter() - started if plan.evaluation is None else WITHHELD})
+                        "bytes-down": request.bytes_down, "replayed": 1, "seconds": time.perf_counter() - started})
         log.warning("%s: round %s of run %s was already paid for; sending the same update again, no new charge",
                     plan.name, request.server_round, request.run_id)
-        return _on_the_wire(plan, state, metrics, secure)
+        return _on_the_wire(plan, state, _published(plan, metrics), secure)
     if any(e.get("run") == request.run_id and e.get("round") == request.server_round for e in entries):
         log.warning("%s: round %s of run %s is asked again with a different adapter; training and charging anew",
                     plan.name, request.server_round, request.run_id)
@@ -252,9 +258,7 @@ def client_train(request: Request, node: NodeContext, *, secure: bool = False,
     def keep(result: RoundResult) -> dict[str, Any]:
         released.append(_released(plan, request, inst.model))
         state, extra = released[0]
-        kept = {**_train_metrics(result, plan, state, request), **extra}
-        if plan.evaluation is not None:
-            kept = public_train_metrics(kept, size_is_public=plan.size_is_public)
+        kept = _published(plan, {**_train_metrics(result, plan, state, request), **extra})
         return releases.save(plan.unit, request.run_id, request.server_round, digest, state, kept,
                              cohort=sorted(cohort or []) if secure else None)
 
@@ -266,9 +270,7 @@ def client_train(request: Request, node: NodeContext, *, secure: bool = False,
     state, extra = released[0] if released else _released(plan, request, inst.model)  # clipped once, kept as sent
     metrics = {**_train_metrics(result, plan, state, request), **extra}
     metrics["seconds"] = time.perf_counter() - started
-    if plan.evaluation is not None:  # deployed: public facts only (fedslm.node.metrics)
-        metrics = public_train_metrics(metrics, size_is_public=plan.size_is_public)
-    return _on_the_wire(plan, state, metrics, secure)
+    return _on_the_wire(plan, state, _published(plan, metrics), secure)
 
 
 def _on_the_wire(plan: RoundPlan, state: dict[str, torch.Tensor], metrics: dict[str, Any],
@@ -292,10 +294,7 @@ def client_secure_train(request: Request, node: NodeContext,
     update, weight, extra = secure_payload(request.adapter, state, int(metrics["num-examples"]),
                                            clipping_range=plan.secagg_clipping_range,
                                            max_weight=plan.secagg_max_weight)
-    metrics = {**metrics, **extra}
-    if plan.evaluation is not None:  # deployed: public facts only (fedslm.node.metrics)
-        metrics = public_train_metrics(metrics, size_is_public=plan.size_is_public)
-    return update, weight, metrics
+    return update, weight, _published(plan, {**metrics, **extra})
 
 
 def client_evaluate(request: Request, node: NodeContext) -> dict[str, Any]:
