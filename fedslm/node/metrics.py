@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedslm.privacy import csprng
@@ -72,8 +73,9 @@ def calibrate(epsilon: float, delta: float, sums: int) -> EvaluationRelease:
 
 def release_evaluation(counts: Mapping[str, float], release: EvaluationRelease, *, loss_cap: float,
                        with_loss: bool, task: str) -> dict[str, Any]:
-    """The noised metrics of one evaluation (from the OS CSPRNG)."""
-    noise = csprng.standard_normal(release.sums) * release.noise_std
+    """The noised metrics of one evaluation, with the same OS-CSPRNG noise as DP-SGD's secure mode
+    (each value the sum of four normals halved, against floating-point attacks on the Gaussian)."""
+    noise = csprng.gaussian_like(torch.zeros(release.sums, dtype=torch.float64), release.noise_std).numpy()
     records = float(counts["records"]) + float(noise[0])
     shown = max(records, 1.0)
     out: dict[str, Any] = {"num-examples": int(max(1, round(records)))}
