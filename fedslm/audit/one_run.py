@@ -143,7 +143,7 @@ def run_audit(cfg: Config, canaries: int = 200, guess_fraction: float = 0.2, con
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(cfg.privacy.ledger or out / "privacy_ledger.json")
     run_id = f"audit-{time.strftime('%Y%m%dT%H%M%S')}"
-    delta = privacy_plan(cfg, len(encoded)).delta if cfg.privacy.enabled else 1.0 / (10 * len(encoded))
+    delta = privacy_plan(round_spec(cfg), len(encoded)).delta if cfg.privacy.enabled else 1.0 / (10 * len(encoded))
     result = None
     spec = round_spec(cfg)
     for r in range(1, cfg.federation.rounds + 1):

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedslm.config.schema import DataConfig
 from fedslm.data import load_task_data
 from fedslm.node.policy import PolicyError, load_policy
 from fedslm.privacy import Ledger
@@ -16,9 +15,7 @@ from fedslm.privacy.ledger import LedgerError
 def check_policy(path: str | Path) -> dict[str, Any]:
     policy = load_policy(path)
     d, p = policy.data, policy.privacy
-    data_cfg = DataConfig(source=d.source, text_column=d.text_column, label_column=d.label_column,
-                          prompt_column=d.prompt_column, completion_column=d.completion_column,
-                          labels=d.labels, test_fraction=d.test_fraction, split_seed=d.split_seed)
+    data_cfg = d.data_config()
     # The task follows from the columns the file has; try classification first.
     data = None
     errors = []

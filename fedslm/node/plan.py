@@ -130,7 +130,7 @@ def parse_request_config(text: str) -> Config:
         raise BadRequest(f"the request's config holds interpolations (at {', '.join(found[:5])}); a node never "
                          "resolves them, since ${oc.env:...} would read this node's environment")
     try:
-        return load_config(texts=[yaml.safe_dump(content)])
+        return load_config(texts=[text])
     except ConfigError as exc:
         raise BadRequest(f"the request's config is invalid: {exc}") from None
 
@@ -174,15 +174,14 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
     if req.noise_seed is not None:
         raise PolicyRefusal("the request fixes privacy.noise_seed: whoever knows it could subtract the noise; a "
                             "deployed node draws its noise itself and refuses seeds")
-    labels = cfg.data.labels
     if cfg.model.task == "classification":
-        # Decided before any record is read: the answer must not depend on the records.
+        # Decided before any record is read: the answer must not depend on the records. The records
+        # are then read with the policy's label set (fedslm.node.policy.PolicyData.data_config).
         if pol.data.labels is None:
             raise PolicyError(f"{name}: this node's policy has no data.labels; a classification node must fix the "
                               "label set it agreed to")
-        if labels is not None and list(labels) != list(pol.data.labels):
+        if cfg.data.labels is not None and list(cfg.data.labels) != list(pol.data.labels):
             raise PolicyRefusal("the request's data.labels differ from the label set in this node's policy")
-        labels = list(pol.data.labels)
     if cfg.model.name not in pol.models.allowed:
         raise PolicyRefusal(f"the request's base model {cfg.model.name!r} is not in this node's models.allowed "
                             f"({', '.join(pol.models.allowed)})")
@@ -228,11 +227,7 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
         ),
     )
     d = pol.data
-    data = DataConfig(
-        source=d.source, text_column=d.text_column, label_column=d.label_column, prompt_column=d.prompt_column,
-        completion_column=d.completion_column, labels=labels, test_fraction=d.test_fraction,
-        split_seed=d.split_seed, max_train_records=None, max_test_records=max_test,
-    )
+    data = d.data_config(max_test_records=max_test)
     cl = cfg.privacy.client_level
     return RoundPlan(
         name=name, institution=node.institution, model=cfg.model, lora=cfg.lora, data=data, spec=spec,

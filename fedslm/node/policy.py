@@ -29,7 +29,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fedslm.config.schema import ACCOUNTANTS
+from fedslm.config.schema import ACCOUNTANTS, DataConfig
 from fedslm.errors import ConfigError
 
 # The node-config key naming the policy file.
@@ -62,6 +62,14 @@ class PolicyData:
     # Whether the number of training records may be sent (FedAvg then weighs this node by it), with
     # what reveals it (sample rate, σ, the ε spent); false: all withheld and the node counts as 1.
     size_is_public: bool = False
+
+    def data_config(self, max_test_records: Optional[int] = None) -> DataConfig:
+        """The data section the loaders take: this node's file, columns, label set and split, never the
+        request's (a request may only shorten the held-out set, down to min_test_records)."""
+        return DataConfig(source=self.source, text_column=self.text_column, label_column=self.label_column,
+                          prompt_column=self.prompt_column, completion_column=self.completion_column,
+                          labels=self.labels, test_fraction=self.test_fraction, split_seed=self.split_seed,
+                          max_test_records=max_test_records)
 
 
 @dataclass

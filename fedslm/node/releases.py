@@ -73,7 +73,6 @@ class Releases:
         tmp = path.with_name(path.name + ".tmp")
         # Created 0600 before a byte is written, so no other user can ever read it.
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.FILE_MODE))
-        os.chmod(tmp, self.FILE_MODE)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp),
                   metadata={"metrics": json.dumps(dict(metrics)), "cohort": json.dumps(cohort)})
         os.chmod(tmp, self.FILE_MODE)

@@ -193,8 +193,6 @@ def _released(plan: RoundPlan, request: Request, model: PeftModel) -> tuple[dict
     """The adapter this node releases: clipped to the coordinator's bound under client-side clipping."""
     state = get_adapter_state(model)
     sent = {k: v.numpy() for k, v in (request.adapter or {}).items()}
-    if request.clipping_norm is not None and request.adapter is None:
-        raise ClippingMismatch("client-side clipping needs the global adapter in the request")
     clipped, extra = client_clip(plan.client_clipping, request.clipping_norm, sent,
                                  {k: v.numpy() for k, v in state.items()})
     if extra:
@@ -213,15 +211,16 @@ def round_plan(request: Request, node: NodeContext) -> RoundPlan:
     return plan_round(parse_request_config(request.config_yaml), node)
 
 
-def client_train(request: Request, node: NodeContext, *, secure: bool = False,
-                 cohort: Optional[list[int]] = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Train one round and return the adapter to release and its metrics.
+def client_train(request: Request, node: NodeContext) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Train one round and return the adapter to release and its metrics."""
+    return _train(round_plan(request, node), request)
 
-    ``secure``: the request came inside the secure aggregation protocol (the caller masks the result),
-    among the neighbours ``cohort``.
-    """
+
+def _train(plan: RoundPlan, request: Request, *, secure: bool = False,
+           cohort: Optional[list[int]] = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``secure``: the request came inside the secure aggregation protocol (the caller masks the
+    result), among the neighbours ``cohort``."""
     started = time.perf_counter()
-    plan = round_plan(request, node)
     _check_secure(plan, secure)
     _threads(plan)
     data = institution_task_data(plan)
@@ -290,7 +289,7 @@ def client_secure_train(request: Request, node: NodeContext,
     if request.adapter is None:
         raise FedslmError("a secure aggregation round needs the global adapter in the request")
     plan = round_plan(request, node)
-    state, metrics = client_train(request, node, secure=True, cohort=cohort)
+    state, metrics = _train(plan, request, secure=True, cohort=cohort)
     update, weight, extra = secure_payload(request.adapter, state, int(metrics["num-examples"]),
                                            clipping_range=plan.secagg_clipping_range,
                                            max_weight=plan.secagg_max_weight)

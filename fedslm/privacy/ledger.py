@@ -115,17 +115,21 @@ class Ledger:
         return (f"privacy budget: this round would take privacy unit {unit!r} to ε={shown} at δ={delta:.3g}, past this "
                 f"node's cap max_epsilon={max_epsilon:g} (spent so far ε={before:.3f}, ledger {path}); refusing to train")
 
-    def check(
-        self, unit: str, planned: Step, *, delta: float, max_epsilon: float, accountant: str = "rdp"
-    ) -> tuple[float, float]:
-        """(ε spent, ε after ``planned``); refuse if the latter passes ``max_epsilon``. Writes nothing:
-        use :meth:`reserve` to spend."""
-        history = self.history(unit)
+    def _within_cap(self, unit: str, history: list[Step], planned: Step, *, delta: float, max_epsilon: float,
+                    accountant: str) -> tuple[float, float]:
         before = epsilon(history, delta, accountant)
         after = epsilon([*history, planned], delta, accountant)
         if not after <= max_epsilon + _EPS_SLACK:
             raise BudgetExceededError(self._refusal(unit, after, before, delta, max_epsilon, self.path))
         return before, after
+
+    def check(
+        self, unit: str, planned: Step, *, delta: float, max_epsilon: float, accountant: str = "rdp"
+    ) -> tuple[float, float]:
+        """(ε spent, ε after ``planned``); refuse if the latter passes ``max_epsilon``. Writes nothing:
+        use :meth:`reserve` to spend."""
+        return self._within_cap(unit, self.history(unit), planned, delta=delta, max_epsilon=max_epsilon,
+                                accountant=accountant)
 
     def reserve(
         self, unit: str, step: Step, *, delta: float, max_epsilon: float, num_examples: int,
@@ -138,11 +142,8 @@ class Ledger:
         with self._locked():
             data = self.read()
             record = data["units"].setdefault(unit, {"num_examples": num_examples, "entries": []})
-            history = _steps(record["entries"])
-            before = epsilon(history, delta, accountant)
-            after = epsilon([*history, (float(sigma), float(q), int(steps))], delta, accountant)
-            if not after <= max_epsilon + _EPS_SLACK:
-                raise BudgetExceededError(self._refusal(unit, after, before, delta, max_epsilon, self.path))
+            self._within_cap(unit, _steps(record["entries"]), (float(sigma), float(q), int(steps)), delta=delta,
+                             max_epsilon=max_epsilon, accountant=accountant)
             record["num_examples"] = num_examples
             record["entries"].append({
                 "id": entry_id, "noise_multiplier": float(sigma), "sample_rate": float(q), "steps": int(steps),

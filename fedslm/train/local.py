@@ -113,8 +113,7 @@ def ledger_path(cfg: Config) -> Path:
     return Path(cfg.privacy.ledger) if cfg.privacy.ledger else Path(cfg.output.dir) / "privacy_ledger.json"
 
 
-def privacy_plan(spec: RoundSpec | Config, num_examples: int) -> PrivacyPlan:
-    spec = spec if isinstance(spec, RoundSpec) else round_spec(spec)
+def privacy_plan(spec: RoundSpec, num_examples: int) -> PrivacyPlan:
     dp = spec.dp
     return plan(
         num_examples=num_examples, batch_size=spec.batch_size, local_steps=spec.local_steps,

@@ -51,7 +51,7 @@ def run_local(cfg: Config, console: Optional[Console] = None) -> dict[str, Any]:
         f"{len(node.train)} training / {len(node.test)} held-out records; privacy unit {cfg.privacy.unit!r}"
     )
     if cfg.privacy.enabled:
-        pl = privacy_plan(cfg, len(node.train))
+        pl = privacy_plan(round_spec(cfg), len(node.train))
         console.print(
             f"DP-SGD: σ={pl.noise_multiplier:.4f}, q={pl.sample_rate:.4g}, clip={cfg.privacy.max_grad_norm}, "
             f"planned ε={pl.epsilon:.3f} at δ={pl.delta:.3g} over {pl.rounds}×{pl.local_steps} steps; "
