@@ -1,54 +1,12 @@
-"""The fedslm ClientApp: an institution's node. Thin: read the node config and message, call fedslm.
+"""The ClientApp the app bundle names (``clients.app:app``): fedslm's node, from the installed package.
 
-The node config names the institution's policy (``policy="/path/policy.yaml"``); every request is
-planned through it (fedslm.node.plan). Anything that goes wrong goes back as an error reply with a
-category and a fixed reason only (fedslm.wire.errors); the details go to this node's log. Train
-messages that carry Flower's SecAgg+ protocol go through its mod (fedslm.node.secagg); the update is
-then masked before it leaves the node.
-
-A deployed node starts a fresh process for every message, so the heavy part of fedslm (torch, the
-models, Opacus) is imported by the handlers that need it: SecAgg+'s key-exchange and unmask stages,
-answered by the mod alone, start in about a second.
+In a simulation this is what Flower's engine runs. A deployed node never runs the bundle's code: it
+is started with ``fedslm node start``, whose runtime runs fedslm.node.app from the node's own
+installation whatever bundle the coordinator pushed (fedslm.node.runtime). A node started with a
+plain ``flower-supernode`` that loads this bundle refuses every round, so the unsafe setup cannot
+work by accident.
 """
 
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+from fedslm.node.app import app
 
-from fedslm.node import secagg
-from fedslm.wire.errors import NODE_REFUSED
-
-__all__ = ["NODE_REFUSED", "app"]
-
-app = ClientApp(mods=[secagg.secure_aggregation_mod])
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    from fedslm.node.errors import refusal
-
-    try:
-        from fedslm.node.serve import client_secure_train, client_train, node_context
-        from fedslm.wire import codec
-
-        request, node = codec.parse_request(msg), node_context(context.node_config)
-        if secagg.in_protocol(msg):
-            update, weight, metrics = client_secure_train(request, node, secagg.cohort(context))
-            return secagg.masked_train_reply(msg, update, weight, metrics)
-        state, metrics = client_train(request, node)
-    except Exception as exc:  # noqa: BLE001 - nothing of the node may reach the reply: category only
-        return Message(error=refusal(exc, "train"), reply_to=msg)
-    return codec.train_reply(msg, state, metrics)
-
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    from fedslm.node.errors import refusal
-
-    try:
-        from fedslm.node.serve import client_evaluate, node_context
-        from fedslm.wire import codec
-
-        metrics = client_evaluate(codec.parse_request(msg), node_context(context.node_config))
-    except Exception as exc:  # noqa: BLE001 - as above
-        return Message(error=refusal(exc, "evaluate"), reply_to=msg)
-    return codec.evaluate_reply(msg, metrics)
+__all__ = ["app"]

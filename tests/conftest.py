@@ -158,6 +158,12 @@ def simulated_machine(monkeypatch):
     monkeypatch.setenv("FEDSLM_SIMULATION", "1")
 
 
+@pytest.fixture(autouse=True)
+def feature_cache(tmp_path_factory, monkeypatch):
+    """Frozen-prefix caches (lora.layers) go to this session's temporary folder, never ~/.cache."""
+    monkeypatch.setenv("FEDSLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "feature-cache"))
+
+
 @pytest.fixture
 def flower_identity():
     """Messages need the process' task identity, as Flower's runtimes set it."""

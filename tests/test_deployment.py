@@ -52,8 +52,11 @@ def federation(tmp_path):
         procs.append(proc)
         return proc
 
-    def supernode(key, name, node_config="", insecure=False, retries=None):
-        cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--port", str(free_port())]
+    def supernode(key, name, node_config="", insecure=False, retries=None, own_code=True):
+        """A SuperNode as the README starts one (`fedslm node start`: it serves its own installed ClientApp),
+        or with ``own_code=False`` a plain flower-supernode that runs the bundle's (an adversarial node)."""
+        start_cmd = [str(BIN / "fedslm"), "node", "start"] if own_code else [str(BIN / "flower-supernode")]
+        cmd = start_cmd + ["--superlink", f"127.0.0.1:{port}", "--port", str(free_port())]
         cmd += ["--insecure"] if insecure else ["--root-certificates", str(creds.ca_cert)]
         if key is not None:
             cmd += ["--auth-supernode-private-key", str(key)]
@@ -176,14 +179,14 @@ def test_killed_node_round_completes_and_restarted_node_keeps_its_ledger(federat
     assert eps_reported == pytest.approx(later.epsilon)
 
 
-def _enrol_and_start(f, model, node_policy, names=("h0", "h1", "h2"), extra=None, privacy=None):
+def _enrol_and_start(f, model, node_policy, names=("h0", "h1", "h2"), extra=None, privacy=None, bundle_code=()):
     tmp, env = f["tmp"], f["env"]
     for name in names:
         subprocess.run([str(BIN / "flwr"), "supernode", "register", str(f["creds"].institutions[name][1]), "fed"],
                        env=env, check=True, capture_output=True, cwd=tmp)
     configs = _policies(tmp, model, node_policy, privacy)
-    return [f["supernode"](f["creds"].institutions[f"h{i}"][0], f"h{i}", cfg + (extra or {}).get(i, ""))
-            for i, cfg in enumerate(configs[:len(names)])]
+    return [f["supernode"](f["creds"].institutions[f"h{i}"][0], f"h{i}", cfg + (extra or {}).get(i, ""),
+                           own_code=i not in bundle_code) for i, cfg in enumerate(configs[:len(names)])]
 
 
 def _scenario(tmp: Path, out: Path, model: Path, lora=None, privacy=None, **federation) -> Path:
@@ -273,23 +276,27 @@ def test_coordinator_killed_mid_round_resumes_without_repeating_or_double_chargi
         assert final_eps[i] == pytest.approx(ledger.summary()[0].epsilon) and final_eps[i] <= 3.0 + 1e-9
 
 
-def _test_app(tmp: Path, module: str, component: str) -> Path:
-    """This project's apps, with tests/apps/<module>.py as its ClientApp or ServerApp (``component``)."""
-    app = tmp / f"{module}-app"
+def _test_app(tmp: Path, **components: str) -> Path:
+    """This project's apps, with tests/apps/<module>.py as its ClientApp and/or ServerApp
+    (``clientapp="module"``, ``serverapp="module"``)."""
+    app = tmp / ("-".join(components.values()) + "-app")
     shutil.copytree(ROOT / "clients", app / "clients", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "server", app / "server", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "tests" / "apps" / f"{module}.py", app / f"{module}.py")
     text = (ROOT / "pyproject.toml").read_text()
-    default = {"clientapp": "clients.app:app", "serverapp": "server.app:app"}[component]
-    text = text.replace(f'{component} = "{default}"', f'{component} = "{module}:app"')
-    text = re.sub(r"(?m)^fab-include = .*$", f'fab-include = ["{module}.py", "clients/*.py", "server/*.py"]', text)
+    for component, module in components.items():
+        shutil.copy(ROOT / "tests" / "apps" / f"{module}.py", app / f"{module}.py")
+        default = {"clientapp": "clients.app:app", "serverapp": "server.app:app"}[component]
+        text = text.replace(f'{component} = "{default}"', f'{component} = "{module}:app"')
+    modules = ", ".join(f'"{m}.py"' for m in components.values())
+    text = re.sub(r"(?m)^fab-include = .*$", f'fab-include = [{modules}, "clients/*.py", "server/*.py"]', text)
     (app / "pyproject.toml").write_text(text)
     return app
 
 
 def _faulty_app(tmp: Path) -> Path:
-    """This project's apps, with a ClientApp that corrupts its replies as its node config says."""
-    return _test_app(tmp, "faulty_client", "clientapp")
+    """This project's apps, with a ClientApp that corrupts its replies as its node config says: the two
+    adversarial nodes run it (plain SuperNodes run the bundle's code); the honest node runs its own."""
+    return _test_app(tmp, clientapp="faulty_client")
 
 
 def test_strangers_are_refused_and_malformed_updates_over_the_wire_are_rejected(federation, tiny_bert_dir,
@@ -297,7 +304,8 @@ def test_strangers_are_refused_and_malformed_updates_over_the_wire_are_rejected(
     f = federation
     tmp, env = f["tmp"], f["env"]
     faults = {1: ["nan", "shape", "extra-key"], 2: ["missing-key", "norm", "oversized"]}
-    _enrol_and_start(f, tiny_bert_dir, node_policy, extra={i: f' faults="{",".join(v)}"' for i, v in faults.items()})
+    _enrol_and_start(f, tiny_bert_dir, node_policy, extra={i: f' faults="{",".join(v)}"' for i, v in faults.items()},
+                     bundle_code=faults)
     # Meanwhile, a node whose key was never enrolled, and a plain-text node, try to join.
     stranger = f["supernode"](f["stranger"], "stranger", retries=1)
     plain = f["supernode"](None, "plain", insecure=True, retries=1)
@@ -370,19 +378,24 @@ def test_secure_aggregation_client_level_dp_and_ffa_work_in_deployment(federatio
 
 def test_a_hostile_coordinator_cannot_reset_weaken_or_read_a_node_over_the_wire(federation, tiny_bert_dir,
                                                                                node_policy):
-    """Real SuperLink and SuperNodes, and a ServerApp that attacks them (tests/apps/hostile_server.py):
+    """Real SuperLink and SuperNodes, and a bundle that attacks them: its ServerApp (tests/apps/hostile_server.py) sends
     an env interpolation, a non-private round, then an honest round that spends the nodes' budget,
     then another round with another split seed, held-out share and subset (the old ledger keyed by
     the split's hash gave a fresh budget), a δ of 0.4 and a fresh ledger path. Every attack is refused
     with its category only; each ledger holds the honest round alone; the node's environment never
-    reaches a reply."""
+    reaches a reply; the bundle's own ClientApp never runs on a node."""
     f = federation
     tmp, env = f["tmp"], f["env"]
     secret = "s3cret-value-of-the-node"
     env["FEDSLM_TEST_SECRET"] = secret  # in every SuperNode's (and so ClientApp's) environment
     _enrol_and_start(f, tiny_bert_dir, node_policy, names=("h0", "h1"))
     scenario = _scenario(tmp, tmp / "run", tiny_bert_dir, rounds=1, min_clients=2)
-    run = _flwr_run(_test_app(tmp, "hostile_server", "serverapp"), scenario, env, tmp / "run.log")
+    # Its bundle also carries a ClientApp of its own (tests/apps/tampered_client.py) that would mark the
+    # node's disk and reply with its environment: the nodes run their installed ClientApp, never this.
+    mark = tmp / "tampered-client-ran"
+    env["FEDSLM_TAMPER_MARK"] = str(mark)
+    run = _flwr_run(_test_app(tmp, serverapp="hostile_server", clientapp="tampered_client"), scenario, env,
+                    tmp / "run.log")
     try:
         assert run.wait(timeout=400) == 0, (tmp / "run.log").read_text()[-3000:]
     finally:
@@ -403,3 +416,6 @@ def test_a_hostile_coordinator_cannot_reset_weaken_or_read_a_node_over_the_wire(
         (spend,) = Ledger(tmp / f"ledger-h{i}.json").summary()
         assert spend.rounds == 1 and spend.unit == "all-records"
     assert not Path("/tmp/fedslm-fresh-ledger.json").exists() and not Path("/tmp/fedslm-hostile-out").exists()
+    assert not mark.exists() and all("leak" not in r for r in replies)
+    for i in range(2):  # each node's log names the bundle it did not run
+        assert "is not run; serving with this node's fedslm" in (tmp / f"h{i}.log").read_text()

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 from flwr.supercore.task_identity import TaskIdentity
 from peft import PeftModel
 
-import clients.app as client_app
+import fedslm.node.app as client_app
 from fedslm.config import to_yaml
 from fedslm.wire import codec
 from fedslm.coordinator.server import (

@@ -17,7 +17,8 @@ import yaml
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-import clients.app as client_app
+import fedslm.node.app as client_app
+from fedslm.node import runtime
 from fedslm.config import to_yaml
 from fedslm.lora import get_adapter_state
 from fedslm.node.releases import Releases
@@ -133,12 +134,38 @@ def test_a_partition_id_outside_a_simulation_does_not_make_a_node_trust_the_requ
     """A deployed SuperNode started with Flower's partition-id (as Flower's own examples do) and no policy
     must refuse, not fall back to the simulation's trust in the scenario."""
     monkeypatch.delenv("FEDSLM_SIMULATION")
+    monkeypatch.setattr(runtime, "_SERVING", True)  # served by the node's own runtime: the policy check itself
     cfg, state, fp = coordinator
     text = _yaml(cfg, privacy__enabled=False, privacy__ledger=str(tmp_path / "evil.json"))
     bare = Context(run_id=1, node_id=2, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
                    run_config={})
     _refused(_send(bare, text, state, fingerprint=fp), "node-misconfigured")
     assert not (tmp_path / "evil.json").exists()
+
+
+def test_a_deployed_node_serves_only_from_its_own_runtime_never_from_the_bundle(flower_identity, coordinator,
+                                                                                hospital, monkeypatch, tmp_path):
+    """Outside a simulation the ClientApp (with its mods, as Flower calls it) refuses unless this node's
+    runtime (fedslm node start) started the process: a plain SuperNode that loaded the coordinator's
+    bundle would run whatever the bundle says, so the honest code does not let that setup work either."""
+    monkeypatch.delenv("FEDSLM_SIMULATION")
+    cfg, state, fp = coordinator
+    node = hospital()
+
+    def via_app():
+        TaskIdentity.node_id = 1
+        msg = Message(RecordDict({
+            codec.ARRAYS: codec.state_to_record(state),
+            codec.CONFIG: ConfigRecord({**codec.request_config(_yaml(cfg), fp, "run-h"), "server-round": 1}),
+        }), dst_node_id=2, message_type=MessageType.TRAIN)
+        TaskIdentity.node_id = 2
+        return client_app.app(msg, node)
+
+    _refused(via_app(), "node-misconfigured")
+    assert not _ledger(tmp_path).path.exists()
+    monkeypatch.setattr(runtime, "_SERVING", True)
+    _ok(via_app())
+    assert _ledger(tmp_path).summary()[0].rounds == 1
 
 
 @pytest.mark.parametrize("edits", [{"privacy__noise_multiplier": float("inf")}, {"privacy__max_grad_norm": float("nan")},

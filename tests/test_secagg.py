@@ -22,7 +22,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen as flower_prg
 from flwr.supercore.task_identity import TaskIdentity
 
-import clients.app as client_app
+import fedslm.node.app as client_app
 from fedslm.config import to_yaml
 from fedslm.errors import ConfigError
 from fedslm.coordinator import secagg

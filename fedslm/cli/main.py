@@ -35,7 +35,7 @@ app.add_typer(ledger_app, name="ledger")
 app.add_typer(config_app, name="config")
 model_app = typer.Typer(help="Bundled base models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
-node_app = typer.Typer(help="An institution's node policy: write and check it.", no_args_is_help=True)
+node_app = typer.Typer(help="An institution's node: write and check its policy, start it.", no_args_is_help=True)
 app.add_typer(node_app, name="node")
 
 console = Console(soft_wrap=True)
@@ -189,6 +189,27 @@ def node_init(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(template(path, name=name, source=data, ledger=ledger, labels=labels), encoding="utf-8")
     console.print(f"wrote {path}; edit it, then: fedslm node check {path}")
+
+
+@node_app.command("start", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def node_start(ctx: typer.Context) -> None:
+    """Start this institution's node: flower-supernode (its arguments, as given) in process isolation,
+    with this installation's ClientApp serving every task; the coordinator's bundle is never run.
+
+    Example: fedslm node start --superlink coord.example:9092 --root-certificates ca.pem
+    --auth-supernode-private-key node.key --node-config 'policy="/etc/fedslm/policy.yaml"'
+    """
+    import logging
+
+    from fedslm.node.runtime import start_node
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        code = start_node(ctx.args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    raise typer.Exit(code)
 
 
 @node_app.command("check")

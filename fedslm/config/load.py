@@ -154,6 +154,18 @@ def validate(cfg: Config) -> None:
     _check(cfg.model.pooling == "cls" or cfg.model.task == "classification",
            f"model.pooling '{cfg.model.pooling}' applies to model.task 'classification' only")
 
+    _check(not cfg.model.normalize or cfg.model.pooling == "mean",
+           "model.normalize applies to model.pooling 'mean' only")
+    _choice("model.head_init", cfg.model.head_init, ("random", "label-names"))
+    _check(cfg.model.head_init == "random" or cfg.model.task == "classification",
+           "model.head_init 'label-names' applies to model.task 'classification' only")
+    _positive("model.head_prior_scale", cfg.model.head_prior_scale)
+    if cfg.lora.layers is not None:
+        _check(isinstance(cfg.lora.layers, int) and not isinstance(cfg.lora.layers, bool) and cfg.lora.layers >= 0,
+               f"lora.layers must be a whole number of top encoder layers, 0 or more (0: the head alone), got "
+               f"{cfg.lora.layers!r}")
+        _check(cfg.model.task == "classification", "lora.layers (the frozen-prefix cache) applies to model.task "
+               "'classification' only")
     _positive("lora.r", cfg.lora.r)
     _positive("lora.alpha", cfg.lora.alpha)
     _check(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")

@@ -29,6 +29,15 @@ class ModelConfig:
     # What a classifier's head reads: "cls" (the encoder's [CLS] pooler, Hugging Face's default) or
     # "mean" (the masked mean of the token vectors, what sentence encoders like MiniLM were trained for).
     pooling: str = "cls"
+    # With pooling "mean": divide the pooled vector by its L2 norm (sentence-transformers' Normalize,
+    # how all-MiniLM-L6-v2 embeds a sentence). A head on unit vectors has per-record gradients of a
+    # known size, which DP clipping rewards.
+    normalize: bool = False
+    # The classifier head's start: "random" (drawn from init_seed) or "label-names" (each class's row
+    # is the base's normalised embedding of its label name, times head_prior_scale: public, so it
+    # costs no privacy; the coordinator puts it in the first global adapter).
+    head_init: str = "random"
+    head_prior_scale: float = 10.0
 
 
 @dataclass
@@ -42,6 +51,10 @@ class LoraConfig:
     # (and a classifier head) is trained, noised, sent and averaged, so the average of the B·A
     # products is exactly the product of the averages, and DP noise goes into half the dimensions.
     ffa: bool = False
+    # LoRA on the top ``layers`` encoder layers only (PEFT's layers_to_transform); 0: the classifier
+    # head alone. None: every layer. When set, the frozen layers below are computed once per node and
+    # cached (fedslm.train.prefix), and training runs from there: most of a step's cost disappears.
+    layers: Optional[int] = None
 
 
 @dataclass

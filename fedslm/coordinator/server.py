@@ -431,6 +431,10 @@ def run_server(grid: Any, cfg: Config, run_id: str) -> dict[str, Any]:
     labels = label_set(cfg)
     base = load_base(cfg.model, len(labels) if labels is not None else None)
     model = wrap(base.model, cfg.lora, cfg.model.task, base.target_modules, seed=cfg.train.seed)
+    if cfg.model.head_init == "label-names":
+        from fedslm.lora.prior import apply_label_prior
+
+        apply_label_prior(model, base.tokenizer, labels or [], cfg.model)
     initial = get_adapter_state(model)
     done = 0
     if resume is not None:

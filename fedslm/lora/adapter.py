@@ -45,7 +45,18 @@ def wrap(base: nn.Module, cfg: LoraConfig, task: str, default_targets: tuple[str
     if unknown:
         sample = ", ".join(sorted(n for n in names if n and not n.isdigit())[:12])
         raise ConfigError(f"lora.target_modules: no module named {', '.join(unknown)} in this model (e.g. {sample})")
+    layers: dict[str, Any] = {}
+    if cfg.layers is not None:
+        from fedslm.train.prefix import num_layers
+
+        total = num_layers(base)
+        if cfg.layers > total:
+            raise ConfigError(f"lora.layers={cfg.layers}: this model has {total} encoder layers (0 = the head alone)")
+        # PEFT needs one adapted module: with 0 layers the top layer's LoRA stays B = 0 and frozen (so
+        # exactly the base), and only the head is trained and sent.
+        layers = {"layers_to_transform": list(range(total - max(cfg.layers, 1), total)), "layers_pattern": "layer"}
     peft_cfg = PeftLoraConfig(
+        **layers,
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
@@ -60,9 +71,9 @@ def wrap(base: nn.Module, cfg: LoraConfig, task: str, default_targets: tuple[str
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         model = get_peft_model(base, peft_cfg)
-    if cfg.ffa:
+    if cfg.ffa or cfg.layers == 0:
         for name, p in model.named_parameters():
-            if ".lora_A." in name:
+            if ".lora_A." in name or (cfg.layers == 0 and "lora_" in name):
                 p.requires_grad_(False)
     return model
 
@@ -139,7 +150,8 @@ def adapter_meta(cfg: Any, fingerprint: str, labels: Optional[list[str]] = None)
 
     name = cfg.model.name if presets.get(cfg.model.name) else str(Path(cfg.model.name).expanduser().resolve())
     return {"model": name, "task": cfg.model.task, "max_length": cfg.model.max_length,
-            "init_seed": cfg.model.init_seed, "pooling": cfg.model.pooling, "labels": labels, "base_fingerprint": fingerprint}
+            "init_seed": cfg.model.init_seed, "pooling": cfg.model.pooling,
+            "normalize": cfg.model.normalize, "labels": labels, "base_fingerprint": fingerprint}
 
 
 def read_adapter_meta(folder: str | Path) -> dict[str, Any]:

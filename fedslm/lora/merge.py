@@ -39,7 +39,8 @@ def load_tuned(adapter_dir: str | Path) -> Tuned:
     meta = read_adapter_meta(adapter_dir)
     labels = meta.get("labels")
     cfg = ModelConfig(name=meta["model"], task=meta["task"], max_length=int(meta.get("max_length", 128)),
-                      init_seed=int(meta.get("init_seed", 0)), pooling=str(meta.get("pooling", "cls")))
+                      init_seed=int(meta.get("init_seed", 0)), pooling=str(meta.get("pooling", "cls")),
+                      normalize=bool(meta.get("normalize", False)))
     base = load_base(cfg, len(labels) if labels else None)
     if meta.get("base_fingerprint") and base.fingerprint != meta["base_fingerprint"]:
         raise ModelError(f"{adapter_dir}: trained on base {meta['base_fingerprint'][:12]}, but {meta['model']} "

@@ -111,7 +111,7 @@ def load_base(cfg: ModelConfig, num_labels: Optional[int] = None) -> BaseModel:
         model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     _redraw_fresh(model, sorted(info.get("missing_keys", ())), cfg.init_seed)
     if cfg.task == "classification" and cfg.pooling == "mean":
-        use_mean_pooling(model)
+        use_mean_pooling(model, cfg.normalize)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

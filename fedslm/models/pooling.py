@@ -28,11 +28,16 @@ from fedslm.errors import ModelError
 class MaskedMeanPooler(nn.Module):
     """Mean of the token vectors where ``attention_mask`` is 1 (all tokens when no mask is given)."""
 
-    def __init__(self) -> None:
+    def __init__(self, normalize: bool = False) -> None:
         super().__init__()
         self.mask: Optional[torch.Tensor] = None
+        self.normalize = normalize
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        pooled = self._mean(hidden_states)
+        return torch.nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
+
+    def _mean(self, hidden_states: torch.Tensor) -> torch.Tensor:
         mask = self.mask
         if mask is None:
             return hidden_states.mean(dim=1)
@@ -43,14 +48,15 @@ class MaskedMeanPooler(nn.Module):
         return (hidden_states * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
 
 
-def use_mean_pooling(model: nn.Module) -> None:
-    """Replace ``model``'s encoder pooler with :class:`MaskedMeanPooler` (in place)."""
+def use_mean_pooling(model: nn.Module, normalize: bool = False) -> None:
+    """Replace ``model``'s encoder pooler with :class:`MaskedMeanPooler` (in place); ``normalize``:
+    then divided by its L2 norm."""
     encoder = getattr(model, "base_model", None)
     if encoder is None or not hasattr(encoder, "pooler"):
         kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ModelError(f"model.pooling 'mean' needs an encoder classifier with a pooler (BERT family); "
                          f"'{kind}' has none (use model.pooling: cls)")
-    pooler = MaskedMeanPooler()
+    pooler = MaskedMeanPooler(normalize)
     encoder.pooler = pooler
 
     def take_mask(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -31,11 +32,13 @@ from fedslm.node.clipping import ClippingMismatch, check_clipping, client_clip
 from fedslm.node.plan import BadRequest, NodeContext, PolicyRefusal, RoundPlan, parse_request_config, plan_round
 from fedslm.node.policy import NODE_INSTITUTION, NODE_POLICY, PolicyError, load_policy
 from fedslm.node.releases import Releases, adapter_digest
+from fedslm.node.runtime import simulated
 from fedslm.node.secagg import secure_payload
 from fedslm.privacy import Ledger
 from fedslm.train.evaluate import evaluate, evaluation_counts
 from fedslm.train.local import RoundResult, train_round
 from fedslm.train.node import Node
+from fedslm.train.prefix import Features, split_features
 from fedslm.node.metrics import calibrate, public_train_metrics, release_evaluation
 from fedslm.wire.codec import WITHHELD, Request, tensor_bytes, transfer
 
@@ -50,18 +53,6 @@ class SecureAggregationRequired(FedslmError):
     pass
 
 
-# Set by `fedslm simulate` for the processes it starts (and by tests): this machine runs a simulation.
-SIMULATION_ENV = "FEDSLM_SIMULATION"
-
-
-def _simulated() -> bool:
-    """A simulation, by a signal no coordinator can send: fedslm's own flag in this process's
-    environment, or running inside a Ray worker (the simulation engine's ClientApps do; a deployed
-    SuperNode's never do)."""
-    if os.environ.get(SIMULATION_ENV) == "1":
-        return True
-    ray = sys.modules.get("ray")
-    return ray is not None and bool(ray.is_initialized())
 
 
 def node_context(node_config: Mapping[str, Any]) -> NodeContext:
@@ -71,7 +62,7 @@ def node_context(node_config: Mapping[str, Any]) -> NodeContext:
     if NODE_POLICY in node_config:
         policy = load_policy(str(node_config[NODE_POLICY]))
         return NodeContext(institution=int(node_config.get(NODE_INSTITUTION, 0)), num_institutions=0, policy=policy)
-    if "partition-id" in node_config and _simulated():
+    if "partition-id" in node_config and simulated():
         return NodeContext(institution=int(node_config["partition-id"]),
                            num_institutions=int(node_config.get("num-partitions", 1)), policy=None)
     raise PolicyError(f"this SuperNode's node config names no policy file; start it with --node-config "
@@ -147,6 +138,13 @@ def build_institution(plan: RoundPlan, request: Request, *, for_training: bool =
     # Evaluation needs only the held-out records; tokenizing the training split would be wasted time.
     train = task.encode(data.train if for_training else [], base.tokenizer, plan.model.max_length)
     return Node(data, base, model, train, task.encode(data.test, base.tokenizer, plan.model.max_length))
+
+
+def _features(plan: RoundPlan, inst: Node, enc) -> Optional[Features]:
+    """The split's frozen prefix under lora.layers: a deployed node keeps the file beside its ledger
+    (0600, as private as the records); a simulation in the user's cache ($FEDSLM_CACHE_DIR)."""
+    folder = Path(plan.ledger).parent / "fedslm-features" if plan.evaluation is not None else None
+    return split_features(inst.model, inst.base.fingerprint, enc, plan.model, plan.lora.layers, folder=folder)
 
 
 def _threads(plan: RoundPlan) -> None:
@@ -264,7 +262,7 @@ def _train(plan: RoundPlan, request: Request, *, secure: bool = False,
     result = train_round(
         inst.model, inst.train, plan.spec, unit=plan.unit, ledger=ledger,
         run_id=request.run_id, round_idx=request.server_round, proximal_mu=request.proximal_mu,
-        release=keep if request.run_id else None,
+        release=keep if request.run_id else None, features=_features(plan, inst, inst.train),
     )
     state, extra = released[0] if released else _released(plan, request, inst.model)  # clipped once, kept as sent
     metrics = {**_train_metrics(result, plan, state, request), **extra}
@@ -304,7 +302,8 @@ def client_evaluate(request: Request, node: NodeContext) -> dict[str, Any]:
     if plan.evaluation is not None:
         return {"institution": plan.institution, "unit-weight": 1, **_private_evaluation(plan, request, inst),
                 "seconds": WITHHELD}
-    ev = evaluate(inst.model, inst.test, plan.model.task, plan.eval_batch_size)
+    ev = evaluate(inst.model, inst.test, plan.model.task, plan.eval_batch_size,
+                  features=_features(plan, inst, inst.test))
     return {"institution": plan.institution, "unit-weight": 1, **{k.replace("_", "-"): v for k, v in ev.items()},
             "seconds": time.perf_counter() - started}
 
@@ -322,7 +321,8 @@ def _private_evaluation(plan: RoundPlan, request: Request, inst: Node) -> dict[s
     release = calibrate(ev.epsilon_per_evaluation, delta, 1 + int(with_accuracy) + int(with_loss))
     Ledger(plan.ledger).reserve(ev.unit, (release.noise_multiplier, 1.0, 1), delta=delta, max_epsilon=ev.max_epsilon,
                                 num_examples=m, run=request.run_id, round=request.server_round)
-    counts = evaluation_counts(inst.model, inst.test, plan.model.task, plan.eval_batch_size, ev.loss_cap)
+    counts = evaluation_counts(inst.model, inst.test, plan.model.task, plan.eval_batch_size, ev.loss_cap,
+                               features=_features(plan, inst, inst.test))
     out = release_evaluation(counts, release, loss_cap=ev.loss_cap, with_loss=with_loss, task=plan.model.task)
     if plan.model.task == "classification" and not with_accuracy:
         out["accuracy"] = WITHHELD

@@ -26,9 +26,24 @@ def macro_f1(y_true: list[int], y_pred: list[int]) -> float:
     return sum(scores) / len(scores)
 
 
+def _from_features(model: nn.Module, features: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    from fedslm.train.prefix import Suffix, evaluation_from_features
+
+    return evaluation_from_features(Suffix(model, features.layers), features)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, enc: Encoded, task_name: str, batch_size: int = 128) -> dict[str, Any]:
-    """Classification: loss, accuracy, macro-F1. Causal LM: token loss and perplexity."""
+def evaluate(model: nn.Module, enc: Encoded, task_name: str, batch_size: int = 128,
+             features: Any = None) -> dict[str, Any]:
+    """Classification: loss, accuracy, macro-F1. Causal LM: token loss and perplexity.
+    ``features``: ``enc``'s cached frozen prefix (fedslm.train.prefix): scored from there."""
+    if features is not None:
+        losses, preds = _from_features(model, features)
+        golds = features.labels.tolist()
+        n = max(len(golds), 1)
+        return {"loss": float(losses.sum()) / n,
+                "accuracy": sum(int(p == g) for p, g in zip(preds.tolist(), golds)) / n,
+                "macro_f1": macro_f1(golds, preds.tolist()), "num_examples": len(golds)}
     task = get_task(task_name)
     was_training = model.training
     model.eval()
@@ -64,10 +79,14 @@ def evaluate(model: nn.Module, enc: Encoded, task_name: str, batch_size: int = 1
 
 @torch.no_grad()
 def evaluation_counts(model: nn.Module, enc: Encoded, task_name: str, batch_size: int = 128,
-                      loss_cap: float = 10.0) -> dict[str, float]:
+                      loss_cap: float = 10.0, features: Any = None) -> dict[str, float]:
     """Per-record sums whose sensitivity to one record is bounded, for a DP release: the number of
     records, how many were classified right (classification), and the sum of each record's loss
     clipped to [0, loss_cap] (a causal LM record's loss is the mean over its own completion tokens)."""
+    if features is not None:
+        losses, preds = _from_features(model, features)
+        return {"records": len(features), "correct": int((preds == features.labels).sum()),
+                "loss_sum": float(losses.clamp(0.0, loss_cap).sum())}
     task = get_task(task_name)
     was_training = model.training
     model.eval()

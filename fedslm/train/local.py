@@ -19,7 +19,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from fedslm.privacy.calibration import PrivacyPlan, plan
 from fedslm.privacy.dpsgd import DPSGD, PlainSGD, check_secure_mode, make_optimizer, poisson_batches
 from fedslm.privacy.ledger import Ledger
 from fedslm.train.losses import PER_RECORD_LOSS
+
+if TYPE_CHECKING:
+    from fedslm.train.prefix import Features
 
 ProgressFn = Callable[[int, int, float], None]
 
@@ -127,7 +130,7 @@ def _generator(seed: Optional[int], *salt: object) -> torch.Generator:
 
     The salt is (purpose, dataset, round), not the run: a rerun with the same seed draws the same
     batches and noise. (Two runs with one seed therefore share noise; a seed is for research only,
-    see privacy.noise_seed. A model's dropout still draws from torch's global generator.)"""
+    see privacy.noise_seed.)"""
     if seed is None:
         return torch.Generator().manual_seed(secrets.randbits(63))
     digest = hashlib.sha256(repr((seed, *salt)).encode()).digest()
@@ -159,6 +162,7 @@ def train_round(
     progress: Optional[ProgressFn] = None,
     proximal_mu: float = 0.0,
     release: Optional[Callable[[RoundResult], dict]] = None,
+    features: Optional["Features"] = None,
 ) -> RoundResult:
     """Run ``spec.local_steps`` steps on ``model``'s trainable tensors, DP unless disabled, charged
     to privacy unit ``unit`` of ``ledger``.
@@ -166,14 +170,27 @@ def train_round(
     ``proximal_mu`` > 0 adds FedProx's pull towards the weights the round started from.
     ``release``, if given, is called after training (with ε not yet known: NaN); what it returns
     (the kept update's name and hash) is recorded in the round's ledger entry.
+    ``features``: the frozen prefix of ``train``'s records (fedslm.train.prefix, ``lora.layers``);
+    training then runs the model from there, on the same parameters.
     """
     p, t = spec.dp, spec
-    n = len(train)
-    task = get_task(spec.task)
-    per_record = PER_RECORD_LOSS[spec.task]
+    n = len(train) if features is None else len(features)
+    if features is not None:
+        from fedslm.train.prefix import Suffix
 
-    def loss_fn(module: nn.Module, indices) -> torch.Tensor:
-        return per_record(module, task.collate(train, indices))
+        trained: nn.Module = Suffix(model, features.layers)
+
+        def loss_fn(module: nn.Module, indices) -> torch.Tensor:
+            b = features.batch(indices)
+            logits = module(b["hidden"], b.get("attention_mask"))
+            return torch.nn.functional.cross_entropy(logits.float(), b["labels"], reduction="none")
+    else:
+        trained = model
+        task = get_task(spec.task)
+        per_record = PER_RECORD_LOSS[spec.task]
+
+        def loss_fn(module: nn.Module, indices) -> torch.Tensor:
+            return per_record(module, task.collate(train, indices))
 
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = make_optimizer(params, t.optimizer, t.lr, t.weight_decay)
@@ -186,7 +203,7 @@ def train_round(
                                num_examples=n, run=run_id, round=round_idx, accountant=p.accountant)
         noise_source = check_secure_mode(p.secure_mode)
         engine: DPSGD | PlainSGD = DPSGD(
-            model, optimizer=optimizer, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
+            trained, optimizer=optimizer, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
             expected_batch_size=t.batch_size, physical_batch_size=t.physical_batch_size,
             noise_generator=_generator(p.noise_seed, "noise", unit, p.seed_salt, round_idx),
             secure_mode=p.secure_mode, extra_grad=extra_grad,
@@ -203,7 +220,7 @@ def train_round(
         entry = ledger.reserve(unit, (0.0, q, t.local_steps), delta=p.delta or 1.0 / (10 * n),
                                max_epsilon=math.inf, num_examples=n, run=run_id, round=round_idx,
                                accountant=p.accountant)
-        engine = PlainSGD(model, optimizer=optimizer, physical_batch_size=t.physical_batch_size,
+        engine = PlainSGD(trained, optimizer=optimizer, physical_batch_size=t.physical_batch_size,
                           extra_grad=extra_grad)
         sampler = _generator(t.seed, "sample", unit, p.seed_salt, round_idx)
 
@@ -213,12 +230,17 @@ def train_round(
         batches = poisson_batches(n, q, t.local_steps, sampler)
     start = time.perf_counter()
     loss_sum, seen = 0.0, 0
+    # The model's own dropout draws from torch's global generator: seeded here like the batches and
+    # the noise (from the noise seed, else the OS), inside fork_rng so nothing outside changes.
+    dropout_seed = _generator(p.noise_seed if p.enabled else t.seed, "dropout", unit, p.seed_salt, round_idx).initial_seed()
     try:
-        for i, batch in enumerate(batches, start=1):
-            loss_sum += engine.step(batch, loss_fn)
-            seen += len(batch)
-            if progress is not None:
-                progress(i, len(batches), loss_sum / max(seen, 1))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(dropout_seed)
+            for i, batch in enumerate(batches, start=1):
+                loss_sum += engine.step(batch, loss_fn)
+                seen += len(batch)
+                if progress is not None:
+                    progress(i, len(batches), loss_sum / max(seen, 1))
     finally:
         engine.close()
     seconds = time.perf_counter() - start

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from peft import PeftModel
 
@@ -10,7 +11,9 @@ from fedslm.config.schema import Config
 from fedslm.data import TaskData, load_task_data
 from fedslm.data.tasks import Encoded, get_task
 from fedslm.lora import wrap
+from fedslm.lora.prior import apply_label_prior
 from fedslm.models import BaseModel, load_base
+from fedslm.train.prefix import Features, split_features
 
 
 @dataclass
@@ -20,6 +23,9 @@ class Node:
     model: PeftModel
     train: Encoded
     test: Encoded
+    # The frozen prefix of each split under lora.layers (fedslm.train.prefix), else None.
+    train_features: Optional[Features] = None
+    test_features: Optional[Features] = None
 
 
 def build_node(cfg: Config) -> Node:
@@ -30,4 +36,7 @@ def build_node(cfg: Config) -> Node:
     train = task.encode(data.train, base.tokenizer, cfg.model.max_length)
     test = task.encode(data.test, base.tokenizer, cfg.model.max_length)
     model = wrap(base.model, cfg.lora, cfg.model.task, base.target_modules, seed=cfg.train.seed)
-    return Node(data, base, model, train, test)
+    if cfg.model.head_init == "label-names" and data.labels is not None:
+        apply_label_prior(model, base.tokenizer, data.labels, cfg.model)
+    feats = [split_features(model, base.fingerprint, enc, cfg.model, cfg.lora.layers) for enc in (train, test)]
+    return Node(data, base, model, train, test, *feats)

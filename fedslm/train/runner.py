@@ -62,7 +62,7 @@ def run_local(cfg: Config, console: Optional[Console] = None) -> dict[str, Any]:
 
     spec = round_spec(cfg)
     metrics_path = out / "metrics.jsonl"
-    before = evaluate(node.model, node.test, cfg.model.task, cfg.train.eval_batch_size)
+    before = evaluate(node.model, node.test, cfg.model.task, cfg.train.eval_batch_size, features=node.test_features)
     table = Table(title="local training")
     for col in ("round", "train loss", "eval loss", "accuracy" if cfg.model.task == "classification" else "perplexity", "ε spent", "s"):
         table.add_column(col, justify="right")
@@ -78,8 +78,10 @@ def run_local(cfg: Config, console: Optional[Console] = None) -> dict[str, Any]:
                     node.model, node.train, spec, unit=cfg.privacy.unit, ledger=ledger,
                     run_id=run_id, round_idx=r,
                     progress=lambda i, n, loss: bar.update(task_id, completed=i, loss=loss),
+                    features=node.train_features,
                 )
-            ev = evaluate(node.model, node.test, cfg.model.task, cfg.train.eval_batch_size)
+            ev = evaluate(node.model, node.test, cfg.model.task, cfg.train.eval_batch_size,
+                          features=node.test_features)
             record = {"round": r, "run_id": run_id, "unit": cfg.privacy.unit, "dataset_id": node.data.dataset_id,
                       **{k: _jsonable(v) for k, v in result.__dict__.items()},
                       "eval": {k: _jsonable(v) for k, v in ev.items()}}

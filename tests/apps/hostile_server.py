@@ -68,7 +68,11 @@ def main(grid: Grid, context: Context) -> None:
             entry = {"attack": name, "node": reply.metadata.src_node_id}
             if reply.has_error():
                 entry["error"] = {"code": reply.error.code, "reason": reply.error.reason}
-            else:
-                entry["metrics"] = dict(codec.reply_metrics(reply))
+            else:  # every record the node sent, by name (a bundle's own ClientApp would send others)
+                entry["records"] = sorted(reply.content.keys())
+                if "leak" in reply.content:
+                    entry["leak"] = dict(reply.content.config_records["leak"])
+                else:
+                    entry["metrics"] = dict(codec.reply_metrics(reply))
             replies.append(entry)
     scenario.with_suffix(".replies.json").write_text(json.dumps(replies, indent=1))

@@ -1,0 +1,268 @@
+"""The frozen-prefix cache: compute the frozen layers once, train only from where LoRA starts.
+
+With ``lora.layers: k`` only the top k encoder layers carry LoRA (PEFT's ``layers_to_transform``)
+and ``k = 0`` trains the classifier head alone. Everything below layer L − k is then a fixed
+function of the record and the public base: the same for every round, every step and every DP
+noise draw. A node computes it once (dropout off, as in evaluation), keeps it in memory and in a
+0600 file, and trains and scores from it:
+
+- ``k = 0``: the cache is the pooled sentence vector of each record, ``[n, d]``; a step is the
+  head's forward and backward, so full-batch DP steps cost milliseconds;
+- ``k > 0``: the cache is the hidden states entering layer L − k, ``[n, T, d]`` with each
+  record's attention mask; a step runs the top k layers, the pooler and the head.
+
+:class:`Suffix` is the model from the cache on: the same modules as the PEFT model (the same
+parameters, so the adapter state, the wire and aggregation do not change), called in the same
+order as the uncached forward. ``tests/test_prefix.py`` checks that its logits and per-record
+gradients equal the uncached model's.
+
+Computing the cache sorts records by length and batches similar lengths together (records are
+short and padding is most of a padded batch's cost); the order of the rows is restored after.
+Only encoder classifiers of the BERT family have this layout (``model.pooling``'s encoders);
+anything else is refused naming ``lora.layers``.
+
+The cache holds what the records look like to the model; it is as private as the records. Files
+are written 0600 in a 0700 folder, named by a digest of the token ids, the base fingerprint and
+the layout, so a changed base, length, pooling or record never reads a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedslm.data.tasks import Encoded
+from fedslm.errors import ConfigError
+
+log = logging.getLogger("fedslm.prefix")
+
+CACHE_ENV = "FEDSLM_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where feature caches live: $FEDSLM_CACHE_DIR, else ~/.cache/fedslm/features."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedslm" / "features"
+
+
+def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(the encoder with .embeddings/.encoder.layer/.pooler, the classifier model with .dropout/.classifier)."""
+    inner = model
+    while hasattr(inner, "base_model") and inner.base_model is not inner and not hasattr(inner, "classifier"):
+        inner = inner.base_model
+    if hasattr(inner, "model") and not hasattr(inner, "classifier"):  # PEFT's LoraModel
+        inner = inner.model
+    encoder = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    ok = (encoder is not None and hasattr(encoder, "embeddings") and hasattr(getattr(encoder, "encoder", None), "layer")
+          and hasattr(inner, "classifier") and hasattr(inner, "dropout") and getattr(encoder, "pooler", None) is not None)
+    if not ok:
+        kind = getattr(getattr(inner, "config", None), "model_type", type(inner).__name__)
+        raise ConfigError(f"lora.layers needs an encoder classifier of the BERT family with a pooler "
+                          f"(model.task: classification); '{kind}' has another layout (leave lora.layers unset)")
+    return encoder, inner, inner.classifier
+
+
+def num_layers(model: nn.Module) -> int:
+    encoder, _, _ = _parts(model)
+    return len(encoder.encoder.layer)
+
+
+def _mask(encoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    masks = encoder._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
+                                            embedding_output=hidden, encoder_hidden_states=None, cache=None)
+    return masks[0]
+
+
+def _pool(encoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    pooler = encoder.pooler
+    if hasattr(pooler, "mask"):  # fedslm's MaskedMeanPooler reads the batch's mask
+        pooler.mask = attention_mask
+        try:
+            return pooler(hidden)
+        finally:
+            pooler.mask = None
+    return pooler(hidden)
+
+
+@dataclass
+class Features:
+    """The cached outputs of the frozen layers for one split, row i for record i."""
+
+    hidden: torch.Tensor  # [n, d] (k = 0) or [n, T, d]
+    mask: Optional[torch.Tensor]  # [n, T] (k > 0), else None
+    labels: torch.Tensor  # [n]
+    layers: int
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        out = {"hidden": self.hidden[idx], "labels": self.labels[idx]}
+        if self.mask is not None:
+            mask = self.mask[idx]
+            width = max(int(mask.sum(1).max()), 1) if len(idx) else 1  # trim the batch's common padding
+            out["hidden"], out["attention_mask"] = out["hidden"][:, :width], mask[:, :width]
+        return out
+
+
+class Suffix(nn.Module):
+    """The classifier from the cache on: top ``layers`` encoder layers (or none), pooler, dropout, head."""
+
+    def __init__(self, model: nn.Module, layers: int):
+        super().__init__()
+        encoder, inner, classifier = _parts(model)
+        total = len(encoder.encoder.layer)
+        if not 0 <= layers <= total:
+            raise ConfigError(f"lora.layers={layers}: this model has {total} encoder layers (0 = the head alone)")
+        self.layers = layers
+        self.top = nn.ModuleList(list(encoder.encoder.layer)[total - layers:])
+        self.dropout = inner.dropout
+        self.classifier = classifier
+        self._encoder = [encoder]  # not a submodule: its frozen lower layers are not part of this one
+
+    def forward(self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.layers > 0:
+            encoder = self._encoder[0]
+            mask = _mask(encoder, hidden, attention_mask)
+            for layer in self.top:
+                hidden = layer(hidden, mask)
+            hidden = _pool(encoder, hidden, attention_mask)
+        return self.classifier(self.dropout(hidden))
+
+    def losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self(batch["hidden"], batch.get("attention_mask"))
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
+
+@torch.inference_mode()
+def compute(model: nn.Module, enc: Encoded, layers: int, batch_size: int = 256) -> Features:
+    """The frozen layers' outputs for every record of ``enc`` (dropout off), batched by length."""
+    from fedslm.data.tasks import _pad
+
+    encoder, _, _ = _parts(model)
+    total = len(encoder.encoder.layer)
+    if not 0 <= layers <= total:
+        raise ConfigError(f"lora.layers={layers}: this model has {total} encoder layers (0 = the head alone)")
+    was = encoder.training
+    encoder.eval()
+    n = len(enc)
+    order = sorted(range(n), key=lambda i: len(enc.input_ids[i]))
+    width = max((len(ids) for ids in enc.input_ids), default=1)
+    dim = encoder.config.hidden_size
+    hidden = torch.zeros((n, dim) if layers == 0 else (n, width, dim), dtype=torch.float32)
+    mask_all = None if layers == 0 else torch.zeros((n, width), dtype=torch.long)
+    try:
+        for start in range(0, n, batch_size):
+            rows = order[start:start + batch_size]
+            ids, mask = _pad([enc.input_ids[i] for i in rows], enc.pad_id)
+            h = encoder.embeddings(input_ids=ids)
+            ext = _mask(encoder, h, mask)
+            for layer in list(encoder.encoder.layer)[:total - layers]:
+                h = layer(h, ext)
+            idx = torch.as_tensor(rows)
+            if layers == 0:
+                hidden[idx] = _pool(encoder, h, mask).float()
+            else:
+                hidden[idx, :h.shape[1]] = h.float()
+                mask_all[idx, :mask.shape[1]] = mask
+    finally:
+        encoder.train(was)
+    labels = torch.as_tensor(enc.targets, dtype=torch.long)
+    return Features(hidden, mask_all, labels, layers)
+
+
+def cache_key(enc: Encoded, fingerprint: str, layers: int, layout: dict) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"fingerprint": fingerprint, "layers": layers, "layout": layout, "pad": enc.pad_id,
+                         "v": 1}, sort_keys=True).encode())
+    for ids in enc.input_ids:
+        h.update(len(ids).to_bytes(4, "little"))
+        h.update(b"".join(int(t).to_bytes(4, "little") for t in ids))
+    h.update(json.dumps(list(map(int, enc.targets))).encode())
+    return h.hexdigest()
+
+
+_MEMORY: dict[str, Features] = {}
+
+
+def features(model: nn.Module, enc: Encoded, layers: int, fingerprint: str, layout: dict, *,
+             folder: Optional[Path] = None, persist: bool = True) -> Features:
+    """The cached features of ``enc``: from memory, else the node's 0600 file, else computed (and kept)."""
+    key = cache_key(enc, fingerprint, layers, layout)
+    if key in _MEMORY:
+        return _MEMORY[key]
+    folder = folder or cache_dir()
+    path = folder / f"{key}.pt"
+    feats = None
+    if persist and path.is_file():
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            feats = Features(data["hidden"], data.get("mask"), data["labels"], int(data["layers"]))
+        except Exception as exc:  # noqa: BLE001 - a torn or foreign file is recomputed, never trusted
+            log.warning("feature cache %s unreadable (%s); computing it again", path, exc)
+            feats = None
+        if feats is not None and len(feats) != len(enc):
+            feats = None
+    if feats is None:
+        import time
+
+        start = time.perf_counter()
+        feats = compute(model, enc, layers)
+        log.info("frozen-prefix features of %d records (lora.layers=%d) in %.1f s", len(enc), layers,
+                 time.perf_counter() - start)
+        if persist:
+            _write(path, feats)
+    if len(_MEMORY) >= 16:
+        _MEMORY.pop(next(iter(_MEMORY)))
+    _MEMORY[key] = feats
+    return feats
+
+
+def _write(path: Path, feats: Features) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        data = {"hidden": feats.hidden, "labels": feats.labels, "layers": feats.layers}
+        if feats.mask is not None:
+            data["mask"] = feats.mask
+        torch.save(data, fh)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluation_from_features(suffix: Suffix, feats: Features, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-record losses, predictions) of ``suffix`` on every cached record, in eval mode."""
+    was = suffix.training
+    suffix.eval()
+    losses, preds = [], []
+    try:
+        for start in range(0, len(feats), batch_size):
+            b = feats.batch(range(start, min(start + batch_size, len(feats))))
+            logits = suffix(b["hidden"], b.get("attention_mask")).float()
+            losses.append(F.cross_entropy(logits, b["labels"], reduction="none"))
+            preds.append(logits.argmax(-1))
+    finally:
+        suffix.train(was)
+    return torch.cat(losses) if losses else torch.zeros(0), torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def split_features(model: nn.Module, fingerprint: str, enc: Encoded, model_cfg, layers: Optional[int], *,
+                   folder: Optional[Path] = None) -> Optional[Features]:
+    """The cached prefix of one split when ``lora.layers`` is set (else None: train the whole model)."""
+    if layers is None or len(enc) == 0:
+        return None
+    layout = {"pooling": model_cfg.pooling, "normalize": model_cfg.normalize, "max_length": model_cfg.max_length,
+              "name": model_cfg.name}
+    return features(model, enc, layers, fingerprint, layout, folder=folder)

@@ -1,0 +1,164 @@
+"""The frozen-prefix cache (lora.layers) against the uncached model, the obviously correct reference:
+same logits, same per-record gradients, the same DP round bit for bit; plus the cache file's
+hygiene, the head-only adapter, seeded dropout and the label-name prior."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedslm.errors import ConfigError
+from fedslm.lora import get_adapter_state
+from fedslm.privacy import Ledger
+from fedslm.train import prefix
+from fedslm.train.local import round_spec, train_round
+from fedslm.train.node import build_node
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(prefix.CACHE_ENV, str(tmp_path / "cache"))
+    prefix._MEMORY.clear()
+
+
+def _randomise_lora(model, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name and p.requires_grad:  # the trained LoRA (lora.layers=0 keeps an inert one)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def _node(cls_config, layers, *extra):
+    return build_node(cls_config("model.pooling=mean", f"lora.layers={layers}", *extra))
+
+
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_cached_logits_and_per_record_gradients_equal_the_uncached_models(cls_config, layers):
+    node = _node(cls_config, layers)
+    _randomise_lora(node.model)
+    feats = node.train_features
+    assert feats is not None and feats.layers == layers and len(feats) == len(node.train)
+    suffix = prefix.Suffix(node.model, layers)
+    node.model.eval()
+    rows = [0, 3, 7, 11]
+    from fedslm.data.tasks import get_task
+
+    batch = get_task("classification").collate(node.train, rows)
+    full = node.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    b = feats.batch(rows)
+    cached = suffix(b["hidden"], b.get("attention_mask"))
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
+    params = [p for p in node.model.parameters() if p.requires_grad]
+    for i in rows:  # each record's own gradient, both ways
+        one = get_task("classification").collate(node.train, [i])
+        g_full = torch.autograd.grad(F.cross_entropy(node.model(input_ids=one["input_ids"],
+                                                                attention_mask=one["attention_mask"]).logits,
+                                                     one["labels"]), params)
+        c = feats.batch([i])
+        g_cached = torch.autograd.grad(F.cross_entropy(suffix(c["hidden"], c.get("attention_mask")), c["labels"]),
+                                       params)
+        for a, e in zip(g_cached, g_full):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
+
+
+def test_a_dp_round_from_the_cache_is_the_uncached_round(cls_config, tmp_path):
+    """Same seed, same batches, same clipping and noise: the adapters after one DP-SGD round agree."""
+    states = []
+    for use_cache, name in ((False, "a"), (True, "b")):
+        node = _node(cls_config, 1)
+        _randomise_lora(node.model)
+        spec = round_spec(cls_config("model.pooling=mean", "lora.layers=1"))
+        train_round(node.model, node.train, spec, unit="u", ledger=Ledger(tmp_path / f"{name}.json"),
+                    features=node.train_features if use_cache else None)
+        states.append(get_adapter_state(node.model))
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-4, atol=1e-6)
+
+
+def test_head_only_trains_and_sends_the_classifier_alone(cls_config, tmp_path):
+    node = _node(cls_config, 0)
+    state = get_adapter_state(node.model)
+    assert state and all("classifier" in k for k in state)
+    before = {k: v.clone() for k, v in state.items()}
+    cfg = cls_config("model.pooling=mean", "lora.layers=0")
+    train_round(node.model, node.train, round_spec(cfg), unit="u", ledger=Ledger(tmp_path / "l.json"),
+                features=node.train_features)
+    after = get_adapter_state(node.model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    for name, p in node.model.named_parameters():
+        if "lora_" in name:  # the inert LoRA PEFT needs: B = 0, frozen
+            assert not p.requires_grad
+            if "lora_B" in name:
+                assert torch.count_nonzero(p) == 0
+
+
+def test_the_cache_file_is_private_and_read_back_instead_of_recomputed(cls_config, tmp_path, monkeypatch):
+    node = _node(cls_config, 1)
+    files = list((tmp_path / "cache").glob("*.pt"))
+    assert len(files) == 2  # train and held-out
+    assert stat.S_IMODE(os.stat(tmp_path / "cache").st_mode) == 0o700
+    assert all(stat.S_IMODE(os.stat(f).st_mode) == 0o600 for f in files)
+    prefix._MEMORY.clear()
+    monkeypatch.setattr(prefix, "compute", lambda *a, **k: pytest.fail("recomputed a cached split"))
+    again = prefix.split_features(node.model, node.base.fingerprint, node.train,
+                                  cls_config("model.pooling=mean").model, 1)
+    torch.testing.assert_close(again.hidden, node.train_features.hidden)
+    # Another layout (pooling, normalisation, depth) is another file, never a stale read.
+    assert prefix.cache_key(node.train, node.base.fingerprint, 1, {"normalize": True}) != \
+        prefix.cache_key(node.train, node.base.fingerprint, 1, {"normalize": False})
+
+
+def test_a_torn_cache_file_is_recomputed(cls_config, tmp_path):
+    node = _node(cls_config, 0)
+    for f in (tmp_path / "cache").glob("*.pt"):
+        f.write_bytes(b"not a tensor file")
+    prefix._MEMORY.clear()
+    again = prefix.split_features(node.model, node.base.fingerprint, node.train,
+                                  cls_config("model.pooling=mean").model, 0)
+    torch.testing.assert_close(again.hidden, node.train_features.hidden)
+
+
+def test_lora_layers_is_checked_and_named(cls_config, causal_config):
+    with pytest.raises(ConfigError, match="lora.layers=3: this model has 2 encoder layers"):
+        _node(cls_config, 3)
+    with pytest.raises(ConfigError, match="lora.layers"):
+        causal_config("lora.layers=1")
+    with pytest.raises(ConfigError, match="lora.layers must be a whole number"):
+        cls_config("lora.layers=-1")
+
+
+def test_dropout_is_seeded_with_the_noise_so_two_runs_are_bit_identical(cls_config, tmp_path):
+    """LoRA dropout draws from torch's global generator; train_round seeds it from the noise seed."""
+    states = []
+    for name in ("a", "b"):
+        cfg = cls_config("lora.dropout=0.5")
+        node = build_node(cfg)
+        torch.manual_seed(len(name) * 1000 + ord(name))  # whatever the global state was before
+        train_round(node.model, node.train, round_spec(cfg), unit="u", ledger=Ledger(tmp_path / f"{name}.json"))
+        states.append(get_adapter_state(node.model))
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_the_label_name_prior_is_each_names_normalised_embedding(cls_config):
+    cfg = cls_config("model.pooling=mean", "model.normalize=true", "model.head_init=label-names",
+                     "model.head_prior_scale=7")
+    node = build_node(cfg)
+    from fedslm.data.examples import ClassificationExample
+    from fedslm.data.tasks import ClassificationTask
+    from fedslm.lora.prior import trainable_head
+
+    head = trainable_head(node.model)
+    enc = ClassificationTask().encode([ClassificationExample(n, i) for i, n in enumerate(node.data.labels)],
+                                      node.base.tokenizer, cfg.model.max_length)
+    names = prefix.compute(node.model, enc, 0).hidden
+    torch.testing.assert_close(head.weight, F.normalize(names, dim=-1) * 7)
+    assert torch.count_nonzero(head.bias) == 0
+    sent = get_adapter_state(node.model)  # it travels in the adapter
+    torch.testing.assert_close(next(v for k, v in sent.items() if k.endswith("classifier.weight")), head.weight)
