@@ -166,6 +166,7 @@ def validate(cfg: Config) -> None:
                f"{cfg.lora.layers!r}")
         _check(cfg.model.task == "classification", "lora.layers (the frozen-prefix cache) applies to model.task "
                "'classification' only")
+    _check(0.0 <= cfg.train.momentum < 1.0, f"train.momentum must be in [0, 1), got {cfg.train.momentum}")
     _positive("lora.r", cfg.lora.r)
     _positive("lora.alpha", cfg.lora.alpha)
     _check(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")

@@ -138,6 +138,8 @@ class TrainConfig:
     lr: float = 2e-3
     optimizer: str = "adamw"
     weight_decay: float = 0.0
+    # Heavy-ball momentum of train.optimizer "sgd" (noised gradients are averaged over steps).
+    momentum: float = 0.0
     seed: int = 0
     # torch intra-op threads; None leaves torch's default.
     threads: Optional[int] = None

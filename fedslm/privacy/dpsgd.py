@@ -57,9 +57,10 @@ class _SecureNoiseDPOptimizer(DPOptimizer):
             _mark_as_processed(p.summed_grad)
 
 
-def make_optimizer(params: list[nn.Parameter], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter], name: str, lr: float, weight_decay: float,
+                   momentum: float = 0.0) -> torch.optim.Optimizer:
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 

@@ -19,6 +19,28 @@ from fedslm.privacy import Ledger
 from fedslm.train.evaluate import evaluate
 from fedslm.train.local import train_round
 from fedslm.wire.codec import Request
+from fedslm.lora.prior import apply_label_prior
+from fedslm.train.prefix import split_features
+
+
+def fixed_test(cfg: Config, adapter_dir: Path) -> Optional[dict[str, Any]]:
+    """The global adapter scored on the bundled dataset's fixed test split (never trained on: the
+    institutions share its training split only), or None for a dataset without one. In a simulation
+    the researcher holds every record, so this is exact, not a DP release."""
+    from fedslm.data import bundled, load_task_data
+    from fedslm.data.tasks import get_task
+    from fedslm.lora.merge import load_tuned
+
+    if bundled.get(cfg.data.source) is None or cfg.model.task != "classification":
+        return None
+    data = load_task_data(cfg.data, cfg.model.task)
+    if not data.test:
+        return None
+    tuned = load_tuned(adapter_dir)
+    enc = get_task(cfg.model.task).encode(data.test, tuned.base.tokenizer, cfg.model.max_length)
+    feats = split_features(tuned.model, tuned.base.fingerprint, enc, cfg.model, cfg.lora.layers)
+    ev = evaluate(tuned.model, enc, cfg.model.task, cfg.train.eval_batch_size, features=feats)
+    return {"accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"], "records": ev["num_examples"]}
 
 
 def local_baselines(cfg: Config, progress: Optional[Callable[[int], None]] = None) -> dict[str, dict[str, Any]]:
@@ -32,11 +54,15 @@ def local_baselines(cfg: Config, progress: Optional[Callable[[int], None]] = Non
         request = Request(server_round=0, config_yaml="", base_fingerprint="", run_id="local-only",
                           proximal_mu=0.0, adapter=None, bytes_down=0)
         built = build_institution(plan, request)
+        if cfg.model.head_init == "label-names" and built.data.labels is not None:
+            apply_label_prior(built.model, built.base.tokenizer, built.data.labels, cfg.model)
+        train_f, test_f = (split_features(built.model, built.base.fingerprint, enc, cfg.model, cfg.lora.layers)
+                           for enc in (built.train, built.test))
         ledger = Ledger(plan.ledger)
         for r in range(1, cfg.federation.rounds + 1):
             train_round(built.model, built.train, plan.spec, unit=plan.unit, ledger=ledger,
-                        run_id="local-only", round_idx=r)
-        ev = evaluate(built.model, built.test, cfg.model.task, cfg.train.eval_batch_size)
+                        run_id="local-only", round_idx=r, features=train_f)
+        ev = evaluate(built.model, built.test, cfg.model.task, cfg.train.eval_batch_size, features=test_f)
         results[str(inst)] = ev.get(headline)
         if progress is not None:
             progress(inst)

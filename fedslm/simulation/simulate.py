@@ -254,6 +254,13 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
                 cfg, progress=lambda i: st.update(f"institution {i} trained alone"))
         summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
         write_report(out)
+    summary["wall_seconds_simulation"] = time.monotonic() - started
+    from fedslm.simulation.compare import fixed_test
+
+    with console.status("scoring the global adapter on the fixed test split"):
+        scores = fixed_test(cfg, out / "adapter")
+    if scores is not None:
+        summary["fixed_test"] = scores
     summary["wall_seconds_total"] = time.monotonic() - started
     summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
@@ -275,5 +282,10 @@ def describe(summary: dict[str, Any], out: Path, console: Console) -> None:
         fed = summary.get("per_institution", {}).get(headline, {})
         console.print("per institution, federated vs alone at the same ε: " + ", ".join(
             f"{k}: {fed.get(k, float('nan')):.3f} vs {v:.3f}" for k, v in sorted(local.items(), key=lambda kv: int(kv[0]))))
+    fixed = summary.get("fixed_test")
+    if fixed:
+        console.print(f"[bold]fixed test split ({fixed['records']} records never trained on): accuracy "
+                      f"{fixed['accuracy']:.4f}, macro-F1 {fixed['macro_f1']:.4f}[/] (simulation "
+                      f"{summary.get('wall_seconds_simulation', 0):.0f}s)")
     console.print(f"run folder: {out} (config.yaml, metrics.jsonl, summary.json, adapter/, report.png)")
 

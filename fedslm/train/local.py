@@ -75,6 +75,7 @@ class RoundSpec:
     weight_decay: float
     seed: int
     dp: DPSpec
+    momentum: float = 0.0
 
 
 def round_spec(cfg: Config) -> RoundSpec:
@@ -85,6 +86,7 @@ def round_spec(cfg: Config) -> RoundSpec:
     return RoundSpec(
         task=cfg.model.task, batch_size=t.batch_size, physical_batch_size=t.physical_batch_size,
         local_steps=t.local_steps, lr=t.lr, optimizer=t.optimizer, weight_decay=t.weight_decay, seed=t.seed,
+        momentum=t.momentum,
         dp=DPSpec(
             enabled=p.enabled, target_epsilon=p.target_epsilon,
             max_epsilon=p.max_epsilon if p.max_epsilon is not None else (p.target_epsilon if p.enabled else math.inf),
@@ -193,7 +195,7 @@ def train_round(
             return per_record(module, task.collate(train, indices))
 
     params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = make_optimizer(params, t.optimizer, t.lr, t.weight_decay)
+    optimizer = make_optimizer(params, t.optimizer, t.lr, t.weight_decay, t.momentum)
     extra_grad = _proximal(params, proximal_mu) if proximal_mu > 0 else None
     if p.enabled:
         pl = privacy_plan(spec, n)
