@@ -66,13 +66,16 @@ def test_cached_logits_and_per_record_gradients_equal_the_uncached_models(cls_co
             torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
 
 
-def test_a_dp_round_from_the_cache_is_the_uncached_round(cls_config, tmp_path):
-    """Same seed, same batches, same clipping and noise: the adapters after one DP-SGD round agree."""
+@pytest.mark.parametrize("layers,extra", [(1, ()), (0, ()), (0, ("train.full_batch=true", "privacy.max_grad_norm=0.05"))],
+                         ids=["top-layer", "head-ghost-clipping", "head-full-batch-clipped"])
+def test_a_dp_round_from_the_cache_is_the_uncached_round(cls_config, tmp_path, layers, extra):
+    """Same seed, same batches, same clipping and noise: the adapters after one DP-SGD round agree
+    (the head alone goes through fedslm.privacy.head_dpsgd, the uncached model through Opacus)."""
     states = []
     for use_cache, name in ((False, "a"), (True, "b")):
-        node = _node(cls_config, 1)
+        node = _node(cls_config, layers, *extra)
         _randomise_lora(node.model)
-        spec = round_spec(cls_config("model.pooling=mean", "lora.layers=1"))
+        spec = round_spec(cls_config("model.pooling=mean", f"lora.layers={layers}", *extra))
         train_round(node.model, node.train, spec, unit="u", ledger=Ledger(tmp_path / f"{name}.json"),
                     features=node.train_features if use_cache else None)
         states.append(get_adapter_state(node.model))

@@ -140,6 +140,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     # Heavy-ball momentum of train.optimizer "sgd" (noised gradients are averaged over steps).
     momentum: float = 0.0
+    # Every step uses every training record (sample rate 1; train.batch_size is then unused): the
+    # DP recipe for a cheap step (lora.layers: 0), full-batch DP-GD with many steps.
+    full_batch: bool = False
     seed: int = 0
     # torch intra-op threads; None leaves torch's default.
     threads: Optional[int] = None

@@ -218,7 +218,7 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
     spec = RoundSpec(
         task=cfg.model.task, batch_size=t.batch_size, physical_batch_size=t.physical_batch_size,
         local_steps=t.local_steps, lr=t.lr, optimizer=t.optimizer, weight_decay=t.weight_decay, seed=t.seed,
-        momentum=t.momentum,
+        momentum=t.momentum, full_batch=t.full_batch,
         dp=DPSpec(
             enabled=req.enabled, target_epsilon=target,
             max_epsilon=cap if req.enabled else math.inf, delta=delta, max_grad_norm=req.max_grad_norm,

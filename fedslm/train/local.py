@@ -35,6 +35,7 @@ from fedslm.privacy.ledger import Ledger
 from fedslm.train.losses import PER_RECORD_LOSS
 
 if TYPE_CHECKING:
+    from fedslm.privacy.head_dpsgd import HeadDPSGD
     from fedslm.train.prefix import Features
 
 ProgressFn = Callable[[int, int, float], None]
@@ -76,6 +77,11 @@ class RoundSpec:
     seed: int
     dp: DPSpec
     momentum: float = 0.0
+    # Every step on every record (sample rate 1): the logical batch is the node's whole training set.
+    full_batch: bool = False
+
+    def logical_batch(self, num_examples: int) -> int:
+        return num_examples if self.full_batch else self.batch_size
 
 
 def round_spec(cfg: Config) -> RoundSpec:
@@ -86,7 +92,7 @@ def round_spec(cfg: Config) -> RoundSpec:
     return RoundSpec(
         task=cfg.model.task, batch_size=t.batch_size, physical_batch_size=t.physical_batch_size,
         local_steps=t.local_steps, lr=t.lr, optimizer=t.optimizer, weight_decay=t.weight_decay, seed=t.seed,
-        momentum=t.momentum,
+        momentum=t.momentum, full_batch=t.full_batch,
         dp=DPSpec(
             enabled=p.enabled, target_epsilon=p.target_epsilon,
             max_epsilon=p.max_epsilon if p.max_epsilon is not None else (p.target_epsilon if p.enabled else math.inf),
@@ -121,7 +127,7 @@ def ledger_path(cfg: Config) -> Path:
 def privacy_plan(spec: RoundSpec, num_examples: int) -> PrivacyPlan:
     dp = spec.dp
     return plan(
-        num_examples=num_examples, batch_size=spec.batch_size, local_steps=spec.local_steps,
+        num_examples=num_examples, batch_size=spec.logical_batch(num_examples), local_steps=spec.local_steps,
         rounds=dp.planned_rounds, target_epsilon=dp.target_epsilon, delta=dp.delta,
         accountant=dp.accountant, noise_multiplier=dp.noise_multiplier,
     )
@@ -204,12 +210,23 @@ def train_round(
         entry = ledger.reserve(unit, (sigma, q, t.local_steps), delta=delta, max_epsilon=p.max_epsilon,
                                num_examples=n, run=run_id, round=round_idx, accountant=p.accountant)
         noise_source = check_secure_mode(p.secure_mode)
-        engine: DPSGD | PlainSGD = DPSGD(
-            trained, optimizer=optimizer, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
-            expected_batch_size=t.batch_size, physical_batch_size=t.physical_batch_size,
-            noise_generator=_generator(p.noise_seed, "noise", unit, p.seed_salt, round_idx),
-            secure_mode=p.secure_mode, extra_grad=extra_grad,
-        )
+        noise_gen = _generator(p.noise_seed, "noise", unit, p.seed_salt, round_idx)
+        engine: DPSGD | PlainSGD | HeadDPSGD
+        if features is not None and features.layers == 0 and extra_grad is None:
+            # The head alone: the same DP-SGD step without per-record gradient tensors.
+            from fedslm.lora.prior import trainable_head
+            from fedslm.privacy.head_dpsgd import HeadDPSGD
+
+            engine = HeadDPSGD(trainable_head(model), trained.dropout, features, optimizer=optimizer,
+                               noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
+                               expected_batch_size=t.logical_batch(n), physical_batch_size=t.physical_batch_size,
+                               noise_generator=noise_gen, secure_mode=p.secure_mode)
+        else:
+            engine = DPSGD(
+                trained, optimizer=optimizer, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
+                expected_batch_size=t.logical_batch(n), physical_batch_size=t.physical_batch_size,
+                noise_generator=noise_gen, secure_mode=p.secure_mode, extra_grad=extra_grad,
+            )
         sampler = _generator(p.noise_seed, "sample", unit, p.seed_salt, round_idx)
     else:
         if not p.allow_non_private:
@@ -217,7 +234,7 @@ def train_round(
                 f"privacy.enabled=false would release updates with no privacy guarantee (ε=∞), past this node's "
                 f"cap max_epsilon={p.max_epsilon:g}; refusing to train"
             )
-        q, delta, sigma, noise_source = min(1.0, t.batch_size / n), None, None, "none (privacy disabled)"
+        q, delta, sigma, noise_source = min(1.0, t.logical_batch(n) / n), None, None, "none (privacy disabled)"
         # Recorded as σ=0 (ε=∞): the data was exposed, and no later DP round can claim a finite ε.
         entry = ledger.reserve(unit, (0.0, q, t.local_steps), delta=p.delta or 1.0 / (10 * n),
                                max_epsilon=math.inf, num_examples=n, run=run_id, round=round_idx,

@@ -1,0 +1,79 @@
+"""DP-SGD for a linear head on cached features, without materialising per-record gradients.
+
+With ``lora.layers: 0`` the only trainable tensors are the classifier's weight W (C × d) and bias b,
+read on a cached sentence vector x (after the head's dropout, x̃). Record i's gradient of its
+cross-entropy is the outer product e_i x̃_iᵀ (and e_i for b), e_i = softmax(W x̃_i + b) − onehot(y_i),
+so its norm is ‖e_i‖ · √(‖x̃_i‖² + 1) and the clipped sum is (c ∘ E)ᵀ X̃: one matrix product
+("ghost clipping" for a linear layer), where Opacus would write an n × C × d tensor of per-record
+gradients first. Everything else is Opacus' DPOptimizer step, in its order and with its numbers:
+clip factor min(1, C / (‖g_i‖ + 1e-6)), Gaussian noise of std σ·C drawn per tensor in parameter
+order from the same generator (or the OS CSPRNG), divided by the expected batch size, then the
+wrapped optimizer's step. ``tests/test_prefix.py`` checks it against Opacus' own engine on the
+same batches and noise.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class HeadDPSGD:
+    """The DPSGD engine's interface (``step``, ``close``) for a head on cached features."""
+
+    def __init__(self, head: nn.Linear, dropout: nn.Module, features, *, optimizer: torch.optim.Optimizer,
+                 noise_multiplier: float, max_grad_norm: float, expected_batch_size: int,
+                 physical_batch_size: int, noise_generator: Optional[torch.Generator] = None,
+                 secure_mode: bool = False):
+        self.head, self.dropout, self.features = head, dropout, features
+        self.params = [p for p in (head.weight, head.bias) if p is not None and p.requires_grad]
+        self.optimizer = optimizer
+        self.sigma, self.clip = float(noise_multiplier), float(max_grad_norm)
+        self.expected = int(expected_batch_size)
+        self.chunk = int(physical_batch_size)
+        self.generator, self.secure_mode = noise_generator, secure_mode
+        head.train()
+        dropout.train()
+
+    def _noise(self, like: torch.Tensor) -> torch.Tensor:
+        std = self.sigma * self.clip
+        if self.secure_mode:
+            from fedslm.privacy import csprng
+
+            return csprng.gaussian_like(like, std)
+        return torch.normal(mean=0.0, std=std, size=like.shape, device=like.device, generator=self.generator)
+
+    def step(self, indices: Sequence[int], loss_fn=None) -> float:  # noqa: ARG002 - same call as DPSGD
+        """One DP-SGD step on the logical batch ``indices``; returns its summed loss."""
+        w, b = self.head.weight, self.head.bias
+        sum_w, sum_b = torch.zeros_like(w), (torch.zeros_like(b) if b is not None else None)
+        total = 0.0
+        for start in range(0, len(indices), self.chunk):
+            batch = self.features.batch(indices[start:start + self.chunk])
+            x = self.dropout(batch["hidden"]).detach()
+            with torch.no_grad():
+                logits = F.linear(x, w, b).float()
+                losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+                e = torch.softmax(logits, dim=-1)
+                e[torch.arange(len(e)), batch["labels"]] -= 1.0
+                sq = x.pow(2).sum(-1) + (1.0 if b is not None and b.requires_grad else 0.0)
+                norms = e.norm(dim=-1) * sq.sqrt()
+                factor = (self.clip / (norms + 1e-6)).clamp(max=1.0)
+                ce = e * factor.unsqueeze(-1)
+                sum_w += ce.T @ x
+                if sum_b is not None:
+                    sum_b += ce.sum(0)
+            total += float(losses.sum())
+        grads = {id(w): sum_w, **({id(b): sum_b} if b is not None else {})}
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params:  # Opacus' order: noise per tensor, then the mean over the expected batch
+            p.grad = (grads[id(p)] + self._noise(grads[id(p)])) / self.expected
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def close(self) -> nn.Module:
+        return self.head
