@@ -69,15 +69,45 @@ def node_context(node_config: Mapping[str, Any]) -> NodeContext:
                       f"'{NODE_POLICY}=\"/path/to/policy.yaml\"' (write one with: fedslm node init)")
 
 
+# A simulation's Ray actors serve every round of several institutions in one process: their shares
+# of the scenario's dataset (read, partitioned, split) and token ids are the same each time, so they
+# are kept (a deployed node's process serves one message and reads its file afresh).
+_SHARES: dict[str, TaskData] = {}
+_ENCODED: dict[tuple, tuple[Any, Any]] = {}
+
+
+def _share(plan: RoundPlan) -> TaskData:
+    fed = plan.partition
+    assert fed is not None
+    key = json.dumps([asdict(plan.data), asdict(fed), plan.institution, plan.model.task], sort_keys=True, default=str)
+    if key not in _SHARES:
+        group = fed.partition_column if fed.partitioner == "column" else None
+        whole = load_task_data(plan.data, plan.model.task, group_column=group)
+        if len(_SHARES) >= 8:
+            _SHARES.pop(next(iter(_SHARES)))
+        _SHARES[key] = institution_data(whole, fed, plan.institution, plan.data.test_fraction,
+                                        plan.data.split_seed, plan.data.max_test_records)
+    return _SHARES[key]
+
+
+def _encode(task, examples, base: BaseModel, max_length: int):
+    key = (id(examples), str(base.path), max_length, task.name)
+    hit = _ENCODED.get(key)
+    if hit is not None and hit[0] is examples:  # the very list (kept alive by _SHARES), not a reused id
+        return hit[1]
+    enc = task.encode(examples, base.tokenizer, max_length)
+    if any(examples is d.train or examples is d.test for d in _SHARES.values()):
+        if len(_ENCODED) >= 16:
+            _ENCODED.pop(next(iter(_ENCODED)))
+        _ENCODED[key] = (examples, enc)
+    return enc
+
+
 def institution_task_data(plan: RoundPlan, *, for_training: bool = True) -> TaskData:
     if plan.partition is None:  # deployment: the node's own file, split as its policy says
         data = load_task_data(plan.data, plan.model.task)
     else:  # simulation: this institution's share of the scenario's dataset
-        fed = plan.partition
-        group = fed.partition_column if fed.partitioner == "column" else None
-        whole = load_task_data(plan.data, plan.model.task, group_column=group)
-        data = institution_data(whole, fed, plan.institution, plan.data.test_fraction, plan.data.split_seed,
-                                plan.data.max_test_records)
+        data = _share(plan)
     if for_training and plan.spec.dp.enabled and plan.spec.dp.delta is not None:
         n = len(data.train)
         if not plan.spec.dp.delta < 1.0 / n:
@@ -136,8 +166,9 @@ def build_institution(plan: RoundPlan, request: Request, *, for_training: bool =
         for p in model.parameters():  # nothing of an earlier round may leak into this one
             p.grad = None
     # Evaluation needs only the held-out records; tokenizing the training split would be wasted time.
-    train = task.encode(data.train if for_training else [], base.tokenizer, plan.model.max_length)
-    return Node(data, base, model, train, task.encode(data.test, base.tokenizer, plan.model.max_length))
+    train = _encode(task, data.train, base, plan.model.max_length) if for_training else task.encode(
+        [], base.tokenizer, plan.model.max_length)
+    return Node(data, base, model, train, _encode(task, data.test, base, plan.model.max_length))
 
 
 def _features(plan: RoundPlan, inst: Node, enc) -> Optional[Features]:

@@ -33,7 +33,11 @@ def fixed_test(cfg: Config, adapter_dir: Path) -> Optional[dict[str, Any]]:
 
     if bundled.get(cfg.data.source) is None or cfg.model.task != "classification":
         return None
-    data = load_task_data(cfg.data, cfg.model.task)
+    import dataclasses
+
+    # The whole fixed split: data.max_test_records caps what each institution scores, not this.
+    data = load_task_data(dataclasses.replace(cfg.data, max_test_records=None, max_train_records=None),
+                          cfg.model.task)
     if not data.test:
         return None
     tuned = load_tuned(adapter_dir)
