@@ -49,7 +49,7 @@ def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
 
 def run(n: int, rounds: int, work: Path) -> dict:
     out = work / f"n{n}"
-    cmd = [sys.executable, "-m", "fedslm.cli.main", "simulate", "-c", str(ROOT / "simulations/icd10-hospitals.yaml"),
+    cmd = [sys.executable, "-m", "fedslm.cli.main", "simulate", "-c", str(ROOT / "simulations/icd10-hospitals-lora.yaml"),
            "--out", str(out), f"federation.num_clients={n}", f"federation.min_clients={max(1, n // 2)}",
            f"federation.rounds={rounds}", "train.local_steps=2", "data.max_test_records=50",
            "federation.partitioner=iid"]
