@@ -42,12 +42,14 @@ test: $(STAMP)
 bench: $(STAMP)
 ifeq ($(QUICK),1)
 	$(BIN)/python benchmarks/dp_overhead.py --steps 4 --repeats 1 --out benchmarks/results/dp_overhead_quick.json
+	$(BIN)/python benchmarks/recipe.py --quick
 	$(BIN)/python benchmarks/privacy_utility.py --quick
 	$(BIN)/python benchmarks/levers.py --quick
 	$(BIN)/python benchmarks/audit.py --quick
 else
 	$(BIN)/python benchmarks/dp_overhead.py
 	$(BIN)/python benchmarks/federation_overhead.py
+	$(BIN)/python benchmarks/recipe.py
 	$(BIN)/python benchmarks/privacy_utility.py
 	$(BIN)/python benchmarks/levers.py
 	$(BIN)/python benchmarks/audit.py

@@ -130,7 +130,9 @@ def test_killed_node_round_completes_and_restarted_node_keeps_its_ledger(federat
         "model": {"name": str(tiny_bert_dir), "max_length": 16}, "lora": {"r": 2, "alpha": 4},
         "data": {"labels": sorted(CLASS_WORDS)}, "privacy": {"target_epsilon": 3.0},
         "train": {"batch_size": 8, "physical_batch_size": 8, "local_steps": 2},
-        "federation": {"num_clients": 3, "min_clients": 2, "rounds": 4, "round_timeout": 180},
+        # One node scores each round: evaluation is not what this test is about (each is a process).
+        "federation": {"num_clients": 3, "min_clients": 2, "rounds": 4, "round_timeout": 180,
+                       "fraction_evaluate": 0.34},
         "output": {"dir": str(out)},
     }))
     with open(tmp / "run.log", "wb") as log:
@@ -232,7 +234,7 @@ def test_coordinator_killed_mid_round_resumes_without_repeating_or_double_chargi
     tmp, env = f["tmp"], f["env"]
     _enrol_and_start(f, tiny_bert_dir, node_policy)
     out = tmp / "run"
-    scenario = _scenario(tmp, out, tiny_bert_dir, rounds=3)
+    scenario = _scenario(tmp, out, tiny_bert_dir, rounds=3, fraction_evaluate=0.34)
     ledgers = [Ledger(tmp / f"ledger-h{i}.json") for i in range(3)]
 
     def paid_rounds(ledger):  # training rounds (the held-out unit pays for each evaluation on its own)
