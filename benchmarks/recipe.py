@@ -137,13 +137,33 @@ def write(result: dict, stem: Path) -> None:
             d = 100 * (ref - r["accuracy"])
             lines.append(f"- {r['name']}: {d:.1f} points below (target ≤ {gap:g}): {'met' if d <= gap else 'not met'}")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    ax.bar(range(len(rows)), [r["accuracy"] for r in rows], label="fixed-test accuracy")
+    ax.scatter(range(len(rows)), [r["macro_f1"] for r in rows], color="black", zorder=3, label="macro-F1")
+    ax.axhline(ref, color="tab:green", linestyle="--", linewidth=1, label="reference")
+    ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=20, ha="right", fontsize=7)
+    ax.set(ylim=(0.5, 1.0), ylabel="accuracy", title="ICD-10 chapter (22 classes), frozen MiniLM + DP head: the recipe")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--replot", action="store_true", help="rewrite the .md and .png from the saved .json")
     args = ap.parse_args()
     quick = args.quick or os.environ.get("QUICK") == "1"
+    stem = RESULTS / ("recipe_quick" if quick else "recipe")
+    if args.replot:
+        write(json.loads(stem.with_suffix(".json").read_text()), stem)
+        return
     torch.set_num_threads(2)
     rows = [run(n, c, o, quick) for n, c, o in (QUICK if quick else VARIANTS)]
     result = {"date": time.strftime("%Y-%m-%d"), "quick": quick,
