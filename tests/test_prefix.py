@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ from fedslm.privacy import Ledger
 from fedslm.train import prefix
 from fedslm.train.local import round_spec, train_round
 from fedslm.train.node import build_node
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -165,3 +169,26 @@ def test_the_label_name_prior_is_each_names_normalised_embedding(cls_config):
     assert torch.count_nonzero(head.bias) == 0
     sent = get_adapter_state(node.model)  # it travels in the adapter
     torch.testing.assert_close(next(v for k, v in sent.items() if k.endswith("classifier.weight")), head.weight)
+
+
+def test_features_past_the_byte_limit_are_not_cached_and_training_runs_whole(cls_config, tmp_path, monkeypatch):
+    """A request for a deep prefix at a long max_length must not fill a node's memory or disk."""
+    monkeypatch.setenv(prefix.MAX_BYTES_ENV, "1000")
+    node = _node(cls_config, 1)
+    assert node.train_features is None and not list((tmp_path / "cache").glob("*.pt"))
+
+
+def test_the_cache_folder_keeps_its_newest_files_only(cls_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(prefix, "MAX_FILES", 3)
+    for layers in (0, 1, 2):  # two splits each: six files written, three kept
+        _node(cls_config, layers)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
+
+
+@pytest.mark.parametrize("scenario", sorted(str(p) for p in (ROOT / "simulations").glob("*.yaml")) +
+                         sorted(str(p) for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_scenario_and_config_is_valid(scenario):
+    """make run, make gemma and the documented scenarios load and validate (CI never runs them)."""
+    from fedslm.config import load_config
+
+    load_config([Path(scenario)])

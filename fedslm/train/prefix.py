@@ -239,6 +239,9 @@ def _write(path: Path, feats: Features) -> None:
             data["mask"] = feats.mask
         torch.save(data, fh)
     os.replace(tmp, path)
+    kept = sorted(path.parent.glob("*.pt"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for old in kept[MAX_FILES:]:
+        old.unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -258,10 +261,32 @@ def evaluation_from_features(suffix: Suffix, feats: Features, batch_size: int = 
     return torch.cat(losses) if losses else torch.zeros(0), torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
+# Above this many bytes of features a split is trained uncached (the same model, run whole): a request
+# for k > 0 layers at a long max_length on a large node must not fill its memory or disk.
+MAX_BYTES_ENV = "FEDSLM_CACHE_MAX_BYTES"
+DEFAULT_MAX_BYTES = 4 << 30
+# Cache files kept per folder (the oldest go first): each base, layout and depth is a file of its own.
+MAX_FILES = 16
+
+
+def estimated_bytes(model: nn.Module, enc: Encoded, layers: int) -> int:
+    encoder, _, _ = _parts(model)
+    width = max((len(ids) for ids in enc.input_ids), default=1)
+    per_record = encoder.config.hidden_size * (1 if layers == 0 else width) * 4 + (0 if layers == 0 else width * 8)
+    return len(enc) * per_record
+
+
 def split_features(model: nn.Module, fingerprint: str, enc: Encoded, model_cfg, layers: Optional[int], *,
                    folder: Optional[Path] = None) -> Optional[Features]:
-    """The cached prefix of one split when ``lora.layers`` is set (else None: train the whole model)."""
+    """The cached prefix of one split when ``lora.layers`` is set (else None: train the whole model,
+    also when the features would pass $FEDSLM_CACHE_MAX_BYTES, default 4 GiB)."""
     if layers is None or len(enc) == 0:
+        return None
+    limit = int(os.environ.get(MAX_BYTES_ENV, DEFAULT_MAX_BYTES))
+    size = estimated_bytes(model, enc, layers)
+    if size > limit:
+        log.warning("frozen-prefix features of %d records would take %.1f GB (limit %s=%d): training without "
+                    "the cache", len(enc), size / 1e9, MAX_BYTES_ENV, limit)
         return None
     layout = {"pooling": model_cfg.pooling, "normalize": model_cfg.normalize, "max_length": model_cfg.max_length,
               "name": model_cfg.name}
