@@ -192,3 +192,17 @@ def test_every_shipped_scenario_and_config_is_valid(scenario):
     from fedslm.config import load_config
 
     load_config([Path(scenario)])
+
+
+def test_head_only_rounds_draw_secure_noise_when_asked(cls_config, tmp_path):
+    """Deployed nodes require OS-CSPRNG noise by default; the head-only engine honours it."""
+    cfg = cls_config("model.pooling=mean", "lora.layers=0", "privacy.noise_seed=null", "privacy.secure_mode=true",
+                     "train.full_batch=true")
+    node = build_node(cfg)
+    before = get_adapter_state(node.model)
+    res = train_round(node.model, node.train, round_spec(cfg), unit="u", ledger=Ledger(tmp_path / "l.json"),
+                      features=node.train_features)
+    assert res.noise_source.startswith("OS CSPRNG") and 0 < res.epsilon <= cfg.privacy.target_epsilon + 1e-6
+    after = get_adapter_state(node.model)
+    assert all(torch.isfinite(v).all() for v in after.values()) and any(
+        not torch.equal(before[k], after[k]) for k in before)
