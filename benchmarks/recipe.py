@@ -67,7 +67,10 @@ def run(name: str, clients: int, overrides: list[str], quick: bool) -> dict:
     extra = [f"federation.num_clients={clients}", f"federation.min_clients={min(clients, 3)}",
              *overrides, *(["federation.rounds=10"] if quick else [])]
     cfg = load_config([SCENARIO], overrides=extra)
-    whole = load_task_data(cfg.data, "classification")
+    import dataclasses
+
+    # The whole fixed test split (data.max_test_records caps what each institution scores, not this).
+    whole = load_task_data(dataclasses.replace(cfg.data, max_test_records=None), "classification")
     base = load_base(cfg.model, len(whole.labels))
     model = wrap(base.model, cfg.lora, "classification", base.target_modules, seed=cfg.train.seed)
     if cfg.model.head_init == "label-names":
@@ -111,7 +114,8 @@ def run(name: str, clients: int, overrides: list[str], quick: bool) -> dict:
             glob = avg
     set_adapter_state(model, glob)
     ev = evaluate(model, test, "classification", features=test_f)
-    row = {"name": name, "institutions": clients, "overrides": extra, "accuracy": ev["accuracy"],
+    assert len(test) == len(whole.test)
+    row = {"name": name, "test_records": len(test), "institutions": clients, "overrides": extra, "accuracy": ev["accuracy"],
            "macro_f1": ev["macro_f1"], "epsilon": None if not cfg.privacy.enabled else max(eps),
            "rounds": cfg.federation.rounds, "train_seconds": time.perf_counter() - started,
            "features_seconds": features_s}

@@ -143,6 +143,14 @@ def test_a_partition_id_outside_a_simulation_does_not_make_a_node_trust_the_requ
     assert not (tmp_path / "evil.json").exists()
 
 
+def test_a_full_batch_round_is_refused_when_the_nodes_size_is_private(flower_identity, coordinator, hospital,
+                                                                       tmp_path):
+    """A full-batch update is the noised sum divided by n: the noise's size would read n off the adapter."""
+    cfg, state, fp = coordinator
+    _refused(_send(hospital(), _yaml(cfg, train__full_batch=True), state, fingerprint=fp), "refused-by-policy")
+    assert not _ledger(tmp_path).path.exists()
+
+
 def test_a_deployed_node_serves_only_from_its_own_runtime_never_from_the_bundle(flower_identity, coordinator,
                                                                                 hospital, monkeypatch, tmp_path):
     """Outside a simulation the ClientApp (with its mods, as Flower calls it) refuses unless this node's

@@ -206,3 +206,47 @@ def test_head_only_rounds_draw_secure_noise_when_asked(cls_config, tmp_path):
     after = get_adapter_state(node.model)
     assert all(torch.isfinite(v).all() for v in after.values()) and any(
         not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_record_whose_gradient_overflows_contributes_nothing(cls_config, tmp_path):
+    """A request can push some records' logits to inf (huge weights); their gradients are NaN. Such a
+    record is zeroed (within the clipping bound), so the release never turns NaN on a data condition."""
+    cfg = cls_config("model.pooling=mean", "lora.layers=0", "train.full_batch=true")
+    node = build_node(cfg)
+    feats = prefix.Features(node.train_features.hidden.clone(), None, node.train_features.labels, 0)
+    feats.hidden[0] = float("inf")
+    train_round(node.model, node.train, round_spec(cfg), unit="u", ledger=Ledger(tmp_path / "l.json"),
+                features=feats)
+    assert all(torch.isfinite(v).all() for v in get_adapter_state(node.model).values())
+
+
+def test_opacus_path_zeroes_non_finite_per_record_gradients():
+    from types import SimpleNamespace
+
+    from fedslm.privacy.dpsgd import _zero_nonfinite_records
+
+    a = torch.nn.Parameter(torch.zeros(2, 3))
+    b = torch.nn.Parameter(torch.zeros(3))
+    a.grad_sample = torch.ones(4, 2, 3)
+    b.grad_sample = torch.ones(4, 3)
+    a.grad_sample[1, 0, 0] = float("nan")
+    b.grad_sample[2, 1] = float("inf")
+    opt = SimpleNamespace(params=[a, b], _get_flat_grad_sample=lambda p: p.grad_sample)
+    _zero_nonfinite_records(opt)
+    for p in (a, b):
+        assert torch.isfinite(p.grad_sample).all()
+        assert p.grad_sample[1].abs().sum() == 0 and p.grad_sample[2].abs().sum() == 0
+        assert p.grad_sample[0].abs().sum() > 0 and p.grad_sample[3].abs().sum() > 0
+
+
+def test_lora_below_the_cached_prefix_is_refused(cls_config):
+    """PEFT lets an exact module path past layers_to_transform; LoRA there would change the cached prefix."""
+    with pytest.raises(ConfigError, match="outside the top lora.layers=1"):
+        _node(cls_config, 1, "lora.target_modules=[bert.encoder.layer.0.attention.self.query,query]")
+
+
+def test_request_levers_for_overflow_are_bounded(cls_config):
+    with pytest.raises(ConfigError, match="train.lr × train.weight_decay must be < 1"):
+        cls_config("train.lr=1e-20", "train.weight_decay=2e30")
+    with pytest.raises(ConfigError, match="lora.alpha / lora.r must be <= 256"):
+        cls_config("lora.alpha=1e30")

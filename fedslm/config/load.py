@@ -169,6 +169,8 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= cfg.train.momentum < 1.0, f"train.momentum must be in [0, 1), got {cfg.train.momentum}")
     _positive("lora.r", cfg.lora.r)
     _positive("lora.alpha", cfg.lora.alpha)
+    _check(cfg.lora.alpha / max(cfg.lora.r, 1) <= 256, f"lora.alpha / lora.r must be <= 256 (LoRA's scale), got "
+           f"{cfg.lora.alpha / max(cfg.lora.r, 1):g}")
     _check(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.lora.target_modules is not None:
         _check(len(cfg.lora.target_modules) > 0 and all(m.strip() for m in cfg.lora.target_modules),
@@ -220,6 +222,8 @@ def validate(cfg: Config) -> None:
     _positive("train.lr", t.lr)
     _choice("train.optimizer", t.optimizer, OPTIMIZERS)
     _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    # lr × weight_decay ≥ 1 flips or blows up the weights whatever the data: a lever for overflow.
+    _check(t.lr * t.weight_decay < 1, f"train.lr × train.weight_decay must be < 1, got {t.lr * t.weight_decay:g}")
     _positive("train.threads", t.threads, allow_none=True)
     _positive("train.eval_batch_size", t.eval_batch_size)
 

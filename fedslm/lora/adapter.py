@@ -71,6 +71,18 @@ def wrap(base: nn.Module, cfg: LoraConfig, task: str, default_targets: tuple[str
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         model = get_peft_model(base, peft_cfg)
+    if cfg.layers is not None:
+        # PEFT lets an exact module path through layers_to_transform ("bert.encoder.layer.0...."): LoRA
+        # below the cut would change the "frozen" prefix the cache holds. Only the top layers may adapt.
+        import re
+
+        lowest = total - max(cfg.layers, 1)
+        for name, _ in model.named_parameters():
+            if "lora_" in name:
+                found = re.search(r"\.layer\.(\d+)\.", name)
+                if found is None or int(found.group(1)) < lowest:
+                    raise ConfigError(f"lora.target_modules puts LoRA on {name.split('.lora_')[0]}, outside the top "
+                                      f"lora.layers={cfg.layers} layer(s) of the encoder")
     if cfg.ffa or cfg.layers == 0:
         for name, p in model.named_parameters():
             if ".lora_A." in name or (cfg.layers == 0 and "lora_" in name):

@@ -171,6 +171,11 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
     if not req.enabled and not pol.privacy.allow_non_private:
         raise PolicyRefusal("the request asks for a non-private round (privacy.enabled=false) and this node's "
                             "policy does not allow one (privacy.allow_non_private=false)")
+    if cfg.train.full_batch and not pol.data.size_is_public:
+        # A full-batch step is the noised sum divided by n: the noise's size in the update reads n off it.
+        raise PolicyRefusal("the request asks for train.full_batch, whose update is divided by this node's record "
+                            "count (its noise level would give the count away); this node's size is not public "
+                            "(data.size_is_public=false)")
     if req.noise_seed is not None:
         raise PolicyRefusal("the request fixes privacy.noise_seed: whoever knows it could subtract the noise; a "
                             "deployed node draws its noise itself and refuses seeds")

@@ -93,16 +93,25 @@ def dispatch(runtime_api_address: str, *, poll_interval: float = 0.2, parent_pid
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
         retry_invoker=retry)
     running: list[subprocess.Popen] = []
-    started = 0
+    started = failures = 0
     log.info("serving ClientApp tasks from %s with fedslm.node.app of %s (bundles' code is never run)",
              runtime_api_address, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         while (max_tasks is None or started < max_tasks) and alive():
+            running = [p for p in running if p.poll() is None]
+            if running:  # one task at a time: a node's messages are served in turn, never a pile of processes
+                time.sleep(poll_interval)
+                continue
             try:
                 res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
-            except Exception:  # noqa: BLE001 - the SuperNode is still starting, or restarting its API
+            except Exception as exc:  # noqa: BLE001 - the SuperNode is still starting, or restarting its API
+                failures += 1
+                if failures % 60 == 0:  # every ~30 s: a runtime that never connects must say so
+                    log.warning("the SuperNode's Runtime API at %s still does not answer (%s)", runtime_api_address,
+                                type(exc).__name__)
                 time.sleep(0.5)
                 continue
+            failures = 0
             if res.HasField("task") and res.token:
                 log.info("task %d of run %d: starting this node's ClientApp", res.task.task_id, res.task.run_id)
                 running.append(subprocess.Popen(task_command(runtime_api_address, os.getpid()),
@@ -145,7 +154,7 @@ def serve_task(runtime_api_address: str, token: str, parent_pid: Optional[int] =
     try:
         heartbeat.start()
         message, context, run, fab = pull_task_input(client)
-        log.info("run %d: the coordinator's bundle %s %s (sha256 %s) is not run; serving with this node's "
+        log.info("run %d: the coordinator's bundle %r %r (sha256 %s) is not run; serving with this node's "
                  "fedslm", run.run_id, run.fab_id, run.fab_version, fab.hash_str)
         _SERVING = True
         from fedslm.node.app import app

@@ -42,7 +42,32 @@ def check_secure_mode(secure_mode: bool) -> str:
     return csprng.SOURCE if secure_mode else "torch generator seeded from the OS CSPRNG (not cryptographically secure)"
 
 
-class _SecureNoiseDPOptimizer(DPOptimizer):
+def _zero_nonfinite_records(opt: DPOptimizer) -> None:
+    """Zero every record's per-sample gradient that is not finite in some tensor: the record then
+    contributes nothing, within the clipping bound, so no overflow a request provokes on some
+    records can make the released sum depend on them beyond C."""
+    params = [p for p in opt.params if getattr(p, "grad_sample", None) is not None]
+    samples = [opt._get_flat_grad_sample(p) for p in params]
+    if not samples or len(samples[0]) == 0:
+        return
+    ok = torch.ones(len(samples[0]), dtype=torch.bool, device=samples[0].device)
+    for g in samples:
+        ok &= torch.isfinite(g.reshape(len(g), -1)).all(-1)
+    if bool(ok.all()):
+        return
+    for p, g in zip(params, samples):
+        p.grad_sample = torch.where(ok.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g))
+
+
+class _FiniteDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer, with non-finite per-record gradients zeroed before clipping."""
+
+    def clip_and_accumulate(self) -> None:
+        _zero_nonfinite_records(self)
+        super().clip_and_accumulate()
+
+
+class _SecureNoiseDPOptimizer(_FiniteDPOptimizer):
     """Opacus' DPOptimizer with its Gaussian noise drawn from the OS CSPRNG (fedslm.privacy.csprng)."""
 
     def add_noise(self) -> None:
@@ -84,7 +109,7 @@ class DPSGD:
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         self.params = [p for p in model.parameters() if p.requires_grad]
         # secure_mode: noise from the OS CSPRNG (our subclass), not Opacus' torchcsprng path.
-        self.optimizer = (_SecureNoiseDPOptimizer if secure_mode else DPOptimizer)(
+        self.optimizer = (_SecureNoiseDPOptimizer if secure_mode else _FiniteDPOptimizer)(
             optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,

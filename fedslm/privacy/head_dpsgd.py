@@ -62,7 +62,12 @@ class HeadDPSGD:
                 sq = x.pow(2).sum(-1) + (1.0 if b is not None and b.requires_grad else 0.0)
                 norms = e.norm(dim=-1) * sq.sqrt()
                 factor = (self.clip / (norms + 1e-6)).clamp(max=1.0)
-                ce = e * factor.unsqueeze(-1)
+                # A record whose gradient is not finite (an overflowed logit) contributes nothing:
+                # zero is within the clipping bound, so what is released stays DP whatever caused it.
+                finite = torch.isfinite(e).all(-1) & torch.isfinite(x).all(-1) & torch.isfinite(factor)
+                factor = torch.where(finite, factor, torch.zeros_like(factor))
+                ce = torch.where(finite.unsqueeze(-1), e, torch.zeros_like(e)) * factor.unsqueeze(-1)
+                x = torch.where(finite.unsqueeze(-1), x, torch.zeros_like(x))
                 sum_w += ce.T @ x
                 if sum_b is not None:
                     sum_b += ce.sum(0)

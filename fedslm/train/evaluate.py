@@ -86,7 +86,7 @@ def evaluation_counts(model: nn.Module, enc: Encoded, task_name: str, batch_size
     if features is not None:
         losses, preds = _from_features(model, features)
         return {"records": len(features), "correct": int((preds == features.labels).sum()),
-                "loss_sum": float(losses.clamp(0.0, loss_cap).sum())}
+                "loss_sum": float(torch.nan_to_num(losses, nan=loss_cap, posinf=loss_cap).clamp(0.0, loss_cap).sum())}
     task = get_task(task_name)
     was_training = model.training
     model.eval()
@@ -101,7 +101,8 @@ def evaluation_counts(model: nn.Module, enc: Encoded, task_name: str, batch_size
             else:
                 nll, mask = token_losses(model, batch)
                 per_record = (nll * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-            loss_sum += float(per_record.clamp(0.0, loss_cap).sum())
+            # A NaN or inf loss counts as the cap: each record's share stays within [0, loss_cap].
+            loss_sum += float(torch.nan_to_num(per_record, nan=loss_cap, posinf=loss_cap).clamp(0.0, loss_cap).sum())
             records += int(per_record.numel())
     finally:
         model.train(was_training)

@@ -211,7 +211,10 @@ def features(model: nn.Module, enc: Encoded, layers: int, fingerprint: str, layo
         except Exception as exc:  # noqa: BLE001 - a torn or foreign file is recomputed, never trusted
             log.warning("feature cache %s unreadable (%s); computing it again", path, exc)
             feats = None
-        if feats is not None and len(feats) != len(enc):
+        if feats is not None and (len(feats) != len(enc) or feats.layers != layers
+                                  or not torch.equal(feats.labels, torch.as_tensor(enc.targets, dtype=torch.long))
+                                  or (feats.mask is None) != (layers == 0) or feats.hidden.dtype != torch.float32):
+            log.warning("feature cache %s does not fit this split; computing it again", path)
             feats = None
     if feats is None:
         import time
@@ -233,14 +236,27 @@ def _write(path: Path, feats: Features) -> None:
     os.chmod(path.parent, 0o700)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        data = {"hidden": feats.hidden, "labels": feats.labels, "layers": feats.layers}
-        if feats.mask is not None:
-            data["mask"] = feats.mask
-        torch.save(data, fh)
-    os.replace(tmp, path)
-    kept = sorted(path.parent.glob("*.pt"), key=lambda f: f.stat().st_mtime, reverse=True)
-    for old in kept[MAX_FILES:]:
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            data = {"hidden": feats.hidden, "labels": feats.labels, "layers": feats.layers}
+            if feats.mask is not None:
+                data["mask"] = feats.mask
+            torch.save(data, fh)
+        os.replace(tmp, path)
+    except OSError as exc:  # a full disk: no torn file left, and training goes on from memory
+        tmp.unlink(missing_ok=True)
+        log.warning("could not write the feature cache %s (%s); kept in memory only", path, exc)
+        return
+    # Only this module's own files (64 hex digits), so a cache dir pointed at another folder loses nothing.
+    ours = [f for f in path.parent.glob("*.pt") if len(f.stem) == 64 and all(c in "0123456789abcdef" for c in f.stem)]
+
+    def age(f: Path) -> float:
+        try:
+            return f.stat().st_mtime
+        except FileNotFoundError:  # pruned meanwhile by another process
+            return 0.0
+
+    for old in sorted(ours, key=age, reverse=True)[MAX_FILES:]:
         old.unlink(missing_ok=True)
 
 
