@@ -102,14 +102,27 @@ def _write_institution_files(tmp: Path) -> list[Path]:
     return files
 
 
-def _policies(tmp: Path, model: Path, node_policy, privacy=None) -> list[str]:
-    """Each institution's node config: its policy (its file, ledger, caps, the tiny base it allows)."""
+def _policies(tmp: Path, model: Path, node_policy, privacy=None, identities=False) -> list[str]:
+    """Each institution's node config: its policy (its file, ledger, caps, the tiny base it allows).
+    ``identities``: each institution also has a SecAgg+ identity key and lists the others' public keys."""
+    import yaml
+
+    from fedslm.wire import identity
+
     files = _write_institution_files(tmp)
     configs = []
+    names = [f"h{i}" for i in range(len(files))]
+    if identities:
+        for name in names:
+            identity.generate(tmp / "keys" / f"{name}.key")
     for i, path in enumerate(files):
         # Size public: these nodes may report their record count and ε, which the tests check.
         policy = node_policy(data=path, name=f"h{i}", ledger=tmp / f"ledger-h{i}.json", max_epsilon=3.0,
                              models=[model], size_is_public=True, **(privacy or {}).get(i, {}))
+        if identities:
+            section = {"identity_key": str(tmp / "keys" / f"h{i}.key"),
+                       "peers": {n: str(tmp / "keys" / f"{n}.key.pub") for n in names if n != f"h{i}"}}
+            policy.write_text(policy.read_text() + yaml.safe_dump({"secure_aggregation": section}))
         configs.append(f'institution={i} policy="{policy}"')
     return configs
 
@@ -181,12 +194,13 @@ def test_killed_node_round_completes_and_restarted_node_keeps_its_ledger(federat
     assert eps_reported == pytest.approx(later.epsilon)
 
 
-def _enrol_and_start(f, model, node_policy, names=("h0", "h1", "h2"), extra=None, privacy=None, bundle_code=()):
+def _enrol_and_start(f, model, node_policy, names=("h0", "h1", "h2"), extra=None, privacy=None, bundle_code=(),
+                     identities=False):
     tmp, env = f["tmp"], f["env"]
     for name in names:
         subprocess.run([str(BIN / "flwr"), "supernode", "register", str(f["creds"].institutions[name][1]), "fed"],
                        env=env, check=True, capture_output=True, cwd=tmp)
-    configs = _policies(tmp, model, node_policy, privacy)
+    configs = _policies(tmp, model, node_policy, privacy, identities=identities)
     return [f["supernode"](f["creds"].institutions[f"h{i}"][0], f"h{i}", cfg + (extra or {}).get(i, ""),
                            own_code=i not in bundle_code) for i, cfg in enumerate(configs[:len(names)])]
 
@@ -343,11 +357,12 @@ def test_secure_aggregation_client_level_dp_and_ffa_work_in_deployment(federatio
     """Every privacy switch at once over the wire: SecAgg+ (each message a fresh ClientApp process,
     so the protocol's state lives in the node's context between its four stages), client-level DP
     clipped on the nodes with an adaptive bound, FFA-LoRA, secure noise. One node insists on secure
-    aggregation."""
+    aggregation. Every institution signs its round keys and checks its neighbours' signatures, relayed
+    by the coordinator through a real SuperLink."""
     f = federation
     tmp, env = f["tmp"], f["env"]
     _enrol_and_start(f, tiny_bert_dir, node_policy, privacy={0: {"require_secure_aggregation": True,
-                                                                 "require_secure_noise": True}})
+                                                                 "require_secure_noise": True}}, identities=True)
     out = tmp / "run"
     scenario = _scenario(tmp, out, tiny_bert_dir, rounds=2, secure_aggregation=True, lora={"ffa": True},
                          privacy={"secure_mode": True,
@@ -376,6 +391,8 @@ def test_secure_aggregation_client_level_dp_and_ffa_work_in_deployment(federatio
         assert [e["round"] for e in ledger.entries(spend.unit)] == [1, 2] and spend.epsilon <= 3.0 + 1e-9
         held_out = next(s for s in ledger.summary() if s.unit == "held-out")  # each evaluation, a DP release
         assert held_out.rounds == 2 and 0 < held_out.epsilon <= 10.0
+        others = sorted(f"'h{j}'" for j in range(3) if j != i)
+        assert (tmp / f"h{i}.log").read_text().count(f"neighbours verified as [{', '.join(others)}]") == 2
 
 
 def test_a_hostile_coordinator_cannot_reset_weaken_or_read_a_node_over_the_wire(federation, tiny_bert_dir,

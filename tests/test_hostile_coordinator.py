@@ -414,6 +414,43 @@ def test_node_init_writes_a_template_that_node_check_accepts(tmp_path, class_csv
     assert bad.exit_code == 2 and "privacy.max_epsilon must be > 0" in bad.output
 
 
+def test_node_keygen_makes_an_identity_the_policy_reads_and_check_shows(tmp_path, class_csv):
+    """keygen writes a 0600 private key and a .pub; a policy names them by relative paths; node check shows
+    the fingerprints; a missing peer key, or peers without an own identity, stop at load naming the key."""
+    import os
+    import stat
+
+    from typer.testing import CliRunner
+
+    from fedslm.cli.main import app
+    from fedslm.wire import identity
+
+    runner = CliRunner()
+    for name in ("a", "b"):
+        res = runner.invoke(app, ["node", "keygen", str(tmp_path / "keys" / f"{name}.key")])
+        assert res.exit_code == 0, res.output
+    assert stat.S_IMODE(os.stat(tmp_path / "keys" / "a.key").st_mode) == 0o600
+    again = runner.invoke(app, ["node", "keygen", str(tmp_path / "keys" / "a.key")])
+    assert again.exit_code == 2 and "one identity" in again.output
+    path = tmp_path / "policy.yaml"
+    assert runner.invoke(app, ["node", "init", str(path), "--data", str(class_csv)]).exit_code == 0
+    base = path.read_text()
+    path.write_text(base.replace("identity_key: null", "identity_key: keys/a.key").replace(
+        "peers: {}", "peers: {b: keys/b.key.pub}"))
+    res = runner.invoke(app, ["node", "check", str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)["secure_aggregation"]
+    assert report["peers"] == {"b": identity.fingerprint(identity.load_public(tmp_path / "keys" / "b.key.pub"))}
+    assert report["identity"] == identity.fingerprint(identity.load_public(tmp_path / "keys" / "a.key.pub"))
+    path.write_text(base.replace("peers: {}", "peers: {b: keys/missing.pub}").replace("identity_key: null",
+                                                                                      "identity_key: keys/a.key"))
+    bad = runner.invoke(app, ["node", "check", str(path)])
+    assert bad.exit_code == 2 and "secure_aggregation" in bad.output and "missing.pub" in bad.output
+    path.write_text(base.replace("peers: {}", "peers: {b: keys/b.key.pub}"))
+    bad = runner.invoke(app, ["node", "check", str(path)])
+    assert bad.exit_code == 2 and "secure_aggregation.peers needs secure_aggregation.identity_key" in bad.output
+
+
 # ------------------------------------------------------------------ what goes out: DP releases or public facts
 
 

@@ -46,11 +46,12 @@ class NodesInProcess:
     ``corrupt=True``, arrives with a masked vector of the wrong shape.
     """
 
-    def __init__(self, tmp_path: Path, nodes=NODES, drop=None, corrupt=False, tamper=None):
+    def __init__(self, tmp_path: Path, nodes=NODES, drop=None, corrupt=False, tamper=None, tamper_records=None):
         self.nodes = list(nodes)
         self.drop = drop or {}
         self.corrupt = corrupt
         self.tamper = tamper or {}  # {(stage, node): fn(configs)}: the coordinator edits what it sends
+        self.tamper_records = tamper_records or {}  # {(stage, node): fn(config_records)}: ... or any record
         self.contexts = {n: Context(run_id=1, node_id=n, state=RecordDict(), run_config={}, node_config={
             "partition-id": i, "num-partitions": len(self.nodes)}) for i, n in enumerate(self.nodes)}
         self.stages: list[str] = []
@@ -73,6 +74,8 @@ class NodesInProcess:
                 sent = copy.deepcopy(msg)  # as if it had crossed the wire
                 if (stage, node) in self.tamper:
                     self.tamper[(stage, node)](sent.content.config_records[RECORD_KEY_CONFIGS])
+                if (stage, node) in self.tamper_records:
+                    self.tamper_records[(stage, node)](sent.content.config_records)
                 reply = client_app.app(sent, self.contexts[node])
                 if self.drop.get(stage) == node and self.corrupt:
                     blobs = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
@@ -240,6 +243,31 @@ def test_secure_aggregation_with_client_side_clipping_bounds_the_average(flower_
     assert recorder.pending[1]["client_level"]["clipping_norm"] == 0.05
 
 
+def test_under_secure_aggregation_the_clipped_bits_travel_only_as_their_masked_sum(flower_identity, secure_config,
+                                                                                   tmp_path, monkeypatch):
+    """Adaptive client-side clipping needs how many nodes were clipped. Under SecAgg+ each node's bit rides in
+    its masked vector as one more coordinate: the coordinator unmasks the count and never sees a node's bit
+    (the plain metric is withheld). Nodes 11 and 12 report clipped, 13 and 14 not: the count is 2."""
+    import fedslm.node.serve as node_side
+    from flwr.supercore.differential_privacy import KEY_NORM_BIT
+
+    honest = node_side.client_clip
+
+    def forced(*args):
+        clipped, extra = honest(*args)
+        return clipped, {**extra, KEY_NORM_BIT: int(TaskIdentity.node_id in NODES[:2])}
+
+    monkeypatch.setattr(node_side, "client_clip", forced)
+    cfg = secure_config("privacy.client_level.enabled=true", "privacy.client_level.clipping=client",
+                        "privacy.client_level.adaptive=true", "privacy.client_level.clipping_norm=0.05",
+                        "privacy.client_level.noise_multiplier=0.5", "privacy.client_level.target_quantile=0.5")
+    grid, recorder, initial, average, replies = _secure_round(cfg, tmp_path)
+    assert all(codec.reply_metrics(r)[KEY_NORM_BIT] == codec.WITHHELD for r in replies)
+    assert {codec.reply_metrics(r)[wire_secagg.CLIPPED_COUNT] for r in replies} == {2}
+    assert recorder.pending[1]["client_level"]["clipped"] == 2
+    assert set(average) == set(initial)  # the extra coordinate is not part of the adapter
+
+
 def test_secure_aggregation_refuses_server_side_clipping_and_two_institutions(secure_config):
     with pytest.raises(ConfigError, match="privacy.client_level.clipping=client"):
         secure_config("privacy.client_level.enabled=true")
@@ -353,17 +381,35 @@ def test_adaptive_clipping_noises_with_the_rounds_bound_and_moves_it_to_the_quan
 # -------------------------------------------------------------------------------- the node enforces SecAgg+
 
 
+def _identity(tmp_path: Path, node: int) -> Path:
+    """Node ``node``'s institution identity key (made once per test, as ``fedslm node keygen`` makes it)."""
+    from fedslm.wire import identity
+
+    key = tmp_path / "keys" / f"n{node}.key"
+    if not key.exists():
+        identity.generate(key)
+    return key
+
+
 @pytest.fixture
 def deployed_grid(tmp_path, class_csv, node_policy):
-    """Four deployed nodes (each with its policy and ledger) answering through the real ClientApp."""
+    """Four deployed nodes (each with its policy and ledger) answering through the real ClientApp. Each
+    institution has an identity key and lists the others' (``peers``: {node: [nodes it lists]}; by
+    default every node in the grid lists every other)."""
+    import yaml
 
-    def make(cfg, *, min_cohort=3, **kwargs):
+    def make(cfg, *, min_cohort=3, peers=None, max_unverified_share=0.0, **kwargs):
         grid = NodesInProcess(tmp_path, **kwargs)
         for i, n in enumerate(grid.nodes):
             path = node_policy(cfg, data=class_csv, name=f"n{n}", ledger=tmp_path / f"ledger-{n}.json", max_epsilon=50,
                                path=tmp_path / f"policy-{n}.yaml")
-            text = path.read_text() + f"secure_aggregation: {{min_cohort: {min_cohort}, min_threshold: 2}}\n"
-            path.write_text(text)
+            listed = (peers or {}).get(n, [m for m in grid.nodes if m != n])
+            section = {"min_cohort": min_cohort, "min_threshold": 2, "identity_key": f"keys/n{n}.key",
+                       "max_unverified_share": max_unverified_share,
+                       "peers": {f"n{m}": f"keys/n{m}.key.pub" for m in listed}}
+            for m in [n, *listed]:
+                _identity(tmp_path, m)
+            path.write_text(path.read_text() + yaml.safe_dump({"secure_aggregation": section}))
             grid.contexts[n].node_config = {"policy": str(path), "institution": i}
         return grid
 
@@ -388,6 +434,60 @@ def test_a_node_refuses_a_threshold_or_cohort_its_policy_does_not_accept(flower_
     with pytest.raises(FederationStopped, match="halted at stage setup"):
         _deployed_round(cfg, tmp_path, deployed_grid(cfg, min_cohort=min_cohort))
     assert not any((tmp_path / f"ledger-{n}.json").exists() for n in NODES)
+
+
+def test_a_node_refuses_neighbours_no_listed_institution_signed(flower_identity, secure_config, tmp_path,
+                                                               deployed_grid):
+    """Node 11 lists only institution 12. Nodes 13 and 14 are, to it, what a coordinator would make up to
+    unmask it: they sign their keys, but with identities 11 never agreed to. Node 11 refuses at share keys,
+    before it encrypts a share to them or trains; 12-14, which list each other, go on (threshold 3 of 4:
+    the round completes with three). With today's code before identities, node 11 trained and masked."""
+    cfg = secure_config("privacy.noise_seed=null")
+    grid = deployed_grid(cfg, peers={NODES[0]: [NODES[1]]})
+    recorder, _, _, _ = _deployed_round(cfg, tmp_path, grid)
+    errors = {e["node"]: (e["phase"], e["reason"]) for e in recorder.pending[1]["errors"]}
+    assert errors[NODES[0]] == ("train/secagg-share_keys", public_reason("secure-aggregation"))
+    assert not (tmp_path / f"ledger-{NODES[0]}.json").exists()  # it never trained, so never paid
+    assert recorder.pending[1]["secure_aggregation"]["contributors"] == NODES[1:]
+
+
+@pytest.mark.parametrize("attack", ["moved", "stripped", "foreign"])
+def test_a_node_refuses_a_signature_moved_stripped_or_not_its_peers(flower_identity, secure_config, tmp_path,
+                                                                    deployed_grid, attack):
+    """The coordinator edits what it relays to node 11: 12's signed identity shown for 13 (a signature bound
+    to one node id moved to another), 13's identity left out, or 13's replaced by a key of the coordinator's
+    own that signs 13's round keys correctly. Each leaves an unverified neighbour, which 11 refuses."""
+    from fedslm.wire import identity
+
+    def edit(records):
+        peers = records[identity.PEERS]
+        if attack == "moved":
+            peers[str(NODES[2])] = peers[str(NODES[1])]
+        elif attack == "stripped":
+            del peers[str(NODES[2])]
+        else:
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+            pk1, pk2 = (bytes(v) for v in records[RECORD_KEY_CONFIGS][str(NODES[2])])
+            forged = identity.sign(Ed25519PrivateKey.generate(), identity.signed_bytes(1, "1", NODES[2], pk1, pk2))
+            peers[str(NODES[2])] = list(forged)
+
+    cfg = secure_config("privacy.noise_seed=null")
+    grid = deployed_grid(cfg, tamper_records={(Stage.SHARE_KEYS, NODES[0]): edit})
+    recorder, _, _, _ = _deployed_round(cfg, tmp_path, grid)
+    errors = {e["node"]: e["phase"] for e in recorder.pending[1]["errors"]}
+    assert errors == {NODES[0]: "train/secagg-share_keys"}
+    assert recorder.pending[1]["secure_aggregation"]["contributors"] == NODES[1:]
+
+
+def test_max_unverified_share_lets_a_node_accept_some_unlisted_neighbours(flower_identity, secure_config, tmp_path,
+                                                                          deployed_grid):
+    """Node 11 lists only 12 but accepts up to 70% unverified neighbours (2 of its 3): the whole cohort masks."""
+    cfg = secure_config("privacy.noise_seed=null")
+    grid = deployed_grid(cfg, peers={NODES[0]: [NODES[1]]}, max_unverified_share=0.7)
+    recorder, _, _, _ = _deployed_round(cfg, tmp_path, grid)
+    assert not recorder.pending[1]["errors"]
+    assert recorder.pending[1]["secure_aggregation"]["contributors"] == NODES
 
 
 def test_a_node_listed_both_alive_and_dropped_is_never_unmasked(flower_identity, secure_config, tmp_path,

@@ -191,6 +191,22 @@ def node_init(
     console.print(f"wrote {path}; edit it, then: fedslm node check {path}")
 
 
+@node_app.command("keygen")
+@user_errors
+def node_keygen(
+    path: Path = typer.Argument(..., help="Where to write this institution's private identity key (must not exist)."),
+) -> None:
+    """Make this institution's SecAgg+ identity: PATH (private, 0600, stays on the node) and PATH.pub (send it to
+    the other institutions out of band; each lists it under secure_aggregation.peers)."""
+    from fedslm.wire import identity
+
+    private, public = identity.generate(path)
+    console.print(f"wrote {private} (private: keep it on this node) and {public} (public)")
+    console.print(f"fingerprint {identity.fingerprint(identity.load_public(public))}: read it to the other "
+                  "institutions over a second channel, so they know the .pub they got is yours")
+    console.print(f"then in this node's policy: secure_aggregation.identity_key: {private}")
+
+
 @node_app.command("start", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @user_errors
 def node_start(ctx: typer.Context) -> None:
@@ -241,6 +257,9 @@ def node_check(
                   f"{e['noise_std_per_sum']:.1f} per sum (accuracy ±{e['accuracy_noise_points']:.1f} points at this "
                   "held-out size)")
     console.print(f"models   {', '.join(report['models']['allowed'])}")
+    s = report["secure_aggregation"]
+    console.print(f"secagg   cohort >= {s['min_cohort']}, threshold >= {s['min_threshold']}; identity "
+                  f"{s['identity'] or 'none'}; peers {', '.join(f'{k} ({v})' for k, v in s['peers'].items()) or 'none'}")
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}")
 

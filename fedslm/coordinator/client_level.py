@@ -51,6 +51,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from fedslm.config import Config
 from fedslm.privacy.clipping import clip_update
 from fedslm.wire import codec
+from fedslm.wire.secagg import CLIPPED_COUNT
 from fedslm.privacy import csprng
 from fedslm.privacy.accountant import epsilon
 
@@ -137,8 +138,12 @@ class _Fedslm:
             self._round_norm = self.clipping_norm
         valid = self._screen(server_round, replies)
         if self.client_side:
-            bits = [int(bool(codec.reply_metrics(r).get(KEY_NORM_BIT, 0))) for r in valid] if self.adaptive else []
-            clipped = sum(bits)
+            counts = {codec.reply_metrics(r).get(CLIPPED_COUNT) for r in valid} - {None}
+            if counts:  # under SecAgg+ the bits were summed inside the masked sum: only the count is known
+                clipped = int(counts.pop())
+            else:
+                bits = [int(codec.reply_metrics(r).get(KEY_NORM_BIT, 0) == 1) for r in valid] if self.adaptive else []
+                clipped = sum(bits)
         else:
             clipped = self._clip_on_server(valid)
         arrays, metrics = self.strategy.aggregate_train(server_round, valid)

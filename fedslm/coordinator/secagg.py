@@ -19,9 +19,10 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 
 from fedslm.config import Config
 from fedslm.coordinator.screen import check_update, default_max_update_norm
-from fedslm.wire import codec
+from fedslm.wire import codec, identity
 from fedslm.wire.errors import NODE_REFUSED
-from fedslm.wire.secagg import MODULUS, _workflow_module, max_weight, quantization_range, quantization_step
+from fedslm.wire.secagg import (CLIPPED_COUNT, MODULUS, _workflow_module, bit_in_sum, max_weight, quantization_range,
+                                quantization_step)
 
 log = logging.getLogger("fedslm.coordinator.secagg")
 
@@ -82,6 +83,8 @@ class _StageGrid:
         self.collected: dict[int, Message] = {}
         self.bytes_up: dict[int, int] = {}
         self.failed: set[int] = set()
+        self.identities: dict[int, list[bytes]] = {}  # node -> [public identity key, signature over its round keys]
+        self.shared_nothing: set[int] = set()  # lost at setup or share keys: no node holds shares of its secrets
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
@@ -105,6 +108,11 @@ class _StageGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> list[Message]:
         messages = list(messages)
         stage = str(messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]) if messages else "?"
+        if stage == Stage.SHARE_KEYS:  # relay each neighbour's signed identity beside its keys
+            for msg in messages:
+                configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+                msg.content.config_records[identity.PEERS] = ConfigRecord({
+                    k: self.identities[int(k)] for k in configs.keys() if k != Key.STAGE and int(k) in self.identities})
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         answered = set()
         kept = []
@@ -114,6 +122,12 @@ class _StageGrid:
             reason = None
             if reply.has_error():
                 reason = reply.error.reason or f"error code {reply.error.code}"
+            elif stage == Stage.SETUP and identity.IDENTITY in reply.content.config_records:
+                signed = reply.content.config_records[identity.IDENTITY]
+                try:
+                    self.identities[node] = [bytes(signed[identity.KEY]), bytes(signed[identity.SIGNATURE])]  # type: ignore[arg-type]
+                except (KeyError, TypeError, ValueError):
+                    pass  # relayed as missing: its neighbours decide
             elif stage == Stage.COLLECT_MASKED_VECTORS:
                 reason = self._check_masked(reply)
                 if reason is None:
@@ -121,6 +135,8 @@ class _StageGrid:
                     self.bytes_up[node] = codec.content_bytes(reply)
             if reason is not None:
                 self.failed.add(node)
+                if stage in (Stage.SETUP, Stage.SHARE_KEYS):
+                    self.shared_nothing.add(node)
                 self.recorder.error(self.server_round, f"train/secagg-{stage}", node, reason)
                 reply = Message(error=Error(code=NODE_REFUSED, reason=reason), reply_to=_as_sent(reply, messages))
             kept.append(reply)
@@ -128,8 +144,23 @@ class _StageGrid:
             node = msg.metadata.dst_node_id
             if node not in answered:
                 self.failed.add(node)
+                if stage in (Stage.SETUP, Stage.SHARE_KEYS):
+                    self.shared_nothing.add(node)
                 self.recorder.error(self.server_round, f"train/secagg-{stage}", node, "no reply in time (dropped out)")
         return kept
+
+
+def _forget_early_losses(state: Any, lost: set[int]) -> None:
+    """Take nodes lost before they sent any share out of the workflow's cohort. Flower 1.42 counts
+    every sampled node that is not alive at the end as dropped after masking: it would ask its
+    neighbours for shares of it that they never got (each fails the stage) and try to remove masks
+    with it that no node added."""
+    state.sampled_node_ids -= lost
+    for node in list(state.nid_to_neighbours):
+        if node in lost:
+            del state.nid_to_neighbours[node]
+        else:
+            state.nid_to_neighbours[node] -= lost
 
 
 def _as_sent(reply: Message, sent: list[Message]) -> Message:
@@ -176,6 +207,9 @@ class SecureAggregationGrid:
         names = list(sent.keys())
         globals_ = [sent[k].numpy() for k in names]
         shapes = [tuple(a.shape) for a in globals_]
+        with_bit = bit_in_sum(self.cfg)
+        if with_bit:
+            shapes.append((1,))
         numel = sum(a.size for a in globals_)
         # A masked vector is int64 per coordinate; allow twice that plus 1 MiB of keys and metrics.
         stage_grid = _StageGrid(self.grid, self.recorder, server_round, shapes, 2 * 8 * numel + 2**20)
@@ -193,12 +227,19 @@ class SecureAggregationGrid:
             if name == "collect-masked-vectors":  # each node's own copy: the workflow writes into it
                 state.nid_to_fitins = {m.metadata.dst_node_id: RecordDict({
                     codec.ARRAYS: sent, codec.CONFIG: ConfigRecord(dict(m.content[codec.CONFIG]))}) for m in messages}
-            if not stage(stage_grid, context, state):
+            ok = stage(stage_grid, context, state)
+            if name in ("setup", "share-keys"):
+                _forget_early_losses(state, stage_grid.shared_nothing)
+            if not ok:
                 self.recorder.stop(server_round, "train", f"secure aggregation halted at stage {name}: too few "
                                    f"institutions left to unmask (each needs {state.threshold} live neighbours; "
                                    f"federation.secagg.threshold)")
         if plan.average is None:
             self.recorder.stop(server_round, "train", "secure aggregation produced no sum")
+        clipped_count = None
+        if with_bit:  # the mean of the nodes' bits, each scaled to half the range: how many were clipped
+            share = float(np.asarray(plan.average.pop()).ravel()[0]) / (float(self.cfg.federation.secagg.clipping_range) / 2)
+            clipped_count = int(min(max(round(share * len(plan.contributors)), 0), len(plan.contributors)))
         average = ArrayRecord({k: _array(g + u) for k, g, u in zip(names, globals_, plan.average)})  # type: ignore[arg-type]
         # One out-of-range update spoils the sum, and no one can say whose it was: stop, do not publish it.
         bound = self.cfg.federation.max_update_norm or default_max_update_norm(self.cfg, numel)
@@ -216,6 +257,8 @@ class SecureAggregationGrid:
             reply = stage_grid.collected[node]
             metrics = dict(reply.content[codec.METRICS]) if codec.METRICS in reply.content else {}
             metrics["bytes-up"] = stage_grid.bytes_up[node]
+            if clipped_count is not None:
+                metrics[CLIPPED_COUNT] = clipped_count
             reply.content = RecordDict({codec.ARRAYS: average, codec.METRICS: MetricRecord(metrics)})
             replies.append(reply)
         return replies

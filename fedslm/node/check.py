@@ -62,7 +62,19 @@ def check_policy(path: str | Path) -> dict[str, Any]:
     if not float(p.max_delta) < 1.0 / max(m, 1):  # type: ignore[arg-type]
         warnings.append(f"privacy.max_delta is not below 1/m for the {m} held-out records: this node will refuse "
                         "to evaluate")
+    from fedslm.wire import identity
+
+    sa = policy.secure_aggregation
+    if p.require_secure_aggregation and not sa.peers:
+        warnings.append("privacy.require_secure_aggregation=true but secure_aggregation.peers lists no institution: "
+                        "a coordinator could fill this node's cohort with neighbours it made up and unmask its update "
+                        "(fedslm node keygen, then list the others' keys)")
+    mine = identity.fingerprint(identity.raw_public(identity.load_private(sa.identity_key).public_key())) \
+        if sa.identity_key else None
     return {
+        "secure_aggregation": {"min_cohort": sa.min_cohort, "min_threshold": sa.min_threshold, "identity": mine,
+                               "peers": {k: identity.fingerprint(identity.load_public(v)) for k, v in sa.peers.items()},
+                               "max_unverified_share": sa.max_unverified_share},
         "evaluation": {"unit": ev.unit, "max_epsilon": ev.max_epsilon, "epsilon_per_evaluation": ev.epsilon_per_evaluation,
                        "spent_epsilon": held_out_spent, "release": list(ev.release),
                        "noise_std_per_sum": release.noise_std,

@@ -42,7 +42,7 @@ from fedslm.config.schema import DataConfig, FederationConfig, LoraConfig, Model
 from fedslm.errors import ConfigError, FedslmError
 from fedslm.node.policy import NodePolicy, PolicyError, PolicyEvaluation
 from fedslm.train.local import DPSpec, RoundSpec, round_spec
-from fedslm.wire.secagg import max_weight
+from fedslm.wire.secagg import bit_in_sum, max_weight
 
 log = logging.getLogger("fedslm.node")
 
@@ -95,6 +95,8 @@ class RoundPlan:
     client_clipping: bool
     secagg_clipping_range: float
     secagg_max_weight: float
+    # Adaptive client-side clipping under SecAgg+: the clipped bit rides in the masked sum, not in plain text.
+    secagg_bit: bool
     min_test_records: int
     allowed_fingerprints: Optional[tuple[str, ...]] = None
     # Simulation only: which share of the scenario's dataset this institution holds.
@@ -151,6 +153,7 @@ def _simulation_plan(cfg: Config, node: NodeContext) -> RoundPlan:
         secure_aggregation=cfg.federation.secure_aggregation, require_secure_aggregation=False,
         client_clipping=cfg.privacy.client_level.enabled and cfg.privacy.client_level.clipping == "client",
         secagg_clipping_range=cfg.federation.secagg.clipping_range, secagg_max_weight=max_weight(cfg),
+        secagg_bit=bit_in_sum(cfg),
         min_test_records=1, partition=cfg.federation,
     )
 
@@ -243,6 +246,7 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
         require_secure_aggregation=pol.privacy.require_secure_aggregation,
         client_clipping=cl.enabled and cl.clipping == "client",
         secagg_clipping_range=cfg.federation.secagg.clipping_range, secagg_max_weight=max_weight(cfg),
+        secagg_bit=bit_in_sum(cfg),
         min_test_records=d.min_test_records,
         allowed_fingerprints=tuple(pol.models.fingerprints) if pol.models.fingerprints else None,
         evaluation=pol.evaluation, size_is_public=d.size_is_public,

@@ -23,7 +23,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -114,6 +114,14 @@ class PolicySecureAggregation:
     min_cohort: int = 3
     # The fewest shares that may rebuild one of its secrets. Always also more than half its shares.
     min_threshold: int = 2
+    # This institution's identity key (``fedslm node keygen``): it signs the node's SecAgg+ keys each
+    # round, so that the other institutions can tell this node from one the coordinator made up.
+    identity_key: Optional[str] = None
+    # The other institutions' public identity keys, exchanged out of band: {name: path to its .pub}.
+    # With none listed the node cannot tell a real neighbour from a coordinator's (see fedslm.wire.identity).
+    peers: Dict[str, str] = field(default_factory=dict)
+    # The largest share of a round's neighbours whose keys no listed institution signed (with peers listed).
+    max_unverified_share: float = 0.0
 
 
 @dataclass
@@ -181,6 +189,10 @@ def validate_policy(policy: NodePolicy, *, complete: bool = True, where: str = "
     _check(sa.min_cohort >= 3, f"{where}: secure_aggregation.min_cohort must be >= 3 (with 2, each learns the "
                                f"other's update from the sum), got {sa.min_cohort}")
     _check(sa.min_threshold >= 2, f"{where}: secure_aggregation.min_threshold must be >= 2, got {sa.min_threshold}")
+    _check(0.0 <= sa.max_unverified_share < 1.0,
+           f"{where}: secure_aggregation.max_unverified_share must be in [0, 1), got {sa.max_unverified_share}")
+    _check(not sa.peers or sa.identity_key, f"{where}: secure_aggregation.peers needs secure_aggregation.identity_key "
+                                            "(the others verify this node by it; make one with: fedslm node keygen)")
     if policy.threads is not None:
         _check(policy.threads >= 1, f"{where}: threads must be >= 1, got {policy.threads}")
 
@@ -204,7 +216,29 @@ def load_policy(path: str | Path, *, complete: bool = True) -> NodePolicy:
         key = getattr(exc, "full_key", None) or "?"
         raise PolicyError(f"{where}: {key}: {str(getattr(exc, 'msg', exc)).splitlines()[0]}") from None
     validate_policy(policy, complete=complete, where=where)
+    _resolve_identities(policy, path.parent, where)
     return policy
+
+
+def _resolve_identities(policy: NodePolicy, folder: Path, where: str) -> None:
+    """Identity key paths relative to the policy's folder, each key read once now so that a bad file
+    stops the node at start, naming the key, rather than in a round."""
+    from fedslm.wire import identity
+
+    sa = policy.secure_aggregation
+
+    def resolve(value: str) -> str:
+        return str((folder / Path(value).expanduser()).resolve())
+
+    try:
+        if sa.identity_key:
+            sa.identity_key = resolve(sa.identity_key)
+            identity.load_private(sa.identity_key)
+        for name in list(sa.peers):
+            sa.peers[name] = resolve(sa.peers[name])
+            identity.load_public(sa.peers[name])
+    except identity.IdentityError as exc:
+        raise PolicyError(f"{where}: secure_aggregation: {exc}") from None
 
 
 def policy_dict(policy: NodePolicy) -> dict[str, Any]:
@@ -282,6 +316,13 @@ secure_aggregation:
   # only if at least min_threshold (and more than half) of its shares are needed to rebuild a secret.
   min_cohort: 3
   min_threshold: 2
+  # Without identities a coordinator can fill this node's cohort with neighbours it made up and unmask
+  # its update alone. Make this institution's key with `fedslm node keygen`, send its .pub to the others
+  # out of band, and list theirs here (paths relative to this file). Then every neighbour must prove it
+  # is a listed institution, up to max_unverified_share of them.
+  identity_key: null
+  peers: {{}}  # e.g. {{hospital-b: keys/hospital-b.pub, hospital-c: keys/hospital-c.pub}}
+  max_unverified_share: 0.0
 
 # torch threads for training on this node (null: torch's default).
 threads: null

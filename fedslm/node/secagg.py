@@ -6,7 +6,7 @@ See :mod:`fedslm.wire.secagg` for the protocol and what fedslm changes in it.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord
@@ -49,7 +49,8 @@ def check_stage(msg: Message, context: Context) -> None:
     Setup: a cohort and a threshold the policy accepts, and more than half of the shares needed to
     rebuild a secret (else a coordinator could tell one half of the cohort that a node dropped and the
     other half that it is alive, and rebuild both of its secrets). Share keys: at least the policy's
-    cohort of neighbours, remembered. Unmask: no node both alive and dropped (both of its secrets would
+    cohort of neighbours, each signed by an institution the policy lists (:func:`check_neighbours`),
+    remembered. Unmask: no node both alive and dropped (both of its secrets would
     be revealed), this node not among the dropped, every node one of its neighbours.
     """
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
@@ -73,6 +74,8 @@ def check_stage(msg: Message, context: Context) -> None:
         if policy is not None and len(neighbours) < policy.min_cohort:
             raise SecureAggregationRefused(f"{len(neighbours)} neighbours, below this node's "
                                            f"secure_aggregation.min_cohort={policy.min_cohort}")
+        if policy is not None:
+            check_neighbours(msg, configs, policy)
         context.state.config_records[STATE] = ConfigRecord({COHORT: neighbours})
     elif stage == Stage.UNMASK:
         active = [int(n) for n in configs[Key.ACTIVE_NODE_ID_LIST]]  # type: ignore[union-attr]
@@ -85,6 +88,60 @@ def check_stage(msg: Message, context: Context) -> None:
         known = set(cohort(context) or [])
         if known and not set(active + dead) <= known:
             raise SecureAggregationRefused("the unmask request names nodes outside this node's cohort")
+
+
+def check_neighbours(msg: Message, configs: ConfigRecord, policy: Any) -> None:
+    """Every neighbour's round keys signed by an institution the policy lists (at most
+    ``max_unverified_share`` of them not), each institution on one node only."""
+    from fedslm.wire import identity
+
+    me = msg.metadata.dst_node_id
+    others = sorted(int(k) for k in configs.keys() if k != Key.STAGE and int(k) != me)
+    if not policy.peers:
+        log.warning("secure aggregation: no secure_aggregation.peers listed; this node cannot tell its %d neighbours "
+                    "from ones the coordinator made up", len(others))
+        return
+    listed = {identity.load_public(path): name for name, path in policy.peers.items()}
+    record = msg.content.config_records.get(identity.PEERS)
+    seen: dict[str, int] = {}
+    unverified = []
+    for node in others:
+        entry = record.get(str(node)) if record is not None else None
+        try:
+            raw, signature = (bytes(v) for v in entry)  # type: ignore[union-attr]
+            pk1, pk2 = (bytes(v) for v in configs[str(node)])  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            unverified.append(node)
+            continue
+        name = listed.get(raw)
+        message = identity.signed_bytes(msg.metadata.run_id, msg.metadata.group_id, node, pk1, pk2)
+        if name is None or not identity.verify(raw, signature, message):
+            unverified.append(node)
+            continue
+        if name in seen:
+            raise SecureAggregationRefused(f"institution {name!r} signed the keys of two nodes ({seen[name]} and {node})")
+        seen[name] = node
+    log.info("secure aggregation: neighbours verified as %s; %d unverified", sorted(seen), len(unverified))
+    allowed = policy.max_unverified_share * len(others)
+    if unverified and len(unverified) > allowed:
+        raise SecureAggregationRefused(
+            f"{len(unverified)} of {len(others)} neighbours ({unverified}) carry no signature of an institution in "
+            f"secure_aggregation.peers, more than max_unverified_share={policy.max_unverified_share} allows: a "
+            "coordinator could have made them up to unmask this node's update")
+
+
+def sign_setup(msg: Message, reply: Message, context: Context) -> None:
+    """Add this institution's signature over its round keys to a setup reply (when its policy has an identity)."""
+    policy = _policy(context)
+    if policy is None or not policy.identity_key or reply.has_error():
+        return
+    from fedslm.wire import identity
+
+    keys = reply.content.config_records[RECORD_KEY_CONFIGS]
+    message = identity.signed_bytes(msg.metadata.run_id, msg.metadata.group_id, msg.metadata.dst_node_id,
+                                    bytes(keys[Key.PUBLIC_KEY_1]), bytes(keys[Key.PUBLIC_KEY_2]))  # type: ignore[arg-type]
+    raw, signature = identity.sign(identity.load_private(policy.identity_key), message)
+    reply.content.config_records[identity.IDENTITY] = ConfigRecord({identity.KEY: raw, identity.SIGNATURE: signature})
 
 
 def cohort(context: Context) -> list[int] | None:
@@ -121,7 +178,10 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: Any) -> Me
 
     try:
         check_stage(msg, context)
-        return _mod_module.secaggplus_mod(msg, context, train)
+        reply = _mod_module.secaggplus_mod(msg, context, train)
+        if stage == Stage.SETUP:
+            sign_setup(msg, reply, context)
+        return reply
     except _Refused as exc:
         return Message(error=exc.error, reply_to=msg)
     except Exception as exc:  # noqa: BLE001 - a protocol violation: the details stay in this node's log
@@ -130,12 +190,18 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: Any) -> Me
 
 
 def secure_payload(sent: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], num_examples: int, *,
-                   clipping_range: float, max_weight: float) -> tuple[list[np.ndarray], float, dict[str, Any]]:
-    """What a node masks: its update per tensor (in the order the coordinator sent them), its weight
-    (at most ``max_weight``: 1 under client-level DP), and metrics saying how many coordinates the
-    quantisation range clipped."""
+                   clipping_range: float, max_weight: float,
+                   bit: Optional[int] = None) -> tuple[list[np.ndarray], float, dict[str, Any]]:
+    """What a node masks: its update per tensor (in the order the coordinator sent them), then its
+    clipped ``bit`` as one more coordinate when the layout has it (:func:`fedslm.wire.secagg.bit_in_sum`),
+    its weight (at most ``max_weight``: 1 under client-level DP), and metrics saying how many
+    coordinates the quantisation range clipped."""
+    from fedslm.wire.secagg import bit_value
+
     limit = clipping_range
     update = [(state[k].double() - sent[k].double()).numpy() for k in sent]
+    if bit is not None:
+        update.append(bit_value(bit, clipping_range))
     clipped = int(sum(int((np.abs(u) > limit).sum()) for u in update))
     if not all(np.isfinite(u).all() for u in update):
         raise FedslmError("the update holds NaN or inf; it would poison the masked sum, so it is not sent")

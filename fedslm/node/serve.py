@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
+from flwr.supercore.differential_privacy import KEY_NORM_BIT
 from peft import PeftModel
 
 from fedslm.data import TaskData, load_task_data
@@ -319,9 +320,13 @@ def client_secure_train(request: Request, node: NodeContext,
         raise FedslmError("a secure aggregation round needs the global adapter in the request")
     plan = round_plan(request, node)
     state, metrics = _train(plan, request, secure=True, cohort=cohort)
+    bit = None
+    if plan.secagg_bit:  # the clipped bit goes into the masked sum, never in plain text
+        bit = int(metrics[KEY_NORM_BIT])
+        metrics[KEY_NORM_BIT] = WITHHELD
     update, weight, extra = secure_payload(request.adapter, state, int(metrics["num-examples"]),
                                            clipping_range=plan.secagg_clipping_range,
-                                           max_weight=plan.secagg_max_weight)
+                                           max_weight=plan.secagg_max_weight, bit=bit)
     return update, weight, _published(plan, {**metrics, **extra})
 
 

@@ -89,6 +89,25 @@ def quantization_step(cfg: Config) -> float:
     return 2 * cfg.federation.secagg.clipping_range / quantization_range(cfg)
 
 
+# On every reply of a secure round with the clipped bit in the sum: how many of the nodes in it were clipped.
+CLIPPED_COUNT = "secagg-clipped-count"
+
+
+def bit_in_sum(cfg: Config) -> bool:
+    """Whether each node's clipped bit (adaptive client-side clipping, Andrew et al.) rides in the masked
+    sum as one extra coordinate, so that the coordinator learns only how many nodes were clipped, never
+    which: under SecAgg+ with adaptive client-side clipping. Both ends decide the layout from the run's
+    config; every weight is 1 there (client-level DP), so the unmasked coordinate is the clipped share."""
+    cl = cfg.privacy.client_level
+    return bool(cfg.federation.secure_aggregation and cl.enabled and cl.clipping == "client" and cl.adaptive)
+
+
+def bit_value(bit: int, clipping_range: float) -> np.ndarray:
+    """The extra coordinate a node masks: its bit scaled to half the quantisation range (inside it, so
+    never clipped; the coordinator divides the unmasked mean by the same factor)."""
+    return np.array([float(bool(bit)) * clipping_range / 2], dtype=np.float64)
+
+
 def max_weight(cfg: Config) -> float:
     """The weight bound both ends use: 1 under client-level DP (every institution counts once),
     else ``federation.secagg.max_weight`` training records."""

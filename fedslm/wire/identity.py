@@ -1,0 +1,121 @@
+"""Institution identities in SecAgg+: each node signs its round keys, each node checks its neighbours'.
+
+Flower's SecAgg+ has no identities: every node makes two fresh key pairs per round and the
+coordinator relays the public halves. A coordinator can therefore put into one node's cohort any
+number of neighbours it made up itself (it holds their secret keys): with every neighbour but the
+victim its own, it learns the victim's pairwise masks and the shares of its self-mask seed, and
+unmasks the victim's update alone.
+
+fedslm closes this with long-term institution keys (Ed25519), made once per institution with
+``fedslm node keygen`` and exchanged out of band, the way the institutions agree on the federation
+itself. In the setup stage a node signs
+
+    "fedslm-secagg-identity-v1" | run id | round (the message's group id) | its node id | pk1 | pk2
+
+and adds the signature and its public key to its reply (:data:`IDENTITY`); the coordinator relays
+each neighbour's signed identity beside its public keys in the share-keys stage (:data:`PEERS`).
+A node checks every neighbour's signature against the institutions its policy lists
+(``secure_aggregation.peers``) before it encrypts a single share to them, and refuses a cohort
+with more unverified neighbours than ``secure_aggregation.max_unverified_share`` allows, or one
+institution's key on two nodes. A coordinator cannot sign for a listed institution, cannot move a
+signed key to another node id, run or round, and gains nothing from replaying one (it does not
+hold the secret keys behind it).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from fedslm.errors import FedslmError
+
+# The setup reply's record: this node's public identity key and its signature over its round keys.
+IDENTITY = "fedslm-secagg-identity"
+# The share-keys message's record: {neighbour node id: [public identity key, signature]}.
+PEERS = "fedslm-secagg-peers"
+KEY = "key"
+SIGNATURE = "signature"
+_DOMAIN = b"fedslm-secagg-identity-v1\x00"
+RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+
+
+class IdentityError(FedslmError):
+    pass
+
+
+def signed_bytes(run_id: int, group_id: str, node_id: int, pk1: bytes, pk2: bytes) -> bytes:
+    """What a node signs: its two round public keys, bound to the run, the round and its node id."""
+    group = group_id.encode("utf-8")
+    return b"".join([_DOMAIN, struct.pack(">QQ", int(run_id) & (2**64 - 1), int(node_id) & (2**64 - 1)),
+                     struct.pack(">I", len(group)), group, struct.pack(">I", len(pk1)), pk1,
+                     struct.pack(">I", len(pk2)), pk2])
+
+
+def raw_public(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(*RAW)
+
+
+def fingerprint(raw: bytes) -> str:
+    """A short, human-comparable name of a public identity key (for logs and ``fedslm node keygen``)."""
+    import hashlib
+
+    digest = hashlib.sha256(raw).hexdigest()[:24]
+    return ":".join(digest[i:i + 4] for i in range(0, 24, 4))
+
+
+def generate(path: str | Path) -> tuple[Path, Path]:
+    """Write a new identity: the private key at ``path`` (0600) and the public key at ``path``.pub."""
+    path = Path(path).expanduser()
+    public = path.with_name(path.name + ".pub")
+    if path.exists():
+        raise IdentityError(f"{path} exists; an institution keeps one identity (delete it first to make another)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return path, public
+
+
+def load_private(path: str | Path) -> Ed25519PrivateKey:
+    path = Path(path)
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise IdentityError(f"cannot read the identity key {path}: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise IdentityError(f"{path} is not an Ed25519 key (make one with: fedslm node keygen {path})")
+    return key
+
+
+def load_public(path: str | Path) -> bytes:
+    """The raw 32-byte public key in the PEM file at ``path``."""
+    path = Path(path)
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError, TypeError) as exc:
+        raise IdentityError(f"cannot read the public identity key {path}: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise IdentityError(f"{path} is not an Ed25519 public key")
+    return raw_public(key)
+
+
+def sign(key: Ed25519PrivateKey, message: bytes) -> tuple[bytes, bytes]:
+    """(raw public key, signature) for ``message``."""
+    return raw_public(key.public_key()), key.sign(message)
+
+
+def verify(raw_key: bytes, signature: bytes, message: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(raw_key).verify(signature, message)
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
