@@ -183,6 +183,16 @@ def test_non_finite_numbers_are_a_bad_request_not_an_endless_plan(flower_identit
     _refused(_send(hospital(), _yaml(cfg, **edits), state, fingerprint=fp), "bad-request")
 
 
+def test_a_yaml_alias_bomb_or_an_oversized_config_is_a_bad_request(flower_identity, coordinator, hospital, tmp_path):
+    """Nine levels of nine aliases are a few hundred bytes of text and 9**9 strings once walked."""
+    cfg, state, fp = coordinator
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+    _refused(_send(hospital(), _yaml(cfg) + bomb, state, fingerprint=fp), "bad-request")
+    _refused(_send(hospital(), _yaml(cfg) + "#" + "x" * 300_000 + "\n", state, fingerprint=fp), "bad-request")
+    assert not _ledger(tmp_path).path.exists()
+
+
 def test_a_huge_or_non_finite_global_adapter_is_refused_before_training(flower_identity, coordinator, hospital,
                                                                         tmp_path):
     """Weights of 1e36 could make some records' gradients overflow, so that whether the update comes back

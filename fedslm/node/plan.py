@@ -117,12 +117,28 @@ def _interpolations(value: Any, path: str = "") -> list[str]:
     return []
 
 
+# A run config is a few kB; anything past this is not one.
+MAX_REQUEST_CONFIG_BYTES = 256 * 1024
+
+
+class _NoAliases(yaml.SafeLoader):
+    """YAML without anchors' aliases: a request has no use for them, and nested aliases (a "billion
+    laughs") expand into a structure far larger than the text when the config is walked."""
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("aliases are not accepted")
+        return super().compose_node(parent, index)
+
+
 def parse_request_config(text: str) -> Config:
     """The request's run config, validated, with no interpolation ever resolved."""
     if not text:
         raise BadRequest("the request carries no fedslm config (run-config 'fedslm-config' missing)")
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_REQUEST_CONFIG_BYTES:
+        raise BadRequest(f"the request's config is over {MAX_REQUEST_CONFIG_BYTES} bytes")
     try:
-        content = yaml.safe_load(text)
+        content = yaml.load(text, Loader=_NoAliases)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError:
         raise BadRequest("the request's config is not valid YAML") from None
     if not isinstance(content, dict):
