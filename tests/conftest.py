@@ -180,12 +180,13 @@ def node_policy(tmp_path):
     import yaml
 
     def make(cfg=None, *, data, name="h0", ledger=None, max_epsilon=8.0, max_delta=1e-4, min_test_records=1,
-             models=None, path=None, labels=tuple(sorted(CLASS_WORDS)), size_is_public=False, **privacy):
+             models=None, path=None, labels=tuple(sorted(CLASS_WORDS)), size_is_public=False, size_floor=None,
+             **privacy):
         allowed = models if models is not None else [cfg.model.name if cfg is not None else "minilm"]
         policy = {
             "name": name,
             "data": {"source": str(data), "min_test_records": min_test_records, "size_is_public": size_is_public,
-                     "labels": list(labels) if labels is not None else None},
+                     "labels": list(labels) if labels is not None else None, "size_floor": size_floor},
             "privacy": {"ledger": str(ledger or tmp_path / f"{name}.ledger.json"), "max_epsilon": max_epsilon,
                         "max_delta": max_delta, **privacy},
             "models": {"allowed": [str(m) for m in allowed]},

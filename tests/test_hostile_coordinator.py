@@ -267,6 +267,33 @@ def test_secure_noise_required_by_the_policy_is_used_whatever_the_request_says(f
     assert seen == [True]
 
 
+def test_with_a_size_floor_the_noise_level_says_nothing_about_the_record_count(flower_identity, coordinator,
+                                                                              node_policy, class_csv, tmp_path):
+    """A coordinator can craft a global adapter whose gradients vanish and read σ·C/b off the update: σ,
+    calibrated for rate b/n, then gives n away. Two hospitals of 108 and 54 training records with one
+    public floor of 50 are planned and charged alike (σ for rate b/50); without the floor their σ differ."""
+    cfg, state, fp = coordinator
+    small = tmp_path / "small.csv"
+    small.write_text("\n".join(class_csv.read_text().splitlines()[:61]) + "\n")
+
+    def entry(data, name, **floor):
+        path = node_policy(cfg, data=data, name=name, ledger=tmp_path / f"{name}.ledger.json", max_epsilon=CAP,
+                           **floor)
+        context = Context(run_id=1, node_id=2, node_config={"policy": str(path)}, state=RecordDict(), run_config={})
+        _ok(_send(context, _yaml(cfg), state, fingerprint=fp))
+        (e,) = Ledger(tmp_path / f"{name}.ledger.json").entries("all-records")
+        return e["noise_multiplier"], e["sample_rate"]
+
+    big_floored, small_floored = entry(class_csv, "big-f", size_floor=50), entry(small, "small-f", size_floor=50)
+    assert big_floored == small_floored
+    assert big_floored[1] == pytest.approx(cfg.train.batch_size / 50)
+    assert entry(class_csv, "big") != entry(small, "small")  # the leak the floor closes
+    path = node_policy(cfg, data=small, name="over", ledger=tmp_path / "over.ledger.json", size_floor=100)
+    context = Context(run_id=1, node_id=2, node_config={"policy": str(path)}, state=RecordDict(), run_config={})
+    _refused(_send(context, _yaml(cfg), state, fingerprint=fp), "node-misconfigured")
+    assert not (tmp_path / "over.ledger.json").exists()
+
+
 def test_the_request_cannot_choose_where_the_node_keeps_its_ledger_or_writes(flower_identity, coordinator, hospital,
                                                                            tmp_path):
     cfg, state, fp = coordinator
@@ -411,6 +438,7 @@ def test_node_init_writes_a_template_that_node_check_accepts(tmp_path, class_csv
     res = runner.invoke(app, ["node", "init", str(path), "--data", str(class_csv), "--name", "st-mary"])
     assert res.exit_code == 0, res.output
     assert "max_epsilon" in path.read_text() and "#" in path.read_text()  # commented
+    assert "size_floor: 100" in path.read_text()  # 108 training records, rounded down to two digits
     res = runner.invoke(app, ["node", "check", str(path), "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)

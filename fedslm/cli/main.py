@@ -181,13 +181,17 @@ def node_init(
 
     if path.exists():
         raise ConfigError(f"{path} already exists; a node policy is never overwritten")
-    labels = None
+    from fedslm.node.policy import proposed_floor
+
+    labels, floor = None, None
     try:  # the label set of the records, if they are a classification file already
-        labels = load_task_data(DataConfig(source=data), "classification").labels
+        records = load_task_data(DataConfig(source=data), "classification")
+        labels, floor = records.labels, proposed_floor(len(records.train))
     except FedslmError:
         err_console.print(f"note: no label set read from {data}; set data.labels in the policy for classification")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(template(path, name=name, source=data, ledger=ledger, labels=labels), encoding="utf-8")
+    path.write_text(template(path, name=name, source=data, ledger=ledger, labels=labels, size_floor=floor),
+                    encoding="utf-8")
     console.print(f"wrote {path}; edit it, then: fedslm node check {path}")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fedslm.data import load_task_data
-from fedslm.node.policy import PolicyError, load_policy
+from fedslm.node.policy import PolicyError, load_policy, proposed_floor
 from fedslm.privacy import Ledger
 from fedslm.privacy.ledger import LedgerError
 
@@ -32,6 +32,13 @@ def check_policy(path: str | Path) -> dict[str, Any]:
     if not p.max_delta < 1.0 / n:  # type: ignore[operator]
         raise PolicyError(f"node policy {path}: privacy.max_delta={p.max_delta:g} is not below 1/n = {1.0 / n:.3g} "
                           f"for {n} training records; choose at most {1.0 / (10 * n):.3g}")
+    if not d.size_is_public and d.size_floor is None:
+        warnings.append("data.size_is_public=false but data.size_floor is not set: the DP noise is planned for your "
+                        "true record count, and the noise level in your updates gives it away; set a public lower "
+                        f"bound (e.g. data.size_floor: {proposed_floor(n)})")
+    if d.size_floor is not None and d.size_floor > n:
+        raise PolicyError(f"node policy {path}: data.size_floor={d.size_floor} is above the {n} training records; "
+                          "it must be a lower bound")
     if len(data.test) < d.min_test_records:
         warnings.append(f"{len(data.test)} held-out records, fewer than data.min_test_records={d.min_test_records}: "
                         "this node will refuse to evaluate")

@@ -249,9 +249,13 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
             accountant=pol.privacy.accountant, planned_rounds=cfg.federation.rounds,
             noise_multiplier=req.noise_multiplier, secure_mode=secure_noise, noise_seed=None,
             allow_non_private=pol.privacy.allow_non_private,
+            planned_examples=None if pol.data.size_is_public else pol.data.size_floor,
         ),
     )
     d = pol.data
+    if not d.size_is_public and d.size_floor is None and req.enabled:
+        log.warning("%s: data.size_floor is not set: the noise is planned for the true record count, which the "
+                    "update's noise level gives away (data.size_is_public=false)", name)
     data = d.data_config(max_test_records=max_test)
     cl = cfg.privacy.client_level
     return RoundPlan(

@@ -62,6 +62,11 @@ class PolicyData:
     # Whether the number of training records may be sent (FedAvg then weighs this node by it), with
     # what reveals it (sample rate, σ, the ε spent); false: all withheld and the node counts as 1.
     size_is_public: bool = False
+    # With the size private: a public lower bound on the number of training records. The noise is
+    # planned and charged for it (σ for rate b/floor), so the noise level a coordinator can measure in
+    # the update says nothing about the count beyond "at least the floor". None: planned for the true
+    # count, whose noise level then gives it away (fedslm node check warns).
+    size_floor: Optional[int] = None
 
     def data_config(self, max_test_records: Optional[int] = None) -> DataConfig:
         """The data section the loaders take: this node's file, columns, label set and split, never the
@@ -161,6 +166,7 @@ def validate_policy(policy: NodePolicy, *, complete: bool = True, where: str = "
     _check(bool(policy.name.strip()), f"{where}: name must not be empty")
     _check(0.0 < d.test_fraction < 1.0, f"{where}: data.test_fraction must be in (0, 1), got {d.test_fraction}")
     _check(d.min_test_records >= 1, f"{where}: data.min_test_records must be >= 1, got {d.min_test_records}")
+    _check(d.size_floor is None or d.size_floor >= 1, f"{where}: data.size_floor must be >= 1, got {d.size_floor}")
     if d.labels is not None:
         _check(len(d.labels) >= 2 and len(set(d.labels)) == len(d.labels),
                f"{where}: data.labels must list at least 2 distinct labels, got {d.labels}")
@@ -272,6 +278,10 @@ data:
   # Whether the number of training records may be sent, with what reveals it (sample rate, σ, the
   # ε spent). false: all withheld, FedAvg counts you as 1; `fedslm ledger show` still has your ε.
   size_is_public: false
+  # With the size private, a public lower bound on your training records: the DP noise is planned for
+  # it, so the noise level in your updates does not give your count away (a floor well below the
+  # count costs utility: more noise). node init proposes your count rounded down to two digits.
+  size_floor: {size_floor}
 
 privacy:
   # The privacy unit the ledger charges: one name for the people whose records these are.
@@ -329,8 +339,17 @@ threads: null
 """
 
 
+def proposed_floor(n: int) -> int:
+    """``n`` rounded down to two significant digits (8,734 -> 8,700): what node init proposes as data.size_floor."""
+    if n < 100:
+        return max(n, 1)
+    unit = 10 ** (len(str(n)) - 2)
+    return n // unit * unit
+
+
 def template(path: str | Path, name: str = "my-hospital", source: str = "/data/records.csv",
-             ledger: Optional[str] = None, labels: Optional[List[str]] = None) -> str:
+             ledger: Optional[str] = None, labels: Optional[List[str]] = None,
+             size_floor: Optional[int] = None) -> str:
     path = Path(path).resolve()
     ledger = ledger or str(path.with_name(path.stem + ".ledger.json"))
     if labels:
@@ -338,4 +357,5 @@ def template(path: str | Path, name: str = "my-hospital", source: str = "/data/r
                                for label in labels).rstrip("\n")
     else:
         shown = " null"
-    return TEMPLATE.format(path=path, name=name, source=source, ledger=ledger, labels=shown)
+    return TEMPLATE.format(path=path, name=name, source=source, ledger=ledger, labels=shown,
+                           size_floor="null" if size_floor is None else size_floor)

@@ -27,7 +27,7 @@ from torch import nn
 
 from fedslm.config.schema import Config
 from fedslm.data.tasks import Encoded, get_task
-from fedslm.errors import BudgetExceededError
+from fedslm.errors import BudgetExceededError, DataError
 from fedslm.privacy import csprng
 from fedslm.privacy.calibration import PrivacyPlan, plan
 from fedslm.privacy.dpsgd import DPSGD, PlainSGD, check_secure_mode, make_optimizer, poisson_batches
@@ -63,6 +63,12 @@ class DPSpec:
     # With noise_seed: what tells apart the streams of institutions that share a seed and a unit name
     # (simulation: the institution).
     seed_salt: str = ""
+    # The record count the noise is planned and charged for: a public lower bound on n when the node's
+    # size is private (its policy's data.size_floor), so that σ, and with it the noise level anyone can
+    # measure in the update, is no function of n. Batches are still drawn at rate b/n (expected size b,
+    # the update's divisor), and ε is charged at the larger rate b/floor: an upper bound, since the
+    # subsampled Gaussian's ε grows with the sampling rate. None: n itself.
+    planned_examples: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,11 @@ def ledger_path(cfg: Config) -> Path:
 
 def privacy_plan(spec: RoundSpec, num_examples: int) -> PrivacyPlan:
     dp = spec.dp
+    if dp.planned_examples is not None:
+        if dp.planned_examples > num_examples:
+            raise DataError(f"data.size_floor={dp.planned_examples} is above the {num_examples} training records this "
+                            "node holds; a floor must be a lower bound on the count")
+        num_examples = dp.planned_examples
     return plan(
         num_examples=num_examples, batch_size=spec.logical_batch(num_examples), local_steps=spec.local_steps,
         rounds=dp.planned_rounds, target_epsilon=dp.target_epsilon, delta=dp.delta,
@@ -205,7 +216,7 @@ def train_round(
     extra_grad = _proximal(params, proximal_mu) if proximal_mu > 0 else None
     if p.enabled:
         pl = privacy_plan(spec, n)
-        q, delta, sigma = pl.sample_rate, pl.delta, pl.noise_multiplier
+        q, delta, sigma = pl.sample_rate, pl.delta, pl.noise_multiplier  # q: the rate accounted (b / floor)
         # Reserved (checked and written under the ledger's lock) before a single record is touched.
         entry = ledger.reserve(unit, (sigma, q, t.local_steps), delta=delta, max_epsilon=p.max_epsilon,
                                num_examples=n, run=run_id, round=round_idx, accountant=p.accountant)
@@ -243,10 +254,12 @@ def train_round(
                           extra_grad=extra_grad)
         sampler = _generator(t.seed, "sample", unit, p.seed_salt, round_idx)
 
+    # The rate batches are drawn at: b / n, also when the noise was planned for a size floor.
+    rate = min(1.0, t.logical_batch(n) / n) if p.enabled and p.planned_examples is not None else q
     if p.enabled and p.secure_mode:  # the batches' membership, too, from the OS CSPRNG
-        batches = [[int(i) for i in np.flatnonzero(csprng.poisson_mask(n, q))] for _ in range(t.local_steps)]
+        batches = [[int(i) for i in np.flatnonzero(csprng.poisson_mask(n, rate))] for _ in range(t.local_steps)]
     else:
-        batches = poisson_batches(n, q, t.local_steps, sampler)
+        batches = poisson_batches(n, rate, t.local_steps, sampler)
     start = time.perf_counter()
     loss_sum, seen = 0.0, 0
     # The model's own dropout draws from torch's global generator: seeded here like the batches and
