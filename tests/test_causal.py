@@ -109,3 +109,19 @@ def test_causal_federation_reports_perplexity_before_and_after(causal_config, ti
     assert summary["rounds_completed"] == 1
     meta = json.loads((out / "adapter" / "fedslm.json").read_text())
     assert meta["task"] == "causal_lm" and meta["model"] == str(tiny_gemma_dir)
+
+
+def test_predict_writes_each_prompts_greedy_completion(trained_adapter, tmp_path):
+    from fedslm.lora.merge import load_tuned
+    from fedslm.models.generate import generate
+
+    prompts = ["fever cough rash arm code", "fever cough rash skin code"]
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    out = tmp_path / "completions.jsonl"
+    res = CliRunner().invoke(app, ["predict", "-a", str(trained_adapter), "-i", str(source), "-o", str(out), "-n", "4"])
+    assert res.exit_code == 0, res.output
+    tuned = load_tuned(trained_adapter)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["completion"] for r in rows] == [generate(tuned.model, tuned.base.tokenizer, p, max_new_tokens=4)
+                                               for p in prompts]

@@ -401,6 +401,35 @@ def generate_cmd(
     sys.stdout.write("\n")
 
 
+@app.command("predict")
+@user_errors
+def predict_cmd(
+    adapter: Path = typer.Option(..., "--adapter", "-a", help="An adapter folder (a run folder's adapter/)."),
+    input_path: Path = typer.Option(..., "--input", "-i", help="Records to label: a .csv or .jsonl file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write (.csv or .jsonl); default stdout."),
+    column: Optional[str] = typer.Option(None, "--column", help="The text column (default: text; causal: prompt)."),
+    top_k: int = typer.Option(1, "--top-k", "-k", help="Also list the k most probable labels (classification)."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Causal LM: tokens per completion."),
+) -> None:
+    """Label every record of INPUT with the base model + ADAPTER: each record's line, label and probability
+    (classification) or its greedy completion (causal LM)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from fedslm.predict import predict_file
+
+    with Progress(TextColumn("labelling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err_console, transient=True) as bar:
+        task = bar.add_task("labelling", total=None)
+        report = predict_file(adapter, input_path, out, column=column, top_k=top_k, batch_size=batch_size,
+                              max_new_tokens=max_new_tokens,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+    for line, reason in report.skipped:
+        err_console.print(f"[yellow]skipped[/] {input_path} line {line}: {reason}")
+    err_console.print(f"labelled {report.labelled} of {report.records} records in {report.seconds:.1f} s "
+                      f"({report.records_per_second:.0f} records/s)" + (f"; wrote {out}" if out else ""))
+
+
 @app.command("export")
 @user_errors
 def export_cmd(
