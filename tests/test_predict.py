@@ -78,3 +78,34 @@ def test_predict_names_the_file_and_line_of_a_malformed_record_and_a_missing_col
     assert res.exit_code == 2 and "missing column 'text'" in res.output
     res = CliRunner().invoke(app, ["predict", "-a", str(cls_adapter), "-i", str(other), "--column", "note"])
     assert res.exit_code == 0 and json.loads(res.stdout.splitlines()[0])["line"] == 2
+
+
+def test_a_mean_pooled_classifier_exports_to_a_folder_plain_sentence_transformers_loads(cls_adapter, tmp_path):
+    """`fedslm export` of a mean-pooled, normalised classifier: a fresh Python that never imports fedslm loads
+    it with sentence-transformers alone, and encode() gives fedslm's logits (labels.json names them)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "exported"
+    res = CliRunner().invoke(app, ["export", "--adapter", str(cls_adapter), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    texts = ["alpha beta gamma", "a much longer record with many words in it", "delta"]
+    script = (
+        "import json, sys\n"
+        "from sentence_transformers import SentenceTransformer\n"
+        f"m = SentenceTransformer({str(out)!r}, device='cpu', local_files_only=True)\n"
+        f"logits = m.encode({texts!r}, convert_to_numpy=True).tolist()\n"
+        "assert not any(k.startswith('fedslm') for k in sys.modules), 'fedslm was imported'\n"
+        f"print(json.dumps({{'logits': logits, 'labels': json.load(open({str(out / 'labels.json')!r}))}}))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    tuned = load_tuned(cls_adapter)
+    with torch.no_grad():
+        enc = tuned.base.tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+        ours = tuned.model(**enc).logits
+    assert torch.allclose(torch.tensor(loaded["logits"]), ours, atol=1e-4)
+    assert loaded["labels"] == tuned.meta["labels"]
+    again = CliRunner().invoke(app, ["export", "--adapter", str(cls_adapter), "--out", str(out)])
+    assert again.exit_code == 2 and "not empty" in again.output

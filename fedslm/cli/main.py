@@ -436,9 +436,22 @@ def export_cmd(
     adapter: Path = typer.Option(..., "--adapter", "-a", help="An adapter folder (a run folder's adapter/)."),
     out: Path = typer.Option(..., "--out", "-o", help="New folder for the merged model (HF format)."),
 ) -> None:
-    """Merge ADAPTER into its base and save a plain Hugging Face model folder, checked against base + B·A."""
+    """Merge ADAPTER into its base and save a folder its stock library loads without fedslm: a Hugging Face
+    model (causal LM, [CLS]-pooled classifier) or, for a mean-pooled classifier, a sentence-transformers model
+    whose encode() gives the logits; checked against base + B·A and reloaded."""
+    from fedslm.lora.adapter import read_adapter_meta
     from fedslm.lora.merge import export_merged
 
+    meta = read_adapter_meta(adapter)
+    if meta.get("task") == "classification" and meta.get("pooling", "cls") == "mean":
+        from fedslm.lora.st_export import export_sentence_transformers
+
+        with err_console.status("merging, writing the sentence-transformers folder and reloading it"):
+            report = export_sentence_transformers(adapter, out)
+        console.print(f"wrote {out}: {' -> '.join(report['modules'])}, {report['lora_layers']} LoRA layers merged "
+                      f"(reloaded logits within {report['max_logit_error']:.2g}); load it with "
+                      f"SentenceTransformer({str(out)!r}).encode(texts) for the logits, labels in labels.json")
+        return
     with err_console.status("merging and checking"):
         report = export_merged(adapter, out)
     console.print(f"merged {report['lora_layers']} LoRA layers into {out} (max |W' - (W + s·B·A)| = "
