@@ -198,6 +198,16 @@ def test_three_institution_simulation_writes_the_run_folder(cls_config, tmp_path
     assert summary["rounds_completed"] == 2
     assert set(summary["per_institution"]["accuracy"]) == {"0", "1", "2"}
     assert summary["worst_institution"]["accuracy"] == min(summary["per_institution"]["accuracy"].values())
+    # Per-class counts of the final adapter at each institution: their diagonal is the accuracy it reported.
+    per_class = summary["per_class"]["per_institution"]
+    for inst, acc in summary["per_institution"]["accuracy"].items():
+        counts = per_class[inst]["confusion"]
+        total = sum(map(sum, counts))
+        final = next(c for c in rounds[-1]["clients"] if c["institution"] == int(inst))
+        assert total == final["eval"]["num_examples"]
+        assert sum(counts[c][c] for c in range(len(counts))) / total == pytest.approx(acc, abs=1e-9)
+    page = (out / "report.html").read_text()
+    assert "Per-class accuracy of the global model" in page and 'http-equiv="refresh"' not in page
     assert summary["bytes"]["adapter_over_model"] < 0.5
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["round"] == 2

@@ -430,6 +430,22 @@ def predict_cmd(
                       f"({report.records_per_second:.0f} records/s)" + (f"; wrote {out}" if out else ""))
 
 
+@app.command("report")
+@user_errors
+def report_cmd(run_dir: Path = typer.Argument(..., help="A run folder (with metrics.jsonl).")) -> None:
+    """Rebuild RUN_DIR's report.html (self-contained, opens offline) and report.png from its files."""
+    from fedslm.report_html import write_html
+
+    if not (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"{run_dir} is not a run folder (no metrics.jsonl)")
+    page = write_html(run_dir)
+    if (run_dir / "summary.json").exists():
+        from fedslm.report import write_report
+
+        write_report(run_dir)
+    console.print(f"wrote {page}")
+
+
 @app.command("export")
 @user_errors
 def export_cmd(

@@ -5,7 +5,7 @@ wrapped by :class:`Recording`, which logs every failed reply with its node and
 reason, stops the run when fewer than ``federation.min_clients`` replies
 remain, and writes the run folder as rounds finish: ``metrics.jsonl`` (one
 object per round), a checkpoint of the global adapter and server state, then
-``adapter/``, ``summary.json`` and ``report.png``.
+``adapter/``, ``summary.json``, ``report.png`` and ``report.html`` (rewritten every round).
 """
 
 from __future__ import annotations
@@ -308,6 +308,16 @@ class RunRecorder:
             fh.write(json.dumps(line) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        self.write_page()
+
+    def write_page(self) -> None:
+        """report.html, rewritten after every round: a page must never stop the run."""
+        from fedslm.report_html import write_html
+
+        try:
+            write_html(self.out)
+        except Exception as exc:  # noqa: BLE001 - the run's files are what counts; the page is a view of them
+            log.warning("report.html not written: %s", exc)
 
 
 class Recording:
@@ -480,6 +490,7 @@ def run_server(grid: Any, cfg: Config, run_id: str) -> dict[str, Any]:
     from fedslm.report import write_report
 
     write_report(out)
+    recorder.write_page()
     return summary
 
 

@@ -47,6 +47,34 @@ def fixed_test(cfg: Config, adapter_dir: Path) -> Optional[dict[str, Any]]:
     return {"accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"], "records": ev["num_examples"]}
 
 
+def institution_confusions(cfg: Config, adapter_dir: Path) -> Optional[dict[str, Any]]:
+    """The global adapter's confusion counts (counts[gold][predicted]) on each institution's held-out
+    records, and its per-class accuracy there: which classes each institution's skew hurts. Exact, as
+    the researcher holds every record in a simulation; a deployed node never sends per-class counts."""
+    if cfg.model.task != "classification":
+        return None
+    from fedslm.data.tasks import get_task
+    from fedslm.lora.merge import load_tuned
+    from fedslm.node.serve import institution_task_data
+    from fedslm.train.evaluate import confusion
+
+    tuned = load_tuned(adapter_dir)
+    labels = list(tuned.meta["labels"])
+    out: dict[str, Any] = {"labels": labels, "per_institution": {}}
+    for inst in range(cfg.federation.num_clients):
+        node = NodeContext(institution=inst, num_institutions=cfg.federation.num_clients, policy=None)
+        data = institution_task_data(plan_round(cfg, node), for_training=False)
+        test = get_task(cfg.model.task).encode(data.test, tuned.base.tokenizer, cfg.model.max_length)
+        feats = split_features(tuned.model, tuned.base.fingerprint, test, cfg.model, cfg.lora.layers)
+        counts = confusion(tuned.model, test, len(labels), cfg.train.eval_batch_size, features=feats)
+        out["per_institution"][str(inst)] = {
+            "confusion": counts,
+            "per_class_accuracy": [row[c] / sum(row) if sum(row) else None for c, row in enumerate(counts)],
+            "per_class_records": [sum(row) for row in counts],
+        }
+    return out
+
+
 def local_baselines(cfg: Config, progress: Optional[Callable[[int], None]] = None) -> dict[str, dict[str, Any]]:
     out = Path(cfg.output.dir)
     headline = "accuracy" if cfg.model.task == "classification" else "perplexity"

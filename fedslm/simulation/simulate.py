@@ -261,8 +261,17 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
         scores = fixed_test(cfg, out / "adapter")
     if scores is not None:
         summary["fixed_test"] = scores
+    from fedslm.simulation.compare import institution_confusions
+
+    with console.status("per-class accuracy of the global adapter at each institution"):
+        confusions = institution_confusions(cfg, out / "adapter")
+    if confusions is not None:
+        summary["per_class"] = confusions
     summary["wall_seconds_total"] = time.monotonic() - started
     summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    from fedslm.report_html import write_html
+
+    write_html(out)
     return summary
 
 
@@ -287,5 +296,5 @@ def describe(summary: dict[str, Any], out: Path, console: Console) -> None:
         console.print(f"[bold]fixed test split ({fixed['records']} records never trained on): accuracy "
                       f"{fixed['accuracy']:.4f}, macro-F1 {fixed['macro_f1']:.4f}[/] (simulation "
                       f"{summary.get('wall_seconds_simulation', 0):.0f}s)")
-    console.print(f"run folder: {out} (config.yaml, metrics.jsonl, summary.json, adapter/, report.png)")
+    console.print(f"run folder: {out} (config.yaml, metrics.jsonl, summary.json, adapter/, report.html, report.png)")
 

@@ -33,6 +33,33 @@ def _from_features(model: nn.Module, features: Any) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
+def confusion(model: nn.Module, enc: Encoded, num_labels: int, batch_size: int = 128,
+              features: Any = None) -> list[list[int]]:
+    """Classification: counts[gold][predicted] over ``enc`` (from its cached prefix when ``features``)."""
+    if features is not None:
+        _, preds = _from_features(model, features)
+        golds = features.labels.tolist()
+        preds_list = preds.tolist()
+    else:
+        task = get_task("classification")
+        was_training = model.training
+        model.eval()
+        preds_list, golds = [], []
+        try:
+            for start in range(0, len(enc), batch_size):
+                batch = task.collate(enc, range(start, min(start + batch_size, len(enc))))
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                preds_list += logits.argmax(-1).tolist()
+                golds += batch["labels"].tolist()
+        finally:
+            model.train(was_training)
+    counts = [[0] * num_labels for _ in range(num_labels)]
+    for g, p in zip(golds, preds_list):
+        counts[int(g)][int(p)] += 1
+    return counts
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, enc: Encoded, task_name: str, batch_size: int = 128,
              features: Any = None) -> dict[str, Any]:
     """Classification: loss, accuracy, macro-F1. Causal LM: token loss and perplexity.
