@@ -547,7 +547,7 @@ class _TwoNodeGrid:
 def test_a_simulation_joins_a_ray_cluster_when_given_its_address(cls_config, tmp_path):
     import tomllib
 
-    from fedslm.simulation.simulate import write_flower_config
+    from fedslm.simulation.simulate import ray_env, write_flower_config
 
     write_flower_config(tmp_path / "local", 9999, cls_config("federation.client_cpus=1"))
     write_flower_config(tmp_path / "cluster", 9999, cls_config("federation.ray_address=auto",
@@ -556,7 +556,9 @@ def test_a_simulation_joins_a_ray_cluster_when_given_its_address(cls_config, tmp
     cluster = tomllib.loads((tmp_path / "cluster" / "config.toml").read_text())["superlink"]["fedslm"]
     assert "address" not in local["options"]["backend"]["init-args"]
     assert local["options"]["backend"]["init-args"]["num-cpus"] >= 1
-    # On a cluster, Ray counts every machine's CPUs itself (ray.init refuses num_cpus with an address).
-    assert cluster["options"]["backend"]["init-args"]["address"] == "auto"
+    # On a cluster, Ray counts every machine's CPUs itself (ray.init refuses num_cpus with an address), and
+    # Flower's ray.init() finds the cluster through RAY_ADDRESS (tests/test_ray_cluster.py runs one).
     assert "num-cpus" not in cluster["options"]["backend"]["init-args"]
+    assert ray_env(cls_config("federation.ray_address=auto")) == {"RAY_ADDRESS": "auto"}
+    assert ray_env(cls_config()) == {}
     assert cluster["options"]["backend"]["client-resources"]["num-cpus"] == 2

@@ -59,14 +59,21 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+def ray_env(cfg: Config) -> dict[str, str]:
+    """The environment that makes Flower's simulation join ``federation.ray_address``. Flower 1.42 keeps
+    only num-cpus, num-gpus, logging-level and log-to-driver of ``options.backend.init-args`` and calls
+    ``ray.init()`` without an address; ``ray.init()`` then connects to ``RAY_ADDRESS``."""
+    return {"RAY_ADDRESS": cfg.federation.ray_address} if cfg.federation.ray_address else {}
+
+
 def write_flower_config(flwr_home: Path, port: int, cfg: Config) -> None:
     flwr_home.mkdir(parents=True, exist_ok=True)
     cpus = os.cpu_count() or 1
     ray_address = cfg.federation.ray_address
-    # On this machine: a private Ray instance with this machine's CPUs. On a cluster (ray_address): join it;
-    # Ray then schedules institutions on every machine's CPUs, and may not be told how many there are.
-    resources = (f'options.backend.init-args.address = "{ray_address}"\n' if ray_address
-                 else f"options.backend.init-args.num-cpus = {cpus}\n")
+    # On this machine: a private Ray instance with this machine's CPUs. On a cluster (ray_address): join it
+    # (through RAY_ADDRESS, see ray_env: Flower 1.42 drops an init-args address); Ray then schedules
+    # institutions on every machine's CPUs, and may not be told how many there are.
+    resources = "" if ray_address else f"options.backend.init-args.num-cpus = {cpus}\n"
     per_client = cfg.federation.client_cpus if ray_address else min(cfg.federation.client_cpus, cpus)
     (flwr_home / "config.toml").write_text(
         "[superlink]\n"
@@ -218,7 +225,7 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
            "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DISABLE_USAGE_STATS": "1", "RAY_USAGE_STATS_ENABLED": "0",
            "TOKENIZERS_PARALLELISM": "false", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
            # The ClientApps are simulated institutions: the scenario stands for their node policies.
-           "FEDSLM_SIMULATION": "1"}
+           "FEDSLM_SIMULATION": "1", **ray_env(cfg)}
     started = time.monotonic()
     console.print(f"run folder [bold]{out}[/]; Flower and Ray logs in {log_file}")
     if resume is not None:
