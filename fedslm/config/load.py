@@ -270,6 +270,8 @@ def validate(cfg: Config) -> None:
                "federation.secure_aggregation hides each institution's update from the coordinator, so it cannot "
                "clip them: set privacy.client_level.clipping=client")
     _check(bool(cfg.output.dir.strip()), "output.dir must be a folder path, got ''")
+    unknown = [t for t in cfg.output.tracking if t not in ("mlflow", "tensorboard")]
+    _check(not unknown, f"output.tracking lists {unknown}; it takes mlflow and/or tensorboard")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -221,6 +221,10 @@ class OutputConfig:
     # A run folder holding an unfinished run's checkpoint is resumed from its last finished round
     # (same config required); false: such a folder is an error.
     resume: bool = True
+    # Also log every round to these experiment trackers (offline; the `tracking` extra): mlflow, tensorboard.
+    tracking: List[str] = field(default_factory=list)
+    # MLflow's tracking store; None: sqlite:///RUN_DIR/mlflow.db.
+    mlflow_uri: Optional[str] = None
 
 
 @dataclass

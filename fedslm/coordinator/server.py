@@ -144,6 +144,7 @@ class RunRecorder:
     # message id -> node id of what was sent, so a failure reported by the SuperLink on a dead
     # node's behalf (it signs such replies itself) is pinned on the right node.
     sent: list[Message] = field(default_factory=list)
+    trackers: Any = None  # fedslm.coordinator.tracking.Trackers, started with the first round
 
     def node_of(self, reply: Message) -> int:
         # Message ids are assigned when the grid sends, so look them up now, not at configure time.
@@ -223,6 +224,8 @@ class RunRecorder:
     def stop(self, server_round: int, phase: str, reason: str) -> None:
         self._round(server_round)["stopped"] = True
         self._flush(server_round)
+        if self.trackers is not None:
+            self.trackers.close("FAILED")
         raise FederationStopped(f"round {server_round} {phase}: {reason}; stopping")
 
     def _client(self, server_round: int, msg: Message) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -309,6 +312,21 @@ class RunRecorder:
             fh.flush()
             os.fsync(fh.fileno())
         self.write_page()
+        self.track(line)
+
+    def track(self, line: dict[str, Any]) -> None:
+        if not self.cfg.output.tracking:
+            return
+        if self.trackers is None:
+            from fedslm.coordinator.tracking import Trackers
+
+            self.trackers = Trackers(self.cfg, self.out, self.run_id)
+        self.trackers.log_round(line)
+
+    def finish_tracking(self, summary: dict[str, Any]) -> None:
+        if self.trackers is not None:
+            self.trackers.log_summary(summary, step=max((r["round"] for r in self.rounds), default=0))
+            self.trackers.close()
 
     def write_page(self) -> None:
         """report.html, rewritten after every round: a page must never stop the run."""
@@ -491,6 +509,7 @@ def run_server(grid: Any, cfg: Config, run_id: str) -> dict[str, Any]:
 
     write_report(out)
     recorder.write_page()
+    recorder.finish_tracking(summary)
     return summary
 
 
