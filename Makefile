@@ -34,8 +34,12 @@ run: $(STAMP)
 train: $(STAMP)
 	$(BIN)/fedslm train --config configs/default.yaml output.dir=runs/local-$(shell date +%Y%m%d-%H%M%S)
 
+# Two workers: the real-process deployment tests spend much of their time waiting on processes and
+# timeouts, so the rest of the suite runs beside them (pytest-xdist; PYTEST_WORKERS=0 runs in one process).
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist load
 
 # All benchmarks (about two hours on 2 cores); QUICK=1: a smoke test of the same pipeline (fewer steps and
 # variants; about 8 minutes). Results: benchmarks/results/.

@@ -46,12 +46,14 @@ class NodesInProcess:
     ``corrupt=True``, arrives with a masked vector of the wrong shape.
     """
 
-    def __init__(self, tmp_path: Path, nodes=NODES, drop=None, corrupt=False, tamper=None, tamper_records=None):
+    def __init__(self, tmp_path: Path, nodes=NODES, drop=None, corrupt=False, tamper=None, tamper_records=None,
+                 tamper_message=None):
         self.nodes = list(nodes)
         self.drop = drop or {}
         self.corrupt = corrupt
         self.tamper = tamper or {}  # {(stage, node): fn(configs)}: the coordinator edits what it sends
         self.tamper_records = tamper_records or {}  # {(stage, node): fn(config_records)}: ... or any record
+        self.tamper_message = tamper_message or {}  # {(stage, node): fn(message)}: ... or its metadata
         self.contexts = {n: Context(run_id=1, node_id=n, state=RecordDict(), run_config={}, node_config={
             "partition-id": i, "num-partitions": len(self.nodes)}) for i, n in enumerate(self.nodes)}
         self.stages: list[str] = []
@@ -76,6 +78,8 @@ class NodesInProcess:
                     self.tamper[(stage, node)](sent.content.config_records[RECORD_KEY_CONFIGS])
                 if (stage, node) in self.tamper_records:
                     self.tamper_records[(stage, node)](sent.content.config_records)
+                if (stage, node) in self.tamper_message:
+                    self.tamper_message[(stage, node)](sent)
                 reply = client_app.app(sent, self.contexts[node])
                 if self.drop.get(stage) == node and self.corrupt:
                     blobs = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
@@ -480,14 +484,66 @@ def test_a_node_refuses_a_signature_moved_stripped_or_not_its_peers(flower_ident
     assert recorder.pending[1]["secure_aggregation"]["contributors"] == NODES[1:]
 
 
+@pytest.mark.parametrize("listed,share,refused", [((1, 2), 0.4, False), ((1,), 0.7, True)],
+                         ids=["one-unverified-allowed", "threshold-minus-one-refused"])
 def test_max_unverified_share_lets_a_node_accept_some_unlisted_neighbours(flower_identity, secure_config, tmp_path,
-                                                                          deployed_grid):
-    """Node 11 lists only 12 but accepts up to 70% unverified neighbours (2 of its 3): the whole cohort masks."""
+                                                                          deployed_grid, listed, share, refused):
+    """Node 11 lists 12 and 13 and accepts up to 40% unverified neighbours (14: 1 of its 3, and fewer than
+    threshold 3 - 1): the whole cohort masks. Listing only 12 (2 of 3 unverified) is refused even at a share
+    of 0.7: with threshold - 1 = 2 made-up neighbours plus its own share a coordinator holds a threshold."""
     cfg = secure_config("privacy.noise_seed=null")
-    grid = deployed_grid(cfg, peers={NODES[0]: [NODES[1]]}, max_unverified_share=0.7)
+    grid = deployed_grid(cfg, peers={NODES[0]: [NODES[i] for i in listed]}, max_unverified_share=share)
     recorder, _, _, _ = _deployed_round(cfg, tmp_path, grid)
-    assert not recorder.pending[1]["errors"]
-    assert recorder.pending[1]["secure_aggregation"]["contributors"] == NODES
+    errors = {e["node"]: e["phase"] for e in recorder.pending[1]["errors"]}
+    assert errors == ({NODES[0]: "train/secagg-share_keys"} if refused else {})
+    assert recorder.pending[1]["secure_aggregation"]["contributors"] == (NODES[1:] if refused else NODES)
+
+
+@pytest.mark.parametrize("attack", ["other-group", "other-node", "huge-values"])
+def test_a_node_refuses_stages_of_another_setup_or_node_and_never_expands_relayed_values(
+        flower_identity, secure_config, tmp_path, deployed_grid, caplog, attack):
+    """Node 11's share-keys message is moved to another protocol run (another group: its neighbours' signed
+    keys could come from a setup it never answered), or addressed to another node id, or relays a neighbour's
+    identity as integers (bytes(10**10) would allocate 10 GB): each refused at share keys, the node alive."""
+    import logging
+
+    from fedslm.wire import identity
+
+    def other_group(msg):
+        msg.metadata.__dict__["_group_id"] = "99"
+
+    def other_node(msg):
+        msg.metadata.__dict__["_dst_node_id"] = NODES[3]
+
+    def huge(records):
+        records[identity.PEERS][str(NODES[1])] = [10**10, 0]
+
+    hooks = {"other-group": {"tamper_message": {(Stage.SHARE_KEYS, NODES[0]): other_group}},
+             "other-node": {"tamper_message": {(Stage.SHARE_KEYS, NODES[0]): other_node}},
+             "huge-values": {"tamper_records": {(Stage.SHARE_KEYS, NODES[0]): huge}}}[attack]
+    cfg = secure_config("privacy.noise_seed=null")
+    grid = deployed_grid(cfg, **hooks)
+    with caplog.at_level(logging.WARNING, logger="fedslm.node.secagg"):
+        recorder, _, _, _ = _deployed_round(cfg, tmp_path, grid)
+    assert {e["node"]: e["phase"] for e in recorder.pending[1]["errors"]} == {NODES[0]: "train/secagg-share_keys"}
+    expected = {"other-group": "but this node set up", "other-node": "not this node",
+                "huge-values": "carry no signature"}[attack]
+    assert expected in caplog.text
+
+
+def test_a_setup_is_never_repeated_for_the_same_run_and_round(flower_identity, secure_config, tmp_path,
+                                                              deployed_grid):
+    """The same setup again in the same nodes' contexts: their signed round keys for that run and round
+    could be replayed into another session; every node refuses at setup and nothing is charged again."""
+    cfg = secure_config("privacy.noise_seed=null")
+    grid = deployed_grid(cfg)
+    _, _, messages, _ = _deployed_round(cfg, tmp_path, grid)
+    (tmp_path / "again").mkdir()
+    recorder = RunRecorder(cfg, tmp_path / "again", "run-s")
+    with pytest.raises(FederationStopped, match="halted at stage setup"):
+        secagg.SecureAggregationGrid(grid, cfg, recorder).send_and_receive(copy.deepcopy(messages))
+    assert all([e["round"] for e in Ledger(tmp_path / f"ledger-{n}.json").entries("all-records")] == [1]
+               for n in NODES)
 
 
 def test_a_node_listed_both_alive_and_dropped_is_never_unmasked(flower_identity, secure_config, tmp_path,
@@ -506,12 +562,11 @@ def test_a_node_listed_both_alive_and_dropped_is_never_unmasked(flower_identity,
     assert errors and errors[0]["reason"] == public_reason("secure-aggregation")
 
 
-def test_a_masked_release_is_replayed_only_into_the_same_cohort(flower_identity, secure_config, tmp_path,
-                                                                deployed_grid):
-    """After a secure round, the same request (run, round, adapter) again: among the same neighbours the
-    kept update is masked again at no cost; in a cohort with a node swapped, or in the clear (with a
-    config that says secure aggregation is off), it is refused: the difference of two sums, or the
-    plain update itself, would isolate it."""
+def test_a_masked_release_is_never_sent_twice(flower_identity, secure_config, tmp_path, deployed_grid):
+    """After a secure round, the same request (run, round, adapter) again: among the same neighbours (one of
+    whom the coordinator could drop before it masks, so that the difference of the two sums is that
+    node's update), in a cohort with a node swapped, or in the clear (with a config that says secure
+    aggregation is off), it is refused, and nothing is charged again."""
     cfg = secure_config("privacy.noise_seed=null")
     grid = deployed_grid(cfg)
     recorder, initial, messages, _ = _deployed_round(cfg, tmp_path, grid)
@@ -523,8 +578,13 @@ def test_a_masked_release_is_replayed_only_into_the_same_cohort(flower_identity,
         return [e["round"] for e in Ledger(tmp_path / f"ledger-{n}.json").entries("all-records")]
 
     (tmp_path / "again").mkdir()
-    again = secagg.SecureAggregationGrid(grid, cfg, RunRecorder(cfg, tmp_path / "again", "run-s"))
-    again.send_and_receive(copy.deepcopy(messages))  # same cohort: every node replays, no new charge
+    again = deployed_grid(cfg)  # fresh protocol state (a new group of stage messages), same nodes and ledgers
+    recorder1 = RunRecorder(cfg, tmp_path / "again", "run-s")
+    _, again_messages = _train_messages(cfg, again, make_strategies(cfg, recorder1)[0])
+    with pytest.raises(FederationStopped):
+        secagg.SecureAggregationGrid(again, cfg, recorder1).send_and_receive(again_messages)
+    refusals = {e["node"]: e["reason"] for e in recorder1.rounds[-1]["errors"]}
+    assert all(refusals[n] == public_reason("refused-by-policy") for n in NODES)
     assert all(entries(n) == [1] for n in NODES)
 
     swapped = deployed_grid(cfg, nodes=[*NODES[:3], 15])  # same institutions 11-13, a new neighbour 15

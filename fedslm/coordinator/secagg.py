@@ -124,10 +124,9 @@ class _StageGrid:
                 reason = reply.error.reason or f"error code {reply.error.code}"
             elif stage == Stage.SETUP and identity.IDENTITY in reply.content.config_records:
                 signed = reply.content.config_records[identity.IDENTITY]
-                try:
-                    self.identities[node] = [bytes(signed[identity.KEY]), bytes(signed[identity.SIGNATURE])]  # type: ignore[arg-type]
-                except (KeyError, TypeError, ValueError):
-                    pass  # relayed as missing: its neighbours decide
+                key, signature = signed.get(identity.KEY), signed.get(identity.SIGNATURE)
+                if isinstance(key, bytes) and isinstance(signature, bytes) and len(key) + len(signature) <= 1024:
+                    self.identities[node] = [key, signature]  # else relayed as missing: its neighbours decide
             elif stage == Stage.COLLECT_MASKED_VECTORS:
                 reason = self._check_masked(reply)
                 if reason is None:

@@ -29,18 +29,31 @@ log = logging.getLogger("fedslm.node.secagg")
 # This node's own record of the protocol in its context: the cohort it shares its secrets with.
 STATE = "fedslm-secagg"
 COHORT = "cohort"
+SESSION = "session"  # "run/group" of the protocol run this node set up last
+THRESHOLD = "threshold"
+SESSIONS = "fedslm-secagg-sessions"  # every "run/group" this node ever set up: a setup is never repeated
+_MAX_KEY_BYTES = 512  # a SecAgg+ public key (PEM) or an Ed25519 key/signature is far below this
 
 
 class SecureAggregationRefused(FedslmError):
     """The coordinator's protocol parameters or stage messages are outside what this node accepts."""
 
 
-def _policy(context: Context) -> Any:
+def _full_policy(context: Context) -> Any:
     from fedslm.node.policy import NODE_POLICY, load_policy
 
     if NODE_POLICY not in context.node_config:
         return None  # simulation: only the protocol's own consistency checks
-    return load_policy(str(context.node_config[NODE_POLICY])).secure_aggregation
+    return load_policy(str(context.node_config[NODE_POLICY]))
+
+
+def _policy(context: Context) -> Any:
+    full = _full_policy(context)
+    return None if full is None else full.secure_aggregation
+
+
+def _session(msg: Message) -> str:
+    return f"{msg.metadata.run_id}/{msg.metadata.group_id}"
 
 
 def check_stage(msg: Message, context: Context) -> None:
@@ -55,7 +68,14 @@ def check_stage(msg: Message, context: Context) -> None:
     """
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     stage = str(configs.get(Key.STAGE, "?"))
-    policy = _policy(context)
+    full = _full_policy(context)
+    policy = None if full is None else full.secure_aggregation
+    if full is not None and msg.metadata.dst_node_id != context.node_id:
+        raise SecureAggregationRefused(f"a stage addressed to node {msg.metadata.dst_node_id}, not this node")
+    own = context.state.config_records.get(STATE)
+    if stage != Stage.SETUP and own is not None and str(own.get(SESSION, "")) != _session(msg):
+        raise SecureAggregationRefused(f"stage {stage} of protocol run {_session(msg)}, but this node set up "
+                                       f"{own.get(SESSION)}")
     if stage == Stage.SETUP:
         sample, shares, threshold = (int(configs[k]) for k in (Key.SAMPLE_NUMBER, Key.SHARE_NUMBER, Key.THRESHOLD))
         if policy is not None:
@@ -69,14 +89,21 @@ def check_stage(msg: Message, context: Context) -> None:
             if threshold < policy.min_threshold:
                 raise SecureAggregationRefused(f"threshold {threshold}, below this node's "
                                                f"secure_aggregation.min_threshold={policy.min_threshold}")
+            seen = context.state.config_records.get(SESSIONS)
+            done = [str(s) for s in seen["all"]] if seen is not None else []  # type: ignore[union-attr]
+            if _session(msg) in done:
+                raise SecureAggregationRefused(f"protocol run {_session(msg)} was set up before; a setup is never "
+                                               "repeated (its signed keys could be replayed)")
+            context.state.config_records[SESSIONS] = ConfigRecord({"all": [*done[-999:], _session(msg)]})
+        context.state.config_records[STATE] = ConfigRecord({SESSION: _session(msg), THRESHOLD: threshold})
     elif stage == Stage.SHARE_KEYS:
         neighbours = sorted(int(k) for k in configs.keys() if k != Key.STAGE)
         if policy is not None and len(neighbours) < policy.min_cohort:
             raise SecureAggregationRefused(f"{len(neighbours)} neighbours, below this node's "
                                            f"secure_aggregation.min_cohort={policy.min_cohort}")
         if policy is not None:
-            check_neighbours(msg, configs, policy)
-        context.state.config_records[STATE] = ConfigRecord({COHORT: neighbours})
+            check_neighbours(msg, configs, policy, threshold=int(own.get(THRESHOLD, 2)) if own is not None else 2,
+                             required=full.privacy.require_secure_aggregation)
     elif stage == Stage.UNMASK:
         active = [int(n) for n in configs[Key.ACTIVE_NODE_ID_LIST]]  # type: ignore[union-attr]
         dead = [int(n) for n in configs[Key.DEAD_NODE_ID_LIST]]  # type: ignore[union-attr]
@@ -90,26 +117,41 @@ def check_stage(msg: Message, context: Context) -> None:
             raise SecureAggregationRefused("the unmask request names nodes outside this node's cohort")
 
 
-def check_neighbours(msg: Message, configs: ConfigRecord, policy: Any) -> None:
-    """Every neighbour's round keys signed by an institution the policy lists (at most
-    ``max_unverified_share`` of them not), each institution on one node only."""
+def _raw(value: Any) -> bytes:
+    """A key or signature as relayed: bytes of a sane length, never anything ``bytes()`` would expand."""
+    if not isinstance(value, bytes) or not 0 < len(value) <= _MAX_KEY_BYTES:
+        raise TypeError("not a key")
+    return value
+
+
+def check_neighbours(msg: Message, configs: ConfigRecord, policy: Any, *, threshold: int = 2,
+                     required: bool = False) -> None:
+    """Every neighbour's round keys signed by an institution the policy lists, each institution on one
+    node only. Unverified neighbours: at most ``max_unverified_share`` of them, and fewer than
+    ``threshold - 1`` (with that many of its own, plus this node's share, a coordinator holds a
+    threshold of this node's shares). ``required``: the node requires secure aggregation, which
+    without listed peers protects nothing against the coordinator: refused."""
     from fedslm.wire import identity
 
     me = msg.metadata.dst_node_id
     others = sorted(int(k) for k in configs.keys() if k != Key.STAGE and int(k) != me)
     if not policy.peers:
+        if required:
+            raise SecureAggregationRefused("privacy.require_secure_aggregation is set but secure_aggregation.peers "
+                                           "lists no institution: this node cannot tell real neighbours from made-up ones")
         log.warning("secure aggregation: no secure_aggregation.peers listed; this node cannot tell its %d neighbours "
                     "from ones the coordinator made up", len(others))
         return
-    listed = {identity.load_public(path): name for name, path in policy.peers.items()}
+    mine = identity.raw_public(identity.load_private(policy.identity_key).public_key())
+    listed = {raw: name for name, path in policy.peers.items() if (raw := identity.load_public(path)) != mine}
     record = msg.content.config_records.get(identity.PEERS)
     seen: dict[str, int] = {}
     unverified = []
     for node in others:
         entry = record.get(str(node)) if record is not None else None
         try:
-            raw, signature = (bytes(v) for v in entry)  # type: ignore[union-attr]
-            pk1, pk2 = (bytes(v) for v in configs[str(node)])  # type: ignore[union-attr]
+            raw, signature = (_raw(v) for v in entry)  # type: ignore[union-attr]
+            pk1, pk2 = (_raw(v) for v in configs[str(node)])  # type: ignore[union-attr]
         except (TypeError, ValueError):
             unverified.append(node)
             continue
@@ -122,12 +164,12 @@ def check_neighbours(msg: Message, configs: ConfigRecord, policy: Any) -> None:
             raise SecureAggregationRefused(f"institution {name!r} signed the keys of two nodes ({seen[name]} and {node})")
         seen[name] = node
     log.info("secure aggregation: neighbours verified as %s; %d unverified", sorted(seen), len(unverified))
-    allowed = policy.max_unverified_share * len(others)
+    allowed = min(policy.max_unverified_share * len(others), threshold - 2)
     if unverified and len(unverified) > allowed:
         raise SecureAggregationRefused(
             f"{len(unverified)} of {len(others)} neighbours ({unverified}) carry no signature of an institution in "
-            f"secure_aggregation.peers, more than max_unverified_share={policy.max_unverified_share} allows: a "
-            "coordinator could have made them up to unmask this node's update")
+            f"secure_aggregation.peers, more than max_unverified_share={policy.max_unverified_share} and threshold "
+            f"{threshold} allow: a coordinator could have made them up to unmask this node's update")
 
 
 def sign_setup(msg: Message, reply: Message, context: Context) -> None:
@@ -138,7 +180,7 @@ def sign_setup(msg: Message, reply: Message, context: Context) -> None:
     from fedslm.wire import identity
 
     keys = reply.content.config_records[RECORD_KEY_CONFIGS]
-    message = identity.signed_bytes(msg.metadata.run_id, msg.metadata.group_id, msg.metadata.dst_node_id,
+    message = identity.signed_bytes(msg.metadata.run_id, msg.metadata.group_id, context.node_id,
                                     bytes(keys[Key.PUBLIC_KEY_1]), bytes(keys[Key.PUBLIC_KEY_2]))  # type: ignore[arg-type]
     raw, signature = identity.sign(identity.load_private(policy.identity_key), message)
     reply.content.config_records[identity.IDENTITY] = ConfigRecord({identity.KEY: raw, identity.SIGNATURE: signature})
@@ -181,6 +223,11 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: Any) -> Me
         reply = _mod_module.secaggplus_mod(msg, context, train)
         if stage == Stage.SETUP:
             sign_setup(msg, reply, context)
+        elif stage == Stage.SHARE_KEYS and not reply.has_error():  # Flower took the stage: remember the cohort
+            own = context.state.config_records[STATE]
+            neighbours = sorted(int(k) for k in msg.content.config_records[RECORD_KEY_CONFIGS].keys()
+                                if k != Key.STAGE)
+            context.state.config_records[STATE] = ConfigRecord({**dict(own), COHORT: neighbours})
         return reply
     except _Refused as exc:
         return Message(error=exc.error, reply_to=msg)

@@ -261,12 +261,13 @@ def _train(plan: RoundPlan, request: Request, *, secure: bool = False,
     paid = releases.find(entries, request.run_id, request.server_round, digest)
     if paid is not None:  # the coordinator lost this round after we paid for it: same request, same bytes
         state, metrics, paid_cohort = paid
-        # A masked release goes out again only masked, among the very same neighbours: masked into
-        # another cohort, or sent in the clear, the difference of two sums would isolate it.
-        if paid_cohort is not None and (not secure or sorted(cohort or []) != sorted(paid_cohort)):
+        # A masked release goes out once. Masked again, even among the same neighbours (one of whom the
+        # coordinator then drops before it masks), or sent in the clear, the difference of two sums
+        # would isolate an update.
+        if paid_cohort is not None:
             raise SecureAggregationRequired(
-                f"{plan.name}: round {request.server_round} of run {request.run_id} was released masked among "
-                f"{len(paid_cohort)} neighbours; it is replayed only into that same cohort")
+                f"{plan.name}: round {request.server_round} of run {request.run_id} was already released masked "
+                f"among {len(paid_cohort)} neighbours; a masked release is never sent twice")
         delta = metrics.get("delta") or entries[-1]["delta"]
         metrics.update({"epsilon": ledger.spent(plan.unit, float(delta), plan.spec.dp.accountant),
                         "bytes-down": request.bytes_down, "replayed": 1, "seconds": time.perf_counter() - started})
