@@ -393,6 +393,9 @@ def test_secure_aggregation_client_level_dp_and_ffa_work_in_deployment(federatio
         assert held_out.rounds == 2 and 0 < held_out.epsilon <= 10.0
         others = sorted(f"'h{j}'" for j in range(3) if j != i)
         assert (tmp / f"h{i}.log").read_text().count(f"neighbours verified as [{', '.join(others)}]") == 2
+        assert "fresh interpreter" not in (tmp / f"h{i}.log").read_text()  # every task forked by the preloader
+    page = (out / "report.html").read_text()  # the coordinator's board page, finished: no more reloading
+    assert "finished" in page and 'http-equiv="refresh"' not in page and "round 2 of 2" in page
 
 
 def test_a_hostile_coordinator_cannot_reset_weaken_or_read_a_node_over_the_wire(federation, tiny_bert_dir,
