@@ -7,11 +7,19 @@ from pathlib import Path
 from typing import Any
 
 
-def _rounds(folder: Path) -> list[dict[str, Any]]:
+def read_rounds(folder: Path) -> list[dict[str, Any]]:
+    """A run folder's metrics.jsonl, one dict a round; a line being written (torn) is skipped."""
     path = folder / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rounds = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                rounds.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rounds
 
 
 def write_report(folder: str | Path) -> Path:
@@ -21,7 +29,7 @@ def write_report(folder: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     folder = Path(folder)
-    rounds = _rounds(folder)
+    rounds = read_rounds(folder)
     summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {}
     headline = "accuracy" if any("accuracy" in r["eval_weighted"] for r in rounds) else "perplexity"
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))

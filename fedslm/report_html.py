@@ -27,6 +27,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
+from fedslm.report import read_rounds
+
 REFRESH_SECONDS = 10
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]
@@ -212,20 +214,6 @@ font-size:12px;color:#fff} .running{background:#e08a00} .done{background:#2a8a2a
 """
 
 
-def _rounds(folder: Path) -> list[dict[str, Any]]:
-    path = folder / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line being written
-                break
-    return out
-
-
 def _config(folder: Path) -> dict[str, Any]:
     path = folder / "config.yaml"
     try:
@@ -238,7 +226,7 @@ def _config(folder: Path) -> dict[str, Any]:
 def render(folder: str | Path) -> str:
     """The page for the run folder as it stands now."""
     folder = Path(folder)
-    rounds = _rounds(folder)
+    rounds = read_rounds(folder)
     trained = [r for r in rounds if r["round"] > 0]
     summary_path = folder / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else None

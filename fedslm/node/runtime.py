@@ -89,7 +89,6 @@ def preloader(runtime_api_address: str, parent_pid: Optional[int]) -> int:
 
     for name in PRELOAD:
         importlib.import_module(name)
-    print("ready", flush=True)
     for line in sys.stdin:
         token = line.strip()
         if not token:
@@ -119,7 +118,6 @@ class _Preloaded:
         self.proc = subprocess.Popen([*task_command(runtime_api_address, parent_pid), "--preload"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.busy = False
-        self.ready = False
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -138,9 +136,7 @@ class _Preloaded:
     def done(self) -> bool:
         """Whether the task handed over has ended (True also when the preloader died with it)."""
         for line in self._lines():
-            if line == "ready":
-                self.ready = True
-            elif line.startswith("done"):
+            if line.startswith("done"):
                 self.busy = False
         if not self.alive():
             self.busy = False

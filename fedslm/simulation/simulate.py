@@ -29,6 +29,7 @@ from rich.table import Table
 from fedslm.config import Config, to_yaml
 from fedslm.errors import FedslmError
 from fedslm.coordinator.server import find_checkpoint
+from fedslm.report import read_rounds
 
 CONNECTION = "fedslm"
 
@@ -150,17 +151,6 @@ def local_superlink(flwr_home: Path, port: int, log_file: Path, env: dict[str, s
         stop_process_tree(proc)
 
 
-def _read_rounds(out: Path) -> list[dict[str, Any]]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rounds = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            rounds.append(json.loads(line))
-    return rounds
-
-
 def _clients_done(out: Path, round_idx: int) -> int:
     done = 0
     for ledger in (out / "ledgers").glob("*.json"):
@@ -239,12 +229,12 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
         try:
             with Live(_table(cfg, [], out, started), console=console, refresh_per_second=2, transient=False) as live:
                 while run.poll() is None:
-                    live.update(_table(cfg, _read_rounds(out), out, started))
+                    live.update(_table(cfg, read_rounds(out), out, started))
                     time.sleep(1.0)
                     if (out / "summary.json").exists() and run.poll() is None:
                         with contextlib.suppress(subprocess.TimeoutExpired):
                             run.wait(timeout=30)
-                live.update(_table(cfg, _read_rounds(out), out, started))
+                live.update(_table(cfg, read_rounds(out), out, started))
         finally:
             if run.poll() is None:
                 stop_process_tree(run)
