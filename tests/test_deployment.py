@@ -355,10 +355,10 @@ def test_strangers_are_refused_and_malformed_updates_over_the_wire_are_rejected(
 
 def test_secure_aggregation_client_level_dp_and_ffa_work_in_deployment(federation, tiny_bert_dir, node_policy):
     """Every privacy switch at once over the wire: SecAgg+ (each message a fresh ClientApp process,
-    so the protocol's state lives in the node's context between its four stages), client-level DP
+    so the protocol's state lives in the node's context between its five stages), client-level DP
     clipped on the nodes with an adaptive bound, FFA-LoRA, secure noise. One node insists on secure
     aggregation. Every institution signs its round keys and checks its neighbours' signatures, relayed
-    by the coordinator through a real SuperLink."""
+    by the coordinator through a real SuperLink, and signs the survivor list before it unmasks."""
     f = federation
     tmp, env = f["tmp"], f["env"]
     _enrol_and_start(f, tiny_bert_dir, node_policy, privacy={0: {"require_secure_aggregation": True,
@@ -393,6 +393,7 @@ def test_secure_aggregation_client_level_dp_and_ffa_work_in_deployment(federatio
         assert held_out.rounds == 2 and 0 < held_out.epsilon <= 10.0
         others = sorted(f"'h{j}'" for j in range(3) if j != i)
         assert (tmp / f"h{i}.log").read_text().count(f"neighbours verified as [{', '.join(others)}]") == 2
+        assert (tmp / f"h{i}.log").read_text().count("signed by 3 of 3 listed institutions") == 2  # consistency
         assert "fresh interpreter" not in (tmp / f"h{i}.log").read_text()  # every task forked by the preloader
     page = (out / "report.html").read_text()  # the coordinator's board page, finished: no more reloading
     assert "finished" in page and 'http-equiv="refresh"' not in page and "round 2 of 2" in page

@@ -267,6 +267,38 @@ def test_secure_noise_required_by_the_policy_is_used_whatever_the_request_says(f
     assert seen == [True]
 
 
+def test_a_request_cannot_make_the_node_hold_more_than_its_resource_caps(flower_identity, coordinator, hospital,
+                                                                         monkeypatch, caplog, tmp_path):
+    """train.physical_batch_size=10**6 would put the whole split through one backward pass (its activations,
+    and per-record gradients, at once): the node cuts it to its resources.max_physical_batch_size, which
+    only chunks the same logical batch, and so for evaluation batches. A max_length past its cap changes
+    what is trained: refused before anything is charged."""
+    import yaml
+
+    import fedslm.train.local as local
+
+    seen = []
+    real = local.DPSGD
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["physical_batch_size"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(local, "DPSGD", spy)
+    cfg, state, fp = coordinator
+    node = hospital()
+    path = Path(node.node_config["policy"])
+    path.write_text(path.read_text() + yaml.safe_dump({"resources": {"max_physical_batch_size": 3,
+                                                                     "max_eval_batch_size": 5, "max_length": 16}}))
+    text = _yaml(cfg, train__physical_batch_size=10**6, train__eval_batch_size=10**6)
+    with caplog.at_level("WARNING", logger="fedslm.node"):
+        _ok(_send(node, text, state, fingerprint=fp))
+    assert seen == [3]
+    assert "evaluating in batches of 5" in caplog.text
+    _refused(_send(node, _yaml(cfg, model__max_length=17), state, fingerprint=fp, server_round=2), "refused-by-policy")
+    assert _ledger(tmp_path).summary()[0].rounds == 1
+
+
 def test_with_a_size_floor_the_noise_level_says_nothing_about_the_record_count(flower_identity, coordinator,
                                                                               node_policy, class_csv, tmp_path):
     """A coordinator can craft a global adapter whose gradients vanish and read σ·C/b off the update: σ,

@@ -185,6 +185,34 @@ def test_the_cache_folder_keeps_its_newest_files_only(cls_config, tmp_path, monk
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
 
 
+def test_the_cache_folder_and_memory_stay_within_the_byte_budget_and_purge_empties_it(cls_config, tmp_path,
+                                                                                      monkeypatch):
+    """Requests for many depths (each a file and an entry of its own) cannot fill a node's disk or memory: the
+    folder's total and the in-memory cache's stay within $FEDSLM_CACHE_MAX_BYTES, the newest kept, and the
+    CLI's purge deletes only the cache's own files."""
+    from typer.testing import CliRunner
+
+    from fedslm.cli.main import app
+
+    _node(cls_config, 2)
+    sizes = sorted(size for _, size, _ in prefix.cache_files())
+    budget = sizes[-1] + sizes[0] + 1  # room for about two files, never for all of depths 0, 1 and 2
+    monkeypatch.setenv(prefix.MAX_BYTES_ENV, str(budget))
+    for layers in (0, 1, 2):
+        _node(cls_config, layers)
+        assert sum(size for _, size, _ in prefix.cache_files()) <= budget
+        assert sum(f.nbytes() for f in prefix._MEMORY.values()) <= budget
+    newest = prefix.cache_files()[0][0]
+    assert prefix.cache_files() and len(prefix.cache_files()) < 6
+    other = tmp_path / "cache" / "notes.pt"
+    other.write_bytes(b"not ours")
+    shown = CliRunner().invoke(app, ["cache", "show"])
+    assert shown.exit_code == 0 and newest.name[:16] in shown.output
+    purged = CliRunner().invoke(app, ["cache", "purge"])
+    assert purged.exit_code == 0, purged.output
+    assert prefix.cache_files() == [] and other.exists()
+
+
 @pytest.mark.parametrize("scenario", sorted(str(p) for p in (ROOT / "simulations").glob("*.yaml")) +
                          sorted(str(p) for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_shipped_scenario_and_config_is_valid(scenario):

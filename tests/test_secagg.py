@@ -42,14 +42,16 @@ NODES = [11, 12, 13, 14]
 class NodesInProcess:
     """A grid whose nodes are the real ClientApp, called in this process.
 
-    ``drop``: {stage: node} — that node's reply to that stage never arrives (a crash), or, with
-    ``corrupt=True``, arrives with a masked vector of the wrong shape.
+    ``drop``: {stage: node or set of nodes} — that node's reply to that stage never arrives (a crash),
+    or, with ``corrupt=True``, arrives with a masked vector of the wrong shape. ``replies``: every
+    (stage, node, reply) the coordinator received, as an attacker would keep them.
     """
 
     def __init__(self, tmp_path: Path, nodes=NODES, drop=None, corrupt=False, tamper=None, tamper_records=None,
-                 tamper_message=None):
+                 tamper_message=None, discard=None):
         self.nodes = list(nodes)
         self.drop = drop or {}
+        self.discard = discard or {}  # {stage: nodes}: the node answers, the coordinator acts as if it had not
         self.corrupt = corrupt
         self.tamper = tamper or {}  # {(stage, node): fn(configs)}: the coordinator edits what it sends
         self.tamper_records = tamper_records or {}  # {(stage, node): fn(config_records)}: ... or any record
@@ -57,6 +59,13 @@ class NodesInProcess:
         self.contexts = {n: Context(run_id=1, node_id=n, state=RecordDict(), run_config={}, node_config={
             "partition-id": i, "num-partitions": len(self.nodes)}) for i, n in enumerate(self.nodes)}
         self.stages: list[str] = []
+        self.replies: list[tuple[str, int, Message]] = []
+        self.sent: list[tuple[str, int, ConfigRecord]] = []  # (stage, node, stage record as delivered)
+        self.withheld: dict[int, set[int]] = {}
+
+    def _dropped(self, stage, node):
+        dropped = self.drop.get(stage)
+        return node in dropped if isinstance(dropped, (set, frozenset, list, tuple)) else dropped == node
 
     def get_node_ids(self):
         return list(self.nodes)
@@ -71,7 +80,7 @@ class NodesInProcess:
             self.stages.append(stage)
             TaskIdentity.node_id = node
             try:
-                if self.drop.get(stage) == node and not self.corrupt:
+                if self._dropped(stage, node) and not self.corrupt:
                     continue  # the node died before answering
                 sent = copy.deepcopy(msg)  # as if it had crossed the wire
                 if (stage, node) in self.tamper:
@@ -80,10 +89,15 @@ class NodesInProcess:
                     self.tamper_records[(stage, node)](sent.content.config_records)
                 if (stage, node) in self.tamper_message:
                     self.tamper_message[(stage, node)](sent)
+                if RECORD_KEY_CONFIGS in sent.content.config_records:
+                    self.sent.append((stage, node, sent.content.config_records[RECORD_KEY_CONFIGS]))
                 reply = client_app.app(sent, self.contexts[node])
-                if self.drop.get(stage) == node and self.corrupt:
+                if self._dropped(stage, node) and self.corrupt:
                     blobs = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
                     reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS] = blobs[:-1]
+                self.replies.append((stage, node, reply))
+                if node in self.discard.get(stage, ()):
+                    continue
                 replies.append(reply)
             finally:
                 TaskIdentity.node_id = 1
@@ -184,15 +198,15 @@ def test_secure_round_equals_plain_fedavg_within_the_quantisation_error(flower_i
 
 
 @pytest.mark.parametrize("stage,corrupt", [(Stage.COLLECT_MASKED_VECTORS, False), (Stage.UNMASK, False),
-                                           (Stage.COLLECT_MASKED_VECTORS, True)],
-                         ids=["dies-before-sending", "dies-after-sending", "malformed-vector"])
+                                           (wire_secagg.CONSISTENCY_STAGE, False), (Stage.COLLECT_MASKED_VECTORS, True)],
+                         ids=["dies-before-sending", "dies-after-sending", "dies-before-signing", "malformed-vector"])
 def test_a_node_lost_within_the_threshold_does_not_stop_the_round(flower_identity, secure_config, tmp_path,
                                                                   stage, corrupt):
     cfg = secure_config()
     lost = NODES[1]
     grid, recorder, initial, average, replies = _secure_round(cfg, tmp_path, drop={stage: lost}, corrupt=corrupt)
     note = recorder.pending[1]["secure_aggregation"]
-    in_sum = NODES if stage == Stage.UNMASK else [n for n in NODES if n != lost]
+    in_sum = NODES if stage in (Stage.UNMASK, wire_secagg.CONSISTENCY_STAGE) else [n for n in NODES if n != lost]
     assert note["contributors"] == in_sum and note["dropped"] == [lost]
     errors = recorder.pending[1]["errors"]
     assert [e["node"] for e in errors] == [lost]
@@ -554,20 +568,168 @@ def test_a_setup_is_never_repeated_for_the_same_run_and_round(flower_identity, s
                for n in NODES)
 
 
+@pytest.mark.parametrize("story", ["both", "dropped-survivor"])
 def test_a_node_listed_both_alive_and_dropped_is_never_unmasked(flower_identity, secure_config, tmp_path,
-                                                                deployed_grid):
+                                                                deployed_grid, story):
     """The coordinator lists node 12 as dropped (and alive) in node 11's unmask request: revealing both
-    its sk1 share and its mask-seed share would help rebuild both of 12's secrets. Node 11 refuses."""
+    its sk1 share and its mask-seed share would help rebuild both of 12's secrets. Node 11 refuses. So it
+    does when 12 is listed only as dropped, but is in the survivor list 11 signed (the others, told 12 is
+    alive, send 12's mask-seed shares)."""
     from flwr.common.secure_aggregation.secaggplus_constants import Key
 
     def both(configs):
         configs[Key.DEAD_NODE_ID_LIST] = [NODES[1]]
+        if story == "dropped-survivor":  # only dropped, as the survivor list 11 signed does not say
+            configs[Key.ACTIVE_NODE_ID_LIST] = [n for n in configs[Key.ACTIVE_NODE_ID_LIST] if n != NODES[1]]
 
     cfg = secure_config("privacy.noise_seed=null")
     grid = deployed_grid(cfg, tamper={(Stage.UNMASK, NODES[0]): both})
     recorder, _, _, _ = _deployed_round(cfg, tmp_path, grid)
     errors = [e for e in recorder.pending[1]["errors"] if e["node"] == NODES[0]]
     assert errors and errors[0]["reason"] == public_reason("secure-aggregation")
+
+
+FIVE = [11, 12, 13, 14, 15]
+
+
+def _strip_masks(grid, cfg, victim):
+    """The coordinator's attempt to read ``victim``'s update from what it received: its masked vector,
+    minus its self-mask (rebuilt from the mask-seed shares the others sent) and minus its pairwise
+    mask with every node it masked with (rebuilt from that node's sk1 shares, as if it had dropped).
+    None when the shares it holds do not rebuild every one of those secrets."""
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+    from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+    from flwr.common.secure_aggregation.quantization import dequantize
+
+    def replies(stage):
+        return {n: r for st, n, r in grid.replies if st == stage and not r.has_error()}
+
+    if victim not in replies(Stage.COLLECT_MASKED_VECTORS):
+        return None
+    shares: dict[tuple[str, int], list[bytes]] = {}  # (which secret, owner) -> shares
+    for node, reply in replies(Stage.UNMASK).items():
+        sent = [m for st, n, m in grid.sent if st == Stage.UNMASK and n == node][-1]
+        alive = set(int(n) for n in sent[Key.ACTIVE_NODE_ID_LIST])
+        got = reply.content.config_records[RECORD_KEY_CONFIGS]
+        for owner, share in zip(got[Key.NODE_ID_LIST], got[Key.SHARE_LIST]):
+            shares.setdefault(("seed" if owner in alive else "sk1", int(owner)), []).append(bytes(share))
+    threshold = round(cfg.federation.secagg.threshold * len(grid.nodes))
+    masked_with = [n for n in grid.nodes if n != victim and n not in grid.withheld.get(victim, ())]
+    needed = [("seed", victim)] + [("sk1", n) for n in masked_with]
+    if any(len(shares.get(k, [])) < threshold for k in needed):
+        return None
+    vector = [bytes_to_ndarray(b).astype(np.int64) for b in
+              replies(Stage.COLLECT_MASKED_VECTORS)[victim].content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
+    dims = [v.shape for v in vector]
+    modulus = wire_secagg.MODULUS
+    own = wire_secagg.mask_stream(combine_shares(shares[("seed", victim)]), modulus, dims)
+    vector = [v - m for v, m in zip(vector, own)]
+    pk1 = replies(Stage.SETUP)[victim].content.config_records[RECORD_KEY_CONFIGS][Key.PUBLIC_KEY_1]
+    for n in masked_with:
+        key = generate_shared_key(bytes_to_private_key(combine_shares(shares[("sk1", n)])), bytes_to_public_key(pk1))
+        pair = wire_secagg.mask_stream(key, modulus, dims)
+        vector = [v - m if victim > n else v + m for v, m in zip(vector, pair)]
+    vector = [np.mod(v, modulus) for v in vector]
+    levels = wire_secagg.quantization_range(cfg)
+    ratio = float(vector[0].ravel()[0]) / levels  # the weight factor Flower puts first
+    return [a / ratio for a in dequantize(vector[1:], cfg.federation.secagg.clipping_range, levels)], ratio
+
+
+@pytest.mark.parametrize("checks", ["on", "off"])
+def test_a_coordinator_cannot_isolate_an_update_by_telling_nodes_different_dropouts(
+        flower_identity, secure_config, tmp_path, deployed_grid, monkeypatch, checks):
+    """Five institutions, threshold 3 of 5. The coordinator forwards node 11 only the shares of 12 and 13,
+    so 11 masks with those two alone; it then throws away the masked vectors of 12 and 13 and tells each
+    story to whom it needs: to 14 and 15 that 12 and 13 dropped, to 12 that 13 dropped and to 13 that 12
+    did, and to all four that 11 is alive. No request names a node both alive and dropped, yet their
+    answers hold 11's mask seed and the sk1 keys of 12 and 13, which rebuild 11's self-mask and both of
+    its pairwise masks: 11's update lies bare.
+
+    With the consistency stage each node signs one survivor list per round and answers the unmask stage
+    only for it, when more than half of the institutions it lists signed that list: the coordinator
+    needs three signatures on each of its stories and gets one or two; 11 refuses a list naming
+    neighbours it never masked with. No share comes back. With the node's checks off (``checks=off``,
+    the code before this stage), the same attack reads 11's update back to the quantisation step."""
+    import fedslm.node.secagg as node_secagg
+    from fedslm.wire import identity
+
+    if checks == "off":
+        monkeypatch.setattr(node_secagg, "check_survivors", lambda *args: None)
+        monkeypatch.setattr(node_secagg, "check_unmask", lambda *args: None)
+    victim, a, b, c, d = FIVE
+
+    def withhold(configs):  # 11 gets the ciphertexts of 12 and 13 only
+        keep = [i for i, src in enumerate(configs[Key.SOURCE_LIST]) if src in (a, b)]
+        configs[Key.CIPHERTEXT_LIST] = [configs[Key.CIPHERTEXT_LIST][i] for i in keep]
+        configs[Key.SOURCE_LIST] = [configs[Key.SOURCE_LIST][i] for i in keep]
+
+    cfg = secure_config("privacy.noise_seed=null", "federation.num_clients=5", "federation.secagg.threshold=0.6")
+    grid = deployed_grid(cfg, nodes=FIVE, tamper={(Stage.COLLECT_MASKED_VECTORS, victim): withhold},
+                         discard={Stage.COLLECT_MASKED_VECTORS: {a, b}}, drop={Stage.UNMASK: victim})
+    grid.withheld = {victim: {c, d}}
+    recorder = RunRecorder(cfg, tmp_path, "run-s")
+    outer, _ = make_strategies(cfg, recorder)
+    initial, messages = _train_messages(cfg, grid, outer)
+    with pytest.raises(FederationStopped):  # 14 and 15 told 12 and 13 dropped; 11 not asked
+        secagg.SecureAggregationGrid(grid, cfg, recorder).send_and_receive(messages)
+
+    def stage(node, configs, records=None):
+        content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(configs), **(records or {})})
+        return Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN, group_id="1")
+
+    stories = {a: ([victim, a, c, d], [b]), b: ([victim, b, c, d], [a])}  # node: (alive, dropped)
+    grid.send_and_receive([stage(n, {Key.STAGE: wire_secagg.CONSISTENCY_STAGE, identity.SURVIVORS: alive})
+                           for n, (alive, _) in stories.items()])
+    signed = {str(n): [r.content.config_records[identity.CONSISTENCY][k] for k in (identity.KEY, identity.SIGNATURE)]
+              for st, n, r in grid.replies if st == wire_secagg.CONSISTENCY_STAGE and not r.has_error()
+              and identity.KEY in r.content.config_records[identity.CONSISTENCY]}
+    grid.send_and_receive([stage(n, {Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: alive,
+                                     Key.DEAD_NODE_ID_LIST: dead}, {identity.CONSISTENCY: ConfigRecord(signed)})
+                           for n, (alive, dead) in stories.items()])
+    stripped = _strip_masks(grid, cfg, victim)
+    if checks == "on":
+        assert stripped is None
+        answered = {n for st, n, r in grid.replies if st == Stage.UNMASK and not r.has_error()}
+        assert answered == set()
+        errors = {(e["node"], e["phase"]) for e in recorder.rounds[-1]["errors"]}
+        assert (victim, f"train/secagg-{wire_secagg.CONSISTENCY_STAGE}") in errors
+        # A node signs one list per round: 14 signed {11, 14, 15} and refuses 12's story.
+        (again,) = grid.send_and_receive([stage(c, {Key.STAGE: wire_secagg.CONSISTENCY_STAGE,
+                                                    identity.SURVIVORS: stories[a][0]})])
+        assert again.has_error()
+        return
+    assert stripped is not None, "the attack no longer works with the checks off: the test proves nothing"
+    update, ratio = stripped
+    assert len(update) == len(initial)
+    ledger = Ledger(tmp_path / f"ledger-{victim}.json")
+    entries = [e for record in ledger.read()["units"].values() for e in record["entries"]]
+    released, _ = Releases(ledger.path).find(entries, "run-s", 1, adapter_digest(initial))[:2]
+    step = wire_secagg.quantization_step(cfg) / ratio
+    for got, key in zip(update, initial):
+        want = (released[key].double() - initial[key].double()).numpy()
+        assert np.abs(got - want).max() <= 2 * step + 1e-9
+    assert any(np.abs(got).max() > 10 * step for got in update)  # a real update read back, not zeros
+
+
+@pytest.mark.parametrize("stage", [Stage.COLLECT_MASKED_VECTORS, wire_secagg.CONSISTENCY_STAGE],
+                         ids=["dies-before-sending", "dies-before-signing"])
+def test_deployed_nodes_unmask_after_one_dropout_with_a_majority_of_signatures(flower_identity, secure_config,
+                                                                               tmp_path, deployed_grid, caplog, stage):
+    """Four institutions, one lost before it masked (three survivors, three of the four sign: a majority)
+    or after it masked but before it signed (its vector is in the sum; it answers no unmask, having signed
+    nothing, and three signatures of four still suffice): the round completes, the sum over the survivors."""
+    import logging
+
+    cfg = secure_config("privacy.noise_seed=null")
+    lost = NODES[1]
+    grid = deployed_grid(cfg, drop={stage: lost})
+    with caplog.at_level(logging.INFO, logger="fedslm.node.secagg"):
+        recorder, _, _, _ = _deployed_round(cfg, tmp_path, grid)
+    note = recorder.pending[1]["secure_aggregation"]
+    assert note["contributors"] == (NODES if stage == wire_secagg.CONSISTENCY_STAGE else [n for n in NODES if n != lost])
+    assert "signed by 3 of 4 listed institutions" in caplog.text
 
 
 def test_a_masked_release_is_never_sent_twice(flower_identity, secure_config, tmp_path, deployed_grid):

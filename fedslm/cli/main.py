@@ -37,6 +37,9 @@ model_app = typer.Typer(help="Bundled base models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 node_app = typer.Typer(help="An institution's node: write and check its policy, start it.", no_args_is_help=True)
 app.add_typer(node_app, name="node")
+cache_app = typer.Typer(help="The frozen-prefix feature cache (features of private records: 0600 files).",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -261,11 +264,54 @@ def node_check(
                   f"{e['noise_std_per_sum']:.1f} per sum (accuracy ±{e['accuracy_noise_points']:.1f} points at this "
                   "held-out size)")
     console.print(f"models   {', '.join(report['models']['allowed'])}")
+    r = report["resources"]
+    console.print(f"memory   training chunks <= {r['max_physical_batch_size']} records, evaluation batches <= "
+                  f"{r['max_eval_batch_size']}, max_length <= {r['max_length']} tokens")
     s = report["secure_aggregation"]
     console.print(f"secagg   cohort >= {s['min_cohort']}, threshold >= {s['min_threshold']}; identity "
                   f"{s['identity'] or 'none'}; peers {', '.join(f'{k} ({v})' for k, v in s['peers'].items()) or 'none'}")
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}")
+
+
+def _cache_folder(folder: Optional[Path]) -> Path:
+    from fedslm.train.prefix import cache_dir
+
+    return folder.expanduser() if folder is not None else cache_dir()
+
+
+CacheDirOpt = typer.Option(None, "--dir", help="The cache folder (default: $FEDSLM_CACHE_DIR, else "
+                                               "~/.cache/fedslm/features).")
+
+
+@cache_app.command("show")
+@user_errors
+def cache_show(folder: Optional[Path] = CacheDirOpt) -> None:
+    """List the cache's files (newest first), their sizes and total against the budget."""
+    import datetime
+
+    from fedslm.train.prefix import MAX_BYTES_ENV, MAX_FILES, cache_files, max_limit
+
+    where = _cache_folder(folder)
+    files = cache_files(where)
+    for f, size, mtime in files:
+        when = datetime.datetime.fromtimestamp(mtime).strftime("%Y-%m-%d %H:%M")
+        console.print(f"{f.name[:16]}…  {size / 2**20:9.1f} MiB  {when}")
+    total = sum(size for _, size, _ in files)
+    console.print(f"{where}: {len(files)} file(s), {total / 2**20:.1f} MiB of {max_limit() / 2**20:.0f} MiB "
+                  f"({MAX_BYTES_ENV}) and at most {MAX_FILES} files; the oldest go first")
+
+
+@cache_app.command("purge")
+@user_errors
+def cache_purge(folder: Optional[Path] = CacheDirOpt) -> None:
+    """Delete every feature-cache file (they are rebuilt from the records on the next round)."""
+    from fedslm.train.prefix import prune
+
+    where = _cache_folder(folder)
+    gone = prune(where, max_bytes=-1)
+    console.print(f"{where}: deleted {len(gone)} file(s), "
+                  f"{'nothing left' if not gone else 'the cache is rebuilt from the records when next needed'}")
 
 
 @app.command("train")

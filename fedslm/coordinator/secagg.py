@@ -21,8 +21,8 @@ from fedslm.config import Config
 from fedslm.coordinator.screen import check_update, default_max_update_norm
 from fedslm.wire import codec, identity
 from fedslm.wire.errors import NODE_REFUSED
-from fedslm.wire.secagg import (CLIPPED_COUNT, MODULUS, _workflow_module, bit_in_sum, max_weight, quantization_range,
-                                quantization_step)
+from fedslm.wire.secagg import (CLIPPED_COUNT, CONSISTENCY_STAGE, MODULUS, _workflow_module, bit_in_sum, max_weight,
+                                quantization_range, quantization_step)
 
 log = logging.getLogger("fedslm.coordinator.secagg")
 
@@ -85,6 +85,8 @@ class _StageGrid:
         self.failed: set[int] = set()
         self.identities: dict[int, list[bytes]] = {}  # node -> [public identity key, signature over its round keys]
         self.shared_nothing: set[int] = set()  # lost at setup or share keys: no node holds shares of its secrets
+        self.survivors: list[int] = []  # the list every survivor was asked to sign in the consistency stage
+        self.signed: dict[int, list[bytes]] = {}  # node -> [public identity key, signature over the survivors]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
@@ -105,9 +107,22 @@ class _StageGrid:
             return "masked vector is not integer"
         return None
 
+    def agree(self, survivors: Iterable[int], server_round: int, timeout: Optional[float]) -> None:
+        """fedslm's consistency stage, between collect and unmask: every node whose masked vector entered
+        the sum is asked to sign the one list of survivors; the signatures go with every unmask request."""
+        self.survivors = sorted(int(n) for n in survivors)
+        self.send_and_receive([Message(content=RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({
+            Key.STAGE: CONSISTENCY_STAGE, identity.SURVIVORS: list(self.survivors)})}), dst_node_id=n,
+            message_type=MessageType.TRAIN, group_id=str(server_round)) for n in self.survivors], timeout=timeout)
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> list[Message]:
         messages = list(messages)
         stage = str(messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]) if messages else "?"
+        if stage == Stage.UNMASK:  # every survivor's signature over the one list, to each survivor
+            signed = ConfigRecord({identity.SURVIVORS: list(self.survivors),
+                                   **{str(n): v for n, v in sorted(self.signed.items())}})
+            for msg in messages:
+                msg.content.config_records[identity.CONSISTENCY] = signed
         if stage == Stage.SHARE_KEYS:  # relay each neighbour's signed identity beside its keys
             for msg in messages:
                 configs = msg.content.config_records[RECORD_KEY_CONFIGS]
@@ -127,6 +142,11 @@ class _StageGrid:
                 key, signature = signed.get(identity.KEY), signed.get(identity.SIGNATURE)
                 if isinstance(key, bytes) and isinstance(signature, bytes) and len(key) + len(signature) <= 1024:
                     self.identities[node] = [key, signature]  # else relayed as missing: its neighbours decide
+            elif stage == CONSISTENCY_STAGE and identity.CONSISTENCY in reply.content.config_records:
+                signed = reply.content.config_records[identity.CONSISTENCY]
+                key, signature = signed.get(identity.KEY), signed.get(identity.SIGNATURE)
+                if isinstance(key, bytes) and isinstance(signature, bytes) and len(key) + len(signature) <= 1024:
+                    self.signed[node] = [key, signature]
             elif stage == Stage.COLLECT_MASKED_VECTORS:
                 reason = self._check_masked(reply)
                 if reason is None:
@@ -226,9 +246,12 @@ class SecureAggregationGrid:
             if name == "collect-masked-vectors":  # each node's own copy: the workflow writes into it
                 state.nid_to_fitins = {m.metadata.dst_node_id: RecordDict({
                     codec.ARRAYS: sent, codec.CONFIG: ConfigRecord(dict(m.content[codec.CONFIG]))}) for m in messages}
+            if name == "unmask":  # fedslm's consistency stage first: one signed list of survivors
+                stage_grid.agree(state.active_node_ids, server_round, timeout)
             ok = stage(stage_grid, context, state)
             if name in ("setup", "share-keys"):
                 _forget_early_losses(state, stage_grid.shared_nothing)
+                ok = ok and len(state.sampled_node_ids) >= state.threshold
             if not ok:
                 self.recorder.stop(server_round, "train", f"secure aggregation halted at stage {name}: too few "
                                    f"institutions left to unmask (each needs {state.threshold} live neighbours; "

@@ -95,5 +95,8 @@ def check_policy(path: str | Path) -> dict[str, Any]:
                     "allow_non_private": p.allow_non_private, "require_secure_noise": p.require_secure_noise,
                     "require_secure_aggregation": p.require_secure_aggregation},
         "models": {"allowed": list(policy.models.allowed), "fingerprints": policy.models.fingerprints},
+        "resources": {"max_physical_batch_size": policy.resources.max_physical_batch_size,
+                      "max_eval_batch_size": policy.resources.max_eval_batch_size,
+                      "max_length": policy.resources.max_length},
         "warnings": warnings,
     }

@@ -16,7 +16,9 @@ decided by the node     records and their split, the privacy unit, the ledger, t
                         required, which base models load, the smallest held-out set, threads,
                         where it writes
 refused outright        a noise seed outside simulation, ``privacy.enabled=false`` unless
-                        the policy allows it, a base model the policy does not list
+                        the policy allows it, a base model the policy does not list, a
+                        max_length above the policy's (physical and evaluation batches
+                        above its caps are cut to them: they only chunk the work)
 =====================  ================================================================
 
 The rooms below (train, lora, data, privacy) receive their pieces of the plan, never the
@@ -233,14 +235,26 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
         overridden("noise from the OS CSPRNG (this node's policy requires it)")
     if cfg.data.max_train_records is not None:
         overridden("the request's data.max_train_records is ignored; this node trains on its whole training split")
+    res = pol.resources
+    if cfg.model.max_length > res.max_length:
+        raise PolicyRefusal(f"the request's model.max_length={cfg.model.max_length} is above this node's "
+                            f"resources.max_length={res.max_length}")
+    t = cfg.train
+    physical, eval_batch = min(t.physical_batch_size, res.max_physical_batch_size), min(t.eval_batch_size,
+                                                                                       res.max_eval_batch_size)
+    if physical < t.physical_batch_size:
+        overridden(f"the request's train.physical_batch_size={t.physical_batch_size} is above this node's "
+                   f"resources.max_physical_batch_size; computing in chunks of {physical}")
+    if eval_batch < t.eval_batch_size:
+        overridden(f"the request's train.eval_batch_size={t.eval_batch_size} is above this node's "
+                   f"resources.max_eval_batch_size; evaluating in batches of {eval_batch}")
     max_test = cfg.data.max_test_records
     if max_test is not None and max_test < pol.data.min_test_records:
         overridden(f"the request's data.max_test_records={max_test} is below this node's min_test_records; "
                    f"scoring {pol.data.min_test_records}")
         max_test = pol.data.min_test_records
-    t = cfg.train
     spec = RoundSpec(
-        task=cfg.model.task, batch_size=t.batch_size, physical_batch_size=t.physical_batch_size,
+        task=cfg.model.task, batch_size=t.batch_size, physical_batch_size=physical,
         local_steps=t.local_steps, lr=t.lr, optimizer=t.optimizer, weight_decay=t.weight_decay, seed=t.seed,
         momentum=t.momentum, full_batch=t.full_batch,
         dp=DPSpec(
@@ -261,7 +275,7 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
     return RoundPlan(
         name=name, institution=node.institution, model=cfg.model, lora=cfg.lora, data=data, spec=spec,
         unit=pol.privacy.unit, ledger=Path(str(pol.privacy.ledger)).expanduser(), threads=pol.threads,
-        eval_batch_size=t.eval_batch_size, transfer_dtype=cfg.federation.transfer_dtype,
+        eval_batch_size=eval_batch, transfer_dtype=cfg.federation.transfer_dtype,
         secure_aggregation=cfg.federation.secure_aggregation,
         require_secure_aggregation=pol.privacy.require_secure_aggregation,
         client_clipping=cl.enabled and cl.clipping == "client",

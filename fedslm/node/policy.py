@@ -130,6 +130,19 @@ class PolicySecureAggregation:
 
 
 @dataclass
+class PolicyResources:
+    """How much memory one request may make this node use: a coordinator must not be able to exhaust it."""
+
+    # Records in one forward and backward pass (a request's train.physical_batch_size is capped to it: it
+    # only chunks the logical batch, so what is computed does not change).
+    max_physical_batch_size: int = 128
+    # Records in one evaluation or prediction pass (train.eval_batch_size is capped to it).
+    max_eval_batch_size: int = 512
+    # Tokens per record: a request's model.max_length above it is refused (truncation changes what is trained).
+    max_length: int = 256
+
+
+@dataclass
 class PolicyModels:
     # Base models this node may load: bundled preset names, or local model folders it vouches for.
     allowed: List[str] = field(default_factory=lambda: ["minilm"])
@@ -146,6 +159,7 @@ class NodePolicy:
     models: PolicyModels = field(default_factory=PolicyModels)
     secure_aggregation: PolicySecureAggregation = field(default_factory=PolicySecureAggregation)
     evaluation: PolicyEvaluation = field(default_factory=PolicyEvaluation)
+    resources: PolicyResources = field(default_factory=PolicyResources)
     # torch threads for training on this node; None: torch's default.
     threads: Optional[int] = None
 
@@ -199,6 +213,9 @@ def validate_policy(policy: NodePolicy, *, complete: bool = True, where: str = "
            f"{where}: secure_aggregation.max_unverified_share must be in [0, 1), got {sa.max_unverified_share}")
     _check(not sa.peers or sa.identity_key, f"{where}: secure_aggregation.peers needs secure_aggregation.identity_key "
                                             "(the others verify this node by it; make one with: fedslm node keygen)")
+    for key in ("max_physical_batch_size", "max_eval_batch_size", "max_length"):
+        value = getattr(policy.resources, key)
+        _check(isinstance(value, int) and value >= 1, f"{where}: resources.{key} must be an integer >= 1, got {value}")
     if policy.threads is not None:
         _check(policy.threads >= 1, f"{where}: threads must be >= 1, got {policy.threads}")
 
@@ -329,10 +346,18 @@ secure_aggregation:
   # Without identities a coordinator can fill this node's cohort with neighbours it made up and unmask
   # its update alone. Make this institution's key with `fedslm node keygen`, send its .pub to the others
   # out of band, and list theirs here (paths relative to this file). Then every neighbour must prove it
-  # is a listed institution, up to max_unverified_share of them.
+  # is a listed institution, up to max_unverified_share of them, and a round is unmasked only when more
+  # than half of the listed institutions signed its survivor list (list the federation's, not more).
   identity_key: null
   peers: {{}}  # e.g. {{hospital-b: keys/hospital-b.pub, hospital-c: keys/hospital-c.pub}}
   max_unverified_share: 0.0
+
+resources:
+  # What one request may make this node hold in memory: training chunks and evaluation batches are cut
+  # to these sizes (the result is the same), and a longer model.max_length is refused.
+  max_physical_batch_size: 128
+  max_eval_batch_size: 512
+  max_length: 256
 
 # torch threads for training on this node (null: torch's default).
 threads: null

@@ -9,20 +9,20 @@ import logging
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
 from fedslm.errors import FedslmError
 from fedslm.wire.errors import NODE_REFUSED, public_reason
-from fedslm.wire.secagg import _mod_module
+from fedslm.wire.secagg import CONSISTENCY_STAGE, MAX_SURVIVORS, _mod_module
 
 if TYPE_CHECKING:
     import torch
 
 # Kept light on purpose (no torch, no models): a deployed node starts a fresh ClientApp process for
-# every message, and three of SecAgg+'s four stages need nothing but this mod.
+# every message, and four of the five stages (Flower's four and fedslm's consistency stage) need nothing but this mod.
 
 log = logging.getLogger("fedslm.node.secagg")
 
@@ -31,6 +31,8 @@ STATE = "fedslm-secagg"
 COHORT = "cohort"
 SESSION = "session"  # "run/group" of the protocol run this node set up last
 THRESHOLD = "threshold"
+MASKED_WITH = "masked-with"  # the nodes whose pairwise masks this node added (and itself)
+SIGNED = "signed"  # the survivor list this node signed in the consistency stage of the session
 SESSIONS = "fedslm-secagg-sessions"  # every "run/group" this node ever set up: a setup is never repeated
 _MAX_KEY_BYTES = 512  # a SecAgg+ public key (PEM) or an Ed25519 key/signature is far below this
 
@@ -63,8 +65,10 @@ def check_stage(msg: Message, context: Context) -> None:
     rebuild a secret (else a coordinator could tell one half of the cohort that a node dropped and the
     other half that it is alive, and rebuild both of its secrets). Share keys: at least the policy's
     cohort of neighbours, each signed by an institution the policy lists (:func:`check_neighbours`),
-    remembered. Unmask: no node both alive and dropped (both of its secrets would
-    be revealed), this node not among the dropped, every node one of its neighbours.
+    remembered. Consistency (:func:`check_survivors`): the survivor list it signs. Unmask: no node
+    both alive and dropped (both of its secrets would be revealed), this node not among the dropped,
+    every node one of its neighbours, and (:func:`check_unmask`) alive and dropped as in the list it
+    signed, which more than half of its listed institutions signed too.
     """
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     stage = str(configs.get(Key.STAGE, "?"))
@@ -104,9 +108,14 @@ def check_stage(msg: Message, context: Context) -> None:
         if policy is not None:
             check_neighbours(msg, configs, policy, threshold=int(own.get(THRESHOLD, 2)) if own is not None else 2,
                              required=full.privacy.require_secure_aggregation)
+    elif stage == CONSISTENCY_STAGE:
+        if full is not None:
+            check_survivors(msg, configs, context, full)
     elif stage == Stage.UNMASK:
         active = [int(n) for n in configs[Key.ACTIVE_NODE_ID_LIST]]  # type: ignore[union-attr]
         dead = [int(n) for n in configs[Key.DEAD_NODE_ID_LIST]]  # type: ignore[union-attr]
+        if full is not None:
+            check_unmask(msg, context, full, active, dead)
         both = sorted(set(active) & set(dead))
         if both:
             raise SecureAggregationRefused(f"nodes {both} are listed both alive and dropped")
@@ -115,6 +124,125 @@ def check_stage(msg: Message, context: Context) -> None:
         known = set(cohort(context) or [])
         if known and not set(active + dead) <= known:
             raise SecureAggregationRefused("the unmask request names nodes outside this node's cohort")
+
+
+def _own(context: Context) -> dict[str, Any]:
+    record = context.state.config_records.get(STATE)
+    return dict(record) if record is not None else {}
+
+
+def check_survivors(msg: Message, configs: ConfigRecord, context: Context, full: Any) -> None:
+    """The survivor list this node signs: nodes whose masked vectors the coordinator says it holds.
+
+    It names this node; each of its neighbours in it is one this node masked with (else, with a
+    neighbour's shares withheld from this node and that neighbour later "dropped", a coordinator strips
+    every pairwise mask of this node's vector); at least the threshold of those and the policy's
+    ``min_cohort`` in all (the sum it is unmasked in); and it is the only list this node signs in
+    the round (two lists are two stories about who dropped out).
+    """
+    own = _own(context)
+    if MASKED_WITH not in own:
+        raise SecureAggregationRefused("a survivor list before this node masked its update in this protocol run")
+    from fedslm.wire import identity
+
+    raw = configs.get(identity.SURVIVORS)
+    if (not isinstance(raw, list) or not 0 < len(raw) <= MAX_SURVIVORS
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in raw)):
+        raise SecureAggregationRefused("the survivor list is not a list of node ids")
+    survivors = sorted(set(int(n) for n in raw))
+    if len(survivors) != len(raw):
+        raise SecureAggregationRefused("the survivor list names a node twice")
+    if context.node_id not in survivors:
+        raise SecureAggregationRefused("the survivor list leaves out this node, which masked its update")
+    masked = {int(n) for n in own[MASKED_WITH]}
+    neighbours = {int(n) for n in own.get(COHORT, [])}
+    unmasked = sorted((set(survivors) & neighbours) - masked)
+    if unmasked:
+        raise SecureAggregationRefused(f"the survivor list names neighbours {unmasked} whose shares this node never "
+                                       "received: their masks are not in its vector")
+    threshold = int(own.get(THRESHOLD, 2))
+    if len(set(survivors) & masked) < threshold:
+        raise SecureAggregationRefused(f"{len(set(survivors) & masked)} survivors among the nodes this node masked "
+                                       f"with, below the threshold {threshold}")
+    if len(survivors) < full.secure_aggregation.min_cohort:
+        raise SecureAggregationRefused(f"{len(survivors)} survivors, below this node's "
+                                       f"secure_aggregation.min_cohort={full.secure_aggregation.min_cohort}")
+    signed = own.get(SIGNED)
+    if signed is not None and [int(n) for n in signed] != survivors:
+        raise SecureAggregationRefused("a second survivor list in one protocol run; this node signed another")
+    context.state.config_records[STATE] = ConfigRecord({**own, SIGNED: survivors})
+
+
+def _listed(policy: Any) -> tuple[bytes, dict[bytes, str]]:
+    """This institution's raw public key, and {raw public key: name} of the other institutions its policy lists."""
+    from fedslm.wire import identity
+
+    mine = identity.raw_public(identity.load_private(policy.identity_key).public_key())
+    return mine, {raw: name for name, path in policy.peers.items() if (raw := identity.load_public(path)) != mine}
+
+
+def check_unmask(msg: Message, context: Context, full: Any, active: list[int], dead: list[int]) -> None:
+    """Shares only for the survivor list this node signed: the alive are in it, the dropped are not, and
+    (with institutions listed) more than half of them signed that very list for this run and round."""
+    from fedslm.wire import identity
+
+    own = _own(context)
+    if SIGNED not in own:
+        raise SecureAggregationRefused("an unmask request, but this node signed no survivor list in this protocol run")
+    survivors = [int(n) for n in own[SIGNED]]
+    outside = sorted(set(active) - set(survivors))
+    if outside:
+        raise SecureAggregationRefused(f"nodes {outside} are listed alive but are not in the survivor list this "
+                                       "node signed")
+    listed_dead = sorted(set(dead) & set(survivors))
+    if listed_dead:
+        raise SecureAggregationRefused(f"nodes {listed_dead} are listed as dropped but are in the survivor list this "
+                                       "node signed")
+    policy = full.secure_aggregation
+    if not policy.peers:
+        return  # no institutions to count (check_neighbours warned, or refused when secure aggregation is required)
+    mine, listed = _listed(policy)
+    record = msg.content.config_records.get(identity.CONSISTENCY)
+    signers: dict[Optional[str], int] = {None: context.node_id}  # this institution signed it
+    for node in survivors:
+        entry = record.get(str(node)) if record is not None and node != context.node_id else None
+        if entry is None:
+            continue
+        try:
+            raw, signature = (_raw(v) for v in entry)  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            continue
+        name = listed.get(raw)
+        if name is None or name in signers:
+            continue
+        if identity.verify(raw, signature, identity.survivors_bytes(msg.metadata.run_id, msg.metadata.group_id,
+                                                                    node, survivors)):
+            signers[name] = node
+    needed = (len(listed) + 1) // 2 + 1
+    if len(signers) < needed:
+        raise SecureAggregationRefused(
+            f"{len(signers)} of the {len(listed) + 1} institutions this node lists signed its survivor list, "
+            f"fewer than {needed} (more than half): the coordinator may have shown others another list")
+    log.info("secure aggregation: survivor list %s signed by %d of %d listed institutions", survivors, len(signers),
+             len(listed) + 1)
+
+
+def sign_survivors(msg: Message, context: Context) -> Message:
+    """The consistency stage's reply: this institution's signature over the list it checked (none without
+    an identity key; simulated nodes and nodes without one answer with an empty record)."""
+    from fedslm.wire import identity
+
+    survivors = _own(context).get(SIGNED)
+    if survivors is None:  # a simulated node (no policy): nothing was checked, nothing to sign
+        return Message(RecordDict({identity.CONSISTENCY: ConfigRecord()}), reply_to=msg)
+    policy = _policy(context)
+    record = ConfigRecord()
+    if policy is not None and policy.identity_key:
+        message = identity.survivors_bytes(msg.metadata.run_id, msg.metadata.group_id, context.node_id,
+                                           [int(n) for n in survivors])
+        raw, signature = identity.sign(identity.load_private(policy.identity_key), message)
+        record = ConfigRecord({identity.KEY: raw, identity.SIGNATURE: signature})
+    return Message(RecordDict({identity.CONSISTENCY: record}), reply_to=msg)
 
 
 def _raw(value: Any) -> bytes:
@@ -142,8 +270,7 @@ def check_neighbours(msg: Message, configs: ConfigRecord, policy: Any, *, thresh
         log.warning("secure aggregation: no secure_aggregation.peers listed; this node cannot tell its %d neighbours "
                     "from ones the coordinator made up", len(others))
         return
-    mine = identity.raw_public(identity.load_private(policy.identity_key).public_key())
-    listed = {raw: name for name, path in policy.peers.items() if (raw := identity.load_public(path)) != mine}
+    _, listed = _listed(policy)
     record = msg.content.config_records.get(identity.PEERS)
     seen: dict[str, int] = {}
     unverified = []
@@ -220,6 +347,8 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: Any) -> Me
 
     try:
         check_stage(msg, context)
+        if stage == CONSISTENCY_STAGE:  # fedslm's own stage: Flower's mod never sees it
+            return sign_survivors(msg, context)
         reply = _mod_module.secaggplus_mod(msg, context, train)
         if stage == Stage.SETUP:
             sign_setup(msg, reply, context)
@@ -228,6 +357,10 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: Any) -> Me
             neighbours = sorted(int(k) for k in msg.content.config_records[RECORD_KEY_CONFIGS].keys()
                                 if k != Key.STAGE)
             context.state.config_records[STATE] = ConfigRecord({**dict(own), COHORT: neighbours})
+        elif stage == Stage.COLLECT_MASKED_VECTORS and not reply.has_error():  # the masks it added
+            sources = msg.content.config_records[RECORD_KEY_CONFIGS][Key.SOURCE_LIST]
+            context.state.config_records[STATE] = ConfigRecord({
+                **_own(context), MASKED_WITH: sorted({context.node_id, *(int(n) for n in sources)})})  # type: ignore[union-attr]
         return reply
     except _Refused as exc:
         return Message(error=exc.error, reply_to=msg)

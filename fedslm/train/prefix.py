@@ -105,6 +105,10 @@ class Features:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def nbytes(self) -> int:
+        tensors = [self.hidden, self.labels] + ([self.mask] if self.mask is not None else [])
+        return sum(t.element_size() * t.nelement() for t in tensors)
+
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         out = {"hidden": self.hidden[idx], "labels": self.labels[idx]}
@@ -225,8 +229,10 @@ def features(model: nn.Module, enc: Encoded, layers: int, fingerprint: str, layo
                  time.perf_counter() - start)
         if persist:
             _write(path, feats)
-    if len(_MEMORY) >= 16:
-        _MEMORY.pop(next(iter(_MEMORY)))
+    _MEMORY.pop(key, None)
+    budget = max_limit()
+    while _MEMORY and (len(_MEMORY) >= MAX_FILES or sum(f.nbytes() for f in _MEMORY.values()) + feats.nbytes() > budget):
+        _MEMORY.pop(next(iter(_MEMORY)))  # the oldest first
     _MEMORY[key] = feats
     return feats
 
@@ -247,17 +253,43 @@ def _write(path: Path, feats: Features) -> None:
         tmp.unlink(missing_ok=True)
         log.warning("could not write the feature cache %s (%s); kept in memory only", path, exc)
         return
-    # Only this module's own files (64 hex digits), so a cache dir pointed at another folder loses nothing.
-    ours = [f for f in path.parent.glob("*.pt") if len(f.stem) == 64 and all(c in "0123456789abcdef" for c in f.stem)]
+    prune(path.parent, keep=path)
 
-    def age(f: Path) -> float:
-        try:
-            return f.stat().st_mtime
-        except FileNotFoundError:  # pruned meanwhile by another process
-            return 0.0
 
-    for old in sorted(ours, key=age, reverse=True)[MAX_FILES:]:
-        old.unlink(missing_ok=True)
+def cache_files(folder: Optional[Path] = None) -> list[tuple[Path, int, float]]:
+    """(path, bytes, mtime) of this module's own cache files in ``folder``, newest first. Only its own
+    (64 hex digits .pt), so a cache dir pointed at another folder loses nothing."""
+    folder = folder or cache_dir()
+    found = []
+    for f in folder.glob("*.pt") if folder.is_dir() else []:
+        if len(f.stem) == 64 and all(c in "0123456789abcdef" for c in f.stem):
+            try:
+                st = f.stat()
+            except FileNotFoundError:  # pruned meanwhile by another process
+                continue
+            found.append((f, st.st_size, st.st_mtime))
+    return sorted(found, key=lambda item: item[2], reverse=True)
+
+
+def prune(folder: Path, *, keep: Optional[Path] = None, max_bytes: Optional[int] = None) -> list[Path]:
+    """Delete the oldest cache files until at most MAX_FILES remain and their total is at most
+    ``max_bytes`` ($FEDSLM_CACHE_MAX_BYTES, default 4 GiB): requests for many bases, layouts and depths
+    cannot fill the node's disk. ``keep`` (the file just written) stays. Returns what was deleted."""
+    budget = max_limit() if max_bytes is None else max_bytes
+    total, kept, gone = 0, 0, []
+    for f, size, _ in cache_files(folder):
+        if f == keep or (kept < MAX_FILES and total + size <= budget):
+            total, kept = total + size, kept + 1
+            continue
+        f.unlink(missing_ok=True)
+        gone.append(f)
+    return gone
+
+
+def max_limit() -> int:
+    """$FEDSLM_CACHE_MAX_BYTES (default 4 GiB): the most bytes of features for one split, in memory, and in
+    the cache folder altogether."""
+    return int(os.environ.get(MAX_BYTES_ENV, DEFAULT_MAX_BYTES))
 
 
 @torch.no_grad()
@@ -298,7 +330,7 @@ def split_features(model: nn.Module, fingerprint: str, enc: Encoded, model_cfg, 
     also when the features would pass $FEDSLM_CACHE_MAX_BYTES, default 4 GiB)."""
     if layers is None or len(enc) == 0:
         return None
-    limit = int(os.environ.get(MAX_BYTES_ENV, DEFAULT_MAX_BYTES))
+    limit = max_limit()
     size = estimated_bytes(model, enc, layers)
     if size > limit:
         log.warning("frozen-prefix features of %d records would take %.1f GB (limit %s=%d): training without "

@@ -20,6 +20,18 @@ with more unverified neighbours than ``secure_aggregation.max_unverified_share``
 institution's key on two nodes. A coordinator cannot sign for a listed institution, cannot move a
 signed key to another node id, run or round, and gains nothing from replaying one (it does not
 hold the secret keys behind it).
+
+Signed keys alone do not stop a coordinator that tells different nodes different stories about who
+dropped out (it withholds some neighbours' shares from a victim, then asks the others for the
+victim's mask seed and for those neighbours' keys). fedslm therefore adds a consistency stage
+between Flower's collect and unmask stages (Bonawitz et al. 2017, section 4.4): the coordinator
+sends every surviving node the list of nodes whose masked vectors it holds, each node checks it
+against the neighbours it masked with and signs
+
+    "fedslm-secagg-consistency-v1" | run id | round | its node id | the sorted survivor list
+
+once per round (:data:`CONSISTENCY`), and a node answers the unmask stage only for that list and
+only when more than half of the institutions its policy lists signed the same one.
 """
 
 from __future__ import annotations
@@ -38,9 +50,14 @@ from fedslm.errors import FedslmError
 IDENTITY = "fedslm-secagg-identity"
 # The share-keys message's record: {neighbour node id: [public identity key, signature]}.
 PEERS = "fedslm-secagg-peers"
+# The consistency stage's reply, and the unmask message's record: the survivor list and
+# {node id: [public identity key, signature over the list]}.
+CONSISTENCY = "fedslm-secagg-consistency"
+SURVIVORS = "survivors"
 KEY = "key"
 SIGNATURE = "signature"
 _DOMAIN = b"fedslm-secagg-identity-v1\x00"
+_CONSISTENCY_DOMAIN = b"fedslm-secagg-consistency-v1\x00"
 RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 
 
@@ -54,6 +71,15 @@ def signed_bytes(run_id: int, group_id: str, node_id: int, pk1: bytes, pk2: byte
     return b"".join([_DOMAIN, struct.pack(">QQ", int(run_id) & (2**64 - 1), int(node_id) & (2**64 - 1)),
                      struct.pack(">I", len(group)), group, struct.pack(">I", len(pk1)), pk1,
                      struct.pack(">I", len(pk2)), pk2])
+
+
+def survivors_bytes(run_id: int, group_id: str, node_id: int, survivors: list[int]) -> bytes:
+    """What a node signs in the consistency stage: the survivor list, bound to the run, the round and its node id."""
+    group = group_id.encode("utf-8")
+    nodes = sorted(int(n) & (2**64 - 1) for n in survivors)
+    return b"".join([_CONSISTENCY_DOMAIN, struct.pack(">QQ", int(run_id) & (2**64 - 1), int(node_id) & (2**64 - 1)),
+                     struct.pack(">I", len(group)), group, struct.pack(">I", len(nodes)),
+                     struct.pack(f">{len(nodes)}Q", *nodes)])
 
 
 def raw_public(key: Ed25519PublicKey) -> bytes:

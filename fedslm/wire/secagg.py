@@ -16,6 +16,10 @@ the node runs ``secaggplus_mod``. fedslm adds:
   both sides (:func:`install_mask_stream`), so both ends always agree;
 * coordinator-side checks on every masked vector (count, shapes, size) before it enters the sum;
   a malformed one counts as a dropout, with its node and reason in ``metrics.jsonl``;
+* institution identities and a consistency stage (:mod:`fedslm.wire.identity`): nodes sign their
+  round keys and, between Flower's collect and unmask stages (:data:`CONSISTENCY_STAGE`), the list
+  of survivors, so that a coordinator can neither make up neighbours nor tell nodes different
+  stories about who dropped out;
 * every protocol failure is logged with its stage, node and reason; too few live nodes stop the
   run with the reason, like any other round.
 
@@ -35,6 +39,12 @@ from fedslm.config import Config
 # The modules themselves (their packages re-export functions under the same names).
 _mod_module = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
 _workflow_module = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
+
+# fedslm's stage between Flower's collect-masked-vectors and unmask stages: every survivor signs the
+# survivor list (fedslm.wire.identity.CONSISTENCY). Sent in the same record as Flower's stages.
+CONSISTENCY_STAGE = "fedslm-consistency"
+# The longest survivor list a node reads (a federation of institutions is far smaller).
+MAX_SURVIVORS = 10_000
 
 # Mask values live in [0, 2**32): the protocol's modulus.
 MODULUS = 2**32
