@@ -717,19 +717,42 @@ def test_a_coordinator_cannot_isolate_an_update_by_telling_nodes_different_dropo
                          ids=["dies-before-sending", "dies-before-signing"])
 def test_deployed_nodes_unmask_after_one_dropout_with_a_majority_of_signatures(flower_identity, secure_config,
                                                                                tmp_path, deployed_grid, caplog, stage):
-    """Four institutions, one lost before it masked (three survivors, three of the four sign: a majority)
-    or after it masked but before it signed (its vector is in the sum; it answers no unmask, having signed
-    nothing, and three signatures of four still suffice): the round completes, the sum over the survivors."""
+    """Four institutions, one lost before it masked: three survivors, three of the four sign (a majority),
+    and the round completes with the sum over the survivors. Lost after it masked but before it signed:
+    its vector is in the sum, but no node gives out the mask seed of a node that never vouched for the
+    list (else a coordinator could unmask a node that would have refused it), so the round stops at
+    unmask with the reason and nothing is published."""
     import logging
 
     cfg = secure_config("privacy.noise_seed=null")
     lost = NODES[1]
     grid = deployed_grid(cfg, drop={stage: lost})
+    if stage == wire_secagg.CONSISTENCY_STAGE:
+        with caplog.at_level(logging.WARNING, logger="fedslm.node.secagg"), \
+                pytest.raises(FederationStopped, match="halted at stage unmask"):
+            _deployed_round(cfg, tmp_path, grid)
+        assert f"nodes [{lost}] are listed alive but did not sign the survivor list" in caplog.text
+        return
     with caplog.at_level(logging.INFO, logger="fedslm.node.secagg"):
         recorder, _, _, _ = _deployed_round(cfg, tmp_path, grid)
     note = recorder.pending[1]["secure_aggregation"]
-    assert note["contributors"] == (NODES if stage == wire_secagg.CONSISTENCY_STAGE else [n for n in NODES if n != lost])
+    assert note["contributors"] == [n for n in NODES if n != lost]
     assert "signed by 3 of 4 listed institutions" in caplog.text
+
+
+def test_a_setup_flower_rejects_leaves_the_nodes_protocol_state_untouched(flower_identity, secure_config, tmp_path,
+                                                                          deployed_grid):
+    """A setup Flower's mod throws on (no max weight) keeps Flower's state as it was; fedslm's record of
+    the session must not move either, else later stages of the new session would run on the old
+    session's keys and shares (a hostile review's attack). Node 11 refuses; the others go on."""
+    import fedslm.node.secagg as node_secagg
+
+    cfg = secure_config("privacy.noise_seed=null")
+    grid = deployed_grid(cfg, tamper={(Stage.SETUP, NODES[0]): lambda configs: configs.pop(Key.MAX_WEIGHT)})
+    recorder, _, _, _ = _deployed_round(cfg, tmp_path, grid)
+    assert recorder.pending[1]["secure_aggregation"]["contributors"] == NODES[1:]
+    assert node_secagg.STATE not in grid.contexts[NODES[0]].state.config_records
+    assert node_secagg.STATE in grid.contexts[NODES[1]].state.config_records
 
 
 def test_a_masked_release_is_never_sent_twice(flower_identity, secure_config, tmp_path, deployed_grid):

@@ -32,6 +32,7 @@ COHORT = "cohort"
 SESSION = "session"  # "run/group" of the protocol run this node set up last
 THRESHOLD = "threshold"
 MASKED_WITH = "masked-with"  # the nodes whose pairwise masks this node added (and itself)
+VERIFIED = "verified"  # neighbours whose round keys a listed institution signed
 SIGNED = "signed"  # the survivor list this node signed in the consistency stage of the session
 SESSIONS = "fedslm-secagg-sessions"  # every "run/group" this node ever set up: a setup is never repeated
 _MAX_KEY_BYTES = 512  # a SecAgg+ public key (PEM) or an Ed25519 key/signature is far below this
@@ -94,20 +95,29 @@ def check_stage(msg: Message, context: Context) -> None:
                 raise SecureAggregationRefused(f"threshold {threshold}, below this node's "
                                                f"secure_aggregation.min_threshold={policy.min_threshold}")
             seen = context.state.config_records.get(SESSIONS)
-            done = [str(s) for s in seen["all"]] if seen is not None else []  # type: ignore[union-attr]
-            if _session(msg) in done:
-                raise SecureAggregationRefused(f"protocol run {_session(msg)} was set up before; a setup is never "
-                                               "repeated (its signed keys could be replayed)")
-            context.state.config_records[SESSIONS] = ConfigRecord({"all": [*done[-999:], _session(msg)]})
-        context.state.config_records[STATE] = ConfigRecord({SESSION: _session(msg), THRESHOLD: threshold})
+            last_key = f"last-{int(msg.metadata.run_id)}"
+            try:
+                group = int(msg.metadata.group_id)
+            except ValueError:
+                raise SecureAggregationRefused(f"a setup for round {msg.metadata.group_id!r}, not a round number") from None
+            last = int(seen.get(last_key, -1)) if seen is not None else -1  # type: ignore[union-attr]
+            if group <= last:
+                raise SecureAggregationRefused(f"protocol run {_session(msg)}: this node set up round {last} of this run "
+                                               "already; rounds only move forward (a setup is never repeated)")
+            # Recorded before Flower's mod runs: a setup that fails there is not offered again either.
+            context.state.config_records[SESSIONS] = ConfigRecord({**(dict(seen) if seen is not None else {}),
+                                                                   last_key: group})
     elif stage == Stage.SHARE_KEYS:
         neighbours = sorted(int(k) for k in configs.keys() if k != Key.STAGE)
         if policy is not None and len(neighbours) < policy.min_cohort:
             raise SecureAggregationRefused(f"{len(neighbours)} neighbours, below this node's "
                                            f"secure_aggregation.min_cohort={policy.min_cohort}")
         if policy is not None:
-            check_neighbours(msg, configs, policy, threshold=int(own.get(THRESHOLD, 2)) if own is not None else 2,
-                             required=full.privacy.require_secure_aggregation)
+            verified = check_neighbours(msg, configs, policy,
+                                        threshold=int(own.get(THRESHOLD, 2)) if own is not None else 2,
+                                        required=full.privacy.require_secure_aggregation)
+            if own is not None:
+                context.state.config_records[STATE] = ConfigRecord({**dict(own), VERIFIED: sorted(verified.values())})
     elif stage == CONSISTENCY_STAGE:
         if full is not None:
             check_survivors(msg, configs, context, full)
@@ -141,13 +151,13 @@ def check_survivors(msg: Message, configs: ConfigRecord, context: Context, full:
     the round (two lists are two stories about who dropped out).
     """
     own = _own(context)
-    if MASKED_WITH not in own:
+    if MASKED_WITH not in own or COHORT not in own:
         raise SecureAggregationRefused("a survivor list before this node masked its update in this protocol run")
     from fedslm.wire import identity
 
     raw = configs.get(identity.SURVIVORS)
     if (not isinstance(raw, list) or not 0 < len(raw) <= MAX_SURVIVORS
-            or not all(isinstance(n, int) and not isinstance(n, bool) for n in raw)):
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**64 for n in raw)):
         raise SecureAggregationRefused("the survivor list is not a list of node ids")
     survivors = sorted(set(int(n) for n in raw))
     if len(survivors) != len(raw):
@@ -160,13 +170,12 @@ def check_survivors(msg: Message, configs: ConfigRecord, context: Context, full:
     if unmasked:
         raise SecureAggregationRefused(f"the survivor list names neighbours {unmasked} whose shares this node never "
                                        "received: their masks are not in its vector")
-    threshold = int(own.get(THRESHOLD, 2))
-    if len(set(survivors) & masked) < threshold:
+    # The sum this node's update is unmasked in: survivors it masked with (the list's other members
+    # could be made up or in another part of the graph), at least the threshold and min_cohort.
+    needed = max(int(own.get(THRESHOLD, 2)), full.secure_aggregation.min_cohort)
+    if len(set(survivors) & masked) < needed:
         raise SecureAggregationRefused(f"{len(set(survivors) & masked)} survivors among the nodes this node masked "
-                                       f"with, below the threshold {threshold}")
-    if len(survivors) < full.secure_aggregation.min_cohort:
-        raise SecureAggregationRefused(f"{len(survivors)} survivors, below this node's "
-                                       f"secure_aggregation.min_cohort={full.secure_aggregation.min_cohort}")
+                                       f"with, below max(threshold, secure_aggregation.min_cohort) = {needed}")
     signed = own.get(SIGNED)
     if signed is not None and [int(n) for n in signed] != survivors:
         raise SecureAggregationRefused("a second survivor list in one protocol run; this node signed another")
@@ -187,7 +196,7 @@ def check_unmask(msg: Message, context: Context, full: Any, active: list[int], d
     from fedslm.wire import identity
 
     own = _own(context)
-    if SIGNED not in own:
+    if SIGNED not in own or COHORT not in own:
         raise SecureAggregationRefused("an unmask request, but this node signed no survivor list in this protocol run")
     survivors = [int(n) for n in own[SIGNED]]
     outside = sorted(set(active) - set(survivors))
@@ -218,6 +227,9 @@ def check_unmask(msg: Message, context: Context, full: Any, active: list[int], d
         if identity.verify(raw, signature, identity.survivors_bytes(msg.metadata.run_id, msg.metadata.group_id,
                                                                     node, survivors)):
             signers[name] = node
+    unsigned = sorted(set(int(n) for n in own.get(VERIFIED, [])) & set(active) - set(signers.values()))
+    if unsigned:  # its mask seed would go out although it never vouched for this list
+        raise SecureAggregationRefused(f"nodes {unsigned} are listed alive but did not sign the survivor list")
     needed = (len(listed) + 1) // 2 + 1
     if len(signers) < needed:
         raise SecureAggregationRefused(
@@ -253,7 +265,7 @@ def _raw(value: Any) -> bytes:
 
 
 def check_neighbours(msg: Message, configs: ConfigRecord, policy: Any, *, threshold: int = 2,
-                     required: bool = False) -> None:
+                     required: bool = False) -> dict[str, int]:
     """Every neighbour's round keys signed by an institution the policy lists, each institution on one
     node only. Unverified neighbours: at most ``max_unverified_share`` of them, and fewer than
     ``threshold - 1`` (with that many of its own, plus this node's share, a coordinator holds a
@@ -269,7 +281,7 @@ def check_neighbours(msg: Message, configs: ConfigRecord, policy: Any, *, thresh
                                            "lists no institution: this node cannot tell real neighbours from made-up ones")
         log.warning("secure aggregation: no secure_aggregation.peers listed; this node cannot tell its %d neighbours "
                     "from ones the coordinator made up", len(others))
-        return
+        return {}
     _, listed = _listed(policy)
     record = msg.content.config_records.get(identity.PEERS)
     seen: dict[str, int] = {}
@@ -297,6 +309,7 @@ def check_neighbours(msg: Message, configs: ConfigRecord, policy: Any, *, thresh
             f"{len(unverified)} of {len(others)} neighbours ({unverified}) carry no signature of an institution in "
             f"secure_aggregation.peers, more than max_unverified_share={policy.max_unverified_share} and threshold "
             f"{threshold} allow: a coordinator could have made them up to unmask this node's update")
+    return seen
 
 
 def sign_setup(msg: Message, reply: Message, context: Context) -> None:
@@ -350,7 +363,9 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: Any) -> Me
         if stage == CONSISTENCY_STAGE:  # fedslm's own stage: Flower's mod never sees it
             return sign_survivors(msg, context)
         reply = _mod_module.secaggplus_mod(msg, context, train)
-        if stage == Stage.SETUP:
+        if stage == Stage.SETUP and not reply.has_error():  # Flower holds this session's keys: so does fedslm
+            threshold = int(msg.content.config_records[RECORD_KEY_CONFIGS][Key.THRESHOLD])
+            context.state.config_records[STATE] = ConfigRecord({SESSION: _session(msg), THRESHOLD: threshold})
             sign_setup(msg, reply, context)
         elif stage == Stage.SHARE_KEYS and not reply.has_error():  # Flower took the stage: remember the cohort
             own = context.state.config_records[STATE]
