@@ -250,18 +250,24 @@ def test_the_coordinators_delta_and_caps_are_ignored(flower_identity, coordinato
     assert entry["delta"] == pytest.approx(1e-4)
 
 
-def test_secure_noise_required_by_the_policy_is_used_whatever_the_request_says(flower_identity, coordinator,
-                                                                              hospital, monkeypatch):
+def _spy_dpsgd(monkeypatch, key: str) -> list:
+    """The values of ``key`` the node's training passes to DP-SGD, one per engine it builds."""
     import fedslm.train.local as local
 
     seen = []
     real = local.DPSGD
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["secure_mode"])
+        seen.append(kwargs[key])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(local, "DPSGD", spy)
+    return seen
+
+
+def test_secure_noise_required_by_the_policy_is_used_whatever_the_request_says(flower_identity, coordinator,
+                                                                              hospital, monkeypatch):
+    seen = _spy_dpsgd(monkeypatch, "secure_mode")
     cfg, state, fp = coordinator
     _ok(_send(hospital(require_secure_noise=True), _yaml(cfg, privacy__secure_mode=False), state, fingerprint=fp))
     assert seen == [True]
@@ -273,18 +279,7 @@ def test_a_request_cannot_make_the_node_hold_more_than_its_resource_caps(flower_
     and per-record gradients, at once): the node cuts it to its resources.max_physical_batch_size, which
     only chunks the same logical batch, and so for evaluation batches. A max_length past its cap changes
     what is trained: refused before anything is charged."""
-    import yaml
-
-    import fedslm.train.local as local
-
-    seen = []
-    real = local.DPSGD
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs["physical_batch_size"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(local, "DPSGD", spy)
+    seen = _spy_dpsgd(monkeypatch, "physical_batch_size")
     cfg, state, fp = coordinator
     node = hospital()
     path = Path(node.node_config["policy"])

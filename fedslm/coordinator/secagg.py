@@ -137,16 +137,10 @@ class _StageGrid:
             reason = None
             if reply.has_error():
                 reason = reply.error.reason or f"error code {reply.error.code}"
-            elif stage == Stage.SETUP and identity.IDENTITY in reply.content.config_records:
-                signed = reply.content.config_records[identity.IDENTITY]
-                key, signature = signed.get(identity.KEY), signed.get(identity.SIGNATURE)
-                if isinstance(key, bytes) and isinstance(signature, bytes) and len(key) + len(signature) <= 1024:
-                    self.identities[node] = [key, signature]  # else relayed as missing: its neighbours decide
-            elif stage == CONSISTENCY_STAGE and identity.CONSISTENCY in reply.content.config_records:
-                signed = reply.content.config_records[identity.CONSISTENCY]
-                key, signature = signed.get(identity.KEY), signed.get(identity.SIGNATURE)
-                if isinstance(key, bytes) and isinstance(signature, bytes) and len(key) + len(signature) <= 1024:
-                    self.signed[node] = [key, signature]
+            elif stage == Stage.SETUP and (signed := _signature(reply, identity.IDENTITY)) is not None:
+                self.identities[node] = signed  # else relayed as missing: its neighbours decide
+            elif stage == CONSISTENCY_STAGE and (signed := _signature(reply, identity.CONSISTENCY)) is not None:
+                self.signed[node] = signed
             elif stage == Stage.COLLECT_MASKED_VECTORS:
                 reason = self._check_masked(reply)
                 if reason is None:
@@ -167,6 +161,17 @@ class _StageGrid:
                     self.shared_nothing.add(node)
                 self.recorder.error(self.server_round, f"train/secagg-{stage}", node, "no reply in time (dropped out)")
         return kept
+
+
+def _signature(reply: Message, record: str) -> Optional[list[bytes]]:
+    """[public identity key, signature] from a node's reply record, if it holds two bytes values of a sane size."""
+    signed = reply.content.config_records.get(record)
+    if signed is None:
+        return None
+    key, signature = signed.get(identity.KEY), signed.get(identity.SIGNATURE)
+    if isinstance(key, bytes) and isinstance(signature, bytes) and len(key) + len(signature) <= 1024:
+        return [key, signature]
+    return None
 
 
 def _forget_early_losses(state: Any, lost: set[int]) -> None:

@@ -34,7 +34,7 @@ THRESHOLD = "threshold"
 MASKED_WITH = "masked-with"  # the nodes whose pairwise masks this node added (and itself)
 VERIFIED = "verified"  # neighbours whose round keys a listed institution signed
 SIGNED = "signed"  # the survivor list this node signed in the consistency stage of the session
-SESSIONS = "fedslm-secagg-sessions"  # every "run/group" this node ever set up: a setup is never repeated
+SESSIONS = "fedslm-secagg-sessions"  # per run, the last round this node set up: setups only move forward
 _MAX_KEY_BYTES = 512  # a SecAgg+ public key (PEM) or an Ed25519 key/signature is far below this
 
 
@@ -165,7 +165,7 @@ def check_survivors(msg: Message, configs: ConfigRecord, context: Context, full:
     if context.node_id not in survivors:
         raise SecureAggregationRefused("the survivor list leaves out this node, which masked its update")
     masked = {int(n) for n in own[MASKED_WITH]}
-    neighbours = {int(n) for n in own.get(COHORT, [])}
+    neighbours = {int(n) for n in own[COHORT]}
     unmasked = sorted((set(survivors) & neighbours) - masked)
     if unmasked:
         raise SecureAggregationRefused(f"the survivor list names neighbours {unmasked} whose shares this node never "
