@@ -10,6 +10,7 @@ default scenario is `make run` (its figure is in the README); this script isolat
 
     python benchmarks/recipe.py            # every variant (about 10 min on 2 cores, features cached)
     python benchmarks/recipe.py --quick    # three variants, 10 rounds
+    python benchmarks/recipe.py --only lever   # some variants, printed against the saved reference
 
 Writes benchmarks/results/recipe{,_quick}.{json,md}.
 """
@@ -47,6 +48,12 @@ VARIANTS = [
                                                                     "model.head_init=random"]),
     ("lever: FedAvg of local Adam models (10 steps × 20 rounds), ε=8", 5, ["privacy.target_epsilon=8", *FEDAVG]),
     ("lever: clip norm 0.3, ε=8", 5, ["privacy.target_epsilon=8", "privacy.max_grad_norm=0.3"]),
+    ("lever: PRV accountant instead of RDP, ε=8", 5, ["privacy.target_epsilon=8", "privacy.accountant=prv"]),
+    ("lever: PRV + clip norm 0.3, ε=8", 5, ["privacy.target_epsilon=8", "privacy.accountant=prv",
+                                           "privacy.max_grad_norm=0.3"]),
+    ("lever: server η 0.1, ε=8", 5, ["privacy.target_epsilon=8", "federation.server_lr=0.1"]),
+    ("lever: 200 rounds, ε=8", 5, ["privacy.target_epsilon=8", "federation.rounds=200"]),
+    ("lever: EMA 0.9 of the global head (post-processing), ε=8", 5, ["privacy.target_epsilon=8", "ema=0.9"]),
 ]
 QUICK = [VARIANTS[0], VARIANTS[3], VARIANTS[5]]
 
@@ -64,6 +71,10 @@ def run(name: str, clients: int, overrides: list[str], quick: bool) -> dict:
     from fedslm.train.evaluate import evaluate
     from fedslm.train.local import round_spec, train_round
 
+    # "ema=β": the coordinator also keeps an exponential moving average of the global head (a
+    # post-processing of what it received, no privacy cost) and the row scores that average.
+    ema = next((float(o.split("=", 1)[1]) for o in overrides if o.startswith("ema=")), None)
+    overrides = [o for o in overrides if not o.startswith("ema=")]
     extra = [f"federation.num_clients={clients}", f"federation.min_clients={min(clients, 3)}",
              *overrides, *(["federation.rounds=10"] if quick else [])]
     cfg = load_config([SCENARIO], overrides=extra)
@@ -112,7 +123,10 @@ def run(name: str, clients: int, overrides: list[str], quick: bool) -> dict:
                 glob[k] = glob[k] + eta * m[k] / (v[k].sqrt() + 1e-3)
         else:
             glob = avg
-    set_adapter_state(model, glob)
+        if ema is not None:
+            averaged = {k: t.clone() for k, t in glob.items()} if r == 1 else \
+                {k: ema * averaged[k] + (1 - ema) * glob[k] for k in glob}
+    set_adapter_state(model, glob if ema is None else averaged)
     ev = evaluate(model, test, "classification", features=test_f)
     assert len(test) == len(whole.test)
     row = {"name": name, "test_records": len(test), "institutions": clients, "overrides": extra, "accuracy": ev["accuracy"],
@@ -162,6 +176,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--replot", action="store_true", help="rewrite the .md and .png from the saved .json")
+    ap.add_argument("--only", metavar="TEXT", help="run only the variants whose name contains TEXT and print them "
+                    "against the saved reference (results/recipe.json); writes nothing")
     args = ap.parse_args()
     quick = args.quick or os.environ.get("QUICK") == "1"
     stem = RESULTS / ("recipe_quick" if quick else "recipe")
@@ -169,6 +185,17 @@ def main() -> None:
         write(json.loads(stem.with_suffix(".json").read_text()), stem)
         return
     torch.set_num_threads(2)
+    if args.only:
+        picked = [v for v in VARIANTS if args.only in v[0]]
+        if not picked:
+            raise SystemExit(f"no variant name contains {args.only!r}")
+        saved = RESULTS / "recipe.json"
+        ref = json.loads(saved.read_text())["variants"][0] if saved.exists() else run(*VARIANTS[0], quick)
+        rows = [run(n, c, o, quick) for n, c, o in picked]
+        for r in rows:
+            print(f"{r['name']}: {r['accuracy']:.4f} ({100 * (r['accuracy'] - ref['accuracy']):+.1f} pts vs the "
+                  f"reference {ref['accuracy']:.4f})")
+        return
     rows = [run(n, c, o, quick) for n, c, o in (QUICK if quick else VARIANTS)]
     result = {"date": time.strftime("%Y-%m-%d"), "quick": quick,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",

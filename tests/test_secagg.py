@@ -553,19 +553,61 @@ def test_a_node_refuses_stages_of_another_setup_or_node_and_never_expands_relaye
     assert expected in caplog.text
 
 
+@pytest.mark.parametrize("restart", [False, True], ids=["same-process", "after-a-supernode-restart"])
 def test_a_setup_is_never_repeated_for_the_same_run_and_round(flower_identity, secure_config, tmp_path,
-                                                              deployed_grid):
-    """The same setup again in the same nodes' contexts: their signed round keys for that run and round
-    could be replayed into another session; every node refuses at setup and nothing is charged again."""
+                                                              deployed_grid, restart):
+    """The same setup again: the nodes' signed round keys and survivor lists for that run and round could
+    be replayed into another session (a second story about who dropped out); every node refuses at
+    setup and nothing is charged again. ``after-a-supernode-restart``: the nodes' contexts (the
+    SuperNode's memory, Flower's and fedslm's protocol state in it) are gone; the refusal comes from
+    the session record beside each ledger."""
+    from fedslm.node.sessions import SessionRecord
+
     cfg = secure_config("privacy.noise_seed=null")
     grid = deployed_grid(cfg)
     _, _, messages, _ = _deployed_round(cfg, tmp_path, grid)
+    run_id = messages[0].metadata.run_id
+    for n in NODES:
+        record = SessionRecord(tmp_path / f"ledger-{n}.json")
+        assert record.last_round(run_id) == 1
+        assert record.read()["runs"][str(run_id)]["signed"] == NODES
+        assert record.path.stat().st_mode & 0o777 == 0o600
+    if restart:
+        for n, ctx in grid.contexts.items():
+            grid.contexts[n] = Context(run_id=ctx.run_id, node_id=n, state=RecordDict(), run_config={},
+                                       node_config=dict(ctx.node_config))
     (tmp_path / "again").mkdir()
     recorder = RunRecorder(cfg, tmp_path / "again", "run-s")
     with pytest.raises(FederationStopped, match="halted at stage setup"):
         secagg.SecureAggregationGrid(grid, cfg, recorder).send_and_receive(copy.deepcopy(messages))
     assert all([e["round"] for e in Ledger(tmp_path / f"ledger-{n}.json").entries("all-records")] == [1]
                for n in NODES)
+
+
+def test_the_session_record_refuses_a_second_list_another_round_and_an_unreadable_file(tmp_path):
+    """The record on disk by itself: forward-only setups per run, one signed list per round set up last,
+    and a damaged file stops secure aggregation instead of reading as "nothing set up yet"."""
+    from fedslm.node.sessions import SessionRecord, SessionRecordError
+
+    record = SessionRecord(tmp_path / "ledger.json")
+    assert record.last_round(7) == -1
+    record.set_up(7, 2)
+    record.set_up(8, 1)  # another run has its own rounds
+    with pytest.raises(SessionRecordError, match="rounds only move forward"):
+        record.set_up(7, 2)
+    with pytest.raises(SessionRecordError, match="rounds only move forward"):
+        record.set_up(7, 1)
+    with pytest.raises(SessionRecordError, match="not the round this node set up last"):
+        record.sign(7, 1, [1, 2, 3])
+    record.sign(7, 2, [1, 2, 3])
+    record.sign(7, 2, [1, 2, 3])  # the same list again (a retried reply) is the same signature
+    with pytest.raises(SessionRecordError, match="second survivor list"):
+        SessionRecord(tmp_path / "ledger.json").sign(7, 2, [1, 2, 4])
+    record.set_up(7, 3)
+    assert record.read()["runs"]["7"] == {"round": 3, "signed": None}
+    record.path.write_text("{")
+    with pytest.raises(SessionRecordError, match="unreadable"):
+        record.set_up(7, 4)
 
 
 @pytest.mark.parametrize("story", ["both", "dropped-survivor"])
@@ -771,7 +813,10 @@ def test_a_masked_release_is_never_sent_twice(flower_identity, secure_config, tm
         return [e["round"] for e in Ledger(tmp_path / f"ledger-{n}.json").entries("all-records")]
 
     (tmp_path / "again").mkdir()
-    again = deployed_grid(cfg)  # fresh protocol state (a new group of stage messages), same nodes and ledgers
+    # A new Flower run (a relaunched coordinator: the same fedslm run and round, another run id, which the
+    # session record beside each ledger lets through) in fresh protocol state, same nodes and ledgers.
+    flower_identity.run_id = 2
+    again = deployed_grid(cfg)
     recorder1 = RunRecorder(cfg, tmp_path / "again", "run-s")
     _, again_messages = _train_messages(cfg, again, make_strategies(cfg, recorder1)[0])
     with pytest.raises(FederationStopped):
@@ -780,6 +825,7 @@ def test_a_masked_release_is_never_sent_twice(flower_identity, secure_config, tm
     assert all(refusals[n] == public_reason("refused-by-policy") for n in NODES)
     assert all(entries(n) == [1] for n in NODES)
 
+    flower_identity.run_id = 3
     swapped = deployed_grid(cfg, nodes=[*NODES[:3], 15])  # same institutions 11-13, a new neighbour 15
     recorder2 = RunRecorder(cfg, tmp_path / "swapped", "run-s")
     (tmp_path / "swapped").mkdir()

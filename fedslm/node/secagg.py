@@ -34,7 +34,7 @@ THRESHOLD = "threshold"
 MASKED_WITH = "masked-with"  # the nodes whose pairwise masks this node added (and itself)
 VERIFIED = "verified"  # neighbours whose round keys a listed institution signed
 SIGNED = "signed"  # the survivor list this node signed in the consistency stage of the session
-SESSIONS = "fedslm-secagg-sessions"  # per run, the last round this node set up: setups only move forward
+# Per run, the last round this node set up and the survivor list it signed: on disk, fedslm.node.sessions.
 _MAX_KEY_BYTES = 512  # a SecAgg+ public key (PEM) or an Ed25519 key/signature is far below this
 
 
@@ -94,19 +94,15 @@ def check_stage(msg: Message, context: Context) -> None:
             if threshold < policy.min_threshold:
                 raise SecureAggregationRefused(f"threshold {threshold}, below this node's "
                                                f"secure_aggregation.min_threshold={policy.min_threshold}")
-            seen = context.state.config_records.get(SESSIONS)
-            last_key = f"last-{int(msg.metadata.run_id)}"
             try:
                 group = int(msg.metadata.group_id)
             except ValueError:
                 raise SecureAggregationRefused(f"a setup for round {msg.metadata.group_id!r}, not a round number") from None
-            last = int(seen.get(last_key, -1)) if seen is not None else -1  # type: ignore[union-attr]
-            if group <= last:
-                raise SecureAggregationRefused(f"protocol run {_session(msg)}: this node set up round {last} of this run "
-                                               "already; rounds only move forward (a setup is never repeated)")
-            # Recorded before Flower's mod runs: a setup that fails there is not offered again either.
-            context.state.config_records[SESSIONS] = ConfigRecord({**(dict(seen) if seen is not None else {}),
-                                                                   last_key: group})
+            # On disk beside the ledger (it outlives a SuperNode restart), before Flower's mod runs: a setup
+            # that fails there is not offered again either.
+            from fedslm.node.sessions import SessionRecord
+
+            SessionRecord(full.privacy.ledger).set_up(int(msg.metadata.run_id), group)
     elif stage == Stage.SHARE_KEYS:
         neighbours = sorted(int(k) for k in configs.keys() if k != Key.STAGE)
         if policy is not None and len(neighbours) < policy.min_cohort:
@@ -179,6 +175,9 @@ def check_survivors(msg: Message, configs: ConfigRecord, context: Context, full:
     signed = own.get(SIGNED)
     if signed is not None and [int(n) for n in signed] != survivors:
         raise SecureAggregationRefused("a second survivor list in one protocol run; this node signed another")
+    from fedslm.node.sessions import SessionRecord
+
+    SessionRecord(full.privacy.ledger).sign(int(msg.metadata.run_id), int(msg.metadata.group_id), survivors)
     context.state.config_records[STATE] = ConfigRecord({**own, SIGNED: survivors})
 
 
