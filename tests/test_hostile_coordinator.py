@@ -59,11 +59,12 @@ def _yaml(cfg, **edits) -> str:
     return yaml.safe_dump(content)
 
 
-def _send(context, text, state, *, fingerprint="", server_round=1, run="run-h", evaluate=False) -> Message:
+def _send(context, text, state, *, fingerprint="", server_round=1, run="run-h", evaluate=False,
+          frozen="") -> Message:
     TaskIdentity.node_id = 1
     msg = Message(RecordDict({
         codec.ARRAYS: codec.state_to_record(state),
-        codec.CONFIG: ConfigRecord({**codec.request_config(text, fingerprint, run), "server-round": server_round}),
+        codec.CONFIG: ConfigRecord({**codec.request_config(text, fingerprint, run, frozen), "server-round": server_round}),
     }), dst_node_id=2, message_type=MessageType.EVALUATE if evaluate else MessageType.TRAIN)
     TaskIdentity.node_id = 2
     return (client_app.evaluate if evaluate else client_app.train)(msg, context)
@@ -274,24 +275,40 @@ def test_secure_noise_required_by_the_policy_is_used_whatever_the_request_says(f
 
 
 def test_a_request_cannot_make_the_node_hold_more_than_its_resource_caps(flower_identity, coordinator, hospital,
-                                                                         monkeypatch, caplog, tmp_path):
+                                                                         cls_config, monkeypatch, caplog, tmp_path):
     """train.physical_batch_size=10**6 would put the whole split through one backward pass (its activations,
     and per-record gradients, at once): the node cuts it to its resources.max_physical_batch_size, which
-    only chunks the same logical batch, and so for evaluation batches. A max_length past its cap changes
-    what is trained: refused before anything is charged."""
+    only chunks the same logical batch, and so for evaluation batches. A head-only round (lora.layers: 0)
+    chunks cached sentence vectors instead, one vector a record and no model pass: those chunks are cut to
+    resources.max_feature_batch_size, not to the model-pass cap. A max_length past its cap changes what
+    is trained: refused before anything is charged."""
+    import fedslm.privacy.head_dpsgd as head_dpsgd
+    from fedslm.lora.adapter import frozen_digest
+
     seen = _spy_dpsgd(monkeypatch, "physical_batch_size")
+    head_seen = []
+    real_head = head_dpsgd.HeadDPSGD
+    monkeypatch.setattr(head_dpsgd, "HeadDPSGD",
+                        lambda *a, **kw: head_seen.append(kw["physical_batch_size"]) or real_head(*a, **kw))
     cfg, state, fp = coordinator
-    node = hospital()
+    node = hospital(max_epsilon=3 * CAP)  # room for the two rounds, each planned at ε = CAP
     path = Path(node.node_config["policy"])
     path.write_text(path.read_text() + yaml.safe_dump({"resources": {"max_physical_batch_size": 3,
+                                                                     "max_feature_batch_size": 4,
                                                                      "max_eval_batch_size": 5, "max_length": 16}}))
     text = _yaml(cfg, train__physical_batch_size=10**6, train__eval_batch_size=10**6)
     with caplog.at_level("WARNING", logger="fedslm.node"):
         _ok(_send(node, text, state, fingerprint=fp))
-    assert seen == [3]
+    assert seen == [3] and head_seen == []
     assert "evaluating in batches of 5" in caplog.text
-    _refused(_send(node, _yaml(cfg, model__max_length=17), state, fingerprint=fp, server_round=2), "refused-by-policy")
-    assert _ledger(tmp_path).summary()[0].rounds == 1
+    head_cfg = cls_config("privacy.noise_seed=null", "federation.rounds=1", f"privacy.target_epsilon={CAP}",
+                          "lora.layers=0")
+    head_node = build_node(head_cfg)
+    _ok(_send(node, _yaml(head_cfg, train__physical_batch_size=10**6), get_adapter_state(head_node.model),
+              fingerprint=head_node.base.fingerprint, server_round=2, frozen=frozen_digest(head_node.model)))
+    assert seen == [3] and head_seen == [4]
+    _refused(_send(node, _yaml(cfg, model__max_length=17), state, fingerprint=fp, server_round=3), "refused-by-policy")
+    assert _ledger(tmp_path).summary()[0].rounds == 2
 
 
 def test_with_a_size_floor_the_noise_level_says_nothing_about_the_record_count(flower_identity, coordinator,

@@ -96,6 +96,7 @@ def check_policy(path: str | Path) -> dict[str, Any]:
                     "require_secure_aggregation": p.require_secure_aggregation},
         "models": {"allowed": list(policy.models.allowed), "fingerprints": policy.models.fingerprints},
         "resources": {"max_physical_batch_size": policy.resources.max_physical_batch_size,
+                      "max_feature_batch_size": policy.resources.max_feature_batch_size,
                       "max_eval_batch_size": policy.resources.max_eval_batch_size,
                       "max_length": policy.resources.max_length},
         "warnings": warnings,

@@ -242,9 +242,14 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
     t = cfg.train
     physical, eval_batch = min(t.physical_batch_size, res.max_physical_batch_size), min(t.eval_batch_size,
                                                                                        res.max_eval_batch_size)
-    if physical < t.physical_batch_size:
-        overridden(f"the request's train.physical_batch_size={t.physical_batch_size} is above this node's "
-                   f"resources.max_physical_batch_size; computing in chunks of {physical}")
+    feature_batch = min(t.physical_batch_size, res.max_feature_batch_size)
+    # Head-only rounds chunk cached vectors (feature_batch); model passes, also those of a head-only
+    # round whose features were not cached, are cut to max_physical_batch_size.
+    for resource, chunk, used in (("max_physical_batch_size", physical, cfg.lora.layers != 0),
+                                  ("max_feature_batch_size", feature_batch, cfg.lora.layers == 0)):
+        if used and chunk < t.physical_batch_size:
+            overridden(f"the request's train.physical_batch_size={t.physical_batch_size} is above this node's "
+                       f"resources.{resource}; computing in chunks of {chunk}")
     if eval_batch < t.eval_batch_size:
         overridden(f"the request's train.eval_batch_size={t.eval_batch_size} is above this node's "
                    f"resources.max_eval_batch_size; evaluating in batches of {eval_batch}")
@@ -256,7 +261,7 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
     spec = RoundSpec(
         task=cfg.model.task, batch_size=t.batch_size, physical_batch_size=physical,
         local_steps=t.local_steps, lr=t.lr, optimizer=t.optimizer, weight_decay=t.weight_decay, seed=t.seed,
-        momentum=t.momentum, full_batch=t.full_batch,
+        momentum=t.momentum, full_batch=t.full_batch, feature_batch_size=feature_batch,
         dp=DPSpec(
             enabled=req.enabled, target_epsilon=target,
             max_epsilon=cap if req.enabled else math.inf, delta=delta, max_grad_norm=req.max_grad_norm,

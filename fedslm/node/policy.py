@@ -136,6 +136,9 @@ class PolicyResources:
     # Records in one forward and backward pass (a request's train.physical_batch_size is capped to it: it
     # only chunks the logical batch, so what is computed does not change).
     max_physical_batch_size: int = 128
+    # Records per chunk when only the head trains on cached sentence vectors (lora.layers: 0): one
+    # vector of the encoder's width a record and no model pass (65,536 × 384 floats is 100 MB).
+    max_feature_batch_size: int = 65536
     # Records in one evaluation or prediction pass (train.eval_batch_size is capped to it).
     max_eval_batch_size: int = 512
     # Tokens per record: a request's model.max_length above it is refused (truncation changes what is trained).
@@ -213,7 +216,7 @@ def validate_policy(policy: NodePolicy, *, complete: bool = True, where: str = "
            f"{where}: secure_aggregation.max_unverified_share must be in [0, 1), got {sa.max_unverified_share}")
     _check(not sa.peers or sa.identity_key, f"{where}: secure_aggregation.peers needs secure_aggregation.identity_key "
                                             "(the others verify this node by it; make one with: fedslm node keygen)")
-    for key in ("max_physical_batch_size", "max_eval_batch_size", "max_length"):
+    for key in ("max_physical_batch_size", "max_feature_batch_size", "max_eval_batch_size", "max_length"):
         value = getattr(policy.resources, key)
         _check(isinstance(value, int) and value >= 1, f"{where}: resources.{key} must be an integer >= 1, got {value}")
     if policy.threads is not None:
@@ -356,6 +359,8 @@ resources:
   # What one request may make this node hold in memory: training chunks and evaluation batches are cut
   # to these sizes (the result is the same), and a longer model.max_length is refused.
   max_physical_batch_size: 128
+  # ... chunks of cached sentence vectors when only the head trains (lora.layers: 0; no model pass).
+  max_feature_batch_size: 65536
   max_eval_batch_size: 512
   max_length: 256
 

@@ -85,6 +85,9 @@ class RoundSpec:
     momentum: float = 0.0
     # Every step on every record (sample rate 1): the logical batch is the node's whole training set.
     full_batch: bool = False
+    # Records per chunk when only the head trains on cached sentence vectors (one vector a record, no
+    # model pass); None: physical_batch_size. A deployed node caps the two separately.
+    feature_batch_size: Optional[int] = None
 
     def logical_batch(self, num_examples: int) -> int:
         return num_examples if self.full_batch else self.batch_size
@@ -230,7 +233,8 @@ def train_round(
 
             engine = HeadDPSGD(trainable_head(model), trained.dropout, features, optimizer=optimizer,
                                noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
-                               expected_batch_size=t.logical_batch(n), physical_batch_size=t.physical_batch_size,
+                               expected_batch_size=t.logical_batch(n),
+                               physical_batch_size=t.feature_batch_size or t.physical_batch_size,
                                noise_generator=noise_gen, secure_mode=p.secure_mode)
         else:
             engine = DPSGD(
