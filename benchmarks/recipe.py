@@ -8,7 +8,7 @@ bias-corrected, τ = 10⁻³). Scored on the fixed test split (4,867 records nev
 centralized rows are one institution holding every training record. Flower's own run of the
 default scenario is `make run` (its figure is in the README); this script isolates the recipe.
 
-    python benchmarks/recipe.py            # every variant (about 10 min on 2 cores, features cached)
+    python benchmarks/recipe.py            # every variant, 3 noise seeds each (about 45 min on 2 cores)
     python benchmarks/recipe.py --quick    # three variants, 10 rounds
     python benchmarks/recipe.py --only lever   # some variants, printed against the saved reference
 
@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -44,40 +45,53 @@ VARIANTS = [
     ("federated FedSGD + FedAdam, DP ε=8 (make run)", 5, ["privacy.target_epsilon=8"]),
     ("federated FedSGD + FedAdam, DP ε=3", 5, ["privacy.target_epsilon=3"]),
     ("federated FedSGD + FedAdam, DP ε=1", 5, ["privacy.target_epsilon=1"]),
+    ("lever: RDP instead of the PRV accountant, ε=8", 5, ["privacy.target_epsilon=8", "privacy.accountant=rdp"]),
+    ("lever: RDP and clip norm 1 (the recipe before), ε=8", 5, ["privacy.target_epsilon=8", "privacy.accountant=rdp",
+                                                                "privacy.max_grad_norm=1.0"]),
+    ("lever: clip norm 0.1, ε=8", 5, ["privacy.target_epsilon=8", "privacy.max_grad_norm=0.1"]),
+    ("lever: clip norm 0.5, ε=8", 5, ["privacy.target_epsilon=8", "privacy.max_grad_norm=0.5"]),
+    ("lever: clip norm 1, ε=8", 5, ["privacy.target_epsilon=8", "privacy.max_grad_norm=1.0"]),
     ("lever: random head instead of the label-name prior, ε=1", 5, ["privacy.target_epsilon=1",
                                                                     "model.head_init=random"]),
     ("lever: FedAvg of local Adam models (10 steps × 20 rounds), ε=8", 5, ["privacy.target_epsilon=8", *FEDAVG]),
-    ("lever: clip norm 0.3, ε=8", 5, ["privacy.target_epsilon=8", "privacy.max_grad_norm=0.3"]),
-    ("lever: PRV accountant instead of RDP, ε=8", 5, ["privacy.target_epsilon=8", "privacy.accountant=prv"]),
-    ("lever: PRV + clip norm 0.3, ε=8", 5, ["privacy.target_epsilon=8", "privacy.accountant=prv",
-                                           "privacy.max_grad_norm=0.3"]),
-    ("lever: server η 0.1, ε=8", 5, ["privacy.target_epsilon=8", "federation.server_lr=0.1"]),
+    ("lever: server η 0.3, ε=8", 5, ["privacy.target_epsilon=8", "federation.server_lr=0.3"]),
     ("lever: 200 rounds, ε=8", 5, ["privacy.target_epsilon=8", "federation.rounds=200"]),
-    ("lever: EMA 0.9 of the global head (post-processing), ε=8", 5, ["privacy.target_epsilon=8", "ema=0.9"]),
+    ("lever: EMA 0.9 of the global head (post-processing), ε=8", 5, ["privacy.target_epsilon=8", "federation.ema=0.9"]),
+    ("lever: server η 0.3 and a 0.9 moving average, ε=8", 5, ["privacy.target_epsilon=8", "federation.server_lr=0.3",
+                                                             "federation.ema=0.9"]),
+    ("lever: server η 0.5 and a 0.9 moving average, ε=8", 5, ["privacy.target_epsilon=8", "federation.server_lr=0.5",
+                                                             "federation.ema=0.9"]),
+    ("projection, not built: distributed DP, each node σ/√5, ε=8 of the sum", 5, ["privacy.target_epsilon=8",
+                                                                                  "shared=5"]),
+    ("projection, not built: distributed DP, each node σ/√5, ε=1 of the sum", 5, ["privacy.target_epsilon=1",
+                                                                                  "shared=5"]),
 ]
 QUICK = [VARIANTS[0], VARIANTS[3], VARIANTS[5]]
 
 
-def run(name: str, clients: int, overrides: list[str], quick: bool) -> dict:
+def run(name: str, clients: int, overrides: list[str], quick: bool, seeds: list[int]) -> dict:
+    """One variant, trained once per noise seed (a non-private one once: nothing in it is random but the
+    train seed); the row holds the mean, the standard deviation and every seed's figures."""
     from fedslm.config import load_config
     from fedslm.data import load_task_data
     from fedslm.data.partition import institution_data
     from fedslm.data.tasks import get_task
-    from fedslm.lora import get_adapter_state, set_adapter_state, wrap
+    from fedslm.lora import get_adapter_state, wrap
     from fedslm.lora.prior import apply_label_prior
     from fedslm.models import load_base
-    from fedslm.privacy import Ledger
     from fedslm.train import prefix
-    from fedslm.train.evaluate import evaluate
-    from fedslm.train.local import round_spec, train_round
 
-    # "ema=β": the coordinator also keeps an exponential moving average of the global head (a
-    # post-processing of what it received, no privacy cost) and the row scores that average.
-    ema = next((float(o.split("=", 1)[1]) for o in overrides if o.startswith("ema=")), None)
-    overrides = [o for o in overrides if not o.startswith("ema=")]
+    # "shared=k": a projection of distributed DP, which fedslm does not build: each institution adds
+    # σ/√k of the σ its plan calibrates, so the sum of k institutions' noise is one institution's σ (as
+    # under secure aggregation with k honest contributors). The row's ε is that of the sum; each
+    # institution's own release then carries ε of σ/√k (printed as "ε alone").
+    shared = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("shared=")), None)
+    overrides = [o for o in overrides if not o.startswith("shared=")]
     extra = [f"federation.num_clients={clients}", f"federation.min_clients={min(clients, 3)}",
              *overrides, *(["federation.rounds=10"] if quick else [])]
     cfg = load_config([SCENARIO], overrides=extra)
+    # federation.ema: the coordinator's moving average of the published global head, which the row scores.
+    ema = cfg.federation.ema
     import dataclasses
 
     # The whole fixed test split (data.max_test_records caps what each institution scores, not this).
@@ -97,8 +111,49 @@ def run(name: str, clients: int, overrides: list[str], quick: bool) -> dict:
     test = task.encode(whole.test, base.tokenizer, cfg.model.max_length)
     test_f = prefix.split_features(model, base.fingerprint, test, cfg.model, cfg.lora.layers)
     features_s = time.perf_counter() - started
-    glob = get_adapter_state(model)
+    initial = get_adapter_state(model)
+    assert len(test) == len(whole.test)
+    runs = [_train(cfg, model, initial, shares, test, test_f, ema, seed, shared)
+            for seed in (seeds if cfg.privacy.enabled else seeds[:1])]
+    accs = [r["accuracy"] for r in runs]
+    sd = statistics.stdev(accs) if len(accs) > 1 else None
+    row = {"name": name, "test_records": len(test), "institutions": clients, "overrides": extra,
+           "accuracy": statistics.fmean(accs), "accuracy_sd": sd, "seeds": [r["seed"] for r in runs], "per_seed": runs,
+           "macro_f1": statistics.fmean(r["macro_f1"] for r in runs),
+           "epsilon": max(r["epsilon"] for r in runs) if cfg.privacy.enabled else None,
+           "rounds": cfg.federation.rounds, "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
+           "features_seconds": features_s}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _train(cfg, model, initial, shares, test, test_f, ema, seed, shared=None) -> dict:
+    """One federated run of the recipe from ``initial``, its noise and sampling seeded by ``seed``."""
+    import dataclasses
+
+    from fedslm.lora import get_adapter_state, set_adapter_state
+    from fedslm.privacy import Ledger
+    from fedslm.train.evaluate import evaluate
+    from fedslm.train.local import round_spec, train_round
+
+    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, noise_seed=seed))
+    glob = {k: t.clone() for k, t in initial.items()}
     spec = round_spec(cfg)
+    # Each institution its own noise stream, as in a simulation (fedslm.node.plan salts the seed so).
+    specs = [dataclasses.replace(spec, dp=dataclasses.replace(spec.dp, seed_salt=f"institution-{i}"))
+             for i in range(len(shares))]
+    alone = None
+    if shared is not None:
+        from fedslm.privacy.accountant import epsilon
+        from fedslm.privacy.calibration import plan
+
+        plans = [plan(num_examples=len(f), batch_size=len(f), local_steps=spec.local_steps,
+                      rounds=cfg.federation.rounds, target_epsilon=spec.dp.target_epsilon,
+                      accountant=spec.dp.accountant) for f in shares]
+        specs = [dataclasses.replace(s, dp=dataclasses.replace(s.dp, noise_multiplier=pl.noise_multiplier / math.sqrt(shared),
+                                                               max_epsilon=math.inf)) for s, pl in zip(specs, plans)]
+        alone = max(epsilon([(pl.noise_multiplier / math.sqrt(shared), 1.0, spec.local_steps * cfg.federation.rounds)],
+                            pl.delta, spec.dp.accountant) for pl in plans)
     ledgers = tempfile.mkdtemp(prefix="fedslm-recipe-")
     m = {k: torch.zeros_like(v) for k, v in glob.items()}
     v = {k: torch.zeros_like(t) for k, t in glob.items()}
@@ -108,7 +163,7 @@ def run(name: str, clients: int, overrides: list[str], quick: bool) -> dict:
         states, weights = [], []
         for i, feats in enumerate(shares):
             set_adapter_state(model, glob)
-            res = train_round(model, None, spec, unit="all-records", ledger=Ledger(Path(ledgers) / f"{i}.json"),
+            res = train_round(model, None, specs[i], unit="all-records", ledger=Ledger(Path(ledgers) / f"{i}.json"),
                               round_idx=r, features=feats)
             states.append(get_adapter_state(model))
             weights.append(len(feats))
@@ -128,13 +183,10 @@ def run(name: str, clients: int, overrides: list[str], quick: bool) -> dict:
                 {k: ema * averaged[k] + (1 - ema) * glob[k] for k in glob}
     set_adapter_state(model, glob if ema is None else averaged)
     ev = evaluate(model, test, "classification", features=test_f)
-    assert len(test) == len(whole.test)
-    row = {"name": name, "test_records": len(test), "institutions": clients, "overrides": extra, "accuracy": ev["accuracy"],
-           "macro_f1": ev["macro_f1"], "epsilon": None if not cfg.privacy.enabled else max(eps),
-           "rounds": cfg.federation.rounds, "train_seconds": time.perf_counter() - started,
-           "features_seconds": features_s}
-    print(json.dumps(row), flush=True)
-    return row
+    print(f"  seed {seed}: {ev['accuracy']:.4f}", flush=True)
+    return {"seed": seed, "accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"],
+            "epsilon": (spec.dp.target_epsilon if shared else max(eps)) if cfg.privacy.enabled else None,
+            "epsilon_alone": alone, "train_seconds": time.perf_counter() - started}
 
 
 def write(result: dict, stem: Path) -> None:
@@ -142,11 +194,15 @@ def write(result: dict, stem: Path) -> None:
     rows = result["variants"]
     ref = rows[0]["accuracy"]
     lines = [f"Measured {result['date']} on {result['machine']}; {result['setup']}", "",
-             "| variant | ε | fixed-test accuracy | macro-F1 | vs reference | rounds | train wall |",
+             "| variant | ε | fixed-test accuracy (mean ± sd over seeds) | macro-F1 | vs reference | rounds | train wall |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
-        lines.append(f"| {r['name']} | {eps} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
+        sd = f" ± {r['accuracy_sd']:.4f} ({len(r['per_seed'])})" if r.get("accuracy_sd") is not None else ""
+        alone = (r.get("per_seed") or [{}])[0].get("epsilon_alone")
+        if alone is not None:
+            eps += f" (each node alone: {alone:.1f})"
+        lines.append(f"| {r['name']} | {eps} | {r['accuracy']:.4f}{sd} | {r['macro_f1']:.4f} | "
                      f"{100 * (r['accuracy'] - ref):+.1f} pts | {r['rounds']} | {r['train_seconds']:.0f} s |")
     lines += ["", "Targets (issue 15), against the reference: federated DP ε=8 within 2 points, ε=3 within 4, ε=1 within 6."]
     for suffix, gap in (("DP ε=8 (make run)", 2.0), ("DP ε=3", 4.0), ("DP ε=1", 6.0)):
@@ -176,6 +232,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--replot", action="store_true", help="rewrite the .md and .png from the saved .json")
+    ap.add_argument("--seeds", type=int, default=3, help="noise seeds per private variant (0, 1, ...; default 3)")
     ap.add_argument("--only", metavar="TEXT", help="run only the variants whose name contains TEXT and print them "
                     "against the saved reference (results/recipe.json); writes nothing")
     args = ap.parse_args()
@@ -185,24 +242,27 @@ def main() -> None:
         write(json.loads(stem.with_suffix(".json").read_text()), stem)
         return
     torch.set_num_threads(2)
+    seeds = list(range(args.seeds))
     if args.only:
         picked = [v for v in VARIANTS if args.only in v[0]]
         if not picked:
             raise SystemExit(f"no variant name contains {args.only!r}")
         saved = RESULTS / "recipe.json"
-        ref = json.loads(saved.read_text())["variants"][0] if saved.exists() else run(*VARIANTS[0], quick)
-        rows = [run(n, c, o, quick) for n, c, o in picked]
+        ref = json.loads(saved.read_text())["variants"][0] if saved.exists() else run(*VARIANTS[0], quick, seeds)
+        rows = [run(n, c, o, quick, seeds) for n, c, o in picked]
         for r in rows:
-            print(f"{r['name']}: {r['accuracy']:.4f} ({100 * (r['accuracy'] - ref['accuracy']):+.1f} pts vs the "
-                  f"reference {ref['accuracy']:.4f})")
+            sd = f" ± {r['accuracy_sd']:.4f}" if r.get("accuracy_sd") is not None else ""
+            print(f"{r['name']}: {r['accuracy']:.4f}{sd} over {len(r['per_seed'])} seeds "
+                  f"({100 * (r['accuracy'] - ref['accuracy']):+.1f} pts vs the reference {ref['accuracy']:.4f})")
         return
-    rows = [run(n, c, o, quick) for n, c, o in (QUICK if quick else VARIANTS)]
+    rows = [run(n, c, o, quick, seeds) for n, c, o in (QUICK if quick else VARIANTS)]
     result = {"date": time.strftime("%Y-%m-%d"), "quick": quick,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
               "setup": "MiniLM frozen (lora.layers=0, normalised mean pooling), head trained with DP-SGD on cached "
                        "sentence vectors; 5 institutions Dirichlet(0.5) unless centralized; defaults of "
                        "simulations/icd10-hospitals.yaml (full batch, 100 rounds of 1 step, FedAdam η=0.2, "
-                       "label-name prior, RDP, δ = 1/(10 n) per institution) unless the variant says otherwise",
+                       "label-name prior, clip norm 0.3, PRV accountant, δ = 1/(10 n) per institution) unless the "
+                       f"variant says otherwise; private rows: mean ± sd over noise seeds {seeds}",
               "variants": rows}
     RESULTS.mkdir(exist_ok=True)
     write(result, RESULTS / ("recipe_quick" if quick else "recipe"))

@@ -353,6 +353,37 @@ class _FakeGrid:
         return [2]
 
 
+def test_the_moving_average_is_of_what_was_published_and_survives_a_resume(flower_identity, cls_config, tmp_path):
+    """federation.ema=0.5 over three published adapters a1, a2, a3: institutions evaluate, and the run
+    saves, 0.5·(0.5·a1 + 0.5·a2) + 0.5·a3; training goes on from the plain adapter; a resumed strategy
+    continues the same average (checkpointed with the server state). Without ema, the plain adapter."""
+    cfg = cls_config("federation.ema=0.5", "federation.min_clients=1")
+    strategy = make_strategy(cfg, RunRecorder(cfg, tmp_path, "r"))
+    published = [{"a": torch.full((3,), v)} for v in (1.0, 3.0, 7.0)]
+
+    def evaluated(strategy, rnd, state):
+        (msg,) = strategy.configure_evaluate(rnd, codec.state_to_record(state), ConfigRecord(), _FakeGrid())
+        return codec.record_to_state(msg.content[codec.ARRAYS])["a"]
+
+    assert torch.equal(evaluated(strategy, 0, {"a": torch.zeros(3)}), torch.zeros(3))  # round 0: not averaged
+    assert torch.allclose(evaluated(strategy, 1, published[0]), torch.full((3,), 1.0))
+    assert torch.allclose(evaluated(strategy, 2, published[1]), torch.full((3,), 2.0))
+    (sent,) = strategy.configure_train(3, codec.state_to_record(published[1]), ConfigRecord(), _FakeGrid())
+    assert torch.equal(codec.record_to_state(sent.content[codec.ARRAYS])["a"], published[1]["a"])
+    resumed = make_strategy(cfg, RunRecorder(cfg, tmp_path, "r"))
+    resumed.load_strategy_state(strategy.strategy_state())
+    for s in (strategy, resumed):
+        assert torch.allclose(evaluated(s, 3, published[2]), torch.full((3,), 4.5))
+        assert torch.allclose(codec.record_to_state(s.published(codec.state_to_record(published[2])))["a"],
+                              torch.full((3,), 4.5))
+    plain = make_strategy(cls_config("federation.min_clients=1"), RunRecorder(cfg, tmp_path, "r"))
+    assert torch.equal(evaluated(plain, 1, published[2]), published[2]["a"])
+    from fedslm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="federation.ema"):
+        cls_config("federation.ema=1.0")
+
+
 def test_a_reused_model_in_one_process_trains_exactly_like_a_fresh_one(flower_identity, cls_config, tmp_path):
     """Simulation actors reuse the loaded base across rounds and institutions: institution 1's update
     after institution 0 trained in the same process equals its update in a fresh process."""

@@ -243,6 +243,7 @@ def validate(cfg: Config) -> None:
         _check(bool(f.partition_column), "federation.partition_column must name a column when federation.partitioner=column")
     _check(f.proximal_mu >= 0, f"federation.proximal_mu must be >= 0, got {f.proximal_mu}")
     _positive("federation.server_lr", f.server_lr)
+    _check(f.ema is None or 0.0 <= f.ema < 1.0, f"federation.ema must be in [0, 1) or null, got {f.ema}")
     _positive("federation.round_timeout", f.round_timeout)
     _positive("federation.client_cpus", f.client_cpus)
     _positive("federation.max_update_norm", f.max_update_norm, allow_none=True)

@@ -190,6 +190,11 @@ class FederationConfig:
     # FedProx proximal term and FedAdam server learning rate.
     proximal_mu: float = 0.01
     server_lr: float = 0.01
+    # Decay β of an exponential moving average of the global adapter over rounds (a post-processing of
+    # what the coordinator publishes each round: no privacy cost); the average is what institutions
+    # evaluate and what the run saves, while training continues from the plain global adapter. It
+    # damps the DP noise of the last rounds. None: no average.
+    ema: Optional[float] = None
     # Also train each institution alone under the same ε, to show what federation adds.
     compare_local: bool = False
     # Seconds the server waits for replies in a round.

@@ -359,7 +359,11 @@ class Recording:
             super().configure_train(server_round + self.offset, wire, config, grid))  # type: ignore[misc]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any):
-        wire = codec.transfer_record(arrays, self.recorder.cfg.federation.transfer_dtype)
+        # Flower calls this once a round with the published global adapter (after any client-level DP
+        # noise of a wrapper): the one place to average what was published, never what was not.
+        if self.recorder.cfg.federation.ema is not None and server_round > 0:
+            self._average(arrays)
+        wire = codec.transfer_record(self.published(arrays), self.recorder.cfg.federation.transfer_dtype)
         return self.recorder.remember(
             super().configure_evaluate(server_round + self.offset, wire, config, grid))  # type: ignore[misc]
 
@@ -385,8 +389,25 @@ class Recording:
         valid = self.recorder.on_evaluate(server_round, list(replies))
         return super().aggregate_evaluate(server_round, valid)  # type: ignore[misc]
 
-    # Server optimiser state (FedAdam's moments) so a resumed run continues it, not restarts it.
-    _STATE = ("m_t", "v_t")
+    averaged: Optional[dict[str, np.ndarray]] = None  # federation.ema: the moving average of the global adapter
+
+    def _average(self, arrays: ArrayRecord) -> None:
+        beta = float(self.recorder.cfg.federation.ema)  # type: ignore[arg-type]
+        current = {k: v.detach().double().numpy() for k, v in codec.record_to_state(arrays).items()}
+        if self.averaged is None:
+            self.averaged = current
+        else:
+            self.averaged = {k: beta * self.averaged[k] + (1.0 - beta) * current[k] for k in current}
+
+    def published(self, arrays: ArrayRecord) -> ArrayRecord:
+        """What the run shows and saves: the moving average under federation.ema, else ``arrays``."""
+        if self.recorder.cfg.federation.ema is None or self.averaged is None:
+            return arrays
+        dtypes = {k: t.dtype for k, t in codec.record_to_state(arrays).items()}
+        return codec.state_to_record({k: torch.from_numpy(self.averaged[k]).to(dtype) for k, dtype in dtypes.items()})
+
+    # Server optimiser state (FedAdam's moments, the moving average) so a resumed run continues it.
+    _STATE = ("m_t", "v_t", "averaged")
 
     def strategy_state(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -496,7 +517,7 @@ def run_server(grid: Any, cfg: Config, run_id: str) -> dict[str, Any]:
             evaluate_config=codec.request_config(config_yaml, base.fingerprint, run_id, frozen_digest(model)),
             evaluate_fn=checkpoint,
         )
-        final = codec.record_to_state(result.arrays)
+        final = codec.record_to_state(strategy.published(result.arrays))
     set_adapter_state(model, final)
     save_adapter(model, out / "adapter", adapter_meta(cfg, base.fingerprint, labels))
     model_bytes = sum(p.numel() * p.element_size() for p in base.model.parameters())

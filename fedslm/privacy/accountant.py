@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Sequence
 
+import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
 
 Step = tuple[float, float, int]
@@ -33,7 +34,8 @@ def epsilon(history: Iterable[Step], delta: float, accountant: str = "rdp") -> f
     acc.history = [(float(s), float(q), int(n)) for s, q, n in merged if q > 0]
     if not acc.history:
         return 0.0
-    return float(acc.get_epsilon(delta=delta, **accountant_kwargs(accountant)))
+    with np.errstate(divide="ignore"):  # PRV at q = 1 takes log(1 - q) = -inf on purpose (and handles it)
+        return float(acc.get_epsilon(delta=delta, **accountant_kwargs(accountant)))
 
 
 def _merge(history: Iterable[Step]) -> list[Step]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedslm.errors import ConfigError
@@ -39,6 +41,7 @@ class PrivacyPlan:
         return self.epsilon_per_round[-1]
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of its arguments; PRV takes seconds (a simulation asks every round)
 def plan(
     *,
     num_examples: int,
@@ -69,7 +72,7 @@ def plan(
     steps = local_steps * rounds
     if noise_multiplier is None:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), np.errstate(divide="ignore"):  # PRV at q = 1: log(1 - q) = -inf, handled
                 # Opacus' search starts at σ=20, where the optimal RDP order is off its grid; the
                 # ε we report is recomputed below at the chosen σ, where it is not.
                 warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
