@@ -57,6 +57,7 @@ VARIANTS = [
     ("lever: server η 0.3, ε=8", 5, ["privacy.target_epsilon=8", "federation.server_lr=0.3"]),
     ("lever: 200 rounds, ε=8", 5, ["privacy.target_epsilon=8", "federation.rounds=200"]),
     ("lever: EMA 0.9 of the global head (post-processing), ε=8", 5, ["privacy.target_epsilon=8", "federation.ema=0.9"]),
+    ("lever: server η 0.5, ε=8", 5, ["privacy.target_epsilon=8", "federation.server_lr=0.5"]),
     ("lever: server η 0.3 and a 0.9 moving average, ε=8", 5, ["privacy.target_epsilon=8", "federation.server_lr=0.3",
                                                              "federation.ema=0.9"]),
     ("lever: server η 0.5 and a 0.9 moving average, ε=8", 5, ["privacy.target_epsilon=8", "federation.server_lr=0.5",

@@ -25,6 +25,7 @@ from fedslm.coordinator.server import (
     find_checkpoint,
     make_strategies,
     make_strategy,
+    run_server,
 )
 from fedslm.simulation.simulate import simulate
 from fedslm.lora import get_adapter_state, set_adapter_state, trainable_parameters
@@ -376,6 +377,19 @@ def test_the_moving_average_is_of_what_was_published_and_survives_a_resume(flowe
         assert torch.allclose(evaluated(s, 3, published[2]), torch.full((3,), 4.5))
         assert torch.allclose(codec.record_to_state(s.published(codec.state_to_record(published[2])))["a"],
                               torch.full((3,), 4.5))
+    out = tmp_path / "finished"  # died after its last round's checkpoint, before its summary: rerun
+    done_cfg = cls_config("federation.ema=0.5", "federation.rounds=1", f"output.dir={out}")
+    node = build_node(done_cfg)
+    plain_state = {k: v + 1.0 for k, v in get_adapter_state(node.model).items()}
+    out.mkdir()
+    (out / "config.yaml").write_text(to_yaml(done_cfg))
+    RunRecorder(done_cfg, out, "run-f").checkpoint(
+        1, codec.state_to_record(plain_state), {f"averaged/{k}": v.double() - 0.25 for k, v in plain_state.items()})
+    run_server(None, done_cfg, "run-f")  # nothing left to train: no grid is asked
+    labels = next(v.shape[0] for k, v in plain_state.items() if "classifier" in k and k.endswith("weight"))
+    saved = PeftModel.from_pretrained(load_base(done_cfg.model, labels).model, str(out / "adapter"))
+    for key, value in get_adapter_state(saved).items():
+        assert torch.allclose(value, plain_state[key] - 0.25), key
     plain = make_strategy(cls_config("federation.min_clients=1"), RunRecorder(cfg, tmp_path, "r"))
     assert torch.equal(evaluated(plain, 1, published[2]), published[2]["a"])
     from fedslm.errors import ConfigError

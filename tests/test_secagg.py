@@ -561,16 +561,18 @@ def test_a_setup_is_never_repeated_for_the_same_run_and_round(flower_identity, s
     setup and nothing is charged again. ``after-a-supernode-restart``: the nodes' contexts (the
     SuperNode's memory, Flower's and fedslm's protocol state in it) are gone; the refusal comes from
     the session record beside each ledger."""
-    from fedslm.node.sessions import SessionRecord
+    from fedslm.node.policy import load_policy
+    from fedslm.node.sessions import SessionRecord, owner
 
     cfg = secure_config("privacy.noise_seed=null")
     grid = deployed_grid(cfg)
     _, _, messages, _ = _deployed_round(cfg, tmp_path, grid)
     run_id = messages[0].metadata.run_id
     for n in NODES:
-        record = SessionRecord(tmp_path / f"ledger-{n}.json")
+        policy = load_policy(grid.contexts[n].node_config["policy"])
+        record = SessionRecord(tmp_path / f"ledger-{n}.json", owner(policy))
         assert record.last_round(run_id) == 1
-        assert record.read()["runs"][str(run_id)]["signed"] == NODES
+        assert record.signed(run_id) == NODES
         assert record.path.stat().st_mode & 0o777 == 0o600
     if restart:
         for n, ctx in grid.contexts.items():
@@ -584,12 +586,16 @@ def test_a_setup_is_never_repeated_for_the_same_run_and_round(flower_identity, s
                for n in NODES)
 
 
-def test_the_session_record_refuses_a_second_list_another_round_and_an_unreadable_file(tmp_path):
+def test_the_session_record_refuses_a_second_list_another_round_and_an_unreadable_file(tmp_path, monkeypatch):
     """The record on disk by itself: forward-only setups per run, one signed list per round set up last,
-    and a damaged file stops secure aggregation instead of reading as "nothing set up yet"."""
+    per signer (two SuperNodes sharing a ledger keep their own rounds), bounded in size, and a damaged
+    file stops secure aggregation instead of reading as "nothing set up yet"."""
+    import fedslm.node.sessions as sessions
     from fedslm.node.sessions import SessionRecord, SessionRecordError
 
-    record = SessionRecord(tmp_path / "ledger.json")
+    other = SessionRecord(tmp_path / "ledger.json", "unit:other-dataset")
+    other.set_up(7, 5)
+    record = SessionRecord(tmp_path / "ledger.json", "unit:all-records")
     assert record.last_round(7) == -1
     record.set_up(7, 2)
     record.set_up(8, 1)  # another run has its own rounds
@@ -602,9 +608,16 @@ def test_the_session_record_refuses_a_second_list_another_round_and_an_unreadabl
     record.sign(7, 2, [1, 2, 3])
     record.sign(7, 2, [1, 2, 3])  # the same list again (a retried reply) is the same signature
     with pytest.raises(SessionRecordError, match="second survivor list"):
-        SessionRecord(tmp_path / "ledger.json").sign(7, 2, [1, 2, 4])
+        SessionRecord(tmp_path / "ledger.json", "unit:all-records").sign(7, 2, [1, 2, 4])
     record.set_up(7, 3)
-    assert record.read()["runs"]["7"] == {"round": 3, "signed": None}
+    assert record.last_round(7) == 3 and record.signed(7) is None and other.last_round(7) == 5
+    with pytest.raises(SessionRecordError, match="outside"):
+        record.set_up(9, 2**32)
+    monkeypatch.setattr(sessions, "MAX_RUNS", 4)  # three owner/run entries so far
+    record.set_up(9, 1)
+    record.set_up(9, 2)  # a run it holds goes on
+    with pytest.raises(SessionRecordError, match="holds 4 protocol runs"):
+        record.set_up(10, 1)
     record.path.write_text("{")
     with pytest.raises(SessionRecordError, match="unreadable"):
         record.set_up(7, 4)

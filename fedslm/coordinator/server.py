@@ -507,7 +507,8 @@ def run_server(grid: Any, cfg: Config, run_id: str) -> dict[str, Any]:
         replies = grid.send_and_receive(strategy.configure_evaluate(0, codec.state_to_record(initial), request, grid),
                                         timeout=cfg.federation.round_timeout)
         strategy.aggregate_evaluate(0, replies)
-    final = initial
+    # A run resumed after its last round (it died before writing its summary) publishes what it would have.
+    final = codec.record_to_state(strategy.published(codec.state_to_record(initial)))
     if cfg.federation.rounds > done:
         result = outer.start(
             grid=SecureAggregationGrid(grid, cfg, recorder) if cfg.federation.secure_aggregation else grid,

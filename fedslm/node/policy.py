@@ -137,7 +137,8 @@ class PolicyResources:
     # only chunks the logical batch, so what is computed does not change).
     max_physical_batch_size: int = 128
     # Records per chunk when only the head trains on cached sentence vectors (lora.layers: 0): one
-    # vector of the encoder's width a record and no model pass (65,536 × 384 floats is 100 MB).
+    # vector of the encoder's width a record and no model pass (65,536 × 384 floats is 100 MB, plus a
+    # few chunk × labels tensors; the labels are the node's own). Uncached, the model-pass cap applies.
     max_feature_batch_size: int = 65536
     # Records in one evaluation or prediction pass (train.eval_batch_size is capped to it).
     max_eval_batch_size: int = 512

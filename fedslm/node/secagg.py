@@ -100,9 +100,9 @@ def check_stage(msg: Message, context: Context) -> None:
                 raise SecureAggregationRefused(f"a setup for round {msg.metadata.group_id!r}, not a round number") from None
             # On disk beside the ledger (it outlives a SuperNode restart), before Flower's mod runs: a setup
             # that fails there is not offered again either.
-            from fedslm.node.sessions import SessionRecord
+            from fedslm.node.sessions import SessionRecord, owner
 
-            SessionRecord(full.privacy.ledger).set_up(int(msg.metadata.run_id), group)
+            SessionRecord(full.privacy.ledger, owner(full)).set_up(int(msg.metadata.run_id), group)
     elif stage == Stage.SHARE_KEYS:
         neighbours = sorted(int(k) for k in configs.keys() if k != Key.STAGE)
         if policy is not None and len(neighbours) < policy.min_cohort:
@@ -175,9 +175,10 @@ def check_survivors(msg: Message, configs: ConfigRecord, context: Context, full:
     signed = own.get(SIGNED)
     if signed is not None and [int(n) for n in signed] != survivors:
         raise SecureAggregationRefused("a second survivor list in one protocol run; this node signed another")
-    from fedslm.node.sessions import SessionRecord
+    from fedslm.node.sessions import SessionRecord, owner
 
-    SessionRecord(full.privacy.ledger).sign(int(msg.metadata.run_id), int(msg.metadata.group_id), survivors)
+    SessionRecord(full.privacy.ledger, owner(full)).sign(int(msg.metadata.run_id), int(msg.metadata.group_id),
+                                                         survivors)
     context.state.config_records[STATE] = ConfigRecord({**own, SIGNED: survivors})
 
 

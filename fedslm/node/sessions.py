@@ -35,11 +35,34 @@ def record_path(ledger: str | Path) -> Path:
     return ledger.with_name(ledger.name + ".secagg.json")
 
 
-class SessionRecord:
-    """``{"format", "runs": {run_id: {"round": last round set up, "signed": list or null}}}``, one file per node."""
+MAX_RUNS = 10_000  # protocol runs one record holds: a coordinator must not grow it (and every write) without end
+MAX_ROUND = 2**32
 
-    def __init__(self, ledger: str | Path):
+
+def owner(policy: Any) -> str:
+    """Whose record an entry is: the institution's signing identity (its public key), else its privacy unit.
+
+    Two SuperNodes may share one ledger file (different privacy units): each keeps its own rounds. What
+    must never happen twice per run and round is one *signer*'s setup and signature."""
+    sa = policy.secure_aggregation
+    if sa.identity_key:
+        from fedslm.wire import identity
+
+        return "key:" + identity.raw_public(identity.load_private(sa.identity_key).public_key()).hex()
+    return "unit:" + str(policy.privacy.unit)
+
+
+class SessionRecord:
+    """``{"format", "runs": {"<owner>|<run_id>": {"round": last round set up, "signed": list or null}}}``.
+
+    One file beside the ledger; entries keyed by :func:`owner` and Flower's run id."""
+
+    def __init__(self, ledger: str | Path, owner: str = ""):
         self.path = record_path(ledger)
+        self.owner = owner
+
+    def _key(self, run_id: int) -> str:
+        return f"{self.owner}|{int(run_id)}"
 
     def read(self) -> dict[str, Any]:
         if not self.path.exists():
@@ -54,26 +77,36 @@ class SessionRecord:
         return data
 
     def last_round(self, run_id: int) -> int:
-        entry = self.read()["runs"].get(str(int(run_id)))
+        entry = self.read()["runs"].get(self._key(run_id))
         return int(entry["round"]) if entry else -1
+
+    def signed(self, run_id: int) -> Optional[list[int]]:
+        entry = self.read()["runs"].get(self._key(run_id))
+        return None if not entry or entry["signed"] is None else [int(n) for n in entry["signed"]]
 
     def set_up(self, run_id: int, round_idx: int) -> None:
         """Record a setup for ``round_idx`` of ``run_id``; refused unless it is later than every round set up before."""
+        if not 0 <= int(round_idx) < MAX_ROUND:
+            raise SessionRecordError(f"a setup for round {round_idx}, outside [0, 2**32)")
         with locked(self.path):
             data = self.read()
-            last = data["runs"].get(str(int(run_id)))
+            last = data["runs"].get(self._key(run_id))
             if last is not None and int(round_idx) <= int(last["round"]):
                 raise SessionRecordError(f"protocol run {run_id}/{round_idx}: this node set up round {last['round']} of "
                                          "this run already; rounds only move forward (a setup is never repeated, "
                                          "not even after a restart)")
-            data["runs"][str(int(run_id))] = {"round": int(round_idx), "signed": None}
+            if last is None and len(data["runs"]) >= MAX_RUNS:
+                raise SessionRecordError(
+                    f"SecAgg+ session record {self.path} holds {MAX_RUNS} protocol runs; refusing a new one. Once no "
+                    "run it names can still be going on, move it aside (keep it with the ledger's backup)")
+            data["runs"][self._key(run_id)] = {"round": int(round_idx), "signed": None}
             write_json(self.path, data)
 
     def sign(self, run_id: int, round_idx: int, survivors: list[int]) -> None:
         """Record the survivor list signed for the round set up last; refused for another round or another list."""
         with locked(self.path):
             data = self.read()
-            entry: Optional[dict[str, Any]] = data["runs"].get(str(int(run_id)))
+            entry: Optional[dict[str, Any]] = data["runs"].get(self._key(run_id))
             if entry is None or int(entry["round"]) != int(round_idx):
                 raise SessionRecordError(f"a survivor list for {run_id}/{round_idx}, which is not the round this node "
                                          "set up last")
