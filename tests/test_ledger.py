@@ -206,3 +206,21 @@ def test_an_old_content_hash_ledger_is_refused_until_migrated_and_keeps_its_spen
     res = CliRunner().invoke(app, ["ledger", "migrate", str(path), "--unit", "all-records"])
     assert res.exit_code == 0, res.output
     assert Ledger(path).spent("all-records", 1e-5) == pytest.approx(epsilon([(1.0, 0.1, 100)], 1e-5))
+
+
+def test_ledger_show_composes_with_the_accountant_the_rounds_were_charged_with(tmp_path):
+    """A node charging with PRV enforced its cap with PRV: `fedslm ledger show` says that ε by default
+    (RDP, a looser bound of the same steps, only when asked), and names the accountant."""
+    path = tmp_path / "ledger.json"
+    ledger = Ledger(path)
+    for r in range(3):
+        ledger.reserve("all-records", (1.0, 1.0, 1), delta=1e-5, max_epsilon=50.0, num_examples=100,
+                       run="r", round=r, accountant="prv")
+    (spend,) = ledger.summary()
+    assert spend.accountant == "prv"
+    assert spend.epsilon == pytest.approx(epsilon([(1.0, 1.0, 3)], 1e-5, "prv"))
+    assert ledger.summary("rdp")[0].epsilon > spend.epsilon
+    shown = json.loads(CliRunner().invoke(app, ["ledger", "show", str(path), "--json"]).output)
+    assert shown[0]["accountant"] == "prv" and shown[0]["epsilon"] == pytest.approx(spend.epsilon)
+    rdp = json.loads(CliRunner().invoke(app, ["ledger", "show", str(path), "--json", "--accountant", "rdp"]).output)
+    assert rdp[0]["accountant"] == "rdp" and rdp[0]["epsilon"] > spend.epsilon

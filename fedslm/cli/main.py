@@ -130,7 +130,8 @@ def privacy_plan_cmd(
 @user_errors
 def ledger_show(
     path: Path = typer.Argument(..., help="The node's ledger file (privacy.ledger)."),
-    accountant: str = typer.Option("rdp", "--accountant", help="rdp or prv."),
+    accountant: Optional[str] = typer.Option(None, "--accountant", help="rdp or prv; default: the one each unit's "
+                                             "latest round was charged with."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """What this node has spent, per privacy unit, composed over every round and run."""
@@ -139,17 +140,19 @@ def ledger_show(
 
     if not path.is_file():
         raise ConfigError(f"ledger {path} does not exist (nothing spent yet, or a wrong path)")
+    if accountant not in (None, "rdp", "prv"):
+        raise ConfigError(f"--accountant must be one of rdp, prv; got {accountant!r}")
     rows = Ledger(path).summary(accountant)
     if as_json:
         print(json.dumps([{**r.__dict__, "epsilon": None if math.isinf(r.epsilon) else r.epsilon} for r in rows],
                          indent=2))
         return
     table = Table(title=f"privacy spent — {path}")
-    for col in ("privacy unit", "records", "rounds", "steps", "δ", "ε spent"):
+    for col in ("privacy unit", "records", "rounds", "steps", "δ", "ε spent", "accountant"):
         table.add_column(col, justify="left" if col == "privacy unit" else "right")
     for r in rows:
         eps = _fmt_eps(r.epsilon) + ("" if r.private else " (non-private rounds)")
-        table.add_row(r.unit, str(r.num_examples), str(r.rounds), str(r.steps), f"{r.delta:.3g}", eps)
+        table.add_row(r.unit, str(r.num_examples), str(r.rounds), str(r.steps), f"{r.delta:.3g}", eps, r.accountant)
     console.print(table)
 
 

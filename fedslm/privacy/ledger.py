@@ -52,6 +52,7 @@ class UnitSpend:
     delta: float
     epsilon: float
     private: bool
+    accountant: str = "rdp"
 
 
 def _steps(entries: list[dict[str, Any]]) -> list[Step]:
@@ -88,20 +89,24 @@ class Ledger:
     def spent(self, unit: str, delta: float, accountant: str = "rdp") -> float:
         return epsilon(self.history(unit), delta, accountant)
 
-    def summary(self, accountant: str = "rdp") -> list[UnitSpend]:
+    def summary(self, accountant: Optional[str] = None) -> list[UnitSpend]:
+        """ε per unit, composed with ``accountant``; None: the one the unit's latest round was charged with
+        (the node's own choice, so the figure matches the cap it enforced)."""
         out = []
         for unit, record in sorted(self.read()["units"].items()):
             entries = record.get("entries", [])
             delta = float(entries[-1]["delta"]) if entries else 0.0
             hist = _steps(entries)
+            used = accountant or (str(entries[-1].get("accountant", "rdp")) if entries else "rdp")
             out.append(UnitSpend(
                 unit=unit,
                 num_examples=int(record.get("num_examples", 0)),
                 rounds=len(entries),
                 steps=sum(int(e["steps"]) for e in entries),
                 delta=delta,
-                epsilon=epsilon(hist, delta, accountant) if entries else 0.0,
+                epsilon=epsilon(hist, delta, used) if entries else 0.0,
                 private=all(float(e["noise_multiplier"]) > 0 for e in entries),
+                accountant=used,
             ))
         return out
 
