@@ -41,7 +41,7 @@ PYTEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist load
 
-# All benchmarks (about two hours on 2 cores); QUICK=1: a smoke test of the same pipeline (fewer steps and
+# All benchmarks (about two and a half hours on 2 cores); QUICK=1: a smoke test of the same pipeline (fewer steps and
 # variants; about 8 minutes). Results: benchmarks/results/.
 bench: $(STAMP)
 ifeq ($(QUICK),1)
