@@ -4,8 +4,8 @@ The base is rebuilt from the adapter folder and must have the fingerprint the ad
 on (:func:`fedslm.lora.merge.load_tuned`). Records are read with the same readers as training data
 (a missing column or malformed line stops with the file and line); a record with an empty text is
 reported with its line and skipped, and the rest are labelled. Classification: each record's label
-and its probability, optionally the top k; causal LM: the greedy completion. Inference runs in
-batches, records sorted by length so that a batch pads little, and the output keeps the input's order.
+and its probability, optionally the top k; causal LM: the greedy completion (prompts left-padded).
+Inference runs in batches, records sorted by length so that a batch pads little, and the output keeps the input's order.
 """
 
 from __future__ import annotations
@@ -149,12 +149,12 @@ def predict_file(adapter: str | Path, input_path: str | Path, out: Optional[str 
                     row["top"] = [(labels[k], p) for k, p in top]
                 writer.write(row)
         else:
-            from fedslm.models.generate import generate
+            from fedslm.models.generate import generate_batch
 
-            for line, prompt in kept:
-                completion = generate(tuned.model, tuned.base.tokenizer, prompt, max_new_tokens=max_new_tokens)
+            completions = generate_batch(tuned.model, tuned.base.tokenizer, [p for _, p in kept],
+                                         max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=advanced)
+            for (line, _), completion in zip(kept, completions):
                 writer.write({"line": line, "completion": completion})
-                advanced(1)
     finally:
         writer.close()
     return PredictReport(records=len(rows), labelled=len(kept), skipped=skipped,

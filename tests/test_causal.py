@@ -112,11 +112,12 @@ def test_causal_federation_reports_perplexity_before_and_after(causal_config, ti
     assert meta["task"] == "causal_lm" and meta["model"] == str(tiny_gemma_dir)
 
 
-def test_predict_writes_each_prompts_greedy_completion(trained_adapter, tmp_path):
+def test_predict_writes_each_prompts_greedy_completion_as_one_prompt_alone_gets_it(trained_adapter, tmp_path):
     from fedslm.lora.merge import load_tuned
     from fedslm.models.generate import generate
 
-    prompts = ["fever cough rash arm code", "fever cough rash skin code"]
+    # Lengths differ, so the batch left-pads the shorter prompts: each must still get its own greedy answer.
+    prompts = ["fever cough rash arm code", "fever code", "fever cough rash skin code fever cough rash arm code"]
     source = tmp_path / "prompts.jsonl"
     source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     out = tmp_path / "completions.jsonl"
@@ -126,3 +127,42 @@ def test_predict_writes_each_prompts_greedy_completion(trained_adapter, tmp_path
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["completion"] for r in rows] == [generate(tuned.model, tuned.base.tokenizer, p, max_new_tokens=4)
                                                for p in prompts]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_the_output_layer_on_target_positions_alone_gives_the_full_logits_losses_and_gradients(
+        arch, causal_config, tiny_gemma_dir):
+    import torch.nn.functional as F
+
+    from fedslm.data.tasks import IGNORE_INDEX, get_task
+    from fedslm.train.losses import _decoder_and_head, causal_lm_losses
+    from fedslm.train.node import build_node
+
+    node = build_node(causal_config(*([f"model.name={tiny_gemma_dir}"] if arch == "gemma3" else [])))
+    model = node.model
+    model.train()
+    assert _decoder_and_head(model) is not None  # the fast path is the one under test
+    enc, task = node.train, get_task("causal_lm")
+    lengths = [len(ids) for ids in enc.input_ids]
+    indices = sorted(range(len(lengths)), key=lambda i: lengths[i])[::max(1, len(lengths) // 5)][:5]
+    assert len({lengths[i] for i in indices}) > 1  # the batch pads
+    batch = task.collate(enc, indices)
+
+    def reference(b):  # the whole vocabulary at every position, then the mean over each record's targets
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        targets = b["labels"][:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        mask = targets != IGNORE_INDEX
+        return (nll * mask).sum(1) / mask.sum(1)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # LoRA's B starts at zero: move off it so every LoRA parameter has a gradient
+        torch.nn.init.normal_(p, std=0.2)
+    fast, slow = causal_lm_losses(model, batch), reference(batch)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    for row in range(len(indices)):
+        g_fast = torch.autograd.grad(fast[row], params, retain_graph=True)
+        g_slow = torch.autograd.grad(slow[row], params, retain_graph=True)
+        for a, b in zip(g_fast, g_slow):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert any(a.abs().sum() > 0 for a in g_fast)

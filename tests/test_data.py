@@ -117,3 +117,22 @@ def test_cli_bad_data_is_one_line(tmp_path, tiny_bert_dir):
     assert res.exit_code == 2
     assert "Traceback" not in res.output
     assert f"error: {path} line 2: malformed JSON" in res.output
+
+
+def test_a_generated_answer_is_scored_by_its_code_and_the_chapter_range_that_holds_it():
+    from fedslm.data.bundled import _icd10_rows
+    from fedslm.data.codes import Chapters, read_code, score
+
+    rows = _icd10_rows()
+    chapters = Chapters.from_names(load_task_data(DataConfig(source="icd10"), "classification").labels)
+    # The reference is the table itself: every code reads as itself and its range names its own chapter.
+    assert all(read_code(f" {r['icd10_code']} ({r['chapter_desc']})") == r["icd10_code"] for r in rows)
+    assert all(chapters.of(r["icd10_code"]) == r["chapter_desc"] for r in rows)
+    for answer in ["10.1.1.1.1.", "J", "J2", "j20.6", "The code is J20.6", "J20.6.1", "JJ0", ""]:
+        assert read_code(answer) is None, answer
+    assert read_code("J20.6, acute bronchitis") == "J20.6"
+    truths = ["J20.6", "J20.6", "J20.6", "C7A.00", "QA0.0"]
+    answers = [" J20.6 (Diseases of the respiratory system (J00-J99))", " J45.909", " A09", " C50.1", " 10.1.1"]
+    s = score(answers, truths, chapters)
+    assert (s.records, s.well_formed, s.exact, s.chapter) == (5, 4, 1, 3)
+    assert s.as_dict()["exact_code"] == 0.2

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from transformers import TextStreamer
@@ -47,3 +47,34 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 48, tempera
         kwargs.update(do_sample=False)
     model.generate(**inputs, **kwargs)
     return "".join(pieces)
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 48, batch_size: int = 16,
+                   on_batch: Optional[Callable[[int], None]] = None) -> list[str]:
+    """Greedy completions of many prompts, in their order. Prompts are sorted by token length and
+    left-padded in batches of ``batch_size`` (a batch pads little, and left padding keeps every
+    prompt's last token where generation starts); ``on_batch(count)`` follows each batch."""
+    if max_new_tokens < 1:
+        raise ModelError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ModelError(f"--batch-size must be >= 1, got {batch_size}")
+    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]] if prompts else []
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = [""] * len(prompts)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True)
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, text in zip(chunk, texts):
+                out[i] = text
+            if on_batch is not None:
+                on_batch(len(chunk))
+    finally:
+        tokenizer.padding_side = side
+    return out
