@@ -7,8 +7,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.fedslm-installed
-RUN_DIR ?= runs/icd10-hospitals-$(shell date +%Y%m%d-%H%M%S)
-GEMMA_DIR ?= runs/icd10-gemma-$(shell date +%Y%m%d-%H%M%S)
+# One time stamp per make: every line of a recipe names the same run folder.
+NOW := $(shell date +%Y%m%d-%H%M%S)
+RUN_DIR ?= runs/icd10-hospitals-$(NOW)
+GEMMA_DIR ?= runs/icd10-gemma-$(NOW)
 GEMMA_STAMP := $(VENV)/.fedslm-gemma-installed
 
 .PHONY: run train test bench bench-dp bench-dp-gemma gemma install clean
@@ -71,6 +73,7 @@ $(GEMMA_STAMP): $(STAMP)
 
 gemma: $(GEMMA_STAMP)
 	$(BIN)/fedslm simulate --config simulations/icd10-gemma.yaml --out $(GEMMA_DIR)
+	$(BIN)/python benchmarks/generative.py --adapter $(GEMMA_DIR)/adapter --out $(GEMMA_DIR)
 	@echo "next: $(BIN)/fedslm generate --adapter $(GEMMA_DIR)/adapter --prompt \"ICD-10-CM description: Acute bronchitis due to rhinovirus\nCode:\""
 
 bench-dp-gemma: $(GEMMA_STAMP)

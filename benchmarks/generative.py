@@ -8,9 +8,10 @@ trains on it), and answers each prompt greedily twice, side by side in one run: 
 the code in the right chapter (by the public chapter ranges). The run's ε per institution is read
 from its summary.
 
-    python benchmarks/generative.py [--adapter runs/icd10-gemma-.../adapter] [--records 200]
+    python benchmarks/generative.py [--adapter runs/icd10-gemma-.../adapter] [--records 200] [--out DIR]
 
-Writes benchmarks/results/generative.{json,md} (`--no-save` prints only).
+Writes generative.{json,md} into benchmarks/results/ (or --out DIR; `make gemma` writes them into
+its run folder); `--no-save` prints only.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=16, help="enough for the longest code")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for generative.{json,md}")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -104,10 +106,10 @@ def main() -> int:
     md = render(result)
     print(md)
     if not args.no_save:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "generative.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / "generative.md").write_text(md)
-        print(f"wrote {RESULTS / 'generative.md'}")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "generative.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "generative.md").write_text(md)
+        print(f"wrote {args.out / 'generative.md'}")
     return 0
 
 
