@@ -70,8 +70,10 @@ def test_cached_logits_and_per_record_gradients_equal_the_uncached_models(cls_co
             torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("layers,extra", [(1, ()), (0, ()), (0, ("train.full_batch=true", "privacy.max_grad_norm=0.05"))],
-                         ids=["top-layer", "head-ghost-clipping", "head-full-batch-clipped"])
+@pytest.mark.parametrize("layers,extra", [(1, ()), (0, ()), (0, ("train.full_batch=true", "privacy.max_grad_norm=0.05")),
+                                          (0, ("train.full_batch=true", "privacy.max_grad_norm=0.05",
+                                               "lora.head_bias=false"))],
+                         ids=["top-layer", "head-ghost-clipping", "head-full-batch-clipped", "head-without-bias"])
 def test_a_dp_round_from_the_cache_is_the_uncached_round(cls_config, tmp_path, layers, extra):
     """Same seed, same batches, same clipping and noise: the adapters after one DP-SGD round agree
     (the head alone goes through fedslm.privacy.head_dpsgd, the uncached model through Opacus)."""
@@ -103,6 +105,36 @@ def test_head_only_trains_and_sends_the_classifier_alone(cls_config, tmp_path):
             assert not p.requires_grad
             if "lora_B" in name:
                 assert torch.count_nonzero(p) == 0
+
+
+def test_a_head_without_bias_keeps_it_at_zero_and_clips_the_weights_alone(cls_config, tmp_path):
+    """lora.head_bias=false: the bias is 0, untrained and unchanged by a DP round, and a record's
+    clipped gradient is |e|·|x| (no +1 for a bias): with a clip bound above every such norm but below
+    |e|·√(|x|²+1), nothing is clipped, so the update's signal is the plain sum."""
+    from fedslm.lora.prior import trainable_head
+    from fedslm.privacy.head_dpsgd import HeadDPSGD
+
+    extra = ("train.full_batch=true", "lora.head_bias=false")
+    node = _node(cls_config, 0, *extra)
+    head = trainable_head(node.model)
+    assert not head.bias.requires_grad and torch.count_nonzero(head.bias) == 0
+    feats = node.train_features
+    rows = list(range(len(feats)))
+    x = feats.batch(rows)["hidden"]
+    with torch.no_grad():
+        e = torch.softmax(head(x), -1)
+        e[torch.arange(len(e)), feats.batch(rows)["labels"]] -= 1
+    bound = float((e.norm(dim=-1) * x.norm(dim=-1)).max()) * 1.01
+    assert bound < float((e.norm(dim=-1) * (x.pow(2).sum(-1) + 1).sqrt()).max())
+    w0 = head.weight.detach().clone()
+    opt = torch.optim.SGD([head.weight], lr=1.0)
+    engine = HeadDPSGD(head, torch.nn.Identity(), feats, optimizer=opt, noise_multiplier=0.0, max_grad_norm=bound,
+                       expected_batch_size=len(rows), physical_batch_size=len(rows))
+    engine.step(rows)
+    torch.testing.assert_close(w0 - head.weight.detach(), e.T @ x / len(rows), rtol=1e-4, atol=1e-7)
+    spec = round_spec(cls_config("model.pooling=mean", "lora.layers=0", *extra))
+    train_round(node.model, node.train, spec, unit="u", ledger=Ledger(tmp_path / "l.json"), features=feats)
+    assert torch.count_nonzero(head.bias) == 0
 
 
 def test_the_cache_file_is_private_and_read_back_instead_of_recomputed(cls_config, tmp_path, monkeypatch):

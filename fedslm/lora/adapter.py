@@ -87,6 +87,14 @@ def wrap(base: nn.Module, cfg: LoraConfig, task: str, default_targets: tuple[str
         for name, p in model.named_parameters():
             if ".lora_A." in name or (cfg.layers == 0 and "lora_" in name):
                 p.requires_grad_(False)
+    if not cfg.head_bias and task == "classification":
+        # Every node builds the same zero bias, which no round changes (it still rides in the adapter,
+        # unchanged, so adapters of either setting load into one model).
+        for name, p in model.named_parameters():
+            if any(f"{h}.modules_to_save." in name for h in _HEAD_NAMES) and name.endswith(".bias"):
+                with torch.no_grad():
+                    p.zero_()
+                p.requires_grad_(False)
     return model
 
 
