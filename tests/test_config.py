@@ -60,6 +60,8 @@ def test_files_then_overrides_merge_in_order(tmp_path):
         ("data.labels=[a]", "data.labels must list at least 2 labels"),
         ("federation.rounds=0", "federation.rounds must be > 0, got 0"),
         ("model.pooling=max", "model.pooling must be one of cls, mean; got 'max'"),
+        ("model.classifier_dropout=1.0", "model.classifier_dropout must be in [0, 1), got 1.0"),
+        ("lora.head_bias=maybe", "lora.head_bias"),
         ("model.task=causal_lm model.pooling=mean", "model.pooling 'mean' applies to model.task 'classification' only"),
     ],
 )

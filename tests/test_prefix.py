@@ -137,6 +137,21 @@ def test_a_head_without_bias_keeps_it_at_zero_and_clips_the_weights_alone(cls_co
     assert torch.count_nonzero(head.bias) == 0
 
 
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_classifier_dropout_sets_what_a_training_step_drops(cls_config, p):
+    """model.classifier_dropout=0: a training forward of the head equals the evaluation forward; a
+    larger rate drops features (so the setting reaches the module the head reads through)."""
+    node = _node(cls_config, 0, f"model.classifier_dropout={p}")
+    suffix = prefix.Suffix(node.model, 0)
+    hidden = node.train_features.batch(list(range(len(node.train_features))))["hidden"]
+    suffix.eval()
+    with torch.no_grad():
+        evaluated = suffix(hidden, None)
+        suffix.train()
+        trained = suffix(hidden, None)
+    assert torch.equal(trained, evaluated) == (p == 0.0)
+
+
 def test_the_cache_file_is_private_and_read_back_instead_of_recomputed(cls_config, tmp_path, monkeypatch):
     node = _node(cls_config, 1)
     files = list((tmp_path / "cache").glob("*.pt"))

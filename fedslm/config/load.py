@@ -160,6 +160,10 @@ def validate(cfg: Config) -> None:
     _check(cfg.model.head_init == "random" or cfg.model.task == "classification",
            "model.head_init 'label-names' applies to model.task 'classification' only")
     _positive("model.head_prior_scale", cfg.model.head_prior_scale)
+    if cfg.model.classifier_dropout is not None:
+        _check(0.0 <= cfg.model.classifier_dropout < 1.0,
+               f"model.classifier_dropout must be in [0, 1), got {cfg.model.classifier_dropout}")
+        _check(cfg.model.task == "classification", "model.classifier_dropout applies to model.task 'classification' only")
     if cfg.lora.layers is not None:
         _check(isinstance(cfg.lora.layers, int) and not isinstance(cfg.lora.layers, bool) and cfg.lora.layers >= 0,
                f"lora.layers must be a whole number of top encoder layers, 0 or more (0: the head alone), got "

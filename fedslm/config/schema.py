@@ -38,6 +38,10 @@ class ModelConfig:
     # costs no privacy; the coordinator puts it in the first global adapter).
     head_init: str = "random"
     head_prior_scale: float = 10.0
+    # Dropout on a classifier head's input while training; None: the base's (MiniLM: 0.1). The DP
+    # recipe sets 0: DP noise regularises already, and a dropped feature is signal the clipped
+    # gradient paid for (benchmarks/results/recipe.md).
+    classifier_dropout: Optional[float] = None
 
 
 @dataclass

@@ -110,6 +110,12 @@ def load_base(cfg: ModelConfig, num_labels: Optional[int] = None) -> BaseModel:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     _redraw_fresh(model, sorted(info.get("missing_keys", ())), cfg.init_seed)
+    if cfg.task == "classification" and cfg.classifier_dropout is not None:
+        dropout = getattr(model, "dropout", None)  # what the head reads through (BERT family)
+        if not isinstance(dropout, nn.Dropout):
+            raise ModelError(f"model.classifier_dropout: '{model.config.model_type}' has no dropout before its "
+                             "classifier head (leave model.classifier_dropout unset)")
+        dropout.p = float(cfg.classifier_dropout)
     if cfg.task == "classification" and cfg.pooling == "mean":
         use_mean_pooling(model, cfg.normalize)
     model.eval()
