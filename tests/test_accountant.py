@@ -84,3 +84,17 @@ def test_privacy_plan_cli_table_and_bad_input():
     bad = CliRunner().invoke(app, ["privacy", "plan", "-n", "5000", "-b", "64", "-s", "10", "-r", "3", "-e", "-1"])
     assert bad.exit_code == 2
     assert "--epsilon must be > 0" in bad.output and "Traceback" not in bad.output
+
+
+def test_prv_at_high_noise_answers_without_opacus_rdp_domain_warning():
+    """ε = 1 over 100 full-batch steps needs σ ≈ 35, where the RDP bound PRV sizes its domain with peaks
+    past Opacus' default orders: a node's log must not warn about the accountant it did not choose,
+    and PRV still answers below the RDP bound of the same steps."""
+    import warnings as w
+
+    from fedslm.privacy.accountant import epsilon
+
+    with w.catch_warnings():
+        w.simplefilter("error")
+        prv = epsilon([(35.0, 1.0, 100)], 2e-5, "prv")
+    assert 0 < prv < epsilon([(35.0, 1.0, 100)], 2e-5, "rdp")

@@ -6,8 +6,9 @@ and then takes from it only what may vary within its policy:
 
 =====================  ================================================================
 taken from the request  rounds (for the noise plan), local steps, batch sizes, lr, optimizer,
-                        weight decay, train seed, LoRA shape, model preset *if the policy
-                        allows it*, max_length, pooling, head seed, label set, clip norm, a
+                        weight decay, train seed, LoRA shape (the head's bias trained or
+                        held at 0), model preset *if the policy allows it*, max_length,
+                        pooling, head seed, head dropout, label set, clip norm, a
                         fixed σ, the target ε *up to the node's cap*, secure noise (only ever
                         switched on), transfer dtype, client-side clipping, SecAgg+ settings
 decided by the node     records and their split, the privacy unit, the ledger, the ε and δ
