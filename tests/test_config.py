@@ -62,6 +62,8 @@ def test_files_then_overrides_merge_in_order(tmp_path):
         ("model.pooling=max", "model.pooling must be one of cls, mean; got 'max'"),
         ("model.classifier_dropout=1.0", "model.classifier_dropout must be in [0, 1), got 1.0"),
         ("lora.head_bias=maybe", "lora.head_bias"),
+        ("model.task=causal_lm lora.head_bias=false", "lora.head_bias: false applies to model.task 'classification'"),
+        ("model.task=causal_lm model.classifier_dropout=0", "model.classifier_dropout applies to model.task"),
         ("model.task=causal_lm model.pooling=mean", "model.pooling 'mean' applies to model.task 'classification' only"),
     ],
 )

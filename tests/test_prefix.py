@@ -149,6 +149,7 @@ def test_classifier_dropout_sets_what_a_training_step_drops(cls_config, p):
         evaluated = suffix(hidden, None)
         suffix.train()
         trained = suffix(hidden, None)
+    assert suffix.dropout.p == p
     assert torch.equal(trained, evaluated) == (p == 0.0)
 
 
@@ -325,3 +326,18 @@ def test_request_levers_for_overflow_are_bounded(cls_config):
         cls_config("train.lr=1e-20", "train.weight_decay=2e30")
     with pytest.raises(ConfigError, match="lora.alpha / lora.r must be <= 256"):
         cls_config("lora.alpha=1e30")
+
+
+def test_head_bias_false_is_refused_for_a_head_without_one_linear_bias(cls_config):
+    """lora.head_bias: false freezes the final linear head's bias; a head it cannot do that for is
+    refused naming the key, never silently left trainable (or a hidden layer's bias frozen)."""
+    from torch import nn
+
+    from fedslm.lora import wrap
+    from fedslm.models import load_base
+
+    cfg = cls_config("model.pooling=mean", "lora.layers=0", "lora.head_bias=false")
+    base = load_base(cfg.model, 3)
+    base.model.classifier = nn.Linear(base.model.classifier.in_features, 3, bias=False)
+    with pytest.raises(ConfigError, match="lora.head_bias"):
+        wrap(base.model, cfg.lora, "classification", base.target_modules, seed=0)

@@ -171,6 +171,8 @@ def validate(cfg: Config) -> None:
         _check(cfg.model.task == "classification", "lora.layers (the frozen-prefix cache) applies to model.task "
                "'classification' only")
     _check(0.0 <= cfg.train.momentum < 1.0, f"train.momentum must be in [0, 1), got {cfg.train.momentum}")
+    _check(cfg.lora.head_bias or cfg.model.task == "classification",
+           "lora.head_bias: false applies to model.task 'classification' only")
     _positive("lora.r", cfg.lora.r)
     _positive("lora.alpha", cfg.lora.alpha)
     _check(cfg.lora.alpha / max(cfg.lora.r, 1) <= 256, f"lora.alpha / lora.r must be <= 256 (LoRA's scale), got "

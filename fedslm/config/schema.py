@@ -59,7 +59,7 @@ class LoraConfig:
     # head alone. None: every layer. When set, the frozen layers below are computed once per node and
     # cached (fedslm.train.prefix), and training runs from there: most of a step's cost disappears.
     layers: Optional[int] = None
-    # Train the classifier's bias (false: it is held at 0 and never trained, noised or changed). With
+    # Train the classifier's bias (false: it starts at 0 and no node trains or noises it). With
     # unit-length features a record's head gradient is e·[x; 1], of norm |e|·√2 with the bias and |e|
     # without: the bias takes half of every clipped gradient's norm, while the features' common mean
     # direction already gives the head a bias of its own. Off, DP noise buys the weights twice the

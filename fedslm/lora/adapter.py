@@ -87,14 +87,18 @@ def wrap(base: nn.Module, cfg: LoraConfig, task: str, default_targets: tuple[str
         for name, p in model.named_parameters():
             if ".lora_A." in name or (cfg.layers == 0 and "lora_" in name):
                 p.requires_grad_(False)
-    if not cfg.head_bias and task == "classification":
-        # Every node builds the same zero bias, which no round changes (it still rides in the adapter,
-        # unchanged, so adapters of either setting load into one model).
-        for name, p in model.named_parameters():
-            if any(f"{h}.modules_to_save." in name for h in _HEAD_NAMES) and name.endswith(".bias"):
-                with torch.no_grad():
-                    p.zero_()
-                p.requires_grad_(False)
+    if not cfg.head_bias:
+        # The final linear layer's bias, built 0 on every node and never trained: a node sends back the
+        # bias it was sent (so adapters of either setting load into one model). Only the coordinator
+        # can move the global copy (client-level DP noise, SecAgg's quantisation), with no record in it.
+        heads = [m.modules_to_save["default"] for n, m in model.named_modules()
+                 if n.rsplit(".", 1)[-1] in _HEAD_NAMES and hasattr(m, "modules_to_save")]
+        if len(heads) != 1 or not isinstance(heads[0], nn.Linear) or heads[0].bias is None:
+            raise ConfigError("lora.head_bias: false needs a classifier whose head is one linear layer with a bias "
+                              "(the BERT family's); leave lora.head_bias true for this model")
+        with torch.no_grad():
+            heads[0].bias.zero_()
+        heads[0].bias.requires_grad_(False)
     return model
 
 

@@ -1,9 +1,10 @@
 """DP-SGD for a linear head on cached features, without materialising per-record gradients.
 
-With ``lora.layers: 0`` the only trainable tensors are the classifier's weight W (C × d) and bias b,
-read on a cached sentence vector x (after the head's dropout, x̃). Record i's gradient of its
-cross-entropy is the outer product e_i x̃_iᵀ (and e_i for b), e_i = softmax(W x̃_i + b) − onehot(y_i),
-so its norm is ‖e_i‖ · √(‖x̃_i‖² + 1) and the clipped sum is (c ∘ E)ᵀ X̃: one matrix product
+With ``lora.layers: 0`` the only trainable tensors are the classifier's weight W (C × d) and bias b
+(unless ``lora.head_bias: false`` holds b fixed), read on a cached sentence vector x (after the head's
+dropout, x̃). Record i's gradient of its cross-entropy is the outer product e_i x̃_iᵀ (and e_i for b),
+e_i = softmax(W x̃_i + b) − onehot(y_i), so its norm is ‖e_i‖ · √(‖x̃_i‖² + 1) with a trained bias and
+‖e_i‖ · ‖x̃_i‖ without, and the clipped sum is (c ∘ E)ᵀ X̃: one matrix product
 ("ghost clipping" for a linear layer), where Opacus would write an n × C × d tensor of per-record
 gradients first. Everything else is Opacus' DPOptimizer step, in its order and with its numbers:
 clip factor min(1, C / (‖g_i‖ + 1e-6)), Gaussian noise of std σ·C drawn per tensor in parameter
