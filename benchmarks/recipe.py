@@ -8,7 +8,7 @@ bias-corrected, τ = 10⁻³). Scored on the fixed test split (4,867 records nev
 centralized rows are one institution holding every training record. Flower's own run of the
 default scenario is `make run` (its figure is in the README); this script isolates the recipe.
 
-    python benchmarks/recipe.py            # every variant, 3 noise seeds each (about 35 min on 2 cores)
+    python benchmarks/recipe.py            # every variant, 3 noise seeds each (about 70 min on 2 cores, 9 of them the one-seed LoRA row)
     python benchmarks/recipe.py --quick    # three variants, 10 rounds
     python benchmarks/recipe.py --only lever   # some variants, printed against the saved reference
 
