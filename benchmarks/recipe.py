@@ -40,7 +40,7 @@ FEDAVG = ["federation.strategy=fedavg", "train.optimizer=adamw", "train.lr=0.2",
 # record's step then runs one transformer layer with Opacus' per-record gradients (~1,000x the head's
 # cost), so the 100 rounds sample batches of 256 instead of taking every record.
 LORA1 = ["privacy.target_epsilon=8", "lora.layers=1", "train.full_batch=false", "train.batch_size=256",
-         "train.physical_batch_size=256"]
+         "train.physical_batch_size=256", "seeds=1"]
 VARIANTS = [
     ("centralized, non-private (reference)", 1, ["privacy.enabled=false", "train.optimizer=adamw", "train.lr=0.1",
                                                   "train.local_steps=100", "federation.rounds=10",
@@ -93,7 +93,9 @@ def run(name: str, clients: int, overrides: list[str], quick: bool, seeds: list[
     # under secure aggregation with k honest contributors). The row's ε is that of the sum; each
     # institution's own release then carries ε of σ/√k (printed as "ε alone").
     shared = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("shared=")), None)
-    overrides = [o for o in overrides if not o.startswith("shared=")]
+    # "seeds=k": a costly variant trained on the first k noise seeds only.
+    seeds = seeds[:next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("seeds=")), len(seeds))]
+    overrides = [o for o in overrides if not o.startswith(("shared=", "seeds="))]
     extra = [f"federation.num_clients={clients}", f"federation.min_clients={min(clients, 3)}",
              *overrides, *(["federation.rounds=10"] if quick else [])]
     cfg = load_config([SCENARIO], overrides=extra)
@@ -124,7 +126,7 @@ def run(name: str, clients: int, overrides: list[str], quick: bool, seeds: list[
     initial = get_adapter_state(model)
     assert len(test) == len(whole.test)
     runs = [_train(cfg, model, initial, shares, test, test_f, ema, seed, shared, held)
-            for seed in (seeds if cfg.privacy.enabled and "(one seed)" not in name else seeds[:1])]
+            for seed in (seeds if cfg.privacy.enabled else seeds[:1])]
     accs = [r["accuracy"] for r in runs]
     sd = statistics.stdev(accs) if len(accs) > 1 else None
     row = {"name": name, "test_records": len(test), "institutions": clients, "overrides": extra,

@@ -61,9 +61,9 @@ class LoraConfig:
     layers: Optional[int] = None
     # Train the classifier's bias (false: it starts at 0 and no node trains or noises it). With
     # unit-length features a record's head gradient is e·[x; 1], of norm |e|·√2 with the bias and |e|
-    # without: the bias takes half of every clipped gradient's norm, while the features' common mean
-    # direction already gives the head a bias of its own. Off, DP noise buys the weights twice the
-    # signal (benchmarks/results/recipe.md).
+    # without: the bias takes half of every clipped gradient's squared norm, while the features' common
+    # mean direction already gives the head a bias of its own. Off, the weights get √2 times the
+    # clipped signal for the same noise (benchmarks/results/recipe.md).
     head_bias: bool = True
 
 

@@ -91,15 +91,27 @@ def wrap(base: nn.Module, cfg: LoraConfig, task: str, default_targets: tuple[str
         # The final linear layer's bias, built 0 on every node and never trained: a node sends back the
         # bias it was sent (so adapters of either setting load into one model). Only the coordinator
         # can move the global copy (client-level DP noise, SecAgg's quantisation), with no record in it.
-        heads = [m.modules_to_save["default"] for n, m in model.named_modules()
-                 if n.rsplit(".", 1)[-1] in _HEAD_NAMES and hasattr(m, "modules_to_save")]
-        if len(heads) != 1 or not isinstance(heads[0], nn.Linear) or heads[0].bias is None:
+        try:
+            head = trained_head(model)
+        except ConfigError as exc:
+            raise ConfigError(f"lora.head_bias: false: {exc}") from None
+        if not isinstance(head, nn.Linear) or head.bias is None:
             raise ConfigError("lora.head_bias: false needs a classifier whose head is one linear layer with a bias "
                               "(the BERT family's); leave lora.head_bias true for this model")
         with torch.no_grad():
-            heads[0].bias.zero_()
-        heads[0].bias.requires_grad_(False)
+            head.bias.zero_()
+        head.bias.requires_grad_(False)
     return model
+
+
+def trained_head(model: nn.Module) -> nn.Module:
+    """The classifier head's trained copy (PEFT's modules_to_save): what the adapter carries of it."""
+    heads = [m.modules_to_save["default"] for n, m in model.named_modules()
+             if n.rsplit(".", 1)[-1] in _HEAD_NAMES and hasattr(m, "modules_to_save")]
+    if len(heads) != 1:
+        raise ConfigError(f"needs one trained classifier head ({' or '.join(_HEAD_NAMES)}), this model has "
+                          f"{len(heads)}")
+    return heads[0]
 
 
 def _frozen_lora_keys(model: PeftModel) -> set[str]:

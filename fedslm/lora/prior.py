@@ -22,12 +22,11 @@ from fedslm.errors import ConfigError
 
 
 def trainable_head(model: nn.Module) -> nn.Linear:
-    from fedslm.train.prefix import _parts
+    from fedslm.lora.adapter import trained_head
 
-    classifier = _parts(model)[2]
-    head = classifier.modules_to_save["default"] if hasattr(classifier, "modules_to_save") else classifier
+    head = trained_head(model)
     if not isinstance(head, nn.Linear):
-        raise ConfigError("model.head_init 'label-names' needs a linear classifier head")
+        raise ConfigError(f"needs a linear classifier head, this model's is a {type(head).__name__}")
     return head
 
 
