@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = ROOT / "simulations" / "icd10-hospitals.yaml"
 
 FEDSGD = []  # the scenario itself
+DISTRIBUTED = "federated FedSGD + FedAdam, distributed DP under SecAgg+ (Skellam on the lattice)"
 FEDAVG = ["federation.strategy=fedavg", "train.optimizer=adamw", "train.lr=0.2", "train.local_steps=10",
           "federation.rounds=20"]
 # LoRA (query, value) on the top encoder layer over the cached input of that layer, beside the head: a
@@ -68,10 +69,15 @@ VARIANTS = [
         "privacy.target_epsilon=8", "train.full_batch=false", "train.batch_size=256"]),
     ("lever: LoRA r=8 on the top layer too (lora.layers=1), Poisson batches of 256, ε=8 (one seed)", 5, LORA1),
     ("lever: FedAvg of local Adam models (10 steps × 20 rounds), ε=8", 5, ["privacy.target_epsilon=8", *FEDAVG]),
-    ("projection, not built: distributed DP, each node σ/√5, ε=8 of the sum", 5, ["privacy.target_epsilon=8",
-                                                                                  "shared=5"]),
-    ("projection, not built: distributed DP, each node σ/√5, ε=1 of the sum", 5, ["privacy.target_epsilon=1",
-                                                                                  "shared=5"]),
+    # Distributed DP under SecAgg+ (federation.secagg.distributed_noise): each institution rounds its clipped
+    # gradient sum onto SecAgg+'s integer lattice and adds 1/h of the Skellam noise the sum needs for its ε,
+    # counting on h honest contributors; the coordinator unmasks and decodes ΣK exactly as here
+    # (tests/test_secagg.py checks the real protocol delivers that sum). The ε is the sum's (RDP; Skellam).
+    (f"{DISTRIBUTED}, each counting on 5 honest, ε=8 of the sum", 5, ["privacy.target_epsilon=8", "distributed=5"]),
+    (f"{DISTRIBUTED}, each counting on 5 honest, ε=3 of the sum", 5, ["privacy.target_epsilon=3", "distributed=5"]),
+    (f"{DISTRIBUTED}, each counting on 5 honest, ε=1 of the sum", 5, ["privacy.target_epsilon=1", "distributed=5"]),
+    (f"{DISTRIBUTED}, each counting on 3 honest, ε=8 of the sum", 5, ["privacy.target_epsilon=8", "distributed=3"]),
+    (f"{DISTRIBUTED}, each trusting no one (honest 1), ε=8", 5, ["privacy.target_epsilon=8", "distributed=1"]),
 ]
 QUICK = [VARIANTS[0], VARIANTS[3], VARIANTS[5]]
 
@@ -88,14 +94,13 @@ def run(name: str, clients: int, overrides: list[str], quick: bool, seeds: list[
     from fedslm.models import load_base
     from fedslm.train import prefix
 
-    # "shared=k": a projection of distributed DP, which fedslm does not build: each institution adds
-    # σ/√k of the σ its plan calibrates, so the sum of k institutions' noise is one institution's σ (as
-    # under secure aggregation with k honest contributors). The row's ε is that of the sum; each
-    # institution's own release then carries ε of σ/√k (printed as "ε alone").
-    shared = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("shared=")), None)
+    # "distributed=h": distributed noise under SecAgg+ (fedslm.privacy.distributed), each institution counting
+    # on h honest contributors. The row's ε is that of the sum; each institution's own noise alone carries
+    # more (printed as "each node alone").
+    shared = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("distributed=")), None)
     # "seeds=k": a costly variant trained on the first k noise seeds only.
     seeds = seeds[:next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("seeds=")), len(seeds))]
-    overrides = [o for o in overrides if not o.startswith(("shared=", "seeds="))]
+    overrides = [o for o in overrides if not o.startswith(("distributed=", "seeds="))]
     extra = [f"federation.num_clients={clients}", f"federation.min_clients={min(clients, 3)}",
              *overrides, *(["federation.rounds=10"] if quick else [])]
     cfg = load_config([SCENARIO], overrides=extra)
@@ -135,7 +140,7 @@ def run(name: str, clients: int, overrides: list[str], quick: bool, seeds: list[
            "worst_institution": statistics.fmean(r["worst_institution"] for r in runs) if held else None,
            "epsilon": max(r["epsilon"] for r in runs) if cfg.privacy.enabled else None,
            "rounds": cfg.federation.rounds, "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
-           "features_seconds": features_s}
+           "features_seconds": features_s, "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(row), flush=True)
     return row
 
@@ -155,25 +160,25 @@ def _train(cfg, model, initial, shares, test, test_f, ema, seed, shared=None, he
     # Each institution its own noise stream, as in a simulation (fedslm.node.plan salts the seed so).
     specs = [dataclasses.replace(spec, dp=dataclasses.replace(spec.dp, seed_salt=f"institution-{i}"))
              for i in range(len(shares))]
-    alone = None
+    lattice = None
     if shared is not None:
-        from fedslm.privacy.accountant import epsilon
-        from fedslm.privacy.calibration import plan
+        from fedslm.privacy.distributed import Lattice, decoded_update
+        from fedslm.wire.secagg import quantization_range
 
-        plans = [plan(num_examples=len(f), batch_size=len(f), local_steps=spec.local_steps,
-                      rounds=cfg.federation.rounds, target_epsilon=spec.dp.target_epsilon,
-                      accountant=spec.dp.accountant) for f in shares]
-        specs = [dataclasses.replace(s, dp=dataclasses.replace(s.dp, noise_multiplier=pl.noise_multiplier / math.sqrt(shared),
-                                                               max_epsilon=math.inf)) for s, pl in zip(specs, plans)]
-        alone = max(epsilon([(pl.noise_multiplier / math.sqrt(shared), 1.0, spec.local_steps * cfg.federation.rounds)],
-                            pl.delta, spec.dp.accountant) for pl in plans)
+        sa = cfg.federation.secagg
+        lattice = Lattice(bits=sa.lattice_bits, honest=shared, max_epsilon_alone=math.inf,
+                          levels=quantization_range(dataclasses.replace(
+                              cfg, federation=dataclasses.replace(cfg.federation, num_clients=len(shares)))),
+                          clipping_range=sa.clipping_range)
+        specs = [dataclasses.replace(s, dp=dataclasses.replace(s.dp, lattice=lattice)) for s in specs]
+    alone = []
     ledgers = tempfile.mkdtemp(prefix="fedslm-recipe-")
     m = {k: torch.zeros_like(v) for k, v in glob.items()}
     v = {k: torch.zeros_like(t) for k, t in glob.items()}
     eps = []
     started = time.perf_counter()
     for r in range(1, cfg.federation.rounds + 1):
-        states, weights = [], []
+        states, weights, sums = [], [], []
         for i, feats in enumerate(shares):
             set_adapter_state(model, glob)
             res = train_round(model, None, specs[i], unit="all-records", ledger=Ledger(Path(ledgers) / f"{i}.json"),
@@ -181,7 +186,15 @@ def _train(cfg, model, initial, shares, test, test_f, ema, seed, shared=None, he
             states.append(get_adapter_state(model))
             weights.append(len(feats))
             eps.append(res.epsilon)
-        avg = {k: sum(s[k] * w for s, w in zip(states, weights)) / sum(weights) for k in glob}
+            if lattice is not None:
+                sums.append(res.lattice)
+                alone.append(res.epsilon_alone)
+        if lattice is None:
+            avg = {k: sum(s[k] * w for s, w in zip(states, weights)) / sum(weights) for k in glob}
+        else:  # what the coordinator decodes from the unmasked ΣK; untrained tensors stay as they were
+            avg = {k: glob[k] + torch.from_numpy(decoded_update(
+                sum(s[k] for s in sums).numpy(), lattice, max_grad_norm=cfg.privacy.max_grad_norm, lr=cfg.train.lr,
+                num_examples=sum(weights))).to(glob[k].dtype) if k in sums[0] else glob[k] for k in glob}
         if cfg.federation.strategy == "fedadam":  # Flower's FedAdam: β = (0.9, 0.99), τ = 1e-3, bias-corrected
             eta = cfg.federation.server_lr * math.sqrt(1 - 0.99 ** (r + 1)) / (1 - 0.9 ** (r + 1))
             for k in glob:
@@ -200,15 +213,17 @@ def _train(cfg, model, initial, shares, test, test_f, ema, seed, shared=None, he
     print(f"  seed {seed}: {ev['accuracy']:.4f}" + (f" (worst institution {min(own):.4f})" if own else ""), flush=True)
     return {"seed": seed, "accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"],
             "institutions": own, "worst_institution": min(own) if own else None,
-            "epsilon": (spec.dp.target_epsilon if shared else max(eps)) if cfg.privacy.enabled else None,
-            "epsilon_alone": alone, "train_seconds": time.perf_counter() - started}
+            "epsilon": max(eps) if cfg.privacy.enabled else None,
+            "epsilon_alone": max(alone) if alone else None, "train_seconds": time.perf_counter() - started}
 
 
 def write(result: dict, stem: Path) -> None:
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     rows = result["variants"]
     ref = rows[0]["accuracy"]
-    lines = [f"Measured {result['date']} on {result['machine']}; {result['setup']}", "",
+    dates = sorted({r.get("date", result["date"]) for r in rows})
+    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]} (each row's date in recipe.json)"
+    lines = [f"Measured {when} on {result['machine']}; {result['setup']}", "",
              "| variant | ε | fixed-test accuracy (mean ± sd over seeds) | macro-F1 | worst institution (own held-out) "
              "| vs reference | rounds | train wall |",
              "|---|---|---|---|---|---|---|---|"]
@@ -222,8 +237,12 @@ def write(result: dict, stem: Path) -> None:
         lines.append(f"| {r['name']} | {eps} | {r['accuracy']:.4f}{sd} | {r['macro_f1']:.4f} | {worst} | "
                      f"{100 * (r['accuracy'] - ref):+.1f} pts | {r['rounds']} | {r['train_seconds']:.0f} s |")
     lines += ["", "Targets (issue 15), against the reference: federated DP ε=8 within 2 points, ε=3 within 4, ε=1 within 6."]
-    for suffix, gap in (("DP ε=8 (make run)", 2.0), ("DP ε=3", 4.0), ("DP ε=1", 6.0)):
-        r = next((x for x in rows if x["name"] == f"federated FedSGD + FedAdam, {suffix}"), None)
+    targets = [(f"federated FedSGD + FedAdam, {s}", g) for s, g in (("DP ε=8 (make run)", 2.0), ("DP ε=3", 4.0),
+                                                                    ("DP ε=1", 6.0))]
+    targets += [(f"{DISTRIBUTED}, each counting on 5 honest, ε={e} of the sum", g) for e, g in ((8, 2.0), (3, 4.0),
+                                                                                               (1, 6.0))]
+    for name, gap in targets:
+        r = next((x for x in rows if x["name"] == name), None)
         if r is not None and not result["quick"]:
             d = 100 * (ref - r["accuracy"])
             lines.append(f"- {r['name']}: {d:.1f} points below (target ≤ {gap:g}): {'met' if d <= gap else 'not met'}")
@@ -245,6 +264,18 @@ def write(result: dict, stem: Path) -> None:
     plt.close(fig)
 
 
+def _merge(result: dict, rows: list[dict], stem: Path) -> None:
+    """The saved study with ``rows`` in it: by name, in VARIANTS' order; saved rows of variants that no longer
+    exist are dropped. Each row keeps the date it was measured."""
+    for r in result["variants"]:
+        r.setdefault("date", result["date"])
+    by_name = {r["name"]: r for r in result["variants"]}
+    by_name.update({r["name"]: r for r in rows})
+    result["variants"] = [by_name[n] for n, _, _ in VARIANTS if n in by_name]
+    result["date"] = max(r["date"] for r in result["variants"])
+    write(result, stem)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -252,6 +283,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="noise seeds per private variant (0, 1, ...; default 3)")
     ap.add_argument("--only", metavar="TEXT", help="run only the variants whose name contains TEXT and print them "
                     "against the saved reference (results/recipe.json); writes nothing")
+    ap.add_argument("--merge", action="store_true", help="with --only: put the rows into results/recipe.json "
+                    "(replacing rows of the same name, each row dated) and rewrite its .md and .png")
     args = ap.parse_args()
     quick = args.quick or os.environ.get("QUICK") == "1"
     stem = RESULTS / ("recipe_quick" if quick else "recipe")
@@ -267,6 +300,8 @@ def main() -> None:
         saved = RESULTS / "recipe.json"
         ref = json.loads(saved.read_text())["variants"][0] if saved.exists() else run(*VARIANTS[0], quick, seeds)
         rows = [run(n, c, o, quick, seeds) for n, c, o in picked]
+        if args.merge and not quick:
+            _merge(json.loads(saved.read_text()), rows, saved.with_suffix(""))
         for r in rows:
             sd = f" ± {r['accuracy_sd']:.4f}" if r.get("accuracy_sd") is not None else ""
             print(f"{r['name']}: {r['accuracy']:.4f}{sd} over {len(r['per_seed'])} seeds "

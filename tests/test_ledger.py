@@ -224,3 +224,63 @@ def test_ledger_show_composes_with_the_accountant_the_rounds_were_charged_with(t
     assert shown[0]["accountant"] == "prv" and shown[0]["epsilon"] == pytest.approx(spend.epsilon)
     rdp = json.loads(CliRunner().invoke(app, ["ledger", "show", str(path), "--json", "--accountant", "rdp"]).output)
     assert rdp[0]["accountant"] == "rdp" and rdp[0]["epsilon"] > spend.epsilon
+
+
+# -- distributed-noise (Skellam) rounds ------------------------------------------------------------
+
+SHARE = {"mu": 4.0e8, "honest": 5, "l1": 8448 ** 0.5 * 2 ** 13 + 8448, "l2": 2 ** 13 + 8448 ** 0.5}
+
+
+def test_a_distributed_round_is_charged_for_the_sum_as_assumed_and_for_the_nodes_noise_alone(tmp_path):
+    from fedslm.privacy import skellam
+
+    ledger = Ledger(tmp_path / "l.json")
+    for r in range(3):
+        ledger.reserve("u", (0.4, 1.0, 1), delta=1e-6, max_epsilon=100, num_examples=50, round=r, skellam=SHARE,
+                       max_epsilon_alone=100)
+    sum_ = skellam.epsilon([(5 * SHARE["mu"], SHARE["l1"], SHARE["l2"], 3)], 1e-6)
+    alone = skellam.epsilon([(SHARE["mu"], SHARE["l1"], SHARE["l2"], 3)], 1e-6)
+    assert ledger.spent("u", 1e-6) == pytest.approx(sum_, rel=1e-12)
+    assert ledger.spent("u", 1e-6, alone=True) == pytest.approx(alone, rel=1e-12)
+    assert alone > 1.8 * sum_  # a fifth of the variance: about √5 times the ε
+    (row,) = ledger.summary()
+    assert row.epsilon == pytest.approx(sum_) and row.epsilon_alone == pytest.approx(alone)
+    out = CliRunner().invoke(app, ["ledger", "show", str(ledger.path)])
+    assert f"{alone:.3f}" in out.output and f"{sum_:.3f}" in out.output
+    (shown,) = json.loads(CliRunner().invoke(app, ["ledger", "show", str(ledger.path), "--json"]).output)
+    assert shown["epsilon_alone"] == pytest.approx(alone)
+
+
+def test_both_caps_refuse_a_distributed_round_and_write_nothing(tmp_path):
+    from fedslm.privacy import skellam
+
+    ledger = Ledger(tmp_path / "l.json")
+    one_sum = skellam.epsilon([(5 * SHARE["mu"], SHARE["l1"], SHARE["l2"], 1)], 1e-6)
+    one_alone = skellam.epsilon([(SHARE["mu"], SHARE["l1"], SHARE["l2"], 1)], 1e-6)
+    with pytest.raises(BudgetExceededError, match="own noise alone, past this node's cap max_epsilon_alone"):
+        ledger.reserve("u", (0.4, 1.0, 1), delta=1e-6, max_epsilon=100, num_examples=50, skellam=SHARE,
+                       max_epsilon_alone=one_alone * 0.99)
+    with pytest.raises(BudgetExceededError, match="max_epsilon="):
+        ledger.reserve("u", (0.4, 1.0, 1), delta=1e-6, max_epsilon=one_sum * 0.99, num_examples=50, skellam=SHARE,
+                       max_epsilon_alone=100)
+    assert ledger.entries("u") == []
+    ledger.reserve("u", (0.4, 1.0, 1), delta=1e-6, max_epsilon=one_sum * 1.01, num_examples=50, skellam=SHARE,
+                   max_epsilon_alone=one_alone * 1.01)
+    assert len(ledger.entries("u")) == 1
+
+
+def test_gaussian_and_distributed_rounds_of_one_unit_compose_together(tmp_path):
+    from fedslm.privacy import skellam
+
+    ledger = Ledger(tmp_path / "l.json")
+    ledger.reserve("u", (1.0, 0.1, 50), delta=1e-6, max_epsilon=100, num_examples=50)
+    gaussian_only = ledger.spent("u", 1e-6)
+    ledger.reserve("u", (0.4, 1.0, 1), delta=1e-6, max_epsilon=100, num_examples=50, skellam=SHARE)
+    both = ledger.spent("u", 1e-6)
+    sum_only = skellam.epsilon([(5 * SHARE["mu"], SHARE["l1"], SHARE["l2"], 1)], 1e-6)
+    expected = skellam.epsilon([(5 * SHARE["mu"], SHARE["l1"], SHARE["l2"], 1)], 1e-6,
+                               extra_rdp=skellam.gaussian_rdp(1.0, 0.1, 50))
+    assert both == pytest.approx(expected, rel=1e-12)
+    assert both > max(gaussian_only, sum_only)
+    # The Gaussian history alone is still Opacus' figure (the DP-SGD rounds are not re-read as Skellam).
+    assert ledger.history("u") == [(1.0, 0.1, 50)]

@@ -10,6 +10,7 @@ release files, which is the obviously correct reference for the average.
 from __future__ import annotations
 
 import copy
+import math
 import json
 import uuid
 from pathlib import Path
@@ -107,7 +108,10 @@ class NodesInProcess:
 def _train_messages(cfg, grid, strategy):
     node = build_node(cfg)
     initial = get_adapter_state(node.model)
-    config = ConfigRecord(dict(codec.request_config(to_yaml(cfg), node.base.fingerprint, "run-s")))
+    from fedslm.lora.adapter import frozen_digest
+
+    config = ConfigRecord(dict(codec.request_config(to_yaml(cfg), node.base.fingerprint, "run-s",
+                                                    frozen_digest(node.model))))
     return initial, list(strategy.configure_train(1, codec.state_to_record(initial), config, grid))
 
 
@@ -855,3 +859,60 @@ def test_a_masked_release_is_never_sent_twice(flower_identity, secure_config, tm
     (reply,) = grid.send_and_receive(plain)  # the same run, round and adapter, outside the protocol
     assert reply.has_error() and reply.error.reason == public_reason("refused-by-policy")
     assert entries(NODES[0]) == [1]
+
+
+# -- distributed noise (fedslm.privacy.distributed) ------------------------------------------------
+
+DISTRIBUTED = ("lora.layers=0", "lora.head_bias=false", "train.full_batch=true", "train.local_steps=1",
+               "train.optimizer=sgd", "train.lr=5", "privacy.max_grad_norm=0.5", "privacy.target_epsilon=4",
+               "federation.secagg.distributed_noise=true", "privacy.distributed.honest=3")
+
+
+def test_distributed_noise_sums_the_nodes_lattice_vectors_exactly_and_charges_the_sum_and_each_alone(
+        flower_identity, secure_config, tmp_path, monkeypatch):
+    from fedslm.privacy import distributed
+
+    cfg = secure_config(*DISTRIBUTED)
+    totals = []
+    real = distributed.from_wire
+    monkeypatch.setattr(distributed, "from_wire", lambda *a, **k: totals.append(real(*a, **k)) or totals[-1])
+    grid, recorder, initial, average, replies = _secure_round(cfg, tmp_path)
+    released = [_released(tmp_path, n, initial) for n in NODES]
+    lattice = distributed.Lattice(bits=cfg.federation.secagg.lattice_bits, honest=1, max_epsilon_alone=1.0,
+                                  levels=wire_secagg.quantization_range(cfg),
+                                  clipping_range=cfg.federation.secagg.clipping_range)
+    gamma, lr = lattice.scale(cfg.privacy.max_grad_norm), cfg.train.lr
+    (key,) = [k for k in initial if not torch.equal(released[0][0][k], initial[k])]  # the head's weight alone moved
+    # Each node's integer vector K, read back from the state it kept: state = global - lr K / (γ n).
+    ks = [torch.round((initial[key].double() - s[key].double()) * gamma * m["num-examples"] / lr).long()
+          for s, m in released]
+    # SecAgg+ delivered ΣK exactly; the frozen bias (no data in it, no noise) sums to exactly 0.
+    names = list(initial)
+    assert len(totals) == len(names) and np.array_equal(totals[names.index(key)], sum(ks).numpy())
+    assert all(not t.any() for i, t in enumerate(totals) if names[i] != key)
+    n = sum(m["num-examples"] for _, m in released)
+    expected = initial[key].double() - lr * sum(ks).double() / (gamma * n)
+    assert torch.allclose(average[key].double(), expected, rtol=0, atol=1e-6)
+    assert float((expected - initial[key].double()).abs().max()) > 1e-3  # it moved
+    sent = {int(r.content[codec.METRICS]["institution"]): r.content[codec.METRICS] for r in replies}
+    for node in NODES:
+        metrics = sent[NODES.index(node)]
+        (entry,) = _ledger(tmp_path, node).entries("all-records")
+        assert entry["mechanism"] == "skellam" and entry["honest"] == 3 and entry["l2"] > 2 ** 13
+        # The share: a third of the sum's variance, so ε of this node's noise alone is well above the sum's.
+        assert metrics["epsilon"] <= 4 + 1e-6 < metrics["epsilon-alone"]
+        spread = float((ks[NODES.index(node)] - torch.round(ks[NODES.index(node)].double().mean())).double().std())
+        assert spread > 0.5 * math.sqrt(entry["mu"])  # the noise is there, at about its planned size
+
+
+def test_distributed_noise_is_refused_outside_the_head_only_full_batch_recipe(secure_config):
+    with pytest.raises(ConfigError, match="lora.layers=0, train.full_batch=true"):
+        secure_config(*DISTRIBUTED, "train.local_steps=2")
+    with pytest.raises(ConfigError, match="train.optimizer=sgd"):
+        secure_config(*DISTRIBUTED, "train.optimizer=adamw")
+    with pytest.raises(ConfigError, match="clipping_range must be a power of two"):
+        secure_config(*DISTRIBUTED, "federation.secagg.clipping_range=0.3")
+    with pytest.raises(ConfigError, match="privacy.distributed.honest=4"):
+        secure_config(*DISTRIBUTED, "privacy.distributed.honest=4")
+    with pytest.raises(ConfigError, match="secure_aggregation=true"):
+        secure_config(*DISTRIBUTED, "federation.secure_aggregation=false")

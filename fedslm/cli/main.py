@@ -148,11 +148,19 @@ def ledger_show(
                          indent=2))
         return
     table = Table(title=f"privacy spent — {path}")
-    for col in ("privacy unit", "records", "rounds", "steps", "δ", "ε spent", "accountant"):
+    distributed = any(r.epsilon_alone is not None for r in rows)
+    cols = ["privacy unit", "records", "rounds", "steps", "δ", "ε spent", "accountant"]
+    if distributed:  # distributed-noise rounds: ε of the secure sum as assumed, and of this node's noise alone
+        cols[5] = "ε spent (sums as assumed)"
+        cols.insert(6, "ε of own noise alone")
+    for col in cols:
         table.add_column(col, justify="left" if col == "privacy unit" else "right")
     for r in rows:
         eps = _fmt_eps(r.epsilon) + ("" if r.private else " (non-private rounds)")
-        table.add_row(r.unit, str(r.num_examples), str(r.rounds), str(r.steps), f"{r.delta:.3g}", eps, r.accountant)
+        cells = [r.unit, str(r.num_examples), str(r.rounds), str(r.steps), f"{r.delta:.3g}", eps, r.accountant]
+        if distributed:
+            cells.insert(6, "—" if r.epsilon_alone is None else _fmt_eps(r.epsilon_alone))
+        table.add_row(*cells)
     console.print(table)
 
 

@@ -276,6 +276,33 @@ def validate(cfg: Config) -> None:
         _check(not (cl.enabled and cl.clipping == "server"),
                "federation.secure_aggregation hides each institution's update from the coordinator, so it cannot "
                "clip them: set privacy.client_level.clipping=client")
+    dist = p.distributed
+    _check(dist.honest >= 1, f"privacy.distributed.honest must be >= 1, got {dist.honest}")
+    _positive("privacy.distributed.max_epsilon_alone", dist.max_epsilon_alone, allow_none=True)
+    if sa.distributed_noise:
+        _check(f.secure_aggregation, "federation.secagg.distributed_noise needs federation.secure_aggregation=true "
+                                     "(only the secure sum carries every node's share of the noise)")
+        _check(p.enabled, "federation.secagg.distributed_noise is DP noise: it needs privacy.enabled=true")
+        _check(dist.honest <= f.min_clients,
+               f"privacy.distributed.honest={dist.honest} counts on more contributors than federation.min_clients="
+               f"{f.min_clients} guarantees")
+        _check(cfg.lora.layers == 0 and cfg.train.full_batch and cfg.train.local_steps == 1,
+               "federation.secagg.distributed_noise releases one noised full-batch sum of the head's gradients a "
+               "round: it needs lora.layers=0, train.full_batch=true and train.local_steps=1")
+        _check(cfg.train.optimizer == "sgd" and cfg.train.momentum == 0 and cfg.train.weight_decay == 0,
+               "federation.secagg.distributed_noise: the coordinator steps by -lr x the decoded sum, which is a node's "
+               "step only with train.optimizer=sgd, train.momentum=0 and train.weight_decay=0")
+        _check(not cl.enabled, "federation.secagg.distributed_noise and privacy.client_level are two noise schemes; "
+                               "pick one")
+        _check(p.noise_multiplier is None, "federation.secagg.distributed_noise calibrates its own noise: leave "
+                                           "privacy.noise_multiplier unset")
+        _check(not p.secure_mode, "federation.secagg.distributed_noise draws Skellam noise from torch's generator; "
+                                  "privacy.secure_mode has no Poisson sampler on the OS CSPRNG")
+        _check(1 <= sa.lattice_bits <= 24, f"federation.secagg.lattice_bits must be in [1, 24], got {sa.lattice_bits}")
+        from fedslm.privacy.distributed import check_wire
+        from fedslm.wire.secagg import quantization_range
+
+        check_wire(quantization_range(cfg), sa.clipping_range)
     _check(bool(cfg.output.dir.strip()), "output.dir must be a folder path, got ''")
     unknown = [t for t in cfg.output.tracking if t not in ("mlflow", "tensorboard")]
     _check(not unknown, f"output.tracking lists {unknown}; it takes mlflow and/or tensorboard")

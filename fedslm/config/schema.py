@@ -86,6 +86,19 @@ class DataConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """A node's trust under distributed noise (federation.secagg.distributed_noise). In simulation the
+    scenario stands for every node; a deployed node's policy decides (privacy.assume_honest there)."""
+
+    # Contributors to the secure sum whose noise share a node counts on, itself included; 1 trusts no
+    # one (each node adds all the noise for its ε itself).
+    honest: int = 1
+    # Cap on the ε of a node's own noise alone (were no one else to add any); None: no cap beyond
+    # privacy.max_epsilon (which caps the ε of the sum).
+    max_epsilon_alone: Optional[float] = None
+
+
+@dataclass
 class ClientLevelConfig:
     """Client-level DP at aggregation, with Flower's DP strategy wrappers: each institution's update
     is clipped to a norm bound (L2, from the global adapter), the plain average is taken, and
@@ -136,6 +149,7 @@ class PrivacyConfig:
     # share it.
     noise_seed: Optional[int] = None
     client_level: ClientLevelConfig = field(default_factory=ClientLevelConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 @dataclass
@@ -179,6 +193,13 @@ class SecAggConfig:
     quantization_range: Optional[int] = None
     # Largest weight (training records) an institution's update carries; larger ones count as this.
     max_weight: float = 100000.0
+    # Distributed DP (fedslm.privacy.distributed): each node adds its share of integer (Skellam) noise to
+    # its gradient sum on the protocol's lattice, so the unmasked sum carries one sum's noise for the ε
+    # of the sum; how much each adds is the node's trust (privacy.distributed). Head-only full batch only.
+    distributed_noise: bool = False
+    # Under distributed_noise: the clip norm spans 2**lattice_bits lattice units (more bits: less rounding
+    # noise; every node's records × 2**bits must fit in ±quantization_range / 2).
+    lattice_bits: int = 13
 
 
 @dataclass

@@ -267,6 +267,8 @@ class SecureAggregationGrid:
         if with_bit:  # the mean of the nodes' bits, each scaled to half the range: how many were clipped
             share = float(np.asarray(plan.average.pop()).ravel()[0]) / (float(self.cfg.federation.secagg.clipping_range) / 2)
             clipped_count = int(min(max(round(share * len(plan.contributors)), 0), len(plan.contributors)))
+        if self.cfg.federation.secagg.distributed_noise:
+            plan.average = self._decoded(plan, stage_grid, server_round)
         average = ArrayRecord({k: _array(g + u) for k, g, u in zip(names, globals_, plan.average)})  # type: ignore[arg-type]
         # One out-of-range update spoils the sum, and no one can say whose it was: stop, do not publish it.
         bound = self.cfg.federation.max_update_norm or default_max_update_norm(self.cfg, numel)
@@ -289,6 +291,30 @@ class SecureAggregationGrid:
             reply.content = RecordDict({codec.ARRAYS: average, codec.METRICS: MetricRecord(metrics)})
             replies.append(reply)
         return replies
+
+
+    def _decoded(self, plan: _Round, stage_grid: _StageGrid, server_round: int) -> list[np.ndarray]:
+        """Under distributed noise the unmasked mean is ΣK·(2R/T) / count: back to ΣK, then the federation's
+        full-batch step -lr·ΣK / (γ·N), N the contributors' training records (fedslm.privacy.distributed)."""
+        import math
+
+        from fedslm.privacy.distributed import Lattice, decoded_update, from_wire
+
+        sa = self.cfg.federation.secagg
+        lattice = Lattice(bits=sa.lattice_bits, honest=1, max_epsilon_alone=math.inf,
+                          levels=quantization_range(self.cfg), clipping_range=float(sa.clipping_range))
+        records = 0
+        for node in plan.contributors:
+            reply = stage_grid.collected[node]
+            metrics = reply.content[codec.METRICS] if codec.METRICS in reply.content else {}
+            value = metrics.get("num-examples")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 1 <= value < 2**40:
+                self.recorder.stop(server_round, "train", f"distributed noise: node {node} reported no record count; "
+                                   "the decoded sum cannot be scaled")
+            records += int(value)  # type: ignore[arg-type]
+        count = len(plan.contributors)
+        return [decoded_update(from_wire(a, count, lattice), lattice, max_grad_norm=self.cfg.privacy.max_grad_norm,
+                               lr=self.cfg.train.lr, num_examples=records) for a in plan.average]  # type: ignore[union-attr]
 
 
 def _array(values: np.ndarray) -> Any:

@@ -38,7 +38,7 @@ PRIVATE_TRAIN_METRICS = ("train-loss", "empty-steps", "train-seconds", "seconds"
 # Training metrics that reveal the number of training records: q = batch / n, the σ calibrated to q,
 # and the ε spent, a function of (σ, q, steps): with a σ the request fixed, or after any round but the
 # last of a calibrated plan, it gives q and so n away.
-SIZE_TRAIN_METRICS = ("sample-rate", "noise-multiplier", "epsilon")
+SIZE_TRAIN_METRICS = ("sample-rate", "noise-multiplier", "epsilon", "epsilon-alone")
 
 
 def public_train_metrics(metrics: Mapping[str, Any], *, size_is_public: bool) -> dict[str, Any]:

@@ -11,8 +11,10 @@ taken from the request  rounds (for the noise plan), local steps, batch sizes, l
                         pooling, head seed, head dropout, label set, clip norm, a
                         fixed σ, the target ε *up to the node's cap*, secure noise (only ever
                         switched on), transfer dtype, client-side clipping, SecAgg+ settings
+                        (distributed noise and its lattice among them)
 decided by the node     records and their split, the privacy unit, the ledger, the ε and δ
-                        caps (δ of the guarantee is the node's), the accountant, whether a
+                        caps (δ of the guarantee is the node's), the accountant, how many
+                        honest contributors it counts on under distributed noise, whether a
                         non-private round may run (refused by default), secure noise when
                         required, which base models load, the smallest held-out set, threads,
                         where it writes
@@ -156,6 +158,19 @@ def parse_request_config(text: str) -> Config:
         raise BadRequest(f"the request's config is invalid: {exc}") from None
 
 
+def _lattice(cfg: Config, honest: int, max_epsilon_alone: Optional[float]):
+    """The lattice of a distributed-noise round (federation.secagg.distributed_noise), else None."""
+    sa = cfg.federation.secagg
+    if not (sa.distributed_noise and cfg.privacy.enabled):
+        return None
+    from fedslm.privacy.distributed import Lattice
+    from fedslm.wire.secagg import quantization_range
+
+    return Lattice(bits=sa.lattice_bits, honest=honest,
+                   max_epsilon_alone=math.inf if max_epsilon_alone is None else float(max_epsilon_alone),
+                   levels=quantization_range(cfg), clipping_range=float(sa.clipping_range))
+
+
 def _simulation_plan(cfg: Config, node: NodeContext) -> RoundPlan:
     i = node.institution
     if cfg.privacy.ledger:
@@ -164,7 +179,9 @@ def _simulation_plan(cfg: Config, node: NodeContext) -> RoundPlan:
     else:
         ledger = Path(cfg.output.dir) / "ledgers" / f"institution-{i}.json"
     spec = round_spec(cfg)
-    spec = replace(spec, dp=replace(spec.dp, seed_salt=f"institution-{i}"))
+    dist = cfg.privacy.distributed
+    spec = replace(spec, dp=replace(spec.dp, seed_salt=f"institution-{i}",
+                                    lattice=_lattice(cfg, dist.honest, dist.max_epsilon_alone)))
     return RoundPlan(
         name=node.name, institution=i, model=cfg.model, lora=cfg.lora, data=cfg.data, spec=spec,
         unit=cfg.privacy.unit, ledger=ledger, threads=cfg.train.threads or cfg.federation.client_cpus,
@@ -232,7 +249,15 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
         overridden(f"the request's privacy.accountant={req.accountant} is ignored; this node composes with "
                    f"{pol.privacy.accountant}")
     secure_noise = req.secure_mode or pol.privacy.require_secure_noise
-    if pol.privacy.require_secure_noise and not req.secure_mode:
+    lattice = _lattice(cfg, pol.privacy.assume_honest, pol.privacy.max_epsilon_alone)
+    if lattice is not None:
+        if pol.privacy.require_secure_noise:
+            raise PolicyRefusal("the request asks for distributed noise (federation.secagg.distributed_noise), drawn "
+                                "from torch's generator; this node's policy requires noise from the OS CSPRNG")
+        if req.distributed.honest != lattice.honest or req.distributed.max_epsilon_alone is not None:
+            overridden(f"the request's privacy.distributed is ignored; this node counts on "
+                       f"{lattice.honest} honest contributor(s) (privacy.assume_honest in its policy)")
+    elif pol.privacy.require_secure_noise and not req.secure_mode:
         overridden("noise from the OS CSPRNG (this node's policy requires it)")
     if cfg.data.max_train_records is not None:
         overridden("the request's data.max_train_records is ignored; this node trains on its whole training split")
@@ -269,7 +294,7 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
             accountant=pol.privacy.accountant, planned_rounds=cfg.federation.rounds,
             noise_multiplier=req.noise_multiplier, secure_mode=secure_noise, noise_seed=None,
             allow_non_private=pol.privacy.allow_non_private,
-            planned_examples=None if pol.data.size_is_public else pol.data.size_floor,
+            planned_examples=None if pol.data.size_is_public else pol.data.size_floor, lattice=lattice,
         ),
     )
     d = pol.data

@@ -109,6 +109,13 @@ class PolicyPrivacy:
     require_secure_noise: bool = True
     # Send an update only inside secure aggregation (SecAgg+).
     require_secure_aggregation: bool = False
+    # Distributed noise (a run's federation.secagg.distributed_noise): how many contributors to the secure
+    # sum, this node included, it counts on to add their share of the noise. 1 trusts no one: the node
+    # adds all the noise for its ε itself. k > 1 adds 1/k of it, so the sum's ε holds only if k of the
+    # contributors are honest; the node then refuses to unmask in a sum of fewer than k survivors, and
+    # max_epsilon_alone (required) caps the ε of its own noise alone, should the others add none.
+    assume_honest: int = 1
+    max_epsilon_alone: Optional[float] = None
 
 
 @dataclass
@@ -196,6 +203,17 @@ def validate_policy(policy: NodePolicy, *, complete: bool = True, where: str = "
                f"{where}: privacy.max_epsilon=inf is no cap; set a finite ε")
     if p.max_delta is not None:
         _check(0.0 < p.max_delta < 1.0, f"{where}: privacy.max_delta must be in (0, 1), got {p.max_delta}")
+    _check(p.assume_honest >= 1, f"{where}: privacy.assume_honest must be >= 1, got {p.assume_honest}")
+    if p.assume_honest > 1:
+        _check(p.max_epsilon_alone is not None,
+               f"{where}: privacy.max_epsilon_alone is required with privacy.assume_honest > 1 (the ε of this node's "
+               "own noise, should the others add none)")
+        _check(policy.secure_aggregation.min_cohort >= p.assume_honest,
+               f"{where}: secure_aggregation.min_cohort={policy.secure_aggregation.min_cohort} must be at least "
+               f"privacy.assume_honest={p.assume_honest}")
+    if p.max_epsilon_alone is not None:
+        _check(p.max_epsilon_alone > 0 and not math.isinf(p.max_epsilon_alone),
+               f"{where}: privacy.max_epsilon_alone must be a finite ε > 0, got {p.max_epsilon_alone}")
     _check(p.accountant in ACCOUNTANTS,
            f"{where}: privacy.accountant must be one of {', '.join(ACCOUNTANTS)}; got {p.accountant!r}")
     _check(len(policy.models.allowed) > 0 and all(m.strip() for m in policy.models.allowed),

@@ -409,6 +409,30 @@ def secure_payload(sent: Mapping[str, torch.Tensor], state: Mapping[str, torch.T
     return update, weight, {"secagg-clipped": clipped, "secagg-weight": weight}
 
 
+def lattice_payload(sent: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                    sums: Mapping[str, torch.Tensor], lattice: Any, *,
+                    max_weight: float) -> tuple[list[np.ndarray], float, dict[str, Any]]:
+    """What a node masks under distributed noise: its noised integer sums K as K·(2R/T), which Flower's
+    quantiser maps exactly onto its levels (:mod:`fedslm.privacy.distributed`), in the order the
+    coordinator sent the tensors; 0 for a tensor that was not trained (it must be unchanged). The
+    weight is ``max_weight``, so that Flower scales nothing and the unmasked mean is ΣK·(2R/T)/count."""
+    import torch
+
+    from fedslm.privacy.distributed import to_wire
+
+    update = []
+    for key in sent:
+        if key in sums:
+            update.append(to_wire(sums[key], lattice).reshape(tuple(sent[key].shape)))
+        else:
+            if not torch.equal(state[key].to(sent[key].dtype), sent[key]):
+                raise FedslmError("distributed noise: an adapter tensor outside the head changed in training")
+            update.append(np.zeros(tuple(sent[key].shape), dtype=np.float64))
+    if set(sums) - set(sent):
+        raise FedslmError("distributed noise: the trained head is not among the tensors the coordinator sent")
+    return update, float(max_weight), {"secagg-clipped": 0, "secagg-weight": float(max_weight)}
+
+
 def masked_train_reply(msg: Message, update: list[np.ndarray], weight: float, metrics: Mapping[str, Any]) -> Message:
     """The reply Flower's ``secaggplus_mod`` masks: a FitRes of the update and weight, plus fedslm's metrics."""
     from fedslm.wire import codec

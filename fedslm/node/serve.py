@@ -247,9 +247,11 @@ def client_train(request: Request, node: NodeContext) -> tuple[dict[str, torch.T
 
 
 def _train(plan: RoundPlan, request: Request, *, secure: bool = False,
-           cohort: Optional[list[int]] = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+           cohort: Optional[list[int]] = None,
+           lattice: Optional[dict[str, torch.Tensor]] = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``secure``: the request came inside the secure aggregation protocol (the caller masks the
-    result), among the neighbours ``cohort``."""
+    result), among the neighbours ``cohort``. ``lattice``: filled with a distributed-noise round's
+    integer sums (:mod:`fedslm.privacy.distributed`), by adapter key."""
     started = time.perf_counter()
     _check_secure(plan, secure)
     _threads(plan)
@@ -298,7 +300,11 @@ def _train(plan: RoundPlan, request: Request, *, secure: bool = False,
         release=keep if request.run_id else None, features=_features(plan, inst, inst.train),
     )
     state, extra = released[0] if released else _released(plan, request, inst.model)  # clipped once, kept as sent
+    if lattice is not None and result.lattice is not None:
+        lattice.update(result.lattice)
     metrics = {**_train_metrics(result, plan, state, request), **extra}
+    if result.epsilon_alone is not None:
+        metrics["epsilon-alone"] = result.epsilon_alone
     metrics["seconds"] = time.perf_counter() - started
     return _on_the_wire(plan, state, _published(plan, metrics), secure)
 
@@ -320,7 +326,14 @@ def client_secure_train(request: Request, node: NodeContext,
     if request.adapter is None:
         raise FedslmError("a secure aggregation round needs the global adapter in the request")
     plan = round_plan(request, node)
-    state, metrics = _train(plan, request, secure=True, cohort=cohort)
+    sums: dict[str, torch.Tensor] = {}
+    state, metrics = _train(plan, request, secure=True, cohort=cohort, lattice=sums)
+    if plan.spec.dp.lattice is not None:
+        from fedslm.node.secagg import lattice_payload
+
+        update, weight, extra = lattice_payload(request.adapter, state, sums, plan.spec.dp.lattice,
+                                                max_weight=plan.secagg_max_weight)
+        return update, weight, _published(plan, {**metrics, **extra})
     bit = None
     if plan.secagg_bit:  # the clipped bit goes into the masked sum, never in plain text
         bit = int(metrics[KEY_NORM_BIT])

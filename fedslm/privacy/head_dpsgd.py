@@ -28,7 +28,11 @@ class HeadDPSGD:
     def __init__(self, head: nn.Linear, dropout: nn.Module, features, *, optimizer: torch.optim.Optimizer,
                  noise_multiplier: float, max_grad_norm: float, expected_batch_size: int,
                  physical_batch_size: int, noise_generator: Optional[torch.Generator] = None,
-                 secure_mode: bool = False):
+                 secure_mode: bool = False, lattice: Optional[tuple[float, float]] = None):
+        """``lattice``: (γ, μ) for distributed noise (:mod:`fedslm.privacy.distributed`): the clipped sums
+        are accumulated in float64, scaled by γ, rounded at random and given Skellam(μ) noise; the
+        integer sums (``lattice_sums``, one per trained tensor) are what the node releases, and the
+        step applies K / γ in place of the Gaussian-noised sum."""
         self.head, self.dropout, self.features = head, dropout, features
         self.params = [p for p in (head.weight, head.bias) if p is not None and p.requires_grad]
         self.optimizer = optimizer
@@ -36,6 +40,11 @@ class HeadDPSGD:
         self.expected = int(expected_batch_size)
         self.chunk = int(physical_batch_size)
         self.generator, self.secure_mode = noise_generator, secure_mode
+        self.lattice = lattice
+        self.lattice_sums: Optional[list[torch.Tensor]] = None
+        if lattice is not None and secure_mode:
+            raise ValueError("distributed noise draws its Skellam noise from torch's generator; privacy.secure_mode "
+                             "has no Poisson sampler on the OS CSPRNG")
         head.train()
         dropout.train()
 
@@ -50,7 +59,10 @@ class HeadDPSGD:
     def step(self, indices: Sequence[int], loss_fn=None) -> float:  # noqa: ARG002 - same call as DPSGD
         """One DP-SGD step on the logical batch ``indices``; returns its summed loss."""
         w, b = self.head.weight, self.head.bias
-        sum_w, sum_b = torch.zeros_like(w), (torch.zeros_like(b) if b is not None else None)
+        # On the lattice the sums are scaled by γ ~ 2**13 / C before rounding: float32 would lose units.
+        acc = torch.float64 if self.lattice is not None else w.dtype
+        sum_w = torch.zeros_like(w, dtype=acc)
+        sum_b = torch.zeros_like(b, dtype=acc) if b is not None else None
         total = 0.0
         for start in range(0, len(indices), self.chunk):
             batch = self.features.batch(indices[start:start + self.chunk])
@@ -69,12 +81,22 @@ class HeadDPSGD:
                 factor = torch.where(finite, factor, torch.zeros_like(factor))
                 ce = torch.where(finite.unsqueeze(-1), e, torch.zeros_like(e)) * factor.unsqueeze(-1)
                 x = torch.where(finite.unsqueeze(-1), x, torch.zeros_like(x))
-                sum_w += ce.T @ x
+                sum_w += (ce.T @ x) if self.lattice is None else ce.double().T @ x.double()
                 if sum_b is not None:
-                    sum_b += ce.sum(0)
+                    sum_b += ce.sum(0).to(acc)
             total += float(losses.sum())
         grads = {id(w): sum_w, **({id(b): sum_b} if b is not None else {})}
         self.optimizer.zero_grad(set_to_none=True)
+        if self.lattice is not None:
+            from fedslm.privacy.distributed import lattice_sum
+
+            gamma, mu = self.lattice
+            self.lattice_sums = lattice_sum([grads[id(p)] for p in self.params], gamma, mu, self.generator)
+            for p, k in zip(self.params, self.lattice_sums):
+                p.grad = (k.double() / gamma / self.expected).to(p.dtype)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return total
         for p in self.params:  # Opacus' order: noise per tensor, then the mean over the expected batch
             p.grad = (grads[id(p)] + self._noise(grads[id(p)])) / self.expected
         self.optimizer.step()

@@ -7,6 +7,11 @@ to the same budget. Every round of DP-SGD is appended as ``(noise_multiplier, sa
 steps)`` with its run, round, δ and time, and ε is always computed by composing the unit's whole
 history, across rounds, runs and restarts.
 
+A distributed-noise round (:mod:`fedslm.privacy.distributed`) is an entry with ``mechanism: skellam``,
+this node's share ``mu`` of the noise, the ``honest`` contributors it counted on and the rounding's
+sensitivities: its ε is composed twice, for the sum under that assumption (the cap the node enforces
+as for any round) and for the node's own noise alone (capped by its ``max_epsilon_alone``).
+
 A round's cost is *reserved* before training starts: the cap is checked and the entry written
 under one file lock (:meth:`Ledger.reserve`), so two rounds started together cannot both pass a
 cap that admits one, and a crash after the reservation loses budget, never gains it. Writes are
@@ -27,6 +32,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
+
+import numpy as np
 
 from fedslm.errors import BudgetExceededError, FedslmError
 from fedslm.privacy.accountant import Step, epsilon
@@ -53,10 +60,99 @@ class UnitSpend:
     epsilon: float
     private: bool
     accountant: str = "rdp"
+    # With distributed-noise rounds: ε were no other contributor to add its share (else None).
+    epsilon_alone: Optional[float] = None
 
 
 def _steps(entries: list[dict[str, Any]]) -> list[Step]:
-    return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries]
+    """The Gaussian (DP-SGD) rounds of ``entries``."""
+    return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries
+            if e.get("mechanism", "gaussian") == "gaussian"]
+
+
+def _releases(entries: list[dict[str, Any]], alone: bool) -> list[tuple[float, float, float, int]]:
+    """The distributed-noise rounds of ``entries`` as Skellam releases (mu, l1, l2, count): the sum's
+    variance under the node's assumption of ``honest`` contributors, or its own share ``alone``."""
+    return [(float(e["mu"]) * (1 if alone else int(e["honest"])), float(e["l1"]), float(e["l2"]), int(e["steps"]))
+            for e in entries if e.get("mechanism") == "skellam"]
+
+
+def compose(entries: list[dict[str, Any]], delta: float, accountant: str = "rdp", *, alone: bool = False) -> float:
+    """ε at ``delta`` of every round in ``entries``: Opacus' accountant for DP-SGD rounds alone; with
+    distributed-noise (Skellam) rounds among them, everything in RDP at integer orders (sound for
+    both, a little looser than PRV for the Gaussian part). ``alone``: each distributed round counted
+    with this node's own noise only."""
+    releases = _releases(entries, alone)
+    gaussian = _steps(entries)
+    if not releases:
+        return epsilon(gaussian, delta, accountant)
+    from fedslm.privacy import skellam
+
+    extra = sum((skellam.gaussian_rdp(sigma, q, steps) for sigma, q, steps in gaussian if steps > 0 and q > 0),
+                start=np.zeros(len(skellam.ORDERS)))
+    return skellam.epsilon(releases, delta, extra_rdp=extra)
+
+
+class LedgerError(FedslmError):
+    """The ledger file exists but cannot be trusted; training must not proceed."""
+
+
+@dataclass(frozen=True)
+class UnitSpend:
+    unit: str
+    num_examples: int
+    rounds: int
+    steps: int
+    delta: float
+    epsilon: float
+    private: bool
+    accountant: str = "rdp"
+    # With distributed-noise rounds: ε were no other contributor to add its share (else None).
+    epsilon_alone: Optional[float] = None
+
+
+def _steps(entries: list[dict[str, Any]]) -> list[Step]:
+    """The Gaussian (DP-SGD) rounds of ``entries``."""
+    return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries
+            if e.get("mechanism", "gaussian") == "gaussian"]
+
+
+def _releases(entries: list[dict[str, Any]], alone: bool) -> list[tuple[float, float, float, int]]:
+    """The distributed-noise rounds of ``entries`` as Skellam releases (mu, l1, l2, count): the sum's
+    variance under the node's assumption of ``honest`` contributors, or its own share ``alone``."""
+    return [(float(e["mu"]) * (1 if alone else int(e["honest"])), float(e["l1"]), float(e["l2"]), int(e["steps"]))
+            for e in entries if e.get("mechanism") == "skellam"]
+
+
+def compose(entries: list[dict[str, Any]], delta: float, accountant: str = "rdp", *, alone: bool = False) -> float:
+    """ε at ``delta`` of every round in ``entries``: Opacus' accountant for DP-SGD rounds alone; with
+    distributed-noise (Skellam) rounds among them, everything in RDP at integer orders (sound for
+    both, a little looser than PRV for the Gaussian part). ``alone``: each distributed round counted
+    with this node's own noise only."""
+    releases = _releases(entries, alone)
+    gaussian = _steps(entries)
+    if not releases:
+        return epsilon(gaussian, delta, accountant)
+    from fedslm.privacy import skellam
+
+    extra = sum((skellam.gaussian_rdp(sigma, q, steps) for sigma, q, steps in gaussian if steps > 0 and q > 0),
+                start=np.zeros(len(skellam.ORDERS)))
+    return skellam.epsilon(releases, delta, extra_rdp=extra)
+
+
+def gaussian_rdp(history: list[Step], orders: list) -> "Any":
+    """RDP of DP-SGD rounds at ``orders`` (Opacus' subsampled Gaussian); ∞ for a round without noise."""
+    import numpy as np
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    total = np.zeros(len(orders))
+    for sigma, q, steps in history:
+        if steps <= 0 or q <= 0:
+            continue
+        if sigma <= 0:
+            return np.full(len(orders), math.inf)
+        total = total + compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
+    return total
 
 
 class Ledger:
@@ -86,8 +182,9 @@ class Ledger:
     def history(self, unit: str) -> list[Step]:
         return _steps(self.entries(unit))
 
-    def spent(self, unit: str, delta: float, accountant: str = "rdp") -> float:
-        return epsilon(self.history(unit), delta, accountant)
+    def spent(self, unit: str, delta: float, accountant: str = "rdp", *, alone: bool = False) -> float:
+        """ε of the unit's whole history; ``alone``: distributed-noise rounds with this node's share only."""
+        return compose(self.entries(unit), delta, accountant, alone=alone)
 
     def summary(self, accountant: Optional[str] = None) -> list[UnitSpend]:
         """ε per unit, composed with ``accountant``; None: the one the unit's latest round was charged with
@@ -96,7 +193,6 @@ class Ledger:
         for unit, record in sorted(self.read()["units"].items()):
             entries = record.get("entries", [])
             delta = float(entries[-1]["delta"]) if entries else 0.0
-            hist = _steps(entries)
             used = accountant or (str(entries[-1].get("accountant", "rdp")) if entries else "rdp")
             out.append(UnitSpend(
                 unit=unit,
@@ -104,9 +200,11 @@ class Ledger:
                 rounds=len(entries),
                 steps=sum(int(e["steps"]) for e in entries),
                 delta=delta,
-                epsilon=epsilon(hist, delta, used) if entries else 0.0,
+                epsilon=compose(entries, delta, used) if entries else 0.0,
                 private=all(float(e["noise_multiplier"]) > 0 for e in entries),
                 accountant=used,
+                epsilon_alone=compose(entries, delta, used, alone=True)
+                if any(e.get("mechanism") == "skellam" for e in entries) else None,
             ))
         return out
 
@@ -120,12 +218,19 @@ class Ledger:
         return (f"privacy budget: this round would take privacy unit {unit!r} to ε={shown} at δ={delta:.3g}, past this "
                 f"node's cap max_epsilon={max_epsilon:g} (spent so far ε={before:.3f}, ledger {path}); refusing to train")
 
-    def _within_cap(self, unit: str, history: list[Step], planned: Step, *, delta: float, max_epsilon: float,
-                    accountant: str) -> tuple[float, float]:
-        before = epsilon(history, delta, accountant)
-        after = epsilon([*history, planned], delta, accountant)
+    def _within_cap(self, unit: str, entries: list[dict[str, Any]], planned: dict[str, Any], *, delta: float,
+                    max_epsilon: float, accountant: str, max_epsilon_alone: float = math.inf) -> tuple[float, float]:
+        before = compose(entries, delta, accountant)
+        after = compose([*entries, planned], delta, accountant)
         if not after <= max_epsilon + _EPS_SLACK:
             raise BudgetExceededError(self._refusal(unit, after, before, delta, max_epsilon, self.path))
+        if planned.get("mechanism") == "skellam":
+            alone = compose([*entries, planned], delta, accountant, alone=True)
+            if not alone <= max_epsilon_alone + _EPS_SLACK:
+                raise BudgetExceededError(
+                    f"privacy budget: this distributed-noise round would take privacy unit {unit!r} to ε={alone:.3f} "
+                    f"at δ={delta:.3g} counting this node's own noise alone, past this node's cap "
+                    f"max_epsilon_alone={max_epsilon_alone:g} (ledger {self.path}); refusing to train")
         return before, after
 
     def check(
@@ -133,25 +238,30 @@ class Ledger:
     ) -> tuple[float, float]:
         """(ε spent, ε after ``planned``); refuse if the latter passes ``max_epsilon``. Writes nothing:
         use :meth:`reserve` to spend."""
-        return self._within_cap(unit, self.history(unit), planned, delta=delta, max_epsilon=max_epsilon,
+        return self._within_cap(unit, self.entries(unit), _entry(planned), delta=delta, max_epsilon=max_epsilon,
                                 accountant=accountant)
 
     def reserve(
         self, unit: str, step: Step, *, delta: float, max_epsilon: float, num_examples: int,
         run: str = "", round: Optional[int] = None, accountant: str = "rdp",
+        skellam: Optional[dict[str, float]] = None, max_epsilon_alone: float = math.inf,
     ) -> str:
         """Check the cap and write the round's entry under one lock, before any training; returns the
-        entry's id (for :meth:`settle`). Refuses, writing nothing, if the round would pass ``max_epsilon``."""
-        sigma, q, steps = step
+        entry's id (for :meth:`settle`). Refuses, writing nothing, if the round would pass ``max_epsilon``.
+
+        ``skellam``: a distributed-noise round (``mu`` this node's variance, ``honest``, ``l1``, ``l2``;
+        ``step`` then only shows the sum's noise in Gaussian terms): ``max_epsilon`` caps the ε of the
+        sum under the node's assumption, ``max_epsilon_alone`` the ε of its own noise alone."""
         entry_id = uuid.uuid4().hex
+        planned = _entry(step, skellam)
         with self._locked():
             data = self.read()
             record = data["units"].setdefault(unit, {"num_examples": num_examples, "entries": []})
-            self._within_cap(unit, _steps(record["entries"]), (float(sigma), float(q), int(steps)), delta=delta,
-                             max_epsilon=max_epsilon, accountant=accountant)
+            self._within_cap(unit, record["entries"], planned, delta=delta, max_epsilon=max_epsilon,
+                             accountant=accountant, max_epsilon_alone=max_epsilon_alone)
             record["num_examples"] = num_examples
             record["entries"].append({
-                "id": entry_id, "noise_multiplier": float(sigma), "sample_rate": float(q), "steps": int(steps),
+                "id": entry_id, **planned,
                 "delta": float(delta), "accountant": accountant, "run": run, "round": round,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             })
@@ -200,6 +310,15 @@ class Ledger:
 
     def _write(self, data: dict[str, Any]) -> None:
         write_json(self.path, data)
+
+
+def _entry(step: Step, skellam: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    sigma, q, steps = step
+    entry: dict[str, Any] = {"noise_multiplier": float(sigma), "sample_rate": float(q), "steps": int(steps)}
+    if skellam is not None:
+        entry.update({"mechanism": "skellam", "mu": float(skellam["mu"]), "honest": int(skellam["honest"]),
+                      "l1": float(skellam["l1"]), "l2": float(skellam["l2"])})
+    return entry
 
 
 @contextlib.contextmanager

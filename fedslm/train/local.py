@@ -35,6 +35,7 @@ from fedslm.privacy.ledger import Ledger
 from fedslm.train.losses import PER_RECORD_LOSS
 
 if TYPE_CHECKING:
+    from fedslm.privacy.distributed import Lattice
     from fedslm.privacy.head_dpsgd import HeadDPSGD
     from fedslm.train.prefix import Features
 
@@ -69,6 +70,9 @@ class DPSpec:
     # the update's divisor), and ε is charged at the larger rate b/floor: an upper bound, since the
     # subsampled Gaussian's ε grows with the sampling rate. None: n itself.
     planned_examples: Optional[int] = None
+    # Distributed noise under SecAgg+ (fedslm.privacy.distributed): this node's share of Skellam noise on
+    # the protocol's lattice, for the ε of the sum under its assumption of honest contributors. None: local DP.
+    lattice: Optional["Lattice"] = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,10 @@ class RoundResult:
     noise_multiplier: Optional[float]
     sample_rate: float
     noise_source: str
+    # Distributed noise: the integer sums released on the lattice, by adapter key; and ε of this
+    # node's own noise alone (the ledger's whole history). None under local DP.
+    lattice: Optional[dict[str, torch.Tensor]] = None
+    epsilon_alone: Optional[float] = None
 
 
 def ledger_path(cfg: Config) -> Path:
@@ -217,16 +225,30 @@ def train_round(
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = make_optimizer(params, t.optimizer, t.lr, t.weight_decay, t.momentum)
     extra_grad = _proximal(params, proximal_mu) if proximal_mu > 0 else None
+    lattice = None
     if p.enabled:
         pl = privacy_plan(spec, n)
         q, delta, sigma = pl.sample_rate, pl.delta, pl.noise_multiplier  # q: the rate accounted (b / floor)
+        skellam = None
+        if p.lattice is not None:
+            lattice, skellam = _distributed(model, features, spec, n, delta)
+            sigma, q = lattice[2].noise_multiplier, 1.0
         # Reserved (checked and written under the ledger's lock) before a single record is touched.
         entry = ledger.reserve(unit, (sigma, q, t.local_steps), delta=delta, max_epsilon=p.max_epsilon,
-                               num_examples=n, run=run_id, round=round_idx, accountant=p.accountant)
+                               num_examples=n, run=run_id, round=round_idx, accountant=p.accountant,
+                               skellam=skellam, max_epsilon_alone=p.lattice.max_epsilon_alone if p.lattice else math.inf)
         noise_source = check_secure_mode(p.secure_mode)
         noise_gen = _generator(p.noise_seed, "noise", unit, p.seed_salt, round_idx)
         engine: DPSGD | PlainSGD | HeadDPSGD
-        if features is not None and features.layers == 0 and extra_grad is None:
+        if lattice is not None:
+            from fedslm.lora.prior import trainable_head
+            from fedslm.privacy.head_dpsgd import HeadDPSGD
+
+            engine = HeadDPSGD(trainable_head(model), trained.dropout, features, optimizer=optimizer,
+                               noise_multiplier=sigma, max_grad_norm=p.max_grad_norm, expected_batch_size=n,
+                               physical_batch_size=t.feature_batch_size or t.physical_batch_size,
+                               noise_generator=noise_gen, lattice=(lattice[0], lattice[2].mu_node))
+        elif features is not None and features.layers == 0 and extra_grad is None:
             # The head alone: the same DP-SGD step without per-record gradient tensors.
             from fedslm.lora.prior import trainable_head
             from fedslm.privacy.head_dpsgd import HeadDPSGD
@@ -295,7 +317,46 @@ def train_round(
         sample_rate=q,
         noise_source=noise_source,
     )
+    if lattice is not None:
+        from fedslm.privacy.distributed import check_in_range
+
+        sums = engine.lattice_sums  # type: ignore[union-attr]
+        check_in_range(p.lattice, sums)  # type: ignore[arg-type]
+        result = dataclasses.replace(result, lattice=dict(zip(lattice[1], sums)))
     if release is not None:
         ledger.settle(unit, entry, release(result))
-    spent = ledger.spent(unit, delta if delta is not None else p.delta or 1.0 / (10 * n), p.accountant)
-    return dataclasses.replace(result, epsilon=spent)
+    at = delta if delta is not None else p.delta or 1.0 / (10 * n)
+    spent = ledger.spent(unit, at, p.accountant)
+    alone = ledger.spent(unit, at, p.accountant, alone=True) if lattice is not None else None
+    return dataclasses.replace(result, epsilon=spent, epsilon_alone=alone)
+
+
+def _distributed(model: nn.Module, features: Optional["Features"], spec: RoundSpec, n: int, delta: float):
+    """(γ, the adapter keys of the head's trained tensors, the noise share) of a distributed-noise round, and
+    its ledger record; refused (before anything is charged) outside the head-only full-batch recipe or
+    when the lattice could overflow SecAgg+'s range."""
+    from fedslm.lora.prior import trainable_head
+    from fedslm.privacy.distributed import check_range, plan_share
+
+    p, lat = spec.dp, spec.dp.lattice
+    assert lat is not None
+    if features is None or features.layers != 0 or not spec.full_batch or spec.local_steps != 1:
+        raise DataError("distributed noise releases one noised full-batch sum of the head's gradients a round: it "
+                        "needs lora.layers=0, train.full_batch=true and train.local_steps=1")
+    if p.secure_mode:
+        raise DataError("distributed noise has no Poisson sampler on the OS CSPRNG: privacy.secure_mode cannot be kept")
+    head = trainable_head(model)
+    params = [q for q in (head.weight, head.bias) if q is not None and q.requires_grad]
+    if p.noise_multiplier is not None:
+        raise DataError("privacy.noise_multiplier fixes a Gaussian σ; distributed noise is calibrated on the lattice")
+    share = plan_share(bits=lat.bits, honest=lat.honest, dim=sum(q.numel() for q in params),
+                       target_epsilon=p.target_epsilon, delta=delta, rounds=p.planned_rounds)
+    check_range(lat, n, share.mu_node)
+    from peft import get_peft_model_state_dict
+
+    by_storage = {v.data_ptr(): k for k, v in get_peft_model_state_dict(model).items()}
+    keys = [by_storage.get(q.data_ptr()) for q in params]
+    if None in keys:
+        raise DataError("distributed noise: the head's trained tensors are not in the adapter")
+    record = {"mu": share.mu_node, "honest": lat.honest, "l1": share.l1, "l2": share.l2}
+    return (lat.scale(p.max_grad_norm), keys, share), record
