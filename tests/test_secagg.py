@@ -420,11 +420,12 @@ def deployed_grid(tmp_path, class_csv, node_policy):
     default every node in the grid lists every other)."""
     import yaml
 
-    def make(cfg, *, min_cohort=3, peers=None, max_unverified_share=0.0, **kwargs):
+    def make(cfg, *, min_cohort=3, peers=None, max_unverified_share=0.0, privacy=None, size_is_public=False,
+             **kwargs):
         grid = NodesInProcess(tmp_path, **kwargs)
         for i, n in enumerate(grid.nodes):
             path = node_policy(cfg, data=class_csv, name=f"n{n}", ledger=tmp_path / f"ledger-{n}.json", max_epsilon=50,
-                               path=tmp_path / f"policy-{n}.yaml")
+                               path=tmp_path / f"policy-{n}.yaml", size_is_public=size_is_public, **(privacy or {}))
             listed = (peers or {}).get(n, [m for m in grid.nodes if m != n])
             section = {"min_cohort": min_cohort, "min_threshold": 2, "identity_key": f"keys/n{n}.key",
                        "max_unverified_share": max_unverified_share,
@@ -916,3 +917,51 @@ def test_distributed_noise_is_refused_outside_the_head_only_full_batch_recipe(se
         secure_config(*DISTRIBUTED, "privacy.distributed.honest=4")
     with pytest.raises(ConfigError, match="secure_aggregation=true"):
         secure_config(*DISTRIBUTED, "federation.secure_aggregation=false")
+
+
+@pytest.mark.parametrize("lost", [None, NODES[1]], ids=["all-four", "one-lost-before-masking"])
+def test_deployed_nodes_add_the_share_their_policy_trusts_and_unmask_only_among_that_many(
+        flower_identity, secure_config, tmp_path, deployed_grid, caplog, lost):
+    """Each policy counts on 4 honest contributors (the request's privacy.distributed.honest=3 is not the
+    node's to take): every ledger entry is a quarter-share at honest=4. With one node lost before it
+    masked, 3 survivors are fewer than the 4 the policy's min_cohort demands: no node signs the list,
+    nothing is unmasked, and the round stops."""
+    import logging
+
+    cfg = secure_config("privacy.noise_seed=null", *DISTRIBUTED)
+    trust = {"assume_honest": 4, "max_epsilon_alone": 60.0, "require_secure_noise": False}
+    grid = deployed_grid(cfg, min_cohort=4, privacy=trust, size_is_public=True,  # full batch: n is public
+                         drop={Stage.COLLECT_MASKED_VECTORS: lost} if lost else None)
+    if lost is not None:
+        with caplog.at_level(logging.WARNING, logger="fedslm.node.secagg"), \
+                pytest.raises(FederationStopped, match="halted at stage unmask"):
+            _deployed_round(cfg, tmp_path, grid)
+        assert "below max(threshold, secure_aggregation.min_cohort) = 4" in caplog.text
+        return
+    recorder, _, _, replies = _deployed_round(cfg, tmp_path, grid)
+    assert recorder.pending[1]["secure_aggregation"]["contributors"] == NODES
+    for n in NODES:
+        (entry,) = Ledger(tmp_path / f"ledger-{n}.json").entries("all-records")
+        assert entry["mechanism"] == "skellam" and entry["honest"] == 4
+
+
+def test_a_policy_that_counts_on_others_needs_a_cap_alone_and_a_cohort_that_large(tmp_path, node_policy, class_csv):
+    from fedslm.node.policy import PolicyError, load_policy
+
+    with pytest.raises(PolicyError, match="privacy.max_epsilon_alone is required"):
+        load_policy(str(node_policy(data=class_csv, assume_honest=3)))
+    with pytest.raises(PolicyError, match="min_cohort=3 must be at least privacy.assume_honest=4"):
+        load_policy(str(node_policy(data=class_csv, assume_honest=4, max_epsilon_alone=20.0)))
+    assert load_policy(str(node_policy(data=class_csv, assume_honest=3, max_epsilon_alone=20.0))).privacy.assume_honest == 3
+
+
+def test_a_node_that_requires_noise_from_the_os_refuses_distributed_noise(flower_identity, secure_config, tmp_path,
+                                                                        deployed_grid, caplog):
+    import logging
+
+    cfg = secure_config("privacy.noise_seed=null", *DISTRIBUTED)
+    grid = deployed_grid(cfg, privacy={"require_secure_noise": True}, size_is_public=True)
+    with caplog.at_level(logging.WARNING, logger="fedslm.node"), pytest.raises(FederationStopped):
+        _deployed_round(cfg, tmp_path, grid)
+    assert "this node's policy requires noise from the OS CSPRNG" in caplog.text
+    assert not any((tmp_path / f"ledger-{n}.json").exists() for n in NODES)
