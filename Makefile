@@ -13,7 +13,7 @@ RUN_DIR ?= runs/icd10-hospitals-$(NOW)
 GEMMA_DIR ?= runs/icd10-gemma-$(NOW)
 GEMMA_STAMP := $(VENV)/.fedslm-gemma-installed
 
-.PHONY: run train test bench bench-dp bench-dp-gemma gemma install clean
+.PHONY: run run-distributed train test bench bench-dp bench-dp-gemma gemma install clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/fedslm simulate --config simulations/icd10-hospitals.yaml --out $(RUN_DIR)
+
+# make run's scenario with distributed DP under SecAgg+ (simulations/overlays/distributed-dp.yaml).
+run-distributed: $(STAMP)
+	$(BIN)/fedslm simulate --config simulations/icd10-hospitals.yaml --config simulations/overlays/distributed-dp.yaml \
+		--out $(RUN_DIR)-distributed
 
 train: $(STAMP)
 	$(BIN)/fedslm train --config configs/default.yaml output.dir=runs/local-$(shell date +%Y%m%d-%H%M%S)

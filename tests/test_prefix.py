@@ -270,6 +270,15 @@ def test_every_shipped_scenario_and_config_is_valid(scenario):
     load_config([Path(scenario)])
 
 
+def test_the_distributed_dp_overlay_is_valid_on_make_runs_scenario():
+    """make run-distributed: the scenario with simulations/overlays/distributed-dp.yaml on top."""
+    from fedslm.config import load_config
+
+    cfg = load_config([ROOT / "simulations" / "icd10-hospitals.yaml",
+                       ROOT / "simulations" / "overlays" / "distributed-dp.yaml"])
+    assert cfg.federation.secagg.distributed_noise and cfg.privacy.distributed.honest == cfg.federation.min_clients
+
+
 def test_head_only_rounds_draw_secure_noise_when_asked(cls_config, tmp_path):
     """Deployed nodes require OS-CSPRNG noise by default; the head-only engine honours it."""
     cfg = cls_config("model.pooling=mean", "lora.layers=0", "privacy.noise_seed=null", "privacy.secure_mode=true",

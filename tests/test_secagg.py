@@ -955,13 +955,19 @@ def test_a_policy_that_counts_on_others_needs_a_cap_alone_and_a_cohort_that_larg
     assert load_policy(str(node_policy(data=class_csv, assume_honest=3, max_epsilon_alone=20.0))).privacy.assume_honest == 3
 
 
-def test_a_node_that_requires_noise_from_the_os_refuses_distributed_noise(flower_identity, secure_config, tmp_path,
-                                                                        deployed_grid, caplog):
-    import logging
+def test_distributed_noise_draws_its_rounding_and_noise_from_the_os_when_the_policy_requires_it(
+        flower_identity, secure_config, tmp_path, deployed_grid, monkeypatch):
+    """Deployed nodes require OS-CSPRNG noise by default: the lattice's rounding uniforms come from os.urandom
+    and the Skellam noise from a sampler keyed by it, never from torch's seeded generator."""
+    from fedslm.privacy import csprng
 
+    calls = {"bits": 0, "keyed": 0}
+    bits, keyed = csprng.bits53, csprng.keyed_generator
+    monkeypatch.setattr(csprng, "bits53", lambda n: calls.__setitem__("bits", calls["bits"] + 1) or bits(n))
+    monkeypatch.setattr(csprng, "keyed_generator", lambda: calls.__setitem__("keyed", calls["keyed"] + 1) or keyed())
+    monkeypatch.setattr(torch, "poisson", None)  # torch's generator-driven sampler must not be reached
     cfg = secure_config("privacy.noise_seed=null", *DISTRIBUTED)
     grid = deployed_grid(cfg, privacy={"require_secure_noise": True}, size_is_public=True)
-    with caplog.at_level(logging.WARNING, logger="fedslm.node"), pytest.raises(FederationStopped):
-        _deployed_round(cfg, tmp_path, grid)
-    assert "this node's policy requires noise from the OS CSPRNG" in caplog.text
-    assert not any((tmp_path / f"ledger-{n}.json").exists() for n in NODES)
+    recorder, _, _, _ = _deployed_round(cfg, tmp_path, grid)
+    assert recorder.pending[1]["secure_aggregation"]["contributors"] == NODES
+    assert calls["bits"] >= len(NODES) and calls["keyed"] >= len(NODES)

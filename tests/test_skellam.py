@@ -221,3 +221,19 @@ def test_noise_is_reproducible_and_zero_without_variance():
 def test_orders_are_integers_above_one():
     assert all(isinstance(a, int) and a > 1 for a in skellam.ORDERS) and max(ORDERS) == 1024
     assert list(ORDERS) == sorted(set(ORDERS)) and set(range(2, 65)) <= set(ORDERS)
+
+
+def test_secure_draws_have_the_same_laws_and_never_repeat():
+    """secure=True: rounding uniforms from os.urandom, Poisson from a sampler keyed by it (no torch generator)."""
+    mu = 1e6
+    draws = skellam.noise((200_000,), mu, secure=True)
+    assert draws.dtype == torch.int64
+    assert abs(float(draws.double().mean())) < 4 * math.sqrt(mu / 200_000)
+    assert abs(float(draws.double().var()) / mu - 1) < 0.02
+    assert not torch.equal(draws, skellam.noise((200_000,), mu, secure=True))
+    x = torch.full((200_000,), 3.25, dtype=torch.float64)
+    rounded = skellam.randomized_round(x, secure=True)
+    assert set(rounded.unique().tolist()) == {3, 4}
+    assert abs(float(rounded.double().mean()) - 3.25) < 4 * math.sqrt(0.25 * 0.75 / 200_000)
+    assert torch.equal(skellam.randomized_round(torch.tensor([-7.0, 12.0], dtype=torch.float64), secure=True),
+                       torch.tensor([-7, 12]))

@@ -296,8 +296,6 @@ def validate(cfg: Config) -> None:
                                "pick one")
         _check(p.noise_multiplier is None, "federation.secagg.distributed_noise calibrates its own noise: leave "
                                            "privacy.noise_multiplier unset")
-        _check(not p.secure_mode, "federation.secagg.distributed_noise draws Skellam noise from torch's generator; "
-                                  "privacy.secure_mode has no Poisson sampler on the OS CSPRNG")
         _check(1 <= sa.lattice_bits <= 24, f"federation.secagg.lattice_bits must be in [1, 24], got {sa.lattice_bits}")
         from fedslm.privacy.distributed import check_wire
         from fedslm.wire.secagg import quantization_range

@@ -251,13 +251,10 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
     secure_noise = req.secure_mode or pol.privacy.require_secure_noise
     lattice = _lattice(cfg, pol.privacy.assume_honest, pol.privacy.max_epsilon_alone)
     if lattice is not None:
-        if pol.privacy.require_secure_noise:
-            raise PolicyRefusal("the request asks for distributed noise (federation.secagg.distributed_noise), drawn "
-                                "from torch's generator; this node's policy requires noise from the OS CSPRNG")
         if req.distributed.honest != lattice.honest or req.distributed.max_epsilon_alone is not None:
             overridden(f"the request's privacy.distributed is ignored; this node counts on "
                        f"{lattice.honest} honest contributor(s) (privacy.assume_honest in its policy)")
-    elif pol.privacy.require_secure_noise and not req.secure_mode:
+    if pol.privacy.require_secure_noise and not req.secure_mode:
         overridden("noise from the OS CSPRNG (this node's policy requires it)")
     if cfg.data.max_train_records is not None:
         overridden("the request's data.max_train_records is ignored; this node trains on its whole training split")

@@ -31,6 +31,18 @@ def uniform(n: int) -> np.ndarray:
     return (bits.astype(np.float64) + 1.0) / _TWO53
 
 
+def bits53(n: int) -> np.ndarray:
+    """``n`` independent uniform integers in [0, 2**53) from the OS CSPRNG (int64)."""
+    return (np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)).astype(np.int64)
+
+
+def keyed_generator() -> np.random.Generator:
+    """numpy's Philox-4x64-10 keyed with 128 bits from the OS CSPRNG, for samplers numpy has and this module
+    does not (Poisson). Philox is a counter-based generator built like a block cipher (Salmon et al.
+    2011): with a fresh 128-bit key per draw there is no seed to search, though it is not a proven CSPRNG."""
+    return np.random.Generator(np.random.Philox(key=int.from_bytes(os.urandom(16), "little")))
+
+
 def standard_normal(n: int) -> np.ndarray:
     """``n`` independent N(0, 1) draws (Box–Muller on CSPRNG uniforms)."""
     half = (n + 1) // 2

@@ -45,6 +45,11 @@ from fedslm.privacy import skellam
 # A Skellam draw past this many standard deviations (plus this many units) never happens in practice
 # (probability below 1e-80 per coordinate); the range check budgets for it.
 _TAIL_SDS = 40.0
+# Over the clip bound C in the sensitivity: a clipped record's norm can pass C by a few ulps (the clip
+# factor is computed in float64 from the vectors that are summed).
+_CLIP_SLACK = 1e-9
+# Largest per-node variance drawn: the Poisson samplers are exact far below their float limits.
+_MAX_MU = float(2**40)
 
 
 @dataclass(frozen=True)
@@ -90,13 +95,14 @@ def _power_of_two(x: float) -> bool:
 
 
 def check_wire(levels: int, clipping_range: float) -> None:
-    """K·(2R/T) is quantised exactly onto K + T/2 only when R and T are powers of two."""
+    """K·(2R/T) is quantised exactly onto K + T/2 only when R and T are powers of two (R within 2**±20,
+    so that the unit 2R/T is a normal float64 and K·2R/T is exact)."""
     if not _power_of_two(float(levels)):
         raise ConfigError(f"federation.secagg.quantization_range must be a power of two under distributed noise, "
                           f"got {levels}")
-    if not _power_of_two(float(clipping_range)):
-        raise ConfigError(f"federation.secagg.clipping_range must be a power of two under distributed noise "
-                          f"(Flower's quantiser then maps the lattice exactly), got {clipping_range}")
+    if not _power_of_two(float(clipping_range)) or not 2.0**-20 <= clipping_range <= 2.0**20:
+        raise ConfigError(f"federation.secagg.clipping_range must be a power of two in [2**-20, 2**20] under "
+                          f"distributed noise (Flower's quantiser then maps the lattice exactly), got {clipping_range}")
 
 
 @functools.lru_cache(maxsize=64)  # a pure function of its arguments; the node plans every round
@@ -104,8 +110,7 @@ def plan_share(*, bits: int, honest: int, dim: int, target_epsilon: float, delta
     """Skellam variance for the sum such that ``rounds`` releases reach ``target_epsilon`` at ``delta``."""
     if honest < 1:
         raise ConfigError(f"privacy.distributed.honest must be >= 1, got {honest}")
-    # 1e-5 over the clip: the clip factor is computed in float32 (a few ulps over C at worst).
-    l1, l2 = skellam.lattice_sensitivity(2.0 ** bits * (1 + 1e-5), dim)
+    l1, l2 = skellam.lattice_sensitivity(2.0 ** bits * (1 + _CLIP_SLACK), dim)
     mu_sum = skellam.calibrate(target_epsilon, delta, rounds, l1, l2)
     return Share(mu_sum=mu_sum, mu_node=mu_sum / honest, l1=l1, l2=l2)
 
@@ -116,7 +121,10 @@ def check_range(lattice: Lattice, num_examples: int, mu_node: float) -> None:
     Worst case per coordinate: every record's clipped gradient (norm ≤ C, so each coordinate ≤ C)
     pointing one way, n·2**bits, plus rounding (1) and a noise tail of 40 standard deviations.
     The bound uses the record count only, so a refusal says nothing the count does not."""
-    worst = num_examples * 2.0 ** lattice.bits + 1 + _TAIL_SDS * (math.sqrt(mu_node) + 1)
+    if mu_node > _MAX_MU:
+        raise DataError(f"distributed noise: a noise variance of {mu_node:.3g} lattice units² is past what the Poisson "
+                        f"samplers draw exactly (2**40); lower federation.secagg.lattice_bits")
+    worst = num_examples * 2.0 ** lattice.bits * (1 + _CLIP_SLACK) + 1 + _TAIL_SDS * (math.sqrt(mu_node) + 1)
     if worst > lattice.levels // 2:
         fit = int(math.floor(math.log2(max((lattice.levels // 2 - 1 - _TAIL_SDS * (math.sqrt(mu_node) + 1))
                                            / num_examples, 1.0))))
@@ -126,12 +134,13 @@ def check_range(lattice: Lattice, num_examples: int, mu_node: float) -> None:
 
 
 def lattice_sum(sums: list[torch.Tensor], gamma: float, mu_node: float,
-                generator: Optional[torch.Generator]) -> list[torch.Tensor]:
-    """K = round(γ·s) + Skellam(mu_node) per tensor (int64), s the clipped gradient sums (float64)."""
+                generator: Optional[torch.Generator], *, secure: bool = False) -> list[torch.Tensor]:
+    """K = round(γ·s) + Skellam(mu_node) per tensor (int64), s the clipped gradient sums (float64);
+    ``secure``: the rounding and the noise from the OS CSPRNG (:mod:`fedslm.privacy.skellam`)."""
     out = []
     for s in sums:
-        k = skellam.randomized_round(s.double() * gamma, generator)
-        out.append(k + skellam.noise(tuple(s.shape), mu_node, generator))
+        k = skellam.randomized_round(s.double() * gamma, generator, secure=secure)
+        out.append(k + skellam.noise(tuple(s.shape), mu_node, generator, secure=secure))
     return out
 
 

@@ -42,9 +42,6 @@ class HeadDPSGD:
         self.generator, self.secure_mode = noise_generator, secure_mode
         self.lattice = lattice
         self.lattice_sums: Optional[list[torch.Tensor]] = None
-        if lattice is not None and secure_mode:
-            raise ValueError("distributed noise draws its Skellam noise from torch's generator; privacy.secure_mode "
-                             "has no Poisson sampler on the OS CSPRNG")
         head.train()
         dropout.train()
 
@@ -72,6 +69,9 @@ class HeadDPSGD:
                 losses = F.cross_entropy(logits, batch["labels"], reduction="none")
                 e = torch.softmax(logits, dim=-1)
                 e[torch.arange(len(e)), batch["labels"]] -= 1.0
+                # On the lattice everything clipped and summed is float64: the norm bound then holds for
+                # the very vectors that are summed, and no float32 partial sum moves by more than a record.
+                e, x = e.to(acc), x.to(acc)
                 sq = x.pow(2).sum(-1) + (1.0 if b is not None and b.requires_grad else 0.0)
                 norms = e.norm(dim=-1) * sq.sqrt()
                 factor = (self.clip / (norms + 1e-6)).clamp(max=1.0)
@@ -81,9 +81,9 @@ class HeadDPSGD:
                 factor = torch.where(finite, factor, torch.zeros_like(factor))
                 ce = torch.where(finite.unsqueeze(-1), e, torch.zeros_like(e)) * factor.unsqueeze(-1)
                 x = torch.where(finite.unsqueeze(-1), x, torch.zeros_like(x))
-                sum_w += (ce.T @ x) if self.lattice is None else ce.double().T @ x.double()
+                sum_w += ce.T @ x
                 if sum_b is not None:
-                    sum_b += ce.sum(0).to(acc)
+                    sum_b += ce.sum(0)
             total += float(losses.sum())
         grads = {id(w): sum_w, **({id(b): sum_b} if b is not None else {})}
         self.optimizer.zero_grad(set_to_none=True)
@@ -91,7 +91,8 @@ class HeadDPSGD:
             from fedslm.privacy.distributed import lattice_sum
 
             gamma, mu = self.lattice
-            self.lattice_sums = lattice_sum([grads[id(p)] for p in self.params], gamma, mu, self.generator)
+            self.lattice_sums = lattice_sum([grads[id(p)] for p in self.params], gamma, mu, self.generator,
+                                            secure=self.secure_mode)
             for p, k in zip(self.params, self.lattice_sums):
                 p.grad = (k.double() / gamma / self.expected).to(p.dtype)
             self.optimizer.step()

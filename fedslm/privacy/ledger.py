@@ -93,68 +93,6 @@ def compose(entries: list[dict[str, Any]], delta: float, accountant: str = "rdp"
     return skellam.epsilon(releases, delta, extra_rdp=extra)
 
 
-class LedgerError(FedslmError):
-    """The ledger file exists but cannot be trusted; training must not proceed."""
-
-
-@dataclass(frozen=True)
-class UnitSpend:
-    unit: str
-    num_examples: int
-    rounds: int
-    steps: int
-    delta: float
-    epsilon: float
-    private: bool
-    accountant: str = "rdp"
-    # With distributed-noise rounds: ε were no other contributor to add its share (else None).
-    epsilon_alone: Optional[float] = None
-
-
-def _steps(entries: list[dict[str, Any]]) -> list[Step]:
-    """The Gaussian (DP-SGD) rounds of ``entries``."""
-    return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries
-            if e.get("mechanism", "gaussian") == "gaussian"]
-
-
-def _releases(entries: list[dict[str, Any]], alone: bool) -> list[tuple[float, float, float, int]]:
-    """The distributed-noise rounds of ``entries`` as Skellam releases (mu, l1, l2, count): the sum's
-    variance under the node's assumption of ``honest`` contributors, or its own share ``alone``."""
-    return [(float(e["mu"]) * (1 if alone else int(e["honest"])), float(e["l1"]), float(e["l2"]), int(e["steps"]))
-            for e in entries if e.get("mechanism") == "skellam"]
-
-
-def compose(entries: list[dict[str, Any]], delta: float, accountant: str = "rdp", *, alone: bool = False) -> float:
-    """ε at ``delta`` of every round in ``entries``: Opacus' accountant for DP-SGD rounds alone; with
-    distributed-noise (Skellam) rounds among them, everything in RDP at integer orders (sound for
-    both, a little looser than PRV for the Gaussian part). ``alone``: each distributed round counted
-    with this node's own noise only."""
-    releases = _releases(entries, alone)
-    gaussian = _steps(entries)
-    if not releases:
-        return epsilon(gaussian, delta, accountant)
-    from fedslm.privacy import skellam
-
-    extra = sum((skellam.gaussian_rdp(sigma, q, steps) for sigma, q, steps in gaussian if steps > 0 and q > 0),
-                start=np.zeros(len(skellam.ORDERS)))
-    return skellam.epsilon(releases, delta, extra_rdp=extra)
-
-
-def gaussian_rdp(history: list[Step], orders: list) -> "Any":
-    """RDP of DP-SGD rounds at ``orders`` (Opacus' subsampled Gaussian); ∞ for a round without noise."""
-    import numpy as np
-    from opacus.accountants.analysis.rdp import compute_rdp
-
-    total = np.zeros(len(orders))
-    for sigma, q, steps in history:
-        if steps <= 0 or q <= 0:
-            continue
-        if sigma <= 0:
-            return np.full(len(orders), math.inf)
-        total = total + compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
-    return total
-
-
 class Ledger:
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()

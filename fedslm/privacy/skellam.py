@@ -70,6 +70,8 @@ def epsilon(releases: Iterable[Release], delta: float, *, extra_rdp: Optional[np
     if not releases and extra_rdp is None:
         return 0.0
     total = rdp_of(releases) + _extra(extra_rdp)
+    if np.isnan(total).any():  # a corrupt entry (NaN variance or sensitivity) must never read as 0-DP
+        return math.inf
     if not np.any(total > 0):  # nothing depends on the data: 0-DP, whatever the conversion's slack
         return 0.0
     return _eps(total, delta)
@@ -153,18 +155,25 @@ def calibrate(
     return hi
 
 
-def randomized_round(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def randomized_round(x: torch.Tensor, generator: Optional[torch.Generator] = None, *,
+                     secure: bool = False) -> torch.Tensor:
     """floor(x + U), U uniform in [0, 1) per coordinate, as int64: unbiased, so the secure sum stays unbiased.
 
     U = k / 2**53 (k a uniform 53-bit integer) and the test x + U >= floor(x) + 1 is made with
     operations that are exact in float64 (Sterbenz), so the result is floor(x + U) in real arithmetic
     for every U: the rounding argument of :func:`lattice_sensitivity` holds exactly, not just w.h.p.
-    Bias is below 2**-53; integral x comes back unchanged.
+    Bias is below 2**-53; integral x comes back unchanged. ``secure``: U from the OS CSPRNG
+    (:mod:`fedslm.privacy.csprng`) instead of ``generator``.
     """
     x = x.to(torch.float64)
     if not bool(torch.all(x.abs() < _LIMIT)):  # also rejects NaN / ∞
         raise ValueError("randomized_round needs finite values below 2**52 in magnitude")
-    k = torch.randint(0, 2**53, x.shape, generator=generator, dtype=torch.int64, device=x.device)
+    if secure:
+        from fedslm.privacy import csprng
+
+        k = torch.from_numpy(csprng.bits53(x.numel())).view(x.shape).to(x.device)
+    else:
+        k = torch.randint(0, 2**53, x.shape, generator=generator, dtype=torch.int64, device=x.device)
     u = k.to(torch.float64) * 2.0**-53
     base = torch.floor(x)
     # x + U >= base + 1, decided exactly: in [0, 1) as x >= 1 - U (1 - U exact on the 2**-53 grid),
@@ -174,10 +183,13 @@ def randomized_round(x: torch.Tensor, generator: Optional[torch.Generator] = Non
     return base.to(torch.int64) + up.to(torch.int64)
 
 
-def noise(shape: Union[int, Sequence[int]], mu: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def noise(shape: Union[int, Sequence[int]], mu: float, generator: Optional[torch.Generator] = None, *,
+          secure: bool = False) -> torch.Tensor:
     """Skellam(mu) integer noise, variance ``mu`` per coordinate: one institution's share of the sum's noise.
 
     Poisson draws on float64 rates are integers held exactly below 2**53, so even mu ~ 1e9 is exact.
+    ``secure``: drawn by numpy's Poisson sampler on Philox keyed from the OS CSPRNG
+    (:func:`fedslm.privacy.csprng.keyed_generator`) instead of ``generator``.
     """
     if mu < 0:
         raise ValueError(f"mu must be >= 0, got {mu}")
@@ -185,6 +197,12 @@ def noise(shape: Union[int, Sequence[int]], mu: float, generator: Optional[torch
     device = generator.device if generator is not None else torch.device("cpu")
     if mu == 0:
         return torch.zeros(shape, dtype=torch.int64, device=device)
+    if secure:
+        from fedslm.privacy import csprng
+
+        rng = csprng.keyed_generator()
+        draws = rng.poisson(mu / 2, size=(2, *shape)).astype(np.int64)
+        return torch.from_numpy(draws[0] - draws[1])
     rates = torch.full(shape, mu / 2, dtype=torch.float64, device=device)
     plus = torch.poisson(rates, generator=generator)
     minus = torch.poisson(rates, generator=generator)

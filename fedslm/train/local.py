@@ -247,7 +247,8 @@ def train_round(
             engine = HeadDPSGD(trainable_head(model), trained.dropout, features, optimizer=optimizer,
                                noise_multiplier=sigma, max_grad_norm=p.max_grad_norm, expected_batch_size=n,
                                physical_batch_size=t.feature_batch_size or t.physical_batch_size,
-                               noise_generator=noise_gen, lattice=(lattice[0], lattice[2].mu_node))
+                               noise_generator=noise_gen, secure_mode=p.secure_mode,
+                               lattice=(lattice[0], lattice[2].mu_node))
         elif features is not None and features.layers == 0 and extra_grad is None:
             # The head alone: the same DP-SGD step without per-record gradient tensors.
             from fedslm.lora.prior import trainable_head
@@ -343,8 +344,6 @@ def _distributed(model: nn.Module, features: Optional["Features"], spec: RoundSp
     if features is None or features.layers != 0 or not spec.full_batch or spec.local_steps != 1:
         raise DataError("distributed noise releases one noised full-batch sum of the head's gradients a round: it "
                         "needs lora.layers=0, train.full_batch=true and train.local_steps=1")
-    if p.secure_mode:
-        raise DataError("distributed noise has no Poisson sampler on the OS CSPRNG: privacy.secure_mode cannot be kept")
     head = trainable_head(model)
     params = [q for q in (head.weight, head.bias) if q is not None and q.requires_grad]
     if p.noise_multiplier is not None:
