@@ -72,12 +72,13 @@ VARIANTS = [
     # Distributed DP under SecAgg+ (federation.secagg.distributed_noise): each institution rounds its clipped
     # gradient sum onto SecAgg+'s integer lattice and adds 1/h of the Skellam noise the sum needs for its ε,
     # counting on h honest contributors; the coordinator unmasks and decodes ΣK exactly as here
-    # (tests/test_secagg.py checks the real protocol delivers that sum). The ε is the sum's (RDP; Skellam).
-    (f"{DISTRIBUTED}, each counting on 5 honest, ε=8 of the sum", 5, ["privacy.target_epsilon=8", "distributed=5"]),
-    (f"{DISTRIBUTED}, each counting on 5 honest, ε=3 of the sum", 5, ["privacy.target_epsilon=3", "distributed=5"]),
-    (f"{DISTRIBUTED}, each counting on 5 honest, ε=1 of the sum", 5, ["privacy.target_epsilon=1", "distributed=5"]),
-    (f"{DISTRIBUTED}, each counting on 3 honest, ε=8 of the sum", 5, ["privacy.target_epsilon=8", "distributed=3"]),
-    (f"{DISTRIBUTED}, each trusting no one (honest 1), ε=8", 5, ["privacy.target_epsilon=8", "distributed=1"]),
+    # (tests/test_secagg.py checks the real protocol delivers that sum). The ε is the sum's (RDP; Skellam), at
+    # one δ = 1e-6 for every institution (below each one's 1/(10 n)), so that their shares add up to one plan.
+    (f"{DISTRIBUTED}, each counting on 5 honest, ε=8 of the sum", 5, ["privacy.target_epsilon=8", "privacy.delta=1e-6", "distributed=5"]),
+    (f"{DISTRIBUTED}, each counting on 5 honest, ε=3 of the sum", 5, ["privacy.target_epsilon=3", "privacy.delta=1e-6", "distributed=5"]),
+    (f"{DISTRIBUTED}, each counting on 5 honest, ε=1 of the sum", 5, ["privacy.target_epsilon=1", "privacy.delta=1e-6", "distributed=5"]),
+    (f"{DISTRIBUTED}, each counting on 3 honest, ε=8 of the sum", 5, ["privacy.target_epsilon=8", "privacy.delta=1e-6", "distributed=3"]),
+    (f"{DISTRIBUTED}, each trusting no one (honest 1), ε=8", 5, ["privacy.target_epsilon=8", "privacy.delta=1e-6", "distributed=1"]),
 ]
 QUICK = [VARIANTS[0], VARIANTS[3], VARIANTS[5]]
 

@@ -866,7 +866,7 @@ def test_a_masked_release_is_never_sent_twice(flower_identity, secure_config, tm
 
 DISTRIBUTED = ("lora.layers=0", "lora.head_bias=false", "train.full_batch=true", "train.local_steps=1",
                "train.optimizer=sgd", "train.lr=5", "privacy.max_grad_norm=0.5", "privacy.target_epsilon=4",
-               "federation.secagg.distributed_noise=true", "privacy.distributed.honest=3")
+               "federation.secagg.distributed_noise=true", "privacy.distributed.honest=3", "privacy.delta=1e-4")
 
 
 def test_distributed_noise_sums_the_nodes_lattice_vectors_exactly_and_charges_the_sum_and_each_alone(
@@ -917,6 +917,8 @@ def test_distributed_noise_is_refused_outside_the_head_only_full_batch_recipe(se
         secure_config(*DISTRIBUTED, "privacy.distributed.honest=4")
     with pytest.raises(ConfigError, match="secure_aggregation=true"):
         secure_config(*DISTRIBUTED, "federation.secure_aggregation=false")
+    with pytest.raises(ConfigError, match="needs one privacy.delta for every node"):
+        secure_config(*DISTRIBUTED, "privacy.delta=null")
 
 
 @pytest.mark.parametrize("lost", [None, NODES[1]], ids=["all-four", "one-lost-before-masking"])
@@ -945,14 +947,71 @@ def test_deployed_nodes_add_the_share_their_policy_trusts_and_unmask_only_among_
         assert entry["mechanism"] == "skellam" and entry["honest"] == 4
 
 
-def test_a_policy_that_counts_on_others_needs_a_cap_alone_and_a_cohort_that_large(tmp_path, node_policy, class_csv):
+def test_a_policy_that_counts_on_others_needs_a_cap_alone_a_cohort_that_large_and_known_peers(tmp_path, node_policy,
+                                                                                              class_csv):
+    import yaml
+
     from fedslm.node.policy import PolicyError, load_policy
 
+    def policy(secure=None, **privacy):
+        path = node_policy(data=class_csv, **privacy)
+        if secure is not None:
+            path.write_text(path.read_text() + yaml.safe_dump({"secure_aggregation": secure}))
+        return str(path)
+
+    for name in ("me", "b", "c"):
+        _identity(tmp_path, name)
+    known = {"identity_key": "keys/nme.key", "peers": {"b": "keys/nb.key.pub", "c": "keys/nc.key.pub"}}
     with pytest.raises(PolicyError, match="privacy.max_epsilon_alone is required"):
-        load_policy(str(node_policy(data=class_csv, assume_honest=3)))
+        load_policy(policy(known, assume_honest=3))
     with pytest.raises(PolicyError, match="min_cohort=3 must be at least privacy.assume_honest=4"):
-        load_policy(str(node_policy(data=class_csv, assume_honest=4, max_epsilon_alone=20.0)))
-    assert load_policy(str(node_policy(data=class_csv, assume_honest=3, max_epsilon_alone=20.0))).privacy.assume_honest == 3
+        load_policy(policy(known, assume_honest=4, max_epsilon_alone=20.0))
+    with pytest.raises(PolicyError, match="needs secure_aggregation.identity_key, the other institutions"):
+        load_policy(policy(None, assume_honest=3, max_epsilon_alone=20.0))
+    with pytest.raises(PolicyError, match="max_unverified_share=0"):
+        load_policy(policy({**known, "max_unverified_share": 0.2}, assume_honest=3, max_epsilon_alone=20.0))
+    assert load_policy(policy(known, assume_honest=3, max_epsilon_alone=20.0)).privacy.assume_honest == 3
+
+
+def test_a_node_refuses_to_unmask_when_a_neighbour_was_asked_for_another_lattice(flower_identity, secure_config,
+                                                                                  tmp_path, deployed_grid, caplog):
+    """A coordinator sends one node lattice_bits=5 (2**8 times smaller units, so its noise is tiny on the others'
+    lattice): its signed noise statement names another lattice, the others count its share as 0, and with
+    4 honest contributors needed none of them unmasks."""
+    import logging
+
+    cfg = secure_config("privacy.noise_seed=null", *DISTRIBUTED)
+
+    def other_lattice(records):
+        records[codec.CONFIG]["fedslm-config"] = str(records[codec.CONFIG]["fedslm-config"]).replace(
+            "lattice_bits: 13", "lattice_bits: 5")
+
+    grid = deployed_grid(cfg, min_cohort=4, size_is_public=True,
+                         privacy={"assume_honest": 4, "max_epsilon_alone": 60.0, "require_secure_noise": False},
+                         tamper_records={(Stage.COLLECT_MASKED_VECTORS, NODES[2]): other_lattice})
+    with caplog.at_level(logging.WARNING, logger="fedslm.node.secagg"), \
+            pytest.raises(FederationStopped, match="halted at stage unmask"):
+        _deployed_round(cfg, tmp_path, grid)
+    assert "the noise shares the survivors signed add up to" in caplog.text
+    (entry,) = Ledger(tmp_path / f"ledger-{NODES[2]}.json").entries("all-records")
+    assert entry["l2"] < 2 ** 6  # the tampered node did train on the small lattice: the check is not vacuous
+
+
+def test_a_node_refuses_a_setup_whose_max_weight_would_scale_its_lattice_vector_away(flower_identity, secure_config,
+                                                                                      tmp_path, deployed_grid):
+    """A huge max weight in Flower's setup makes the mod multiply a node's vector by ~0 (a constant the sum
+    gives away): the node compares the setup with its plan and refuses before it trains or pays."""
+    cfg = secure_config("privacy.noise_seed=null", *DISTRIBUTED)
+
+    def huge(configs):
+        configs[Key.MAX_WEIGHT] = 1e15
+
+    grid = deployed_grid(cfg, size_is_public=True, privacy={"require_secure_noise": False},
+                         tamper={(Stage.SETUP, NODES[0]): huge})
+    recorder, _, _, _ = _deployed_round(cfg, tmp_path, grid)
+    assert recorder.pending[1]["secure_aggregation"]["contributors"] == NODES[1:]
+    assert not (tmp_path / f"ledger-{NODES[0]}.json").exists()
+    assert all((tmp_path / f"ledger-{n}.json").exists() for n in NODES[1:])
 
 
 def test_distributed_noise_draws_its_rounding_and_noise_from_the_os_when_the_policy_requires_it(

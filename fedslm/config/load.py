@@ -296,6 +296,9 @@ def validate(cfg: Config) -> None:
                                "pick one")
         _check(p.noise_multiplier is None, "federation.secagg.distributed_noise calibrates its own noise: leave "
                                            "privacy.noise_multiplier unset")
+        _check(p.delta is not None, "federation.secagg.distributed_noise needs one privacy.delta for every node (with "
+                                    "δ = 1/(10 n) each node would plan another variance for the sum, and the shares "
+                                    "would not add up to the larger nodes' plans)")
         _check(1 <= sa.lattice_bits <= 24, f"federation.secagg.lattice_bits must be in [1, 24], got {sa.lattice_bits}")
         from fedslm.privacy.distributed import check_wire
         from fedslm.wire.secagg import quantization_range

@@ -164,13 +164,15 @@ class _StageGrid:
 
 
 def _signature(reply: Message, record: str) -> Optional[list[bytes]]:
-    """[public identity key, signature] from a node's reply record, if it holds two bytes values of a sane size."""
+    """[public identity key, signature] from a node's reply record, if it holds two bytes values of a sane size
+    (and, when the node signed one with its survivor list, its noise statement as a third)."""
     signed = reply.content.config_records.get(record)
     if signed is None:
         return None
     key, signature = signed.get(identity.KEY), signed.get(identity.SIGNATURE)
     if isinstance(key, bytes) and isinstance(signature, bytes) and len(key) + len(signature) <= 1024:
-        return [key, signature]
+        noise = signed.get(identity.NOISE)
+        return [key, signature, noise] if isinstance(noise, bytes) and 0 < len(noise) <= 512 else [key, signature]
     return None
 
 

@@ -50,7 +50,10 @@ def train(msg: Message, context: Context) -> Message:
 
         request, node = codec.parse_request(msg), node_context(context.node_config)
         if secagg.in_protocol(msg):
-            update, weight, metrics = client_secure_train(request, node, secagg.cohort(context))
+            noise: dict = {}
+            update, weight, metrics = client_secure_train(request, node, secagg.cohort(context),
+                                                          setup=secagg.setup_values(context), noise=noise)
+            secagg.record_noise(context, noise)
             return secagg.masked_train_reply(msg, update, weight, metrics)
         state, metrics = client_train(request, node)
     except Exception as exc:  # noqa: BLE001 - nothing of the node may reach the reply: category only

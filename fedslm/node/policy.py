@@ -208,9 +208,16 @@ def validate_policy(policy: NodePolicy, *, complete: bool = True, where: str = "
         _check(p.max_epsilon_alone is not None,
                f"{where}: privacy.max_epsilon_alone is required with privacy.assume_honest > 1 (the ε of this node's "
                "own noise, should the others add none)")
-        _check(policy.secure_aggregation.min_cohort >= p.assume_honest,
-               f"{where}: secure_aggregation.min_cohort={policy.secure_aggregation.min_cohort} must be at least "
+        sa = policy.secure_aggregation
+        _check(sa.min_cohort >= p.assume_honest,
+               f"{where}: secure_aggregation.min_cohort={sa.min_cohort} must be at least "
                f"privacy.assume_honest={p.assume_honest}")
+        # Counting on others' noise needs knowing who the others are: every neighbour signed by a listed
+        # institution, each signing its noise share with the survivor list.
+        _check(bool(sa.identity_key) and bool(sa.peers) and sa.max_unverified_share == 0,
+               f"{where}: privacy.assume_honest={p.assume_honest} needs secure_aggregation.identity_key, the other "
+               "institutions in secure_aggregation.peers and max_unverified_share=0 (a neighbour the coordinator "
+               "made up adds no noise)")
     if p.max_epsilon_alone is not None:
         _check(p.max_epsilon_alone > 0 and not math.isinf(p.max_epsilon_alone),
                f"{where}: privacy.max_epsilon_alone must be a finite ε > 0, got {p.max_epsilon_alone}")

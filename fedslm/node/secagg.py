@@ -34,6 +34,10 @@ THRESHOLD = "threshold"
 MASKED_WITH = "masked-with"  # the nodes whose pairwise masks this node added (and itself)
 VERIFIED = "verified"  # neighbours whose round keys a listed institution signed
 SIGNED = "signed"  # the survivor list this node signed in the consistency stage of the session
+SETUP_VALUES = "setup-values"  # Flower's setup parameters: clipping range, levels, modulus, max weight
+# Under distributed noise (fedslm.privacy.distributed), set when this node trained: its lattice's digest, the
+# variance it added, the variance its plan needs in the sum, and the honest contributors it counts on.
+NOISE_LATTICE, NOISE_SHARE, NOISE_NEED, NOISE_HONEST = "noise-lattice", "noise-share", "noise-need", "noise-honest"
 # Per run, the last round this node set up and the survivor list it signed: on disk, fedslm.node.sessions.
 _MAX_KEY_BYTES = 512  # a SecAgg+ public key (PEM) or an Ed25519 key/signature is far below this
 
@@ -211,20 +215,27 @@ def check_unmask(msg: Message, context: Context, full: Any, active: list[int], d
     mine, listed = _listed(policy)
     record = msg.content.config_records.get(identity.CONSISTENCY)
     signers: dict[Optional[str], int] = {None: context.node_id}  # this institution signed it
+    shares: dict[int, float] = {}  # under distributed noise: the share each signer says it added on this lattice
     for node in survivors:
         entry = record.get(str(node)) if record is not None and node != context.node_id else None
         if entry is None:
             continue
         try:
-            raw, signature = (_raw(v) for v in entry)  # type: ignore[union-attr]
+            values = [_raw(v) for v in entry]  # type: ignore[union-attr]
         except (TypeError, ValueError):
             continue
+        if len(values) not in (2, 3):
+            continue
+        raw, signature, noise = values[0], values[1], (values[2] if len(values) == 3 else b"")
         name = listed.get(raw)
         if name is None or name in signers:
             continue
         if identity.verify(raw, signature, identity.survivors_bytes(msg.metadata.run_id, msg.metadata.group_id,
-                                                                    node, survivors)):
+                                                                    node, survivors, noise)):
             signers[name] = node
+            stated = identity.read_noise_statement(noise) if noise else None
+            if stated is not None and stated[0] == own.get(NOISE_LATTICE):
+                shares[node] = stated[1]
     unsigned = sorted(set(int(n) for n in own.get(VERIFIED, [])) & set(active) - set(signers.values()))
     if unsigned:  # its mask seed would go out although it never vouched for this list
         raise SecureAggregationRefused(f"nodes {unsigned} are listed alive but did not sign the survivor list")
@@ -233,8 +244,29 @@ def check_unmask(msg: Message, context: Context, full: Any, active: list[int], d
         raise SecureAggregationRefused(
             f"{len(signers)} of the {len(listed) + 1} institutions this node lists signed its survivor list, "
             f"fewer than {needed} (more than half): the coordinator may have shown others another list")
+    check_noise_shares(own, survivors, shares, context.node_id)
     log.info("secure aggregation: survivor list %s signed by %d of %d listed institutions", survivors, len(signers),
              len(listed) + 1)
+
+
+def check_noise_shares(own: Mapping[str, Any], survivors: list[int], shares: Mapping[int, float], me: int) -> None:
+    """Under distributed noise, counting on k honest contributors: the sum holds this node's share plus at
+    least k - 1 others'; whichever k - 1 of the other survivors are the honest ones, their shares (as each
+    signed it, on this node's lattice; 0 for a survivor that stated none) must make up the variance this
+    node's plan needs. Else unmasking would release the node's vector in a sum noisier only on paper."""
+    honest = int(own.get(NOISE_HONEST, 1))
+    if NOISE_LATTICE not in own or honest <= 1:
+        return
+    others = sorted(float(shares.get(n, 0.0)) for n in survivors if n != me)
+    if len(others) < honest - 1:
+        raise SecureAggregationRefused(f"{len(others) + 1} survivors, fewer than the {honest} honest contributors "
+                                       "this node's distributed noise counts on (privacy.assume_honest)")
+    held = float(own[NOISE_SHARE]) + sum(others[:honest - 1])
+    need = float(own[NOISE_NEED])
+    if held < need * (1 - 1e-9):
+        raise SecureAggregationRefused(
+            f"the noise shares the survivors signed add up to {held / need:.3g} of the variance this node's plan needs "
+            f"in the sum, counting on {honest} honest contributors (privacy.assume_honest): not unmasking")
 
 
 def sign_survivors(msg: Message, context: Context) -> Message:
@@ -248,10 +280,13 @@ def sign_survivors(msg: Message, context: Context) -> Message:
     policy = _policy(context)
     record = ConfigRecord()
     if policy is not None and policy.identity_key:
+        own = _own(context)
+        noise = (identity.noise_statement(str(own[NOISE_LATTICE]), float(own[NOISE_SHARE]))  # type: ignore[arg-type]
+                 if NOISE_LATTICE in own else b"")
         message = identity.survivors_bytes(msg.metadata.run_id, msg.metadata.group_id, context.node_id,
-                                           [int(n) for n in survivors])
+                                           [int(n) for n in survivors], noise)
         raw, signature = identity.sign(identity.load_private(policy.identity_key), message)
-        record = ConfigRecord({identity.KEY: raw, identity.SIGNATURE: signature})
+        record = ConfigRecord({identity.KEY: raw, identity.SIGNATURE: signature, **({identity.NOISE: noise} if noise else {})})
     return Message(RecordDict({identity.CONSISTENCY: record}), reply_to=msg)
 
 
@@ -324,6 +359,21 @@ def sign_setup(msg: Message, reply: Message, context: Context) -> None:
     reply.content.config_records[identity.IDENTITY] = ConfigRecord({identity.KEY: raw, identity.SIGNATURE: signature})
 
 
+def setup_values(context: Context) -> Optional[tuple[float, ...]]:
+    """Flower's setup parameters this node's mod quantises with (clipping range, levels, modulus, max weight)."""
+    values = _own(context).get(SETUP_VALUES)
+    return tuple(float(v) for v in values) if values is not None else None  # type: ignore[union-attr]
+
+
+def record_noise(context: Context, noise: Mapping[str, Any]) -> None:
+    """Remember the distributed noise this node added in the round (signed with its survivor list)."""
+    if noise:
+        context.state.config_records[STATE] = ConfigRecord({**_own(context), NOISE_LATTICE: str(noise["lattice"]),
+                                                            NOISE_SHARE: float(noise["share"]),
+                                                            NOISE_NEED: float(noise["need"]),
+                                                            NOISE_HONEST: int(noise["honest"])})
+
+
 def cohort(context: Context) -> list[int] | None:
     """The neighbours this node shared its secrets with in the current round (None outside SecAgg+)."""
     record = context.state.config_records.get(STATE)
@@ -362,8 +412,12 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: Any) -> Me
             return sign_survivors(msg, context)
         reply = _mod_module.secaggplus_mod(msg, context, train)
         if stage == Stage.SETUP and not reply.has_error():  # Flower holds this session's keys: so does fedslm
-            threshold = int(msg.content.config_records[RECORD_KEY_CONFIGS][Key.THRESHOLD])
-            context.state.config_records[STATE] = ConfigRecord({SESSION: _session(msg), THRESHOLD: threshold})
+            configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+            threshold = int(configs[Key.THRESHOLD])
+            setup = [float(configs[k]) for k in (Key.CLIPPING_RANGE, Key.TARGET_RANGE, Key.MOD_RANGE,  # type: ignore[arg-type]
+                                                 Key.MAX_WEIGHT)]
+            context.state.config_records[STATE] = ConfigRecord({SESSION: _session(msg), THRESHOLD: threshold,
+                                                                SETUP_VALUES: setup})
             sign_setup(msg, reply, context)
         elif stage == Stage.SHARE_KEYS and not reply.has_error():  # Flower took the stage: remember the cohort
             own = context.state.config_records[STATE]

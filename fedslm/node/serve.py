@@ -248,10 +248,10 @@ def client_train(request: Request, node: NodeContext) -> tuple[dict[str, torch.T
 
 def _train(plan: RoundPlan, request: Request, *, secure: bool = False,
            cohort: Optional[list[int]] = None,
-           lattice: Optional[dict[str, torch.Tensor]] = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+           lattice: Optional[dict[str, Any]] = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``secure``: the request came inside the secure aggregation protocol (the caller masks the
     result), among the neighbours ``cohort``. ``lattice``: filled with a distributed-noise round's
-    integer sums (:mod:`fedslm.privacy.distributed`), by adapter key."""
+    integer sums by adapter key ("sums") and its noise share ("share"; :mod:`fedslm.privacy.distributed`)."""
     started = time.perf_counter()
     _check_secure(plan, secure)
     _threads(plan)
@@ -301,7 +301,7 @@ def _train(plan: RoundPlan, request: Request, *, secure: bool = False,
     )
     state, extra = released[0] if released else _released(plan, request, inst.model)  # clipped once, kept as sent
     if lattice is not None and result.lattice is not None:
-        lattice.update(result.lattice)
+        lattice.update(sums=result.lattice, share=result.lattice_share)
     metrics = {**_train_metrics(result, plan, state, request), **extra}
     if result.epsilon_alone is not None:
         metrics["epsilon-alone"] = result.epsilon_alone
@@ -319,19 +319,36 @@ def _on_the_wire(plan: RoundPlan, state: dict[str, torch.Tensor], metrics: dict[
     return wire, {**metrics, "bytes-up": tensor_bytes(wire)}
 
 
-def client_secure_train(request: Request, node: NodeContext,
-                        cohort: Optional[list[int]] = None) -> tuple[list[np.ndarray], float, dict[str, Any]]:
+def client_secure_train(request: Request, node: NodeContext, cohort: Optional[list[int]] = None, *,
+                        setup: Optional[tuple[float, ...]] = None,
+                        noise: Optional[dict[str, Any]] = None) -> tuple[list[np.ndarray], float, dict[str, Any]]:
     """A round inside secure aggregation among the neighbours ``cohort``: the update to mask, its
-    weight, and the metrics."""
+    weight, and the metrics. ``setup``: the clipping range, levels, modulus and max weight Flower's mod
+    will quantise with (from the protocol's setup stage); ``noise``: filled with a distributed-noise
+    round's lattice digest, share, need and honest count (signed with the survivor list)."""
     if request.adapter is None:
         raise FedslmError("a secure aggregation round needs the global adapter in the request")
     plan = round_plan(request, node)
-    sums: dict[str, torch.Tensor] = {}
-    state, metrics = _train(plan, request, secure=True, cohort=cohort, lattice=sums)
-    if plan.spec.dp.lattice is not None:
+    lat = plan.spec.dp.lattice
+    if lat is not None and setup is not None:
+        from fedslm.wire.secagg import MODULUS
+
+        expected = (float(lat.clipping_range), float(lat.levels), float(MODULUS), float(plan.secagg_max_weight))
+        if tuple(setup) != expected:
+            # Flower's mod would quantise with these: another range, levels or weight bound rescales or clips
+            # the lattice values (a huge max weight turns the vector into a constant the sum gives away).
+            raise PolicyRefusal("distributed noise: the protocol's setup (clipping range, levels, modulus, max "
+                                "weight) differs from the run config this round was asked with; not training")
+    out: dict[str, Any] = {}
+    state, metrics = _train(plan, request, secure=True, cohort=cohort, lattice=out)
+    if lat is not None:
         from fedslm.node.secagg import lattice_payload
 
-        update, weight, extra = lattice_payload(request.adapter, state, sums, plan.spec.dp.lattice,
+        share = out["share"]
+        if noise is not None:
+            noise.update(lattice=lat.digest(plan.spec.dp.max_grad_norm), share=share.mu_node, need=share.mu_sum,
+                         honest=lat.honest)
+        update, weight, extra = lattice_payload(request.adapter, state, out["sums"], lat,
                                                 max_weight=plan.secagg_max_weight)
         return update, weight, _published(plan, {**metrics, **extra})
     bit = None

@@ -74,6 +74,15 @@ class Lattice:
         """γ: lattice units per unit of gradient sum."""
         return 2.0 ** self.bits / max_grad_norm
 
+    def digest(self, max_grad_norm: float) -> str:
+        """What makes two nodes' lattice units the same (γ and SecAgg+'s levels): signed with each node's share,
+        so that a node counts only shares added on its own lattice (a coordinator sending nodes different
+        lattice_bits, clip norms or ranges would otherwise shrink their noise in this node's units)."""
+        import hashlib
+
+        text = f"bits={self.bits};clip={float(max_grad_norm)!r};R={float(self.clipping_range)!r};T={int(self.levels)}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
 
 @dataclass(frozen=True)
 class Share:

@@ -19,7 +19,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -134,6 +134,7 @@ class RoundResult:
     # Distributed noise: the integer sums released on the lattice, by adapter key; and ε of this
     # node's own noise alone (the ledger's whole history). None under local DP.
     lattice: Optional[dict[str, torch.Tensor]] = None
+    lattice_share: Optional[Any] = None
     epsilon_alone: Optional[float] = None
 
 
@@ -323,7 +324,7 @@ def train_round(
 
         sums = engine.lattice_sums  # type: ignore[union-attr]
         check_in_range(p.lattice, sums)  # type: ignore[arg-type]
-        result = dataclasses.replace(result, lattice=dict(zip(lattice[1], sums)))
+        result = dataclasses.replace(result, lattice=dict(zip(lattice[1], sums)), lattice_share=lattice[2])
     if release is not None:
         ledger.settle(unit, entry, release(result))
     at = delta if delta is not None else p.delta or 1.0 / (10 * n)

@@ -36,9 +36,12 @@ only when more than half of the institutions its policy lists signed the same on
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import struct
 from pathlib import Path
+from typing import Optional
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -56,6 +59,8 @@ CONSISTENCY = "fedslm-secagg-consistency"
 SURVIVORS = "survivors"
 KEY = "key"
 SIGNATURE = "signature"
+# Under distributed noise: the noise statement a node signs with its survivor list.
+NOISE = "noise"
 _DOMAIN = b"fedslm-secagg-identity-v1\x00"
 _CONSISTENCY_DOMAIN = b"fedslm-secagg-consistency-v1\x00"
 RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
@@ -73,13 +78,41 @@ def signed_bytes(run_id: int, group_id: str, node_id: int, pk1: bytes, pk2: byte
                      struct.pack(">I", len(pk2)), pk2])
 
 
-def survivors_bytes(run_id: int, group_id: str, node_id: int, survivors: list[int]) -> bytes:
-    """What a node signs in the consistency stage: the survivor list, bound to the run, the round and its node id."""
+def survivors_bytes(run_id: int, group_id: str, node_id: int, survivors: list[int], noise: bytes = b"") -> bytes:
+    """What a node signs in the consistency stage: the survivor list, bound to the run, the round and its node id;
+    under distributed noise also its ``noise`` statement (:func:`noise_statement`)."""
     group = group_id.encode("utf-8")
     nodes = sorted(int(n) & (2**64 - 1) for n in survivors)
-    return b"".join([_CONSISTENCY_DOMAIN, struct.pack(">QQ", int(run_id) & (2**64 - 1), int(node_id) & (2**64 - 1)),
-                     struct.pack(">I", len(group)), group, struct.pack(">I", len(nodes)),
-                     struct.pack(f">{len(nodes)}Q", *nodes)])
+    parts = [_CONSISTENCY_DOMAIN, struct.pack(">QQ", int(run_id) & (2**64 - 1), int(node_id) & (2**64 - 1)),
+             struct.pack(">I", len(group)), group, struct.pack(">I", len(nodes)), struct.pack(f">{len(nodes)}Q", *nodes)]
+    if noise:
+        parts += [struct.pack(">I", len(noise)), noise]
+    return b"".join(parts)
+
+
+_NOISE_DOMAIN = b"fedslm-noise-v1\x00"
+
+
+def noise_statement(lattice: str, share: float) -> bytes:
+    """A node's statement, signed with the survivor list, of the distributed noise it added: the lattice
+    (:func:`fedslm.privacy.distributed.lattice_digest`) and its share of the variance in that lattice's units."""
+    return _NOISE_DOMAIN + json.dumps({"lattice": lattice, "share": float(share)}, sort_keys=True).encode()
+
+
+def read_noise_statement(raw: bytes) -> Optional[tuple[str, float]]:
+    """(lattice, share) of a statement, or None if it is not one."""
+    if not raw.startswith(_NOISE_DOMAIN):
+        return None
+    try:
+        body = json.loads(raw[len(_NOISE_DOMAIN):].decode("utf-8"))
+        lattice, share = body["lattice"], body["share"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return None
+    if not isinstance(lattice, str) or isinstance(share, bool) or not isinstance(share, (int, float)):
+        return None
+    if not math.isfinite(share) or share < 0:
+        return None
+    return lattice, float(share)
 
 
 def raw_public(key: Ed25519PublicKey) -> bytes:
