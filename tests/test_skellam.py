@@ -237,3 +237,35 @@ def test_secure_draws_have_the_same_laws_and_never_repeat():
     assert abs(float(rounded.double().mean()) - 3.25) < 4 * math.sqrt(0.25 * 0.75 / 200_000)
     assert torch.equal(skellam.randomized_round(torch.tensor([-7.0, 12.0], dtype=torch.float64), secure=True),
                        torch.tensor([-7, 12]))
+
+
+def test_the_head_engine_releases_the_per_record_clipped_sum_rounded_onto_the_lattice():
+    """HeadDPSGD on the lattice, no noise: K / γ is the sum of per-record clipped gradients computed one record
+    at a time with autograd (the obviously correct reference), to within the rounding (< 1 unit a coordinate)."""
+    from torch import nn
+
+    from fedslm.privacy.head_dpsgd import HeadDPSGD
+
+    torch.manual_seed(0)
+    head = nn.Linear(6, 4, bias=False)
+    x, y = torch.randn(40, 6), torch.randint(0, 4, (40,))
+
+    class Feats:
+        def batch(self, idx):
+            return {"hidden": x[idx], "labels": y[idx]}
+
+    clip, gamma = 0.3, 2.0**13 / 0.3
+    engine = HeadDPSGD(head, nn.Identity(), Feats(), optimizer=torch.optim.SGD(head.parameters(), lr=0.0),
+                       noise_multiplier=1.0, max_grad_norm=clip, expected_batch_size=40, physical_batch_size=16,
+                       lattice=(gamma, 0.0))
+    reference = torch.zeros_like(head.weight, dtype=torch.float64)
+    for i in range(40):
+        head.zero_grad()
+        nn.functional.cross_entropy(head(x[i:i + 1]), y[i:i + 1]).backward()
+        g = head.weight.grad.double()
+        reference += g * min(1.0, clip / (float(g.norm()) + 1e-6))
+    engine.step(list(range(40)))
+    (k,) = engine.lattice_sums
+    assert k.dtype == torch.int64
+    assert float((k.double() - gamma * reference).abs().max()) < 1.0 + 1e-6
+    assert float(reference.abs().max()) * gamma > 1000  # the comparison is not vacuous

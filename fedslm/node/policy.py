@@ -349,6 +349,12 @@ privacy:
   require_secure_noise: true
   # Send an update only inside secure aggregation (SecAgg+).
   require_secure_aggregation: false
+  # Distributed noise (a run's federation.secagg.distributed_noise): how many contributors to the secure
+  # sum, you included, you count on to add their share of the DP noise. 1 trusts no one (you add it all).
+  # With k > 1 you add 1/k, set max_epsilon_alone (the ε of your own noise alone, should the others add
+  # none), your identity_key, the others' keys in peers and min_cohort >= k under secure_aggregation.
+  assume_honest: 1
+  # max_epsilon_alone: 25.0
 
 models:
   # Base models this node may load: bundled presets (fedslm model list) or local model folders.
