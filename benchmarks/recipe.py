@@ -77,6 +77,13 @@ VARIANTS = [
     (f"{DISTRIBUTED}, each counting on 5 honest, ε=8 of the sum", 5, ["privacy.target_epsilon=8", "privacy.delta=1e-6", "distributed=5"]),
     (f"{DISTRIBUTED}, each counting on 5 honest, ε=3 of the sum", 5, ["privacy.target_epsilon=3", "privacy.delta=1e-6", "distributed=5"]),
     (f"{DISTRIBUTED}, each counting on 5 honest, ε=1 of the sum", 5, ["privacy.target_epsilon=1", "privacy.delta=1e-6", "distributed=5"]),
+    (f"{DISTRIBUTED}, each counting on 5 honest, ε=1 of the sum, clip norm 0.15", 5, [
+        "privacy.target_epsilon=1", "privacy.delta=1e-6", "distributed=5", "privacy.max_grad_norm=0.15"]),
+    (f"{DISTRIBUTED}, each counting on 5 honest, ε=1 of the sum, server η 0.15", 5, [
+        "privacy.target_epsilon=1", "privacy.delta=1e-6", "distributed=5", "federation.server_lr=0.15"]),
+    (f"{DISTRIBUTED}, each counting on 5 honest, ε=1 of the sum, clip norm 0.15 and server η 0.15", 5, [
+        "privacy.target_epsilon=1", "privacy.delta=1e-6", "distributed=5", "privacy.max_grad_norm=0.15",
+        "federation.server_lr=0.15"]),
     (f"{DISTRIBUTED}, each counting on 3 honest, ε=8 of the sum", 5, ["privacy.target_epsilon=8", "privacy.delta=1e-6", "distributed=3"]),
     (f"{DISTRIBUTED}, each trusting no one (honest 1), ε=8", 5, ["privacy.target_epsilon=8", "privacy.delta=1e-6", "distributed=1"]),
 ]
@@ -242,6 +249,7 @@ def write(result: dict, stem: Path) -> None:
                                                                     ("DP ε=1", 6.0))]
     targets += [(f"{DISTRIBUTED}, each counting on 5 honest, ε={e} of the sum", g) for e, g in ((8, 2.0), (3, 4.0),
                                                                                                (1, 6.0))]
+    targets.append((f"{DISTRIBUTED}, each counting on 5 honest, ε=1 of the sum, clip norm 0.15", 6.0))
     for name, gap in targets:
         r = next((x for x in rows if x["name"] == name), None)
         if r is not None and not result["quick"]:
