@@ -904,6 +904,9 @@ def test_distributed_noise_sums_the_nodes_lattice_vectors_exactly_and_charges_th
         assert metrics["epsilon"] <= 4 + 1e-6 < metrics["epsilon-alone"]
         spread = float((ks[NODES.index(node)] - torch.round(ks[NODES.index(node)].double().mean())).double().std())
         assert spread > 0.5 * math.sqrt(entry["mu"])  # the noise is there, at about its planned size
+    # The run record keeps both figures per institution (summary.json's privacy, the simulation's last line).
+    recorded = list(recorder.pending[1]["clients"].values())
+    assert len(recorded) == len(NODES) and all(c["epsilon_alone"] > c["epsilon"] for c in recorded)
 
 
 def test_distributed_noise_is_refused_outside_the_head_only_full_batch_recipe(secure_config):

@@ -250,6 +250,8 @@ class RunRecorder:
             })
             if m.get("replayed"):  # an update this node had already paid for, sent again after a resume
                 entry["replayed"] = True
+            if m.get("epsilon-alone") is not None:  # distributed noise: ε of this node's own noise alone
+                entry["epsilon_alone"] = _finite(m.get("epsilon-alone"))
         return valid
 
     def on_evaluate(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
@@ -548,7 +550,8 @@ def summarize(cfg: Config, rounds: list[dict[str, Any]], run_id: str, fingerprin
             if "eval" in c:
                 last_eval[c["institution"]] = c["eval"]
             if c.get("epsilon") is not None or "train_loss" in c:
-                privacy[c["institution"]] = {"epsilon": c.get("epsilon"), "delta": c.get("delta")}
+                privacy[c["institution"]] = {"epsilon": c.get("epsilon"), "delta": c.get("delta"),
+                                             **({"epsilon_alone": c["epsilon_alone"]} if "epsilon_alone" in c else {})}
             bytes_up += c.get("bytes_up", 0)
             bytes_down += c.get("bytes_down", 0)
     per_inst = {str(k): v.get(headline) for k, v in sorted(last_eval.items())}

@@ -275,13 +275,15 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
 def describe(summary: dict[str, Any], out: Path, console: Console) -> None:
     final = summary.get("final", {})
     headline = "accuracy" if "accuracy" in final else "perplexity"
-    eps = [v.get("epsilon") for v in summary.get("privacy", {}).get("per_institution", {}).values()]
-    eps = [e for e in eps if e is not None]
+    per = summary.get("privacy", {}).get("per_institution", {}).values()
+    eps = [e for e in (v.get("epsilon") for v in per) if e is not None]
+    alone = [e for e in (v.get("epsilon_alone") for v in per) if e is not None]
     worst = summary.get("worst_institution") or {}
     console.print(
         f"done in {summary.get('wall_seconds_total', summary.get('wall_seconds', 0)):.0f}s: weighted held-out "
         f"{headline} {final.get(headline, float('nan')):.4f}; worst institution {worst.get('institution')} at "
         f"{worst.get(headline, float('nan')):.4f}; ε per institution {', '.join(f'{e:.2f}' for e in eps)}"
+        + (f" (of the secure sum; each one's own noise alone: {', '.join(f'{e:.2f}' for e in alone)})" if alone else "")
     )
     local = summary.get("local_only", {}).get(headline)
     if local:
