@@ -976,28 +976,35 @@ def test_a_policy_that_counts_on_others_needs_a_cap_alone_a_cohort_that_large_an
     assert load_policy(policy(known, assume_honest=3, max_epsilon_alone=20.0)).privacy.assume_honest == 3
 
 
-def test_a_node_refuses_to_unmask_when_a_neighbour_was_asked_for_another_lattice(flower_identity, secure_config,
-                                                                                  tmp_path, deployed_grid, caplog):
-    """A coordinator sends one node lattice_bits=5 (2**8 times smaller units, so its noise is tiny on the others'
-    lattice): its signed noise statement names another lattice, the others count its share as 0, and with
-    4 honest contributors needed none of them unmasks."""
+@pytest.mark.parametrize("edit,refusal", [
+    (("lattice_bits: 13", "lattice_bits: 5"), "added their noise on another lattice or other tensors"),
+    (("head_bias: false", "head_bias: true"), "added their noise on another lattice or other tensors"),
+    (("target_epsilon: 4.0", "target_epsilon: 1.0"), "of the variance node 13's plan needs in the sum"),
+], ids=["smaller-lattice", "bias-trained", "stricter-epsilon"])
+def test_no_node_unmasks_a_sum_whose_noise_falls_short_of_any_plan_in_it(flower_identity, secure_config, tmp_path,
+                                                                        deployed_grid, caplog, edit, refusal):
+    """The coordinator sends node 13 another request. On 2**8 times smaller lattice units its noise would be
+    tiny on the others' lattice; with its bias trained, the others' bias coordinates would carry their own
+    share alone; asked for ε = 1 it needs more noise in the sum than the others' shares give it, and its
+    own refusal would not save it (the others hold a threshold of its shares). Each node signed its
+    lattice, share, need and trust with the survivor list, and no node unmasks: the round stops."""
     import logging
 
     cfg = secure_config("privacy.noise_seed=null", *DISTRIBUTED)
 
-    def other_lattice(records):
-        records[codec.CONFIG]["fedslm-config"] = str(records[codec.CONFIG]["fedslm-config"]).replace(
-            "lattice_bits: 13", "lattice_bits: 5")
+    def tampered(records):
+        records[codec.CONFIG]["fedslm-config"] = str(records[codec.CONFIG]["fedslm-config"]).replace(*edit)
 
     grid = deployed_grid(cfg, min_cohort=4, size_is_public=True,
                          privacy={"assume_honest": 4, "max_epsilon_alone": 60.0, "require_secure_noise": False},
-                         tamper_records={(Stage.COLLECT_MASKED_VECTORS, NODES[2]): other_lattice})
+                         tamper_records={(Stage.COLLECT_MASKED_VECTORS, NODES[2]): tampered})
     with caplog.at_level(logging.WARNING, logger="fedslm.node.secagg"), \
             pytest.raises(FederationStopped, match="halted at stage unmask"):
         _deployed_round(cfg, tmp_path, grid)
-    assert "the noise shares the survivors signed add up to" in caplog.text
+    assert refusal in caplog.text
     (entry,) = Ledger(tmp_path / f"ledger-{NODES[2]}.json").entries("all-records")
-    assert entry["l2"] < 2 ** 6  # the tampered node did train on the small lattice: the check is not vacuous
+    (other,) = Ledger(tmp_path / f"ledger-{NODES[0]}.json").entries("all-records")
+    assert (entry["l2"], entry["mu"]) != (other["l2"], other["mu"])  # node 13 really trained as tampered
 
 
 def test_a_node_refuses_a_setup_whose_max_weight_would_scale_its_lattice_vector_away(flower_identity, secure_config,
@@ -1033,3 +1040,12 @@ def test_distributed_noise_draws_its_rounding_and_noise_from_the_os_when_the_pol
     recorder, _, _, _ = _deployed_round(cfg, tmp_path, grid)
     assert recorder.pending[1]["secure_aggregation"]["contributors"] == NODES
     assert calls["bits"] >= len(NODES) and calls["keyed"] >= len(NODES)
+
+
+def test_a_simulated_sum_of_fewer_vectors_than_the_honest_count_is_never_unmasked(flower_identity, secure_config,
+                                                                                  tmp_path):
+    """Simulated nodes check nothing themselves (the scenario stands for their policies): the coordinator stops a
+    round whose sum would hold fewer vectors than privacy.distributed.honest, whose noise each ledger charges for."""
+    cfg = secure_config(*DISTRIBUTED, "federation.min_clients=4", "privacy.distributed.honest=4")
+    with pytest.raises(FederationStopped, match="3 vectors in the sum, fewer than privacy.distributed.honest=4"):
+        _secure_round(cfg, tmp_path, drop={Stage.COLLECT_MASKED_VECTORS: NODES[1]})

@@ -254,6 +254,13 @@ class SecureAggregationGrid:
                 state.nid_to_fitins = {m.metadata.dst_node_id: RecordDict({
                     codec.ARRAYS: sent, codec.CONFIG: ConfigRecord(dict(m.content[codec.CONFIG]))}) for m in messages}
             if name == "unmask":  # fedslm's consistency stage first: one signed list of survivors
+                honest = self.cfg.privacy.distributed.honest
+                if self.cfg.federation.secagg.distributed_noise and len(state.active_node_ids) < honest:
+                    # Simulated nodes run no checks of their own (the scenario stands for their policies): the
+                    # sum of fewer than `honest` vectors would not carry the noise their ledgers charge for.
+                    self.recorder.stop(server_round, "train", f"distributed noise: {len(state.active_node_ids)} "
+                                       f"vectors in the sum, fewer than privacy.distributed.honest={honest}; "
+                                       "not unmasking")
                 stage_grid.agree(state.active_node_ids, server_round, timeout)
             ok = stage(stage_grid, context, state)
             if name in ("setup", "share-keys"):

@@ -215,7 +215,8 @@ def check_unmask(msg: Message, context: Context, full: Any, active: list[int], d
     mine, listed = _listed(policy)
     record = msg.content.config_records.get(identity.CONSISTENCY)
     signers: dict[Optional[str], int] = {None: context.node_id}  # this institution signed it
-    shares: dict[int, float] = {}  # under distributed noise: the share each signer says it added on this lattice
+    # Under distributed noise: each signer's statement (lattice, share, need, honest).
+    statements: dict[int, tuple[str, float, float, int]] = {}
     for node in survivors:
         entry = record.get(str(node)) if record is not None and node != context.node_id else None
         if entry is None:
@@ -234,8 +235,8 @@ def check_unmask(msg: Message, context: Context, full: Any, active: list[int], d
                                                                     node, survivors, noise)):
             signers[name] = node
             stated = identity.read_noise_statement(noise) if noise else None
-            if stated is not None and stated[0] == own.get(NOISE_LATTICE):
-                shares[node] = stated[1]
+            if stated is not None:
+                statements[node] = stated
     unsigned = sorted(set(int(n) for n in own.get(VERIFIED, [])) & set(active) - set(signers.values()))
     if unsigned:  # its mask seed would go out although it never vouched for this list
         raise SecureAggregationRefused(f"nodes {unsigned} are listed alive but did not sign the survivor list")
@@ -244,29 +245,45 @@ def check_unmask(msg: Message, context: Context, full: Any, active: list[int], d
         raise SecureAggregationRefused(
             f"{len(signers)} of the {len(listed) + 1} institutions this node lists signed its survivor list, "
             f"fewer than {needed} (more than half): the coordinator may have shown others another list")
-    check_noise_shares(own, survivors, shares, context.node_id)
+    check_noise_shares(own, survivors, statements, context.node_id)
     log.info("secure aggregation: survivor list %s signed by %d of %d listed institutions", survivors, len(signers),
              len(listed) + 1)
 
 
-def check_noise_shares(own: Mapping[str, Any], survivors: list[int], shares: Mapping[int, float], me: int) -> None:
-    """Under distributed noise, counting on k honest contributors: the sum holds this node's share plus at
-    least k - 1 others'; whichever k - 1 of the other survivors are the honest ones, their shares (as each
-    signed it, on this node's lattice; 0 for a survivor that stated none) must make up the variance this
-    node's plan needs. Else unmasking would release the node's vector in a sum noisier only on paper."""
-    honest = int(own.get(NOISE_HONEST, 1))
-    if NOISE_LATTICE not in own or honest <= 1:
-        return
-    others = sorted(float(shares.get(n, 0.0)) for n in survivors if n != me)
-    if len(others) < honest - 1:
-        raise SecureAggregationRefused(f"{len(others) + 1} survivors, fewer than the {honest} honest contributors "
-                                       "this node's distributed noise counts on (privacy.assume_honest)")
-    held = float(own[NOISE_SHARE]) + sum(others[:honest - 1])
-    need = float(own[NOISE_NEED])
-    if held < need * (1 - 1e-9):
-        raise SecureAggregationRefused(
-            f"the noise shares the survivors signed add up to {held / need:.3g} of the variance this node's plan needs "
-            f"in the sum, counting on {honest} honest contributors (privacy.assume_honest): not unmasking")
+def check_noise_shares(own: Mapping[str, Any], survivors: list[int],
+                       statements: Mapping[int, tuple[str, float, float, int]], me: int) -> None:
+    """Under distributed noise, before this node gives out any share: every vector in its sum (the survivors
+    it masked with) must carry enough noise for the plan of the node that sent it, this node's and each
+    neighbour's as it signed it, since this node's shares help unmask them. A node counting on k honest
+    contributors needs its own share plus the k - 1 smallest shares of the others in the sum (0 for one
+    that stated none) to make up its plan: whichever k - 1 are honest, the sum holds that much. A survivor
+    that stated noise on another lattice or other tensors makes the sum meaningless: refused."""
+    if NOISE_LATTICE not in own:
+        return  # a local-DP round: every vector carries its node's whole noise
+    lattice = str(own[NOISE_LATTICE])
+    masked = {int(n) for n in own.get(MASKED_WITH, [])}
+    in_sum = sorted(set(survivors) & masked | {me})
+    other = sorted(n for n in in_sum if n in statements and statements[n][0] != lattice)
+    if other:
+        raise SecureAggregationRefused(f"survivors {other} added their noise on another lattice or other tensors "
+                                       "than this node (different lattice_bits, clip norm, range or trained tensors)")
+    shares = {n: statements[n][1] for n in in_sum if n in statements}
+    shares[me] = float(own[NOISE_SHARE])
+    plans = {n: (s[2], s[3]) for n, s in statements.items() if n in in_sum and n != me}
+    plans[me] = (float(own[NOISE_NEED]), int(own.get(NOISE_HONEST, 1)))
+    for node, (need, honest) in sorted(plans.items()):
+        if honest <= 1:
+            continue  # it added its whole noise itself
+        others = sorted(shares.get(n, 0.0) for n in in_sum if n != node)
+        whose = "this node's" if node == me else f"node {node}'s"
+        if len(others) < honest - 1:
+            raise SecureAggregationRefused(f"{len(in_sum)} vectors in the sum, fewer than the {honest} honest "
+                                           f"contributors {whose} distributed noise counts on")
+        held = shares[node] + sum(others[:honest - 1])
+        if held < need * (1 - 1e-9):
+            raise SecureAggregationRefused(
+                f"the noise shares the survivors signed add up to {held / need:.3g} of the variance {whose} plan "
+                f"needs in the sum, counting on {honest} honest contributors: not unmasking")
 
 
 def sign_survivors(msg: Message, context: Context) -> Message:
@@ -281,7 +298,8 @@ def sign_survivors(msg: Message, context: Context) -> Message:
     record = ConfigRecord()
     if policy is not None and policy.identity_key:
         own = _own(context)
-        noise = (identity.noise_statement(str(own[NOISE_LATTICE]), float(own[NOISE_SHARE]))  # type: ignore[arg-type]
+        noise = (identity.noise_statement(str(own[NOISE_LATTICE]), float(own[NOISE_SHARE]),  # type: ignore[arg-type]
+                                          float(own[NOISE_NEED]), int(own[NOISE_HONEST]))  # type: ignore[arg-type]
                  if NOISE_LATTICE in own else b"")
         message = identity.survivors_bytes(msg.metadata.run_id, msg.metadata.group_id, context.node_id,
                                            [int(n) for n in survivors], noise)

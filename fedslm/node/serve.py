@@ -330,9 +330,11 @@ def client_secure_train(request: Request, node: NodeContext, cohort: Optional[li
         raise FedslmError("a secure aggregation round needs the global adapter in the request")
     plan = round_plan(request, node)
     lat = plan.spec.dp.lattice
-    if lat is not None and setup is not None:
+    if lat is not None:
         from fedslm.wire.secagg import MODULUS
 
+        if setup is None:
+            raise PolicyRefusal("distributed noise: no protocol setup on record for this round; not training")
         expected = (float(lat.clipping_range), float(lat.levels), float(MODULUS), float(plan.secagg_max_weight))
         if tuple(setup) != expected:
             # Flower's mod would quantise with these: another range, levels or weight bound rescales or clips
@@ -346,8 +348,9 @@ def client_secure_train(request: Request, node: NodeContext, cohort: Optional[li
 
         share = out["share"]
         if noise is not None:
-            noise.update(lattice=lat.digest(plan.spec.dp.max_grad_norm), share=share.mu_node, need=share.mu_sum,
-                         honest=lat.honest)
+            layout = [(k, tuple(v.shape)) for k, v in out["sums"].items()]
+            noise.update(lattice=lat.digest(plan.spec.dp.max_grad_norm, layout), share=share.mu_node,
+                         need=share.mu_sum, honest=lat.honest)
         update, weight, extra = lattice_payload(request.adapter, state, out["sums"], lat,
                                                 max_weight=plan.secagg_max_weight)
         return update, weight, _published(plan, {**metrics, **extra})

@@ -74,13 +74,16 @@ class Lattice:
         """γ: lattice units per unit of gradient sum."""
         return 2.0 ** self.bits / max_grad_norm
 
-    def digest(self, max_grad_norm: float) -> str:
-        """What makes two nodes' lattice units the same (γ and SecAgg+'s levels): signed with each node's share,
-        so that a node counts only shares added on its own lattice (a coordinator sending nodes different
-        lattice_bits, clip norms or ranges would otherwise shrink their noise in this node's units)."""
+    def digest(self, max_grad_norm: float, layout: list[tuple[str, tuple[int, ...]]]) -> str:
+        """What makes two nodes' noise the same noise: γ, SecAgg+'s levels and which tensors (by adapter key and
+        shape) carry it. Signed with each node's share, so that a node counts only shares added on its own
+        lattice and coordinates (a coordinator sending nodes different lattice_bits, clip norms, ranges or a
+        trained bias would otherwise shrink their noise in this node's units, or leave some coordinates
+        with this node's noise alone)."""
         import hashlib
 
-        text = f"bits={self.bits};clip={float(max_grad_norm)!r};R={float(self.clipping_range)!r};T={int(self.levels)}"
+        text = (f"bits={self.bits};clip={float(max_grad_norm)!r};R={float(self.clipping_range)!r};T={int(self.levels)};"
+                + ";".join(f"{k}:{'x'.join(str(int(d)) for d in shape)}" for k, shape in sorted(layout)))
         return hashlib.sha256(text.encode()).hexdigest()
 
 

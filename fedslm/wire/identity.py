@@ -93,26 +93,32 @@ def survivors_bytes(run_id: int, group_id: str, node_id: int, survivors: list[in
 _NOISE_DOMAIN = b"fedslm-noise-v1\x00"
 
 
-def noise_statement(lattice: str, share: float) -> bytes:
-    """A node's statement, signed with the survivor list, of the distributed noise it added: the lattice
-    (:func:`fedslm.privacy.distributed.lattice_digest`) and its share of the variance in that lattice's units."""
-    return _NOISE_DOMAIN + json.dumps({"lattice": lattice, "share": float(share)}, sort_keys=True).encode()
+def noise_statement(lattice: str, share: float, need: float, honest: int) -> bytes:
+    """A node's statement, signed with the survivor list, of the distributed noise it added: the lattice and
+    the tensors on it (:meth:`fedslm.privacy.distributed.Lattice.digest`), its share of the variance in that
+    lattice's units, the variance its plan needs in the sum, and the honest contributors it counts on, so that
+    its neighbours can check its condition too (they hold the shares that would unmask it)."""
+    body = {"lattice": lattice, "share": float(share), "need": float(need), "honest": int(honest)}
+    return _NOISE_DOMAIN + json.dumps(body, sort_keys=True).encode()
 
 
-def read_noise_statement(raw: bytes) -> Optional[tuple[str, float]]:
-    """(lattice, share) of a statement, or None if it is not one."""
+def read_noise_statement(raw: bytes) -> Optional[tuple[str, float, float, int]]:
+    """(lattice, share, need, honest) of a statement, or None if it is not one."""
     if not raw.startswith(_NOISE_DOMAIN):
         return None
     try:
         body = json.loads(raw[len(_NOISE_DOMAIN):].decode("utf-8"))
-        lattice, share = body["lattice"], body["share"]
+        lattice, share, need, honest = body["lattice"], body["share"], body["need"], body["honest"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return None
-    if not isinstance(lattice, str) or isinstance(share, bool) or not isinstance(share, (int, float)):
+    numbers = (share, need)
+    if not isinstance(lattice, str) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers):
         return None
-    if not math.isfinite(share) or share < 0:
+    if not all(math.isfinite(v) and v >= 0 for v in numbers):
         return None
-    return lattice, float(share)
+    if isinstance(honest, bool) or not isinstance(honest, int) or not 1 <= honest <= 10_000:
+        return None
+    return lattice, float(share), float(need), int(honest)
 
 
 def raw_public(key: Ed25519PublicKey) -> bytes:
