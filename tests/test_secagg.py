@@ -1049,3 +1049,72 @@ def test_a_simulated_sum_of_fewer_vectors_than_the_honest_count_is_never_unmaske
     cfg = secure_config(*DISTRIBUTED, "federation.min_clients=4", "privacy.distributed.honest=4")
     with pytest.raises(FederationStopped, match="3 vectors in the sum, fewer than privacy.distributed.honest=4"):
         _secure_round(cfg, tmp_path, drop={Stage.COLLECT_MASKED_VECTORS: NODES[1]})
+
+
+def _plan_state(share, need, honest, masked, lattice="L"):
+    from fedslm.node import secagg as node_secagg
+
+    own = {node_secagg.MASKED_WITH: masked}
+    if lattice is not None:
+        own.update({node_secagg.NOISE_LATTICE: lattice, node_secagg.NOISE_SHARE: share,
+                    node_secagg.NOISE_NEED: need, node_secagg.NOISE_HONEST: honest})
+    return own
+
+
+def test_the_honest_shares_are_the_smallest_over_every_survivor_not_the_neighbourhood():
+    """Flower unmasks one sum over all survivors; a neighbourhood {1, 2, 3} of it may hold a colluder (2) stating a
+    share it never added. Counting the k - 1 smallest among the neighbours alone would count that lie; over every
+    survivor (0 for those with no statement this node can read) it cannot."""
+    from fedslm.node.secagg import SecureAggregationRefused, check_noise_shares
+
+    own = _plan_state(10 / 3, 10.0, 3, [1, 2, 3])
+    statements = {2: ("L", 1e9, 0.0, 1), 3: ("L", 10 / 3, 10.0, 3)}
+    with pytest.raises(SecureAggregationRefused, match="of the variance this node's plan needs"):
+        check_noise_shares(own, [1, 2, 3, 4, 5], statements, 1)
+    check_noise_shares(own, [1, 2, 3], statements, 1)  # the same shares when the sum is the neighbourhood: enough
+
+
+def test_a_node_in_a_local_dp_round_unmasks_no_sum_that_holds_distributed_noise():
+    """The coordinator could ask one neighbour for local DP so that it gives out shares without checking anyone's
+    plan: a node with no lattice of its own refuses a sum in which a neighbour stated distributed noise."""
+    from fedslm.node.secagg import SecureAggregationRefused, check_noise_shares
+
+    with pytest.raises(SecureAggregationRefused, match="asked for a local-DP round"):
+        check_noise_shares(_plan_state(0, 0, 1, [1, 2, 3], lattice=None), [1, 2, 3], {2: ("L", 1.0, 3.0, 3)}, 1)
+    check_noise_shares(_plan_state(0, 0, 1, [1, 2, 3], lattice=None), [1, 2, 3], {}, 1)  # local DP among local DP
+
+
+def test_a_listed_institution_cannot_sign_another_nodes_survivor_list_or_noise_statement(
+        flower_identity, secure_config, tmp_path, deployed_grid, caplog):
+    """Institution n14 (colluding with the coordinator) signs, for node 12, a statement that it added a huge share
+    and needs nothing, and the coordinator drops node 12's own entry. Only the institution that signed node 12's
+    round keys can sign for node 12: the forged entry counts nothing, node 12 counts as not having signed, and no
+    node unmasks."""
+    import logging
+
+    from fedslm.wire import identity
+
+    cfg = secure_config("privacy.noise_seed=null", *DISTRIBUTED)
+    victim, colluder = NODES[1], NODES[3]
+
+    def forge(msg):
+        record = msg.content.config_records[identity.CONSISTENCY]
+        survivors = [int(n) for n in record[identity.SURVIVORS]]
+        entry = [bytes(v) for v in record[str(colluder)]]
+        lattice = identity.read_noise_statement(entry[2])[0]
+        fake = identity.noise_statement(lattice, 1e12, 0.0, 1)
+        key = identity.load_private(_identity(tmp_path, colluder))
+        raw, sig = identity.sign(key, identity.survivors_bytes(msg.metadata.run_id, msg.metadata.group_id, victim,
+                                                               survivors, fake))
+        record[str(victim)] = [raw, sig, fake]
+
+    grid = deployed_grid(cfg, min_cohort=4, size_is_public=True,
+                         privacy={"assume_honest": 4, "max_epsilon_alone": 60.0, "require_secure_noise": False},
+                         tamper_message={(Stage.UNMASK, n): forge for n in NODES if n != victim})
+    with caplog.at_level(logging.WARNING, logger="fedslm.node.secagg"), \
+            pytest.raises(FederationStopped, match="halted at stage unmask"):
+        _deployed_round(cfg, tmp_path, grid)
+    # Nodes 11, 13 and 14 each find node 12 unsigned; none takes the colluder's entry as node 12's (had one,
+    # it would find node 14's own entry a second signature of n14 and name node 14 instead).
+    assert caplog.text.count(f"nodes [{victim}] are listed alive but did not sign the survivor list") == 3
+    assert f"nodes [{colluder}] are listed alive" not in caplog.text

@@ -33,6 +33,7 @@ SESSION = "session"  # "run/group" of the protocol run this node set up last
 THRESHOLD = "threshold"
 MASKED_WITH = "masked-with"  # the nodes whose pairwise masks this node added (and itself)
 VERIFIED = "verified"  # neighbours whose round keys a listed institution signed
+BOUND = "bound"  # "node=institution" for each of them: the only key whose signature counts for that node
 SIGNED = "signed"  # the survivor list this node signed in the consistency stage of the session
 SETUP_VALUES = "setup-values"  # Flower's setup parameters: clipping range, levels, modulus, max weight
 # Under distributed noise (fedslm.privacy.distributed), set when this node trained: its lattice's digest, the
@@ -115,9 +116,12 @@ def check_stage(msg: Message, context: Context) -> None:
         if policy is not None:
             verified = check_neighbours(msg, configs, policy,
                                         threshold=int(own.get(THRESHOLD, 2)) if own is not None else 2,
-                                        required=full.privacy.require_secure_aggregation)
+                                        required=full.privacy.require_secure_aggregation,
+                                        need_checks=full.privacy.assume_honest > 1)
             if own is not None:
-                context.state.config_records[STATE] = ConfigRecord({**dict(own), VERIFIED: sorted(verified.values())})
+                context.state.config_records[STATE] = ConfigRecord({
+                    **dict(own), VERIFIED: sorted(verified.values()),
+                    BOUND: [f"{node}={name}" for name, node in sorted(verified.items())]})
     elif stage == CONSISTENCY_STAGE:
         if full is not None:
             check_survivors(msg, configs, context, full)
@@ -217,6 +221,7 @@ def check_unmask(msg: Message, context: Context, full: Any, active: list[int], d
     signers: dict[Optional[str], int] = {None: context.node_id}  # this institution signed it
     # Under distributed noise: each signer's statement (lattice, share, need, honest).
     statements: dict[int, tuple[str, float, float, int]] = {}
+    bound = {int(n): name for n, _, name in (str(e).partition("=") for e in own.get(BOUND, []))}
     for node in survivors:
         entry = record.get(str(node)) if record is not None and node != context.node_id else None
         if entry is None:
@@ -229,13 +234,13 @@ def check_unmask(msg: Message, context: Context, full: Any, active: list[int], d
             continue
         raw, signature, noise = values[0], values[1], (values[2] if len(values) == 3 else b"")
         name = listed.get(raw)
-        if name is None or name in signers:
-            continue
+        if name is None or name in signers or (node in bound and bound[node] != name):
+            continue  # a listed key signing for a node whose round keys another institution signed counts nothing
         if identity.verify(raw, signature, identity.survivors_bytes(msg.metadata.run_id, msg.metadata.group_id,
                                                                     node, survivors, noise)):
             signers[name] = node
             stated = identity.read_noise_statement(noise) if noise else None
-            if stated is not None:
+            if stated is not None and node in bound:  # statements only from neighbours bound to their institution
                 statements[node] = stated
     unsigned = sorted(set(int(n) for n in own.get(VERIFIED, [])) & set(active) - set(signers.values()))
     if unsigned:  # its mask seed would go out although it never vouched for this list
@@ -253,31 +258,39 @@ def check_unmask(msg: Message, context: Context, full: Any, active: list[int], d
 def check_noise_shares(own: Mapping[str, Any], survivors: list[int],
                        statements: Mapping[int, tuple[str, float, float, int]], me: int) -> None:
     """Under distributed noise, before this node gives out any share: every vector in its sum (the survivors
-    it masked with) must carry enough noise for the plan of the node that sent it, this node's and each
+    it masked with, and its own) must carry enough noise for its sender's plan, this node's and each
     neighbour's as it signed it, since this node's shares help unmask them. A node counting on k honest
-    contributors needs its own share plus the k - 1 smallest shares of the others in the sum (0 for one
-    that stated none) to make up its plan: whichever k - 1 are honest, the sum holds that much. A survivor
-    that stated noise on another lattice or other tensors makes the sum meaningless: refused."""
-    if NOISE_LATTICE not in own:
-        return  # a local-DP round: every vector carries its node's whole noise
-    lattice = str(own[NOISE_LATTICE])
+    contributors needs its share plus the k - 1 smallest shares among *all* the other survivors (Flower
+    unmasks one sum over them; 0 for a survivor with no statement bound to its institution) to make up its
+    plan: whichever k - 1 others are honest, the sum holds that much. A survivor that stated noise on
+    another lattice or other tensors makes the sum meaningless; and a node in a local-DP round unmasks no
+    sum that holds a neighbour's distributed noise (the coordinator could otherwise ask one neighbour for
+    local DP to get its shares unchecked)."""
     masked = {int(n) for n in own.get(MASKED_WITH, [])}
     in_sum = sorted(set(survivors) & masked | {me})
+    if NOISE_LATTICE not in own:
+        noisy = sorted(n for n in in_sum if n in statements)
+        if noisy:
+            raise SecureAggregationRefused(f"survivors {noisy} added distributed noise, but this node was asked for a "
+                                           "local-DP round: it cannot vouch for their plans in this sum")
+        return
+    lattice = str(own[NOISE_LATTICE])
     other = sorted(n for n in in_sum if n in statements and statements[n][0] != lattice)
     if other:
         raise SecureAggregationRefused(f"survivors {other} added their noise on another lattice or other tensors "
                                        "than this node (different lattice_bits, clip norm, range or trained tensors)")
-    shares = {n: statements[n][1] for n in in_sum if n in statements}
+    everyone = sorted(set(survivors) | {me})
+    shares = {n: statements[n][1] for n in everyone if n in statements}
     shares[me] = float(own[NOISE_SHARE])
     plans = {n: (s[2], s[3]) for n, s in statements.items() if n in in_sum and n != me}
     plans[me] = (float(own[NOISE_NEED]), int(own.get(NOISE_HONEST, 1)))
     for node, (need, honest) in sorted(plans.items()):
         if honest <= 1:
             continue  # it added its whole noise itself
-        others = sorted(shares.get(n, 0.0) for n in in_sum if n != node)
+        others = sorted(shares.get(n, 0.0) for n in everyone if n != node)
         whose = "this node's" if node == me else f"node {node}'s"
         if len(others) < honest - 1:
-            raise SecureAggregationRefused(f"{len(in_sum)} vectors in the sum, fewer than the {honest} honest "
+            raise SecureAggregationRefused(f"{len(everyone)} vectors in the sum, fewer than the {honest} honest "
                                            f"contributors {whose} distributed noise counts on")
         held = shares[node] + sum(others[:honest - 1])
         if held < need * (1 - 1e-9):
@@ -316,7 +329,7 @@ def _raw(value: Any) -> bytes:
 
 
 def check_neighbours(msg: Message, configs: ConfigRecord, policy: Any, *, threshold: int = 2,
-                     required: bool = False) -> dict[str, int]:
+                     required: bool = False, need_checks: bool = False) -> dict[str, int]:
     """Every neighbour's round keys signed by an institution the policy lists, each institution on one
     node only. Unverified neighbours: at most ``max_unverified_share`` of them, and fewer than
     ``threshold - 1`` (with that many of its own, plus this node's share, a coordinator holds a
@@ -337,23 +350,34 @@ def check_neighbours(msg: Message, configs: ConfigRecord, policy: Any, *, thresh
     record = msg.content.config_records.get(identity.PEERS)
     seen: dict[str, int] = {}
     unverified = []
+    unchecking = []
     for node in others:
         entry = record.get(str(node)) if record is not None else None
         try:
-            raw, signature = (_raw(v) for v in entry)  # type: ignore[union-attr]
+            values = [_raw(v) for v in entry]  # type: ignore[union-attr]
             pk1, pk2 = (_raw(v) for v in configs[str(node)])  # type: ignore[union-attr]
+            if len(values) not in (2, 3):
+                raise ValueError("not a signed identity")
         except (TypeError, ValueError):
             unverified.append(node)
             continue
+        raw, signature, extra = values[0], values[1], (values[2] if len(values) == 3 else b"")
         name = listed.get(raw)
-        message = identity.signed_bytes(msg.metadata.run_id, msg.metadata.group_id, node, pk1, pk2)
+        message = identity.signed_bytes(msg.metadata.run_id, msg.metadata.group_id, node, pk1, pk2, extra)
         if name is None or not identity.verify(raw, signature, message):
             unverified.append(node)
             continue
         if name in seen:
             raise SecureAggregationRefused(f"institution {name!r} signed the keys of two nodes ({seen[name]} and {node})")
         seen[name] = node
+        if extra != identity.CHECKS_NOISE:
+            unchecking.append(name)
     log.info("secure aggregation: neighbours verified as %s; %d unverified", sorted(seen), len(unverified))
+    if need_checks and unchecking:
+        raise SecureAggregationRefused(
+            f"institutions {sorted(unchecking)} did not sign that they check distributed-noise plans before they "
+            "unmask (their policies list no peers): this node counts on others' noise (privacy.assume_honest) and "
+            "masks only with neighbours that do")
     allowed = min(policy.max_unverified_share * len(others), threshold - 2)
     if unverified and len(unverified) > allowed:
         raise SecureAggregationRefused(
@@ -371,10 +395,14 @@ def sign_setup(msg: Message, reply: Message, context: Context) -> None:
     from fedslm.wire import identity
 
     keys = reply.content.config_records[RECORD_KEY_CONFIGS]
+    # With peers listed the node reads and checks their noise statements at unmask: it promises so.
+    extra = identity.CHECKS_NOISE if policy.peers else b""
     message = identity.signed_bytes(msg.metadata.run_id, msg.metadata.group_id, context.node_id,
-                                    bytes(keys[Key.PUBLIC_KEY_1]), bytes(keys[Key.PUBLIC_KEY_2]))  # type: ignore[arg-type]
+                                    bytes(keys[Key.PUBLIC_KEY_1]), bytes(keys[Key.PUBLIC_KEY_2]),  # type: ignore[arg-type]
+                                    extra)
     raw, signature = identity.sign(identity.load_private(policy.identity_key), message)
-    reply.content.config_records[identity.IDENTITY] = ConfigRecord({identity.KEY: raw, identity.SIGNATURE: signature})
+    reply.content.config_records[identity.IDENTITY] = ConfigRecord({
+        identity.KEY: raw, identity.SIGNATURE: signature, **({identity.NOISE: extra} if extra else {})})
 
 
 def setup_values(context: Context) -> Optional[tuple[float, ...]]:

@@ -70,12 +70,21 @@ class IdentityError(FedslmError):
     pass
 
 
-def signed_bytes(run_id: int, group_id: str, node_id: int, pk1: bytes, pk2: bytes) -> bytes:
-    """What a node signs: its two round public keys, bound to the run, the round and its node id."""
+def signed_bytes(run_id: int, group_id: str, node_id: int, pk1: bytes, pk2: bytes, extra: bytes = b"") -> bytes:
+    """What a node signs: its two round public keys, bound to the run, the round and its node id; with
+    ``extra`` (:data:`CHECKS_NOISE`) also what it promises to check."""
     group = group_id.encode("utf-8")
-    return b"".join([_DOMAIN, struct.pack(">QQ", int(run_id) & (2**64 - 1), int(node_id) & (2**64 - 1)),
-                     struct.pack(">I", len(group)), group, struct.pack(">I", len(pk1)), pk1,
-                     struct.pack(">I", len(pk2)), pk2])
+    parts = [_DOMAIN, struct.pack(">QQ", int(run_id) & (2**64 - 1), int(node_id) & (2**64 - 1)),
+             struct.pack(">I", len(group)), group, struct.pack(">I", len(pk1)), pk1, struct.pack(">I", len(pk2)), pk2]
+    if extra:
+        parts += [struct.pack(">I", len(extra)), extra]
+    return b"".join(parts)
+
+
+# Signed with a node's round keys: it checks every plan of distributed noise in a sum before it unmasks
+# (its policy lists peers, so it can read their statements). A node counting on others' noise masks
+# only with neighbours that promise this: one that would unmask unchecked could complete a threshold.
+CHECKS_NOISE = b"fedslm-checks-noise-v1"
 
 
 def survivors_bytes(run_id: int, group_id: str, node_id: int, survivors: list[int], noise: bytes = b"") -> bytes:
@@ -111,10 +120,13 @@ def read_noise_statement(raw: bytes) -> Optional[tuple[str, float, float, int]]:
         lattice, share, need, honest = body["lattice"], body["share"], body["need"], body["honest"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return None
-    numbers = (share, need)
-    if not isinstance(lattice, str) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers):
+    if not isinstance(lattice, str) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (share, need)):
         return None
-    if not all(math.isfinite(v) and v >= 0 for v in numbers):
+    try:
+        share, need = float(share), float(need)  # a 300-digit integer is past float range
+    except OverflowError:
+        return None
+    if not all(math.isfinite(v) and v >= 0 for v in (share, need)):
         return None
     if isinstance(honest, bool) or not isinstance(honest, int) or not 1 <= honest <= 10_000:
         return None
