@@ -1118,3 +1118,42 @@ def test_a_listed_institution_cannot_sign_another_nodes_survivor_list_or_noise_s
     # it would find node 14's own entry a second signature of n14 and name node 14 instead).
     assert caplog.text.count(f"nodes [{victim}] are listed alive but did not sign the survivor list") == 3
     assert f"nodes [{colluder}] are listed alive" not in caplog.text
+
+
+def test_a_node_counting_on_others_masks_only_with_neighbours_that_check_every_neighbour(
+        flower_identity, secure_config, tmp_path, deployed_grid, caplog):
+    """Neighbours that allow unverified neighbours (max_unverified_share 0.4) could be made to treat a node as
+    unverified (the coordinator strips its identity) and skip its noise plan: they do not sign the promise to
+    check, and the node that counts on others' noise (assume_honest 4) refuses to share its secrets with them,
+    before it trains or pays."""
+    import logging
+
+    import yaml
+
+    cfg = secure_config("privacy.noise_seed=null", *DISTRIBUTED)
+    victim = NODES[2]
+    grid = deployed_grid(cfg, max_unverified_share=0.4, size_is_public=True, privacy={"require_secure_noise": False})
+    path = tmp_path / f"policy-{victim}.yaml"
+    policy = yaml.safe_load(path.read_text())
+    policy["privacy"].update(assume_honest=4, max_epsilon_alone=60.0)
+    policy["secure_aggregation"].update(max_unverified_share=0.0, min_cohort=4)
+    path.write_text(yaml.safe_dump(policy))
+    with caplog.at_level(logging.WARNING, logger="fedslm.node.secagg"):
+        recorder, _, _, _ = _deployed_round(cfg, tmp_path, grid)
+    assert "did not sign that they check distributed-noise plans" in caplog.text
+    assert recorder.pending[1]["secure_aggregation"]["contributors"] == [n for n in NODES if n != victim]
+    assert not (tmp_path / f"ledger-{victim}.json").exists()
+
+
+def test_a_node_counting_on_others_refuses_a_sparse_graph(flower_identity, secure_config, tmp_path, deployed_grid,
+                                                         caplog):
+    """Its check needs every survivor's statement: with shares < 1 some survivors are not its neighbours."""
+    import logging
+
+    cfg = secure_config("privacy.noise_seed=null", *DISTRIBUTED, "federation.secagg.shares=0.75")
+    grid = deployed_grid(cfg, size_is_public=True, min_cohort=3,
+                         privacy={"assume_honest": 3, "max_epsilon_alone": 60.0, "require_secure_noise": False})
+    with caplog.at_level(logging.WARNING, logger="fedslm.node.secagg"), \
+            pytest.raises(FederationStopped, match="halted at stage setup"):
+        _deployed_round(cfg, tmp_path, grid)
+    assert "which it can check only when every survivor is its neighbour" in caplog.text

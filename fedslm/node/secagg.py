@@ -96,6 +96,11 @@ def check_stage(msg: Message, context: Context) -> None:
             if sample < policy.min_cohort or shares < policy.min_cohort:
                 raise SecureAggregationRefused(f"cohort of {sample} with {shares} shares, below this node's "
                                                f"secure_aggregation.min_cohort={policy.min_cohort}")
+            if full.privacy.assume_honest > 1 and shares < sample:
+                raise SecureAggregationRefused(
+                    f"{shares} shares in a cohort of {sample}: this node counts on others' noise "
+                    "(privacy.assume_honest), which it can check only when every survivor is its neighbour "
+                    "(federation.secagg.shares=1)")
             if threshold < policy.min_threshold:
                 raise SecureAggregationRefused(f"threshold {threshold}, below this node's "
                                                f"secure_aggregation.min_threshold={policy.min_threshold}")
@@ -395,8 +400,10 @@ def sign_setup(msg: Message, reply: Message, context: Context) -> None:
     from fedslm.wire import identity
 
     keys = reply.content.config_records[RECORD_KEY_CONFIGS]
-    # With peers listed the node reads and checks their noise statements at unmask: it promises so.
-    extra = identity.CHECKS_NOISE if policy.peers else b""
+    # With peers listed and no unverified neighbour allowed, every neighbour is bound to its institution, so
+    # the node reads and checks every neighbour's noise statement at unmask: only then it promises so (with
+    # unverified neighbours allowed, a coordinator could strip a node's identity and have it go unchecked).
+    extra = identity.CHECKS_NOISE if policy.peers and policy.max_unverified_share == 0 else b""
     message = identity.signed_bytes(msg.metadata.run_id, msg.metadata.group_id, context.node_id,
                                     bytes(keys[Key.PUBLIC_KEY_1]), bytes(keys[Key.PUBLIC_KEY_2]),  # type: ignore[arg-type]
                                     extra)
