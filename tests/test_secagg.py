@@ -421,14 +421,14 @@ def deployed_grid(tmp_path, class_csv, node_policy):
     import yaml
 
     def make(cfg, *, min_cohort=3, peers=None, max_unverified_share=0.0, privacy=None, size_is_public=False,
-             **kwargs):
+             max_colluding=0, **kwargs):
         grid = NodesInProcess(tmp_path, **kwargs)
         for i, n in enumerate(grid.nodes):
             path = node_policy(cfg, data=class_csv, name=f"n{n}", ledger=tmp_path / f"ledger-{n}.json", max_epsilon=50,
                                path=tmp_path / f"policy-{n}.yaml", size_is_public=size_is_public, **(privacy or {}))
             listed = (peers or {}).get(n, [m for m in grid.nodes if m != n])
             section = {"min_cohort": min_cohort, "min_threshold": 2, "identity_key": f"keys/n{n}.key",
-                       "max_unverified_share": max_unverified_share,
+                       "max_unverified_share": max_unverified_share, "max_colluding": max_colluding,
                        "peers": {f"n{m}": f"keys/n{m}.key.pub" for m in listed}}
             for m in [n, *listed]:
                 _identity(tmp_path, m)
@@ -1157,3 +1157,45 @@ def test_a_node_counting_on_others_refuses_a_sparse_graph(flower_identity, secur
             pytest.raises(FederationStopped, match="halted at stage setup"):
         _deployed_round(cfg, tmp_path, grid)
     assert "which it can check only when every survivor is its neighbour" in caplog.text
+
+
+def test_a_node_guarding_against_colluders_needs_a_threshold_above_half_of_shares_plus_colluders(
+        flower_identity, secure_config, tmp_path, deployed_grid, caplog):
+    """A colluding institution signs and answers for every survivor list, so two stories each need a majority that
+    counts it twice: with 2 colluders, a threshold of 3 of 4 shares lets a coordinator rebuild both secrets of a
+    node from two parts of the cohort. Every node refuses at setup, before it trains or pays; threshold 4 of 4 runs."""
+    import logging
+
+    cfg = secure_config("privacy.noise_seed=null")
+    with caplog.at_level(logging.WARNING, logger="fedslm.node.secagg"), \
+            pytest.raises(FederationStopped, match="halted at stage setup"):
+        _deployed_round(cfg, tmp_path, deployed_grid(cfg, max_colluding=2))
+    assert "2 x threshold must exceed shares + colluders" in caplog.text
+    assert not any((tmp_path / f"ledger-{n}.json").exists() for n in NODES)
+    cfg = secure_config("privacy.noise_seed=null", "federation.secagg.threshold=1.0")
+    recorder, _, _, _ = _deployed_round(cfg, tmp_path, deployed_grid(cfg, max_colluding=2))
+    assert recorder.pending[1]["secure_aggregation"]["contributors"] == NODES
+
+
+def test_max_colluding_is_bounded_by_the_peers_and_adds_to_the_cohort_a_node_counts_on(tmp_path, node_policy,
+                                                                                        class_csv):
+    import yaml
+
+    from fedslm.node.policy import PolicyError, load_policy
+
+    for name in ("me", "b", "c"):
+        _identity(tmp_path, name)
+    known = {"identity_key": "keys/nme.key", "peers": {"b": "keys/nb.key.pub", "c": "keys/nc.key.pub"},
+             "max_unverified_share": 0.0}
+
+    def policy(secure, **privacy):
+        path = node_policy(data=class_csv, **privacy)
+        path.write_text(path.read_text() + yaml.safe_dump({"secure_aggregation": secure}))
+        return str(path)
+
+    with pytest.raises(PolicyError, match="max_colluding=2 must be below the 2 institutions"):
+        load_policy(policy({**known, "max_colluding": 2}))
+    with pytest.raises(PolicyError, match="must be at least privacy.assume_honest=3 plus secure_aggregation.max_colluding=1"):
+        load_policy(policy({**known, "max_colluding": 1, "min_cohort": 3}, assume_honest=3, max_epsilon_alone=20.0))
+    assert load_policy(policy({**known, "max_colluding": 1, "min_cohort": 4}, assume_honest=3,
+                              max_epsilon_alone=20.0)).secure_aggregation.max_colluding == 1

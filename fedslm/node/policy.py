@@ -134,6 +134,11 @@ class PolicySecureAggregation:
     peers: Dict[str, str] = field(default_factory=dict)
     # The largest share of a round's neighbours whose keys no listed institution signed (with peers listed).
     max_unverified_share: float = 0.0
+    # How many institutions this node guards against colluding with the coordinator. A colluder signs
+    # and answers for every story the coordinator tells, so the "more than half" rules hold against c of
+    # them only with a threshold t of n shares such that 2t > n + c (Bonawitz et al. 2017), and a sum
+    # counted on for k honest contributors needs k + c members (min_cohort). 0: institutions are honest.
+    max_colluding: int = 0
 
 
 @dataclass
@@ -203,15 +208,20 @@ def validate_policy(policy: NodePolicy, *, complete: bool = True, where: str = "
                f"{where}: privacy.max_epsilon=inf is no cap; set a finite ε")
     if p.max_delta is not None:
         _check(0.0 < p.max_delta < 1.0, f"{where}: privacy.max_delta must be in (0, 1), got {p.max_delta}")
+    sa_ = policy.secure_aggregation
+    _check(sa_.max_colluding >= 0, f"{where}: secure_aggregation.max_colluding must be >= 0, got {sa_.max_colluding}")
+    _check(not sa_.peers or sa_.max_colluding < len(sa_.peers),
+           f"{where}: secure_aggregation.max_colluding={sa_.max_colluding} must be below the {len(sa_.peers)} "
+           "institutions in secure_aggregation.peers")
     _check(p.assume_honest >= 1, f"{where}: privacy.assume_honest must be >= 1, got {p.assume_honest}")
     if p.assume_honest > 1:
         _check(p.max_epsilon_alone is not None,
                f"{where}: privacy.max_epsilon_alone is required with privacy.assume_honest > 1 (the ε of this node's "
                "own noise, should the others add none)")
         sa = policy.secure_aggregation
-        _check(sa.min_cohort >= p.assume_honest,
-               f"{where}: secure_aggregation.min_cohort={sa.min_cohort} must be at least "
-               f"privacy.assume_honest={p.assume_honest}")
+        _check(sa.min_cohort >= p.assume_honest + sa.max_colluding,
+               f"{where}: secure_aggregation.min_cohort={sa.min_cohort} must be at least privacy.assume_honest="
+               f"{p.assume_honest} plus secure_aggregation.max_colluding={sa.max_colluding}")
         # Counting on others' noise needs knowing who the others are: every neighbour signed by a listed
         # institution, each signing its noise share with the survivor list.
         _check(bool(sa.identity_key) and bool(sa.peers) and sa.max_unverified_share == 0,

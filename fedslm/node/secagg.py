@@ -89,10 +89,13 @@ def check_stage(msg: Message, context: Context) -> None:
     if stage == Stage.SETUP:
         sample, shares, threshold = (int(configs[k]) for k in (Key.SAMPLE_NUMBER, Key.SHARE_NUMBER, Key.THRESHOLD))
         if policy is not None:
-            if 2 * threshold <= shares:
+            colluding = policy.max_colluding
+            if 2 * threshold <= shares + colluding:
                 raise SecureAggregationRefused(
-                    f"threshold {threshold} of {shares} shares is not more than half: a coordinator could rebuild both "
-                    "secrets of one node from two halves of the cohort")
+                    f"threshold {threshold} of {shares} shares with up to {colluding} colluding institutions "
+                    "(secure_aggregation.max_colluding): 2 x threshold must exceed shares + colluders, else a "
+                    "coordinator could rebuild both secrets of one node from two parts of the cohort, the colluders "
+                    "answering in both")
             if sample < policy.min_cohort or shares < policy.min_cohort:
                 raise SecureAggregationRefused(f"cohort of {sample} with {shares} shares, below this node's "
                                                f"secure_aggregation.min_cohort={policy.min_cohort}")
@@ -250,7 +253,8 @@ def check_unmask(msg: Message, context: Context, full: Any, active: list[int], d
     unsigned = sorted(set(int(n) for n in own.get(VERIFIED, [])) & set(active) - set(signers.values()))
     if unsigned:  # its mask seed would go out although it never vouched for this list
         raise SecureAggregationRefused(f"nodes {unsigned} are listed alive but did not sign the survivor list")
-    needed = (len(listed) + 1) // 2 + 1
+    # More than half of the listed institutions, counting colluders (who sign any list) on both sides.
+    needed = (len(listed) + 1 + policy.max_colluding) // 2 + 1
     if len(signers) < needed:
         raise SecureAggregationRefused(
             f"{len(signers)} of the {len(listed) + 1} institutions this node lists signed its survivor list, "

@@ -31,7 +31,9 @@ against the neighbours it masked with and signs
     "fedslm-secagg-consistency-v1" | run id | round | its node id | the sorted survivor list
 
 once per round (:data:`CONSISTENCY`), and a node answers the unmask stage only for that list and
-only when more than half of the institutions its policy lists signed the same one.
+only when more than half of the institutions its policy lists signed the same one. A colluding
+institution signs every list, so against c of them (policy ``secure_aggregation.max_colluding``) the
+majority counts c on both sides, and the threshold t of n shares must satisfy 2t > n + c.
 """
 
 from __future__ import annotations
