@@ -396,6 +396,9 @@ secure_aggregation:
   identity_key: null
   peers: {{}}  # e.g. {{hospital-b: keys/hospital-b.pub, hospital-c: keys/hospital-c.pub}}
   max_unverified_share: 0.0
+  # Institutions you guard against colluding with the coordinator (a colluder signs every survivor
+  # list): rounds then need 2 x threshold > shares + max_colluding. 0 assumes they do not collude.
+  max_colluding: 0
 
 resources:
   # What one request may make this node hold in memory: training chunks and evaluation batches are cut
