@@ -1199,3 +1199,34 @@ def test_max_colluding_is_bounded_by_the_peers_and_adds_to_the_cohort_a_node_cou
         load_policy(policy({**known, "max_colluding": 1, "min_cohort": 3}, assume_honest=3, max_epsilon_alone=20.0))
     assert load_policy(policy({**known, "max_colluding": 1, "min_cohort": 4}, assume_honest=3,
                               max_epsilon_alone=20.0)).secure_aggregation.max_colluding == 1
+
+
+@pytest.mark.parametrize("laxer", ["fewer-colluders", "another-threshold"])
+def test_nodes_guarding_against_colluders_mask_only_with_neighbours_that_enforce_the_same_bounds(
+        flower_identity, secure_config, tmp_path, deployed_grid, caplog, laxer):
+    """A node's secrets are held by its neighbours: one that counts fewer colluders, or was sent another
+    threshold, would give out shares under a laxer majority. Each node signs its protocol and collusion bound
+    with its round keys; the others refuse at share-keys, before anyone trains or pays."""
+    import logging
+
+    import yaml
+
+    cfg = secure_config("privacy.noise_seed=null")
+    odd = NODES[3]
+    tamper = {}
+    grid_kwargs = {}
+    if laxer == "another-threshold":
+        def lower(configs):
+            configs[Key.THRESHOLD] = 4
+        tamper = {(Stage.SETUP, odd): lower}
+        grid_kwargs = {"tamper": tamper}
+    grid = deployed_grid(cfg, max_colluding=1, **grid_kwargs)
+    if laxer == "fewer-colluders":
+        path = tmp_path / f"policy-{odd}.yaml"
+        policy = yaml.safe_load(path.read_text())
+        policy["secure_aggregation"]["max_colluding"] = 0
+        path.write_text(yaml.safe_dump(policy))
+    with caplog.at_level(logging.WARNING, logger="fedslm.node.secagg"), pytest.raises(FederationStopped):
+        _deployed_round(cfg, tmp_path, grid)
+    assert "signed another threshold, share count or cohort than this node's setup, fewer colluders" in caplog.text
+    assert not any((tmp_path / f"ledger-{n}.json").exists() for n in NODES)

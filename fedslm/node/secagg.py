@@ -36,6 +36,7 @@ VERIFIED = "verified"  # neighbours whose round keys a listed institution signed
 BOUND = "bound"  # "node=institution" for each of them: the only key whose signature counts for that node
 SIGNED = "signed"  # the survivor list this node signed in the consistency stage of the session
 SETUP_VALUES = "setup-values"  # Flower's setup parameters: clipping range, levels, modulus, max weight
+PROTOCOL = "protocol"  # the threshold, share count and cohort size this node accepted at setup
 # Under distributed noise (fedslm.privacy.distributed), set when this node trained: its lattice's digest, the
 # variance it added, the variance its plan needs in the sum, and the honest contributors it counts on.
 NOISE_LATTICE, NOISE_SHARE, NOISE_NEED, NOISE_HONEST = "noise-lattice", "noise-share", "noise-need", "noise-honest"
@@ -125,7 +126,8 @@ def check_stage(msg: Message, context: Context) -> None:
             verified = check_neighbours(msg, configs, policy,
                                         threshold=int(own.get(THRESHOLD, 2)) if own is not None else 2,
                                         required=full.privacy.require_secure_aggregation,
-                                        need_checks=full.privacy.assume_honest > 1)
+                                        need_checks=full.privacy.assume_honest > 1,
+                                        agree=_agreement(own, full))
             if own is not None:
                 context.state.config_records[STATE] = ConfigRecord({
                     **dict(own), VERIFIED: sorted(verified.values()),
@@ -337,8 +339,25 @@ def _raw(value: Any) -> bytes:
     return value
 
 
+def _agreement(own: Any, full: Any) -> Optional[tuple[tuple[int, int, int], int, str]]:
+    """What this node requires its neighbours to have signed at setup when it guards against colluders or
+    counts on others' noise: its own (threshold, shares, cohort), at least its max_colluding, and the same
+    listed institutions. None: no such requirement."""
+    if own is None or PROTOCOL not in own or not (full.secure_aggregation.max_colluding > 0
+                                                   or full.privacy.assume_honest > 1):
+        return None
+    if not full.secure_aggregation.peers:
+        return None  # check_neighbours refuses or warns: without peers nothing is verified
+    mine, listed = _listed(full.secure_aggregation)
+    from fedslm.wire import identity
+
+    protocol = tuple(int(v) for v in own[PROTOCOL])
+    return protocol, full.secure_aggregation.max_colluding, identity.listed_digest([mine, *listed])  # type: ignore[return-value]
+
+
 def check_neighbours(msg: Message, configs: ConfigRecord, policy: Any, *, threshold: int = 2,
-                     required: bool = False, need_checks: bool = False) -> dict[str, int]:
+                     required: bool = False, need_checks: bool = False,
+                     agree: Optional[tuple[tuple[int, int, int], int, str]] = None) -> dict[str, int]:
     """Every neighbour's round keys signed by an institution the policy lists, each institution on one
     node only. Unverified neighbours: at most ``max_unverified_share`` of them, and fewer than
     ``threshold - 1`` (with that many of its own, plus this node's share, a coordinator holds a
@@ -360,6 +379,7 @@ def check_neighbours(msg: Message, configs: ConfigRecord, policy: Any, *, thresh
     seen: dict[str, int] = {}
     unverified = []
     unchecking = []
+    disagreeing = []
     for node in others:
         entry = record.get(str(node)) if record is not None else None
         try:
@@ -379,9 +399,18 @@ def check_neighbours(msg: Message, configs: ConfigRecord, policy: Any, *, thresh
         if name in seen:
             raise SecureAggregationRefused(f"institution {name!r} signed the keys of two nodes ({seen[name]} and {node})")
         seen[name] = node
-        if extra != identity.CHECKS_NOISE:
+        stated = identity.read_setup_statement(extra) if extra else None
+        if stated is None or not stated["checks"]:
             unchecking.append(name)
+        if agree is not None and (stated is None or (stated["t"], stated["n"], stated["s"]) != agree[0]
+                                  or stated["c"] < agree[1] or stated["listed"] != agree[2]):
+            disagreeing.append(name)
     log.info("secure aggregation: neighbours verified as %s; %d unverified", sorted(seen), len(unverified))
+    if disagreeing:
+        raise SecureAggregationRefused(
+            f"institutions {sorted(disagreeing)} signed another threshold, share count or cohort than this node's "
+            "setup, fewer colluders (secure_aggregation.max_colluding) or other listed institutions: they hold "
+            "this node's secrets and must enforce at least its bounds")
     if need_checks and unchecking:
         raise SecureAggregationRefused(
             f"institutions {sorted(unchecking)} did not sign that they check distributed-noise plans before they "
@@ -407,7 +436,13 @@ def sign_setup(msg: Message, reply: Message, context: Context) -> None:
     # With peers listed and no unverified neighbour allowed, every neighbour is bound to its institution, so
     # the node reads and checks every neighbour's noise statement at unmask: only then it promises so (with
     # unverified neighbours allowed, a coordinator could strip a node's identity and have it go unchecked).
-    extra = identity.CHECKS_NOISE if policy.peers and policy.max_unverified_share == 0 else b""
+    # Beside it, the protocol it accepted, its collusion bound and its institutions, for its neighbours to compare.
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    mine, listed = _listed(policy)
+    extra = identity.setup_statement(
+        checks=bool(policy.peers) and policy.max_unverified_share == 0, threshold=int(configs[Key.THRESHOLD]),
+        shares=int(configs[Key.SHARE_NUMBER]), sample=int(configs[Key.SAMPLE_NUMBER]),
+        colluding=policy.max_colluding, listed=identity.listed_digest([mine, *listed]))
     message = identity.signed_bytes(msg.metadata.run_id, msg.metadata.group_id, context.node_id,
                                     bytes(keys[Key.PUBLIC_KEY_1]), bytes(keys[Key.PUBLIC_KEY_2]),  # type: ignore[arg-type]
                                     extra)
@@ -473,8 +508,9 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: Any) -> Me
             threshold = int(configs[Key.THRESHOLD])
             setup = [float(configs[k]) for k in (Key.CLIPPING_RANGE, Key.TARGET_RANGE, Key.MOD_RANGE,  # type: ignore[arg-type]
                                                  Key.MAX_WEIGHT)]
+            protocol = [int(configs[k]) for k in (Key.THRESHOLD, Key.SHARE_NUMBER, Key.SAMPLE_NUMBER)]  # type: ignore[arg-type]
             context.state.config_records[STATE] = ConfigRecord({SESSION: _session(msg), THRESHOLD: threshold,
-                                                                SETUP_VALUES: setup})
+                                                                SETUP_VALUES: setup, PROTOCOL: protocol})
             sign_setup(msg, reply, context)
         elif stage == Stage.SHARE_KEYS and not reply.has_error():  # Flower took the stage: remember the cohort
             own = context.state.config_records[STATE]

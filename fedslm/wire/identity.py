@@ -74,7 +74,7 @@ class IdentityError(FedslmError):
 
 def signed_bytes(run_id: int, group_id: str, node_id: int, pk1: bytes, pk2: bytes, extra: bytes = b"") -> bytes:
     """What a node signs: its two round public keys, bound to the run, the round and its node id; with
-    ``extra`` (:data:`CHECKS_NOISE`) also what it promises to check."""
+    ``extra`` (:func:`setup_statement`) also the protocol it accepted and what it promises to check."""
     group = group_id.encode("utf-8")
     parts = [_DOMAIN, struct.pack(">QQ", int(run_id) & (2**64 - 1), int(node_id) & (2**64 - 1)),
              struct.pack(">I", len(group)), group, struct.pack(">I", len(pk1)), pk1, struct.pack(">I", len(pk2)), pk2]
@@ -83,10 +83,40 @@ def signed_bytes(run_id: int, group_id: str, node_id: int, pk1: bytes, pk2: byte
     return b"".join(parts)
 
 
-# Signed with a node's round keys: it checks every plan of distributed noise in a sum before it unmasks
-# (its policy lists peers, so it can read their statements). A node counting on others' noise masks
-# only with neighbours that promise this: one that would unmask unchecked could complete a threshold.
-CHECKS_NOISE = b"fedslm-checks-noise-v1"
+_SETUP_DOMAIN = b"fedslm-setup-v1\x00"
+
+
+def setup_statement(*, checks: bool, threshold: int, shares: int, sample: int, colluding: int, listed: str) -> bytes:
+    """Signed with a node's round keys: the protocol it accepted (threshold, shares, cohort), the colluders it
+    guards against, the institutions it lists (:func:`listed_digest`), and whether it checks every plan of
+    distributed noise in a sum before it unmasks. A node's secrets are safe only if its neighbours, who hold
+    them, enforce at least its bounds: a coordinator could otherwise give honest nodes different thresholds
+    or collusion bounds and win a majority among the laxer ones."""
+    body = {"checks": bool(checks), "t": int(threshold), "n": int(shares), "s": int(sample), "c": int(colluding),
+            "listed": str(listed)}
+    return _SETUP_DOMAIN + json.dumps(body, sort_keys=True).encode()
+
+
+def read_setup_statement(raw: bytes) -> Optional[dict]:
+    """The fields of a setup statement, or None if ``raw`` is not one."""
+    if not raw.startswith(_SETUP_DOMAIN):
+        return None
+    try:
+        body = json.loads(raw[len(_SETUP_DOMAIN):].decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("checks"), bool) or not isinstance(body.get("listed"), str):
+        return None
+    if not all(isinstance(body.get(k), int) and not isinstance(body.get(k), bool) for k in ("t", "n", "s", "c")):
+        return None
+    return body
+
+
+def listed_digest(raw_keys) -> str:
+    """The institutions a node lists (its own key among them), as one value neighbours can compare."""
+    import hashlib
+
+    return hashlib.sha256(b"".join(sorted(bytes(k) for k in raw_keys))).hexdigest()
 
 
 def survivors_bytes(run_id: int, group_id: str, node_id: int, survivors: list[int], noise: bytes = b"") -> bytes:
