@@ -1230,3 +1230,17 @@ def test_nodes_guarding_against_colluders_mask_only_with_neighbours_that_enforce
         _deployed_round(cfg, tmp_path, grid)
     assert "signed another threshold, share count or cohort than this node's setup, fewer colluders" in caplog.text
     assert not any((tmp_path / f"ledger-{n}.json").exists() for n in NODES)
+
+
+def test_unverified_neighbours_and_colluders_together_stay_below_the_threshold(flower_identity, secure_config,
+                                                                             tmp_path, deployed_grid, caplog):
+    """With threshold 3, one unverified neighbour is allowed when no institution colludes (it plus this node's own
+    share stay below 3); guarding against one colluder, the colluder fills that place, and the node refuses."""
+    import logging
+
+    cfg = secure_config("privacy.noise_seed=null")
+    listed = {n: [m for m in NODES[:3] if m != n] for n in NODES[:3]}  # node 14 is listed by no one
+    grid = deployed_grid(cfg, max_unverified_share=0.4, max_colluding=1, peers=listed)
+    with caplog.at_level(logging.WARNING, logger="fedslm.node.secagg"), pytest.raises(FederationStopped):
+        _deployed_round(cfg, tmp_path, grid)
+    assert "carry no signature of an institution in secure_aggregation.peers" in caplog.text

@@ -213,11 +213,6 @@ def validate_policy(policy: NodePolicy, *, complete: bool = True, where: str = "
     _check(not sa_.peers or sa_.max_colluding < len(sa_.peers),
            f"{where}: secure_aggregation.max_colluding={sa_.max_colluding} must be below the {len(sa_.peers)} "
            "institutions in secure_aggregation.peers")
-    if sa_.max_colluding > 0:
-        listed = len(sa_.peers) + 1
-        _check((listed + sa_.max_colluding) // 2 + 1 <= listed,
-               f"{where}: secure_aggregation.max_colluding={sa_.max_colluding} with {listed} listed institutions: a "
-               "survivor list would need more signatures than there are institutions")
     _check(p.assume_honest >= 1, f"{where}: privacy.assume_honest must be >= 1, got {p.assume_honest}")
     if p.assume_honest > 1:
         _check(p.max_epsilon_alone is not None,

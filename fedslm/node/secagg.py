@@ -343,11 +343,12 @@ def _agreement(own: Any, full: Any) -> Optional[tuple[tuple[int, int, int], int,
     """What this node requires its neighbours to have signed at setup when it guards against colluders or
     counts on others' noise: its own (threshold, shares, cohort), at least its max_colluding, and the same
     listed institutions. None: no such requirement."""
-    if own is None or PROTOCOL not in own or not (full.secure_aggregation.max_colluding > 0
-                                                   or full.privacy.assume_honest > 1):
+    if not (full.secure_aggregation.max_colluding > 0 or full.privacy.assume_honest > 1):
         return None
     if not full.secure_aggregation.peers:
         return None  # check_neighbours refuses or warns: without peers nothing is verified
+    if own is None or PROTOCOL not in own:  # never skip the comparison for want of a record: refuse
+        raise SecureAggregationRefused("no record of this node's setup for this protocol run; not sharing secrets")
     mine, listed = _listed(full.secure_aggregation)
     from fedslm.wire import identity
 
@@ -416,7 +417,12 @@ def check_neighbours(msg: Message, configs: ConfigRecord, policy: Any, *, thresh
             f"institutions {sorted(unchecking)} did not sign that they check distributed-noise plans before they "
             "unmask (their policies list no peers): this node counts on others' noise (privacy.assume_honest) and "
             "masks only with neighbours that do")
-    allowed = min(policy.max_unverified_share * len(others), threshold - 2)
+    # Unverified neighbours plus the colluders (max_colluding) plus this node's own share must stay below the
+    # threshold, or the coordinator would hold one of this node's secrets.
+    if threshold - 2 - policy.max_colluding < 0:
+        raise SecureAggregationRefused(f"threshold {threshold} with secure_aggregation.max_colluding="
+                                       f"{policy.max_colluding}: the colluders and this node's own share reach it")
+    allowed = min(policy.max_unverified_share * len(others), threshold - 2 - policy.max_colluding)
     if unverified and len(unverified) > allowed:
         raise SecureAggregationRefused(
             f"{len(unverified)} of {len(others)} neighbours ({unverified}) carry no signature of an institution in "
