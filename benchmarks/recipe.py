@@ -170,14 +170,10 @@ def _train(cfg, model, initial, shares, test, test_f, ema, seed, shared=None, he
              for i in range(len(shares))]
     lattice = None
     if shared is not None:
-        from fedslm.privacy.distributed import Lattice, decoded_update
-        from fedslm.wire.secagg import quantization_range
+        from fedslm.privacy.distributed import decoded_update
+        from fedslm.wire.secagg import distributed_lattice
 
-        sa = cfg.federation.secagg
-        lattice = Lattice(bits=sa.lattice_bits, honest=shared, max_epsilon_alone=math.inf,
-                          levels=quantization_range(dataclasses.replace(
-                              cfg, federation=dataclasses.replace(cfg.federation, num_clients=len(shares)))),
-                          clipping_range=sa.clipping_range)
+        lattice = distributed_lattice(cfg, honest=shared)
         specs = [dataclasses.replace(s, dp=dataclasses.replace(s.dp, lattice=lattice)) for s in specs]
     alone = []
     ledgers = tempfile.mkdtemp(prefix="fedslm-recipe-")

@@ -1244,3 +1244,25 @@ def test_unverified_neighbours_and_colluders_together_stay_below_the_threshold(f
     with caplog.at_level(logging.WARNING, logger="fedslm.node.secagg"), pytest.raises(FederationStopped):
         _deployed_round(cfg, tmp_path, grid)
     assert "carry no signature of an institution in secure_aggregation.peers" in caplog.text
+
+
+def test_distributed_noise_refuses_a_fedprox_term_before_anything_is_charged(secure_config, tmp_path):
+    """The head engine releases the noised gradient sum itself; a request's proximal-mu would be dropped without a
+    word, so the node refuses the round, and its ledger stays untouched."""
+    from dataclasses import replace
+
+    from fedslm.errors import DataError
+    from fedslm.train import round_spec, train_round
+    from fedslm.wire.secagg import distributed_lattice
+
+    cfg = secure_config(*DISTRIBUTED)
+    node = build_node(cfg)
+    spec = round_spec(cfg)
+    spec = replace(spec, dp=replace(spec.dp, lattice=distributed_lattice(cfg)))
+    ledger = Ledger(tmp_path / "l.json")
+    with pytest.raises(DataError, match="FedProx"):
+        train_round(node.model, node.train, spec, unit="u", ledger=ledger, proximal_mu=0.1,
+                    features=node.train_features)
+    assert not ledger.path.exists()
+    train_round(node.model, node.train, spec, unit="u", ledger=ledger, features=node.train_features)
+    assert ledger.entries("u")[0]["mechanism"] == "skellam"

@@ -165,14 +165,15 @@ class _StageGrid:
 
 def _signature(reply: Message, record: str) -> Optional[list[bytes]]:
     """[public identity key, signature] from a node's reply record, if it holds two bytes values of a sane size
-    (and, when the node signed one with its survivor list, its noise statement as a third)."""
+    (and, when it signed a statement beside them, the statement as a third)."""
     signed = reply.content.config_records.get(record)
     if signed is None:
         return None
     key, signature = signed.get(identity.KEY), signed.get(identity.SIGNATURE)
     if isinstance(key, bytes) and isinstance(signature, bytes) and len(key) + len(signature) <= 1024:
-        noise = signed.get(identity.NOISE)
-        return [key, signature, noise] if isinstance(noise, bytes) and 0 < len(noise) <= 512 else [key, signature]
+        statement = signed.get(identity.STATEMENT)
+        return ([key, signature, statement] if isinstance(statement, bytes) and 0 < len(statement) <= 512
+                else [key, signature])
     return None
 
 
@@ -305,13 +306,10 @@ class SecureAggregationGrid:
     def _decoded(self, plan: _Round, stage_grid: _StageGrid, server_round: int) -> list[np.ndarray]:
         """Under distributed noise the unmasked mean is ΣK·(2R/T) / count: back to ΣK, then the federation's
         full-batch step -lr·ΣK / (γ·N), N the contributors' training records (fedslm.privacy.distributed)."""
-        import math
+        from fedslm.privacy.distributed import decoded_update, from_wire
+        from fedslm.wire.secagg import distributed_lattice
 
-        from fedslm.privacy.distributed import Lattice, decoded_update, from_wire
-
-        sa = self.cfg.federation.secagg
-        lattice = Lattice(bits=sa.lattice_bits, honest=1, max_epsilon_alone=math.inf,
-                          levels=quantization_range(self.cfg), clipping_range=float(sa.clipping_range))
+        lattice = distributed_lattice(self.cfg)
         records = 0
         for node in plan.contributors:
             reply = stage_grid.collected[node]

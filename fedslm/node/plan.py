@@ -160,15 +160,11 @@ def parse_request_config(text: str) -> Config:
 
 def _lattice(cfg: Config, honest: int, max_epsilon_alone: Optional[float]):
     """The lattice of a distributed-noise round (federation.secagg.distributed_noise), else None."""
-    sa = cfg.federation.secagg
-    if not (sa.distributed_noise and cfg.privacy.enabled):
+    if not (cfg.federation.secagg.distributed_noise and cfg.privacy.enabled):
         return None
-    from fedslm.privacy.distributed import Lattice
-    from fedslm.wire.secagg import quantization_range
+    from fedslm.wire.secagg import distributed_lattice
 
-    return Lattice(bits=sa.lattice_bits, honest=honest,
-                   max_epsilon_alone=math.inf if max_epsilon_alone is None else float(max_epsilon_alone),
-                   levels=quantization_range(cfg), clipping_range=float(sa.clipping_range))
+    return distributed_lattice(cfg, honest, max_epsilon_alone)
 
 
 def _simulation_plan(cfg: Config, node: NodeContext) -> RoundPlan:

@@ -30,7 +30,6 @@ log = logging.getLogger("fedslm.node.secagg")
 STATE = "fedslm-secagg"
 COHORT = "cohort"
 SESSION = "session"  # "run/group" of the protocol run this node set up last
-THRESHOLD = "threshold"
 MASKED_WITH = "masked-with"  # the nodes whose pairwise masks this node added (and itself)
 VERIFIED = "verified"  # neighbours whose round keys a listed institution signed
 BOUND = "bound"  # "node=institution" for each of them: the only key whose signature counts for that node
@@ -124,7 +123,7 @@ def check_stage(msg: Message, context: Context) -> None:
                                            f"secure_aggregation.min_cohort={policy.min_cohort}")
         if policy is not None:
             verified = check_neighbours(msg, configs, policy,
-                                        threshold=int(own.get(THRESHOLD, 2)) if own is not None else 2,
+                                        threshold=_threshold(own),
                                         required=full.privacy.require_secure_aggregation,
                                         need_checks=full.privacy.assume_honest > 1,
                                         agree=_agreement(own, full))
@@ -148,6 +147,11 @@ def check_stage(msg: Message, context: Context) -> None:
         known = set(cohort(context) or [])
         if known and not set(active + dead) <= known:
             raise SecureAggregationRefused("the unmask request names nodes outside this node's cohort")
+
+
+def _threshold(own: Optional[Mapping[str, Any]]) -> int:
+    """The threshold this node accepted at setup (2, the least, before any setup)."""
+    return int(own[PROTOCOL][0]) if own is not None and PROTOCOL in own else 2  # type: ignore[index]
 
 
 def _own(context: Context) -> dict[str, Any]:
@@ -186,7 +190,7 @@ def check_survivors(msg: Message, configs: ConfigRecord, context: Context, full:
                                        "received: their masks are not in its vector")
     # The sum this node's update is unmasked in: survivors it masked with (the list's other members
     # could be made up or in another part of the graph), at least the threshold and min_cohort.
-    needed = max(int(own.get(THRESHOLD, 2)), full.secure_aggregation.min_cohort)
+    needed = max(_threshold(own), full.secure_aggregation.min_cohort)
     if len(set(survivors) & masked) < needed:
         raise SecureAggregationRefused(f"{len(set(survivors) & masked)} survivors among the nodes this node masked "
                                        f"with, below max(threshold, secure_aggregation.min_cohort) = {needed}")
@@ -328,7 +332,7 @@ def sign_survivors(msg: Message, context: Context) -> Message:
         message = identity.survivors_bytes(msg.metadata.run_id, msg.metadata.group_id, context.node_id,
                                            [int(n) for n in survivors], noise)
         raw, signature = identity.sign(identity.load_private(policy.identity_key), message)
-        record = ConfigRecord({identity.KEY: raw, identity.SIGNATURE: signature, **({identity.NOISE: noise} if noise else {})})
+        record = ConfigRecord({identity.KEY: raw, identity.SIGNATURE: signature, **({identity.STATEMENT: noise} if noise else {})})
     return Message(RecordDict({identity.CONSISTENCY: record}), reply_to=msg)
 
 
@@ -454,7 +458,7 @@ def sign_setup(msg: Message, reply: Message, context: Context) -> None:
                                     extra)
     raw, signature = identity.sign(identity.load_private(policy.identity_key), message)
     reply.content.config_records[identity.IDENTITY] = ConfigRecord({
-        identity.KEY: raw, identity.SIGNATURE: signature, **({identity.NOISE: extra} if extra else {})})
+        identity.KEY: raw, identity.SIGNATURE: signature, **({identity.STATEMENT: extra} if extra else {})})
 
 
 def setup_values(context: Context) -> Optional[tuple[float, ...]]:
@@ -511,12 +515,11 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: Any) -> Me
         reply = _mod_module.secaggplus_mod(msg, context, train)
         if stage == Stage.SETUP and not reply.has_error():  # Flower holds this session's keys: so does fedslm
             configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-            threshold = int(configs[Key.THRESHOLD])
             setup = [float(configs[k]) for k in (Key.CLIPPING_RANGE, Key.TARGET_RANGE, Key.MOD_RANGE,  # type: ignore[arg-type]
                                                  Key.MAX_WEIGHT)]
             protocol = [int(configs[k]) for k in (Key.THRESHOLD, Key.SHARE_NUMBER, Key.SAMPLE_NUMBER)]  # type: ignore[arg-type]
-            context.state.config_records[STATE] = ConfigRecord({SESSION: _session(msg), THRESHOLD: threshold,
-                                                                SETUP_VALUES: setup, PROTOCOL: protocol})
+            context.state.config_records[STATE] = ConfigRecord({SESSION: _session(msg), SETUP_VALUES: setup,
+                                                                PROTOCOL: protocol})
             sign_setup(msg, reply, context)
         elif stage == Stage.SHARE_KEYS and not reply.has_error():  # Flower took the stage: remember the cohort
             own = context.state.config_records[STATE]

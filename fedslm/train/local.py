@@ -19,7 +19,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from fedslm.privacy.ledger import Ledger
 from fedslm.train.losses import PER_RECORD_LOSS
 
 if TYPE_CHECKING:
-    from fedslm.privacy.distributed import Lattice
+    from fedslm.privacy.distributed import Lattice, Share
     from fedslm.privacy.head_dpsgd import HeadDPSGD
     from fedslm.train.prefix import Features
 
@@ -134,7 +134,7 @@ class RoundResult:
     # Distributed noise: the integer sums released on the lattice, by adapter key; and ε of this
     # node's own noise alone (the ledger's whole history). None under local DP.
     lattice: Optional[dict[str, torch.Tensor]] = None
-    lattice_share: Optional[Any] = None
+    lattice_share: Optional["Share"] = None
     epsilon_alone: Optional[float] = None
 
 
@@ -226,14 +226,16 @@ def train_round(
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = make_optimizer(params, t.optimizer, t.lr, t.weight_decay, t.momentum)
     extra_grad = _proximal(params, proximal_mu) if proximal_mu > 0 else None
-    lattice = None
+    keys: list[str] = []
+    share = None  # distributed noise: this round's share of the sum's noise (fedslm.privacy.distributed)
     if p.enabled:
         pl = privacy_plan(spec, n)
         q, delta, sigma = pl.sample_rate, pl.delta, pl.noise_multiplier  # q: the rate accounted (b / floor)
         skellam = None
         if p.lattice is not None:
-            lattice, skellam = _distributed(model, features, spec, n, delta)
-            sigma, q = lattice[2].noise_multiplier, 1.0
+            keys, share = _distributed(model, features, spec, n, delta, proximal=extra_grad is not None)
+            sigma, q = share.noise_multiplier, 1.0
+            skellam = {"mu": share.mu_node, "honest": p.lattice.honest, "l1": share.l1, "l2": share.l2}
         # Reserved (checked and written under the ledger's lock) before a single record is touched.
         entry = ledger.reserve(unit, (sigma, q, t.local_steps), delta=delta, max_epsilon=p.max_epsilon,
                                num_examples=n, run=run_id, round=round_idx, accountant=p.accountant,
@@ -241,17 +243,9 @@ def train_round(
         noise_source = check_secure_mode(p.secure_mode)
         noise_gen = _generator(p.noise_seed, "noise", unit, p.seed_salt, round_idx)
         engine: DPSGD | PlainSGD | HeadDPSGD
-        if lattice is not None:
-            from fedslm.lora.prior import trainable_head
-            from fedslm.privacy.head_dpsgd import HeadDPSGD
-
-            engine = HeadDPSGD(trainable_head(model), trained.dropout, features, optimizer=optimizer,
-                               noise_multiplier=sigma, max_grad_norm=p.max_grad_norm, expected_batch_size=n,
-                               physical_batch_size=t.feature_batch_size or t.physical_batch_size,
-                               noise_generator=noise_gen, secure_mode=p.secure_mode,
-                               lattice=(lattice[0], lattice[2].mu_node))
-        elif features is not None and features.layers == 0 and extra_grad is None:
-            # The head alone: the same DP-SGD step without per-record gradient tensors.
+        if features is not None and features.layers == 0 and extra_grad is None:
+            # The head alone: the same DP-SGD step without per-record gradient tensors (on the lattice
+            # under distributed noise).
             from fedslm.lora.prior import trainable_head
             from fedslm.privacy.head_dpsgd import HeadDPSGD
 
@@ -259,7 +253,8 @@ def train_round(
                                noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
                                expected_batch_size=t.logical_batch(n),
                                physical_batch_size=t.feature_batch_size or t.physical_batch_size,
-                               noise_generator=noise_gen, secure_mode=p.secure_mode)
+                               noise_generator=noise_gen, secure_mode=p.secure_mode,
+                               lattice=None if share is None else (p.lattice.scale(p.max_grad_norm), share.mu_node))
         else:
             engine = DPSGD(
                 trained, optimizer=optimizer, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
@@ -319,24 +314,26 @@ def train_round(
         sample_rate=q,
         noise_source=noise_source,
     )
-    if lattice is not None:
+    if share is not None:
         from fedslm.privacy.distributed import check_in_range
 
         sums = engine.lattice_sums  # type: ignore[union-attr]
         check_in_range(p.lattice, sums)  # type: ignore[arg-type]
-        result = dataclasses.replace(result, lattice=dict(zip(lattice[1], sums)), lattice_share=lattice[2])
+        result = dataclasses.replace(result, lattice=dict(zip(keys, sums)), lattice_share=share)
     if release is not None:
         ledger.settle(unit, entry, release(result))
     at = delta if delta is not None else p.delta or 1.0 / (10 * n)
     spent = ledger.spent(unit, at, p.accountant)
-    alone = ledger.spent(unit, at, p.accountant, alone=True) if lattice is not None else None
+    alone = ledger.spent(unit, at, p.accountant, alone=True) if share is not None else None
     return dataclasses.replace(result, epsilon=spent, epsilon_alone=alone)
 
 
-def _distributed(model: nn.Module, features: Optional["Features"], spec: RoundSpec, n: int, delta: float):
-    """(γ, the adapter keys of the head's trained tensors, the noise share) of a distributed-noise round, and
-    its ledger record; refused (before anything is charged) outside the head-only full-batch recipe or
-    when the lattice could overflow SecAgg+'s range."""
+def _distributed(model: nn.Module, features: Optional["Features"], spec: RoundSpec, n: int, delta: float, *,
+                 proximal: bool) -> tuple[list[str], "Share"]:
+    """The adapter keys of the head's trained tensors and the noise share of a distributed-noise round;
+    refused (before anything is charged) outside the head-only full-batch recipe, with a FedProx term
+    (the head engine has none, and the release is the noised sum itself), or when the lattice could
+    overflow SecAgg+'s range."""
     from fedslm.lora.prior import trainable_head
     from fedslm.privacy.distributed import check_range, plan_share
 
@@ -345,6 +342,9 @@ def _distributed(model: nn.Module, features: Optional["Features"], spec: RoundSp
     if features is None or features.layers != 0 or not spec.full_batch or spec.local_steps != 1:
         raise DataError("distributed noise releases one noised full-batch sum of the head's gradients a round: it "
                         "needs lora.layers=0, train.full_batch=true and train.local_steps=1")
+    if proximal:
+        raise DataError("distributed noise releases the noised gradient sum itself: a FedProx term (the request's "
+                        "proximal-mu) has no place in it; use another strategy")
     head = trainable_head(model)
     params = [q for q in (head.weight, head.bias) if q is not None and q.requires_grad]
     if p.noise_multiplier is not None:
@@ -358,5 +358,4 @@ def _distributed(model: nn.Module, features: Optional["Features"], spec: RoundSp
     keys = [by_storage.get(q.data_ptr()) for q in params]
     if None in keys:
         raise DataError("distributed noise: the head's trained tensors are not in the adapter")
-    record = {"mu": share.mu_node, "honest": lat.honest, "l1": share.l1, "l2": share.l2}
-    return (lat.scale(p.max_grad_norm), keys, share), record
+    return keys, share  # type: ignore[return-value]

@@ -61,8 +61,8 @@ CONSISTENCY = "fedslm-secagg-consistency"
 SURVIVORS = "survivors"
 KEY = "key"
 SIGNATURE = "signature"
-# Under distributed noise: the noise statement a node signs with its survivor list.
-NOISE = "noise"
+# What a node signs beside its keys (:func:`setup_statement`) or its survivor list (:func:`noise_statement`).
+STATEMENT = "statement"
 _DOMAIN = b"fedslm-secagg-identity-v1\x00"
 _CONSISTENCY_DOMAIN = b"fedslm-secagg-consistency-v1\x00"
 RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw

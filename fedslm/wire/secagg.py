@@ -31,10 +31,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from fedslm.config import Config
+
+if TYPE_CHECKING:
+    from fedslm.privacy.distributed import Lattice
 
 # The modules themselves (their packages re-export functions under the same names).
 _mod_module = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
@@ -93,6 +98,18 @@ def quantization_range(cfg: Config) -> int:
         return int(fixed)
     bits = min(30, ((MODULUS - 1) // cfg.federation.num_clients).bit_length() - 1)
     return 2**bits
+
+
+def distributed_lattice(cfg: Config, honest: int = 1, max_epsilon_alone: Optional[float] = None) -> "Lattice":
+    """The integer lattice of a distributed-noise round (``federation.secagg.distributed_noise``), as both ends
+    derive it from the run config; ``honest`` and ``max_epsilon_alone`` are the node's trust (the coordinator
+    decodes without them)."""
+    from fedslm.privacy.distributed import Lattice
+
+    sa = cfg.federation.secagg
+    return Lattice(bits=sa.lattice_bits, honest=honest,
+                   max_epsilon_alone=math.inf if max_epsilon_alone is None else float(max_epsilon_alone),
+                   levels=quantization_range(cfg), clipping_range=float(sa.clipping_range))
 
 
 def quantization_step(cfg: Config) -> float:
