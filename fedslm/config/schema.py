@@ -148,6 +148,10 @@ class PrivacyConfig:
     # deployment: anyone who knows the seed can subtract the noise, and two runs with the same seed
     # share it.
     noise_seed: Optional[int] = None
+    # How per-record gradients are clipped: "hooks" (Opacus' per-sample gradients, memory grows with the
+    # batch) or "ghost" (ghost clipping: per-record norms without per-record gradients, memory flat in
+    # the batch; fedslm.privacy.ghost).
+    clipping_mode: str = "hooks"
     client_level: ClientLevelConfig = field(default_factory=ClientLevelConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
@@ -171,6 +175,9 @@ class TrainConfig:
     # torch intra-op threads; None leaves torch's default.
     threads: Optional[int] = None
     eval_batch_size: int = 128
+    # Forward/backward arithmetic: fp32, bf16, fp16, or auto (bf16 where the device supports it, fp32 on
+    # the CPU). Per-record norms, clipping, noise and the released update always stay fp32.
+    precision: str = "auto"
 
 
 @dataclass
@@ -232,6 +239,8 @@ class FederationConfig:
     round_timeout: float = 3600.0
     # Ray workers' CPUs per simulated institution.
     client_cpus: int = 1
+    # Ray GPUs per simulated institution (fractions share one GPU: 0.25 puts four on it); 0: CPU only.
+    client_gpus: float = 0.0
     # Simulation on a multi-machine Ray cluster: its address (e.g. "auto" on a cluster node, or
     # "ray://head:10001"); None: a private Ray instance on this machine.
     ray_address: Optional[str] = None

@@ -156,6 +156,17 @@ class PolicyResources:
     max_eval_batch_size: int = 512
     # Tokens per record: a request's model.max_length above it is refused (truncation changes what is trained).
     max_length: int = 256
+    # Where this node trains and scores: auto (an accelerator torch sees, else the CPU), cpu, cuda, cuda:N
+    # or mps. The node decides; a request never does.
+    device: str = "auto"
+    # Work one request may ask for, refused as refused-by-policy before anything is planned or charged.
+    max_rounds_per_run: int = 1000
+    max_local_steps: int = 10000
+    max_lora_rank: int = 64
+    # Memory one round may plan to use (model, adapter, optimiser state, batches), in GiB.
+    max_memory_gb: float = 16.0
+    # Wall time of one round's training on this node; a round past it is ended.
+    max_seconds_per_round: float = 3600.0
 
 
 @dataclass
@@ -252,9 +263,15 @@ def validate_policy(policy: NodePolicy, *, complete: bool = True, where: str = "
            f"{where}: secure_aggregation.max_unverified_share must be in [0, 1), got {sa.max_unverified_share}")
     _check(not sa.peers or sa.identity_key, f"{where}: secure_aggregation.peers needs secure_aggregation.identity_key "
                                             "(the others verify this node by it; make one with: fedslm node keygen)")
-    for key in ("max_physical_batch_size", "max_feature_batch_size", "max_eval_batch_size", "max_length"):
+    for key in ("max_physical_batch_size", "max_feature_batch_size", "max_eval_batch_size", "max_length",
+                "max_rounds_per_run", "max_local_steps", "max_lora_rank"):
         value = getattr(policy.resources, key)
         _check(isinstance(value, int) and value >= 1, f"{where}: resources.{key} must be an integer >= 1, got {value}")
+    for key in ("max_memory_gb", "max_seconds_per_round"):
+        value = getattr(policy.resources, key)
+        _check(math.isfinite(value) and value > 0, f"{where}: resources.{key} must be a finite number > 0, got {value}")
+    _check(bool(policy.resources.device.strip()), f"{where}: resources.device must name a device (auto, cpu, cuda, "
+                                                  "cuda:N or mps), got ''")
     if policy.threads is not None:
         _check(policy.threads >= 1, f"{where}: threads must be >= 1, got {policy.threads}")
 
@@ -408,6 +425,17 @@ resources:
   max_feature_batch_size: 65536
   max_eval_batch_size: 512
   max_length: 256
+  # Where this node trains and scores: auto (an accelerator if torch sees one, else the CPU), cpu, cuda,
+  # cuda:N or mps. A coordinator's request never chooses it; `fedslm node check` shows what it resolves to.
+  device: auto
+  # The most work one request may ask of this node; a request past any of these is refused before
+  # anything is planned or charged to the ledger.
+  max_rounds_per_run: 1000
+  max_local_steps: 10000
+  max_lora_rank: 64
+  # Memory one round may plan to use (GiB), and the wall time of one round's training (seconds).
+  max_memory_gb: 16.0
+  max_seconds_per_round: 3600.0
 
 # torch threads for training on this node (null: torch's default).
 threads: null
