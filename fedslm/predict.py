@@ -6,6 +6,10 @@ on (:func:`fedslm.lora.merge.load_tuned`). Records are read with the same reader
 reported with its line and skipped, and the rest are labelled. Classification: each record's label
 and its probability, optionally the top k; causal LM: the greedy completion (prompts left-padded).
 Inference runs in batches, records sorted by length so that a batch pads little, and the output keeps the input's order.
+
+The text is read from the column the adapter's model was trained on (``fedslm.json``'s ``text_column``,
+or for an adapter written before it named one, the run folder's ``config.yaml``); ``column`` overrides.
+A causal model can be held to a closed set of answers (``choices``: constrained decoding).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, TextIO
+from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
 
 import torch
 
@@ -74,6 +78,53 @@ class _Writer:
             self.handle.close()
 
 
+def trained_column(adapter: str | Path, meta: dict[str, Any]) -> str:
+    """The column the adapter's model read its text from in training: ``fedslm.json``'s ``text_column``;
+    for an adapter written before it named one, its run folder's ``config.yaml``; else the default."""
+    task = meta["task"]
+    column = meta.get("text_column")
+    if isinstance(column, str) and column:
+        return column
+    config = Path(adapter).resolve().parent / "config.yaml"  # the run folder the adapter was written into
+    if config.is_file():
+        import yaml
+
+        try:
+            data = yaml.safe_load(config.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError, OSError):
+            data = None
+        section = data.get("data") if isinstance(data, dict) else None
+        column = section.get("text_column" if task == "classification" else "prompt_column") \
+            if isinstance(section, dict) else None
+        if isinstance(column, str) and column:
+            return column
+    return DEFAULT_COLUMN[task]
+
+
+def closed_set(constrained: bool, choices: Optional[str | Path]) -> Optional[list[str]]:
+    """The answers of ``--constrained`` (every ICD-10-CM code, written as ``icd10-instruct`` writes it:
+    ``" J20.6"``) or ``--choices FILE`` (one answer a line, exactly as the model should write it after the
+    prompt, less the line end); None for free generation."""
+    if constrained and choices is not None:
+        raise ConfigError("--constrained (the ICD-10-CM codes) and --choices FILE both name a set of answers; give one")
+    if constrained:
+        from fedslm.data.bundled import icd10_codes
+        from fedslm.data.codes import answer
+
+        return [answer(code) for code in sorted(icd10_codes())]
+    if choices is None:
+        return None
+    path = Path(choices)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"--choices {path}: cannot be read as UTF-8 text ({exc.__class__.__name__})") from None
+    answers = [line for line in text.splitlines() if line.strip()]
+    if not answers:
+        raise DataError(f"--choices {path}: no answers (one a line)")
+    return answers
+
+
 def _batches(order: list[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(order), size):
         yield order[start:start + size]
@@ -101,9 +152,11 @@ def _classify(tuned: Any, texts: list[str], batch_size: int, top_k: int,
 
 def predict_file(adapter: str | Path, input_path: str | Path, out: Optional[str | Path] = None, *,
                  column: Optional[str] = None, top_k: int = 1, batch_size: int = 64, max_new_tokens: int = 32,
-                 progress: Optional[Callable[[int, int], None]] = None) -> PredictReport:
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 choices: Optional[Sequence[str]] = None) -> PredictReport:
     """Label ``input_path`` with ``adapter``; rows go to ``out`` (.csv or .jsonl) or stdout as JSONL.
-    ``progress(done, total)`` is called after every batch."""
+    ``progress(done, total)`` is called after every batch. ``column``: the text column (default: the one
+    the adapter was trained on). ``choices`` (causal LM): every completion is one of these answers."""
     from fedslm.lora.merge import load_tuned
 
     if top_k < 1:
@@ -116,8 +169,17 @@ def predict_file(adapter: str | Path, input_path: str | Path, out: Optional[str 
         raise ConfigError(f"--out {out_path} is the input file; choose another")
     tuned = load_tuned(adapter)
     task = tuned.meta["task"]
-    column = column or DEFAULT_COLUMN[task]
-    rows = read_rows(input_path, [column])
+    if choices is not None and task != "causal_lm":
+        raise ConfigError(f"{adapter} adapts a {task} model; a closed set of answers (--constrained, --choices) "
+                          "needs a causal_lm adapter")
+    trained = column is None
+    column = column or trained_column(adapter, tuned.meta)
+    try:
+        rows = read_rows(input_path, [column])
+    except DataError as exc:
+        if trained and "missing column" in str(exc):
+            raise DataError(f"{exc}; the adapter was trained on column {column!r} (--column reads another)") from None
+        raise
     kept, skipped = [], []
     for row in rows:
         text = row.values[column]
@@ -136,6 +198,11 @@ def predict_file(adapter: str | Path, input_path: str | Path, out: Optional[str 
         if progress is not None:
             progress(done, len(kept))
 
+    trie = None
+    if choices is not None:  # built before the output file is opened: a set it cannot write stops here
+        from fedslm.models.generate import AnswerTrie
+
+        trie = AnswerTrie(tuned.base.tokenizer, choices)
     writer = _Writer(out_path, task, top_k)
     started = time.perf_counter()
     try:
@@ -152,7 +219,8 @@ def predict_file(adapter: str | Path, input_path: str | Path, out: Optional[str 
             from fedslm.models.generate import generate_batch
 
             completions = generate_batch(tuned.model, tuned.base.tokenizer, [p for _, p in kept],
-                                         max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=advanced)
+                                         max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=advanced,
+                                         trie=trie)
             for (line, _), completion in zip(kept, completions):
                 writer.write({"line": line, "completion": completion})
     finally:

@@ -437,15 +437,21 @@ def generate_cmd(
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0: greedy; above 0: sampling."),
     top_p: float = typer.Option(0.95, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
+    constrained: bool = typer.Option(False, "--constrained", help="Answer only a real ICD-10-CM code (then stop)."),
+    choices: Optional[Path] = typer.Option(None, "--choices", help="Answer only one line of this file (then stop)."),
 ) -> None:
     """Continue PROMPT with the base model + ADAPTER, printing tokens as they come."""
     from fedslm.lora.merge import load_tuned
-    from fedslm.models.generate import generate
+    from fedslm.models.generate import AnswerTrie, generate
+    from fedslm.predict import closed_set
+
+    answers = closed_set(constrained, choices)
 
     with err_console.status("loading base model and adapter"):
         tuned = load_tuned(adapter)
     if tuned.meta["task"] != "causal_lm":
         raise ConfigError(f"{adapter} adapts a {tuned.meta['task']} model; generate needs a causal_lm adapter")
+    trie = AnswerTrie(tuned.base.tokenizer, answers) if answers is not None else None
     sys.stdout.write(prompt)
     sys.stdout.flush()
 
@@ -454,7 +460,7 @@ def generate_cmd(
         sys.stdout.flush()
 
     generate(tuned.model, tuned.base.tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-             top_p=top_p, seed=seed, on_text=show)
+             top_p=top_p, seed=seed, on_text=show, trie=trie)
     sys.stdout.write("\n")
 
 
@@ -464,22 +470,27 @@ def predict_cmd(
     adapter: Path = typer.Option(..., "--adapter", "-a", help="An adapter folder (a run folder's adapter/)."),
     input_path: Path = typer.Option(..., "--input", "-i", help="Records to label: a .csv or .jsonl file."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write (.csv or .jsonl); default stdout."),
-    column: Optional[str] = typer.Option(None, "--column", help="The text column (default: text; causal: prompt)."),
+    column: Optional[str] = typer.Option(None, "--column", help="The text column (default: the one the adapter "
+                                         "was trained on)."),
     top_k: int = typer.Option(1, "--top-k", "-k", help="Also list the k most probable labels (classification)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Causal LM: tokens per completion."),
+    constrained: bool = typer.Option(False, "--constrained", help="Causal LM: answer only real ICD-10-CM codes."),
+    choices: Optional[Path] = typer.Option(None, "--choices", help="Causal LM: answer only lines of this file."),
 ) -> None:
     """Label every record of INPUT with the base model + ADAPTER: each record's line, label and probability
     (classification) or its greedy completion (causal LM)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from fedslm.predict import predict_file
+    from fedslm.predict import closed_set, predict_file
+
+    answers = closed_set(constrained, choices)
 
     with Progress(TextColumn("labelling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err_console, transient=True) as bar:
         task = bar.add_task("labelling", total=None)
         report = predict_file(adapter, input_path, out, column=column, top_k=top_k, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens,
+                              max_new_tokens=max_new_tokens, choices=answers,
                               progress=lambda done, total: bar.update(task, completed=done, total=total))
     for line, reason in report.skipped:
         err_console.print(f"[yellow]skipped[/] {input_path} line {line}: {reason}")

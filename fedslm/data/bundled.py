@@ -60,6 +60,12 @@ def _icd10_rows() -> list[dict[str, str]]:
     return [r for r in rows if r["description"].strip()]
 
 
+def icd10_codes() -> frozenset[str]:
+    """Every code of the bundled ICD-10-CM table (categories such as ``J20`` and their subcodes): the
+    public code list, not records, so a model may be constrained to it whatever it was trained on."""
+    return frozenset(r["icd10_code"] for r in _icd10_rows())
+
+
 def _split(n: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(ICD10_SPLIT_SEED).permutation(n)
     n_test = int(round(n * ICD10_TEST_FRACTION))

@@ -187,7 +187,9 @@ def adapter_meta(cfg: Any, fingerprint: str, labels: Optional[list[str]] = None)
     name = cfg.model.name if presets.get(cfg.model.name) else str(Path(cfg.model.name).expanduser().resolve())
     return {"model": name, "task": cfg.model.task, "max_length": cfg.model.max_length,
             "init_seed": cfg.model.init_seed, "pooling": cfg.model.pooling,
-            "normalize": cfg.model.normalize, "labels": labels, "base_fingerprint": fingerprint}
+            "normalize": cfg.model.normalize, "labels": labels, "base_fingerprint": fingerprint,
+            # The column the model read its input from, so `fedslm predict` reads the same one by default.
+            "text_column": cfg.data.text_column if cfg.model.task == "classification" else cfg.data.prompt_column}
 
 
 def read_adapter_meta(folder: str | Path) -> dict[str, Any]:
