@@ -193,3 +193,58 @@ def test_predict_reads_the_column_the_adapter_was_trained_on_and_names_the_colum
     (adapter.parent / "config.yaml").write_text("data:\n  text_column: body\n")
     res = CliRunner().invoke(app, ["predict", "-a", str(adapter), "-i", str(new)])
     assert res.exit_code == 0, res.output
+
+
+@pytest.fixture(scope="module")
+def char_llama_dir(tmp_path_factory):
+    """A tiny Llama whose tokenizer writes any printable text one character a token (as a byte-level
+    tokenizer can write every code): enough to score real ICD-10-CM prompts and codes."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("char-llama")
+    vocab = {t: i for i, t in enumerate(["<pad>", "[UNK]", "<s>", "</s>", *dict.fromkeys(string.printable)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_the_generative_benchmark_scores_free_and_constrained_answers_and_constrained_ones_are_real_codes(
+        char_llama_dir, causal_config, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    cfg = causal_config(f"model.name={char_llama_dir}", "model.max_length=64")
+    node = build_node(cfg)
+    adapter = save_adapter(node.model, tmp_path / "run" / "adapter", adapter_meta(cfg, node.base.fingerprint))
+    spec = importlib.util.spec_from_file_location(
+        "generative_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "generative.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "results"
+    assert bench.main(["--adapter", str(adapter), "--records", "4", "--max-new-tokens", "8", "--threads", "1",
+                       "--batch-size", "3", "--out", str(out)]) == 0
+    result = json.loads((out / "generative.json").read_text())
+    assert result["records"] == 4
+    for name in ("before_constrained", "after_constrained"):
+        row = result[name]
+        assert row["well_formed"] == row["valid_code"] == 1.0, row  # every constrained answer is a real code
+        assert all(r["code"] is not None and r["answer"] == " " + r["code"] for r in row["first"])
+    free = result["before"]
+    assert free["valid_code"] < 1.0  # random weights write no code unconstrained
+    for key in ("well_formed", "valid_code", "right_chapter", "right_category", "exact_code"):
+        assert key in free
+    md = (out / "generative.md").read_text()
+    assert "valid code" in md and "base + adapter, constrained" in md and "target ≥ 95%" in md
