@@ -248,3 +248,42 @@ def test_the_generative_benchmark_scores_free_and_constrained_answers_and_constr
         assert key in free
     md = (out / "generative.md").read_text()
     assert "valid code" in md and "base + adapter, constrained" in md and "target ≥ 95%" in md
+
+
+def test_the_recipe_study_judges_its_targets_against_the_best_non_private_row(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("recipe_bench",
+                                                  Path(__file__).resolve().parents[1] / "benchmarks" / "recipe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    monkeypatch.setattr(recipe, "RESULTS", tmp_path)
+
+    def row(name, acc, eps=None, institutions=5, overrides=()):
+        return {"name": name, "accuracy": acc, "epsilon": eps, "institutions": institutions,
+                "overrides": list(overrides)}
+
+    rows = [row("centralized, non-private, head on the frozen encoder (linear probe)", 0.9388, institutions=1),
+            row(recipe.END_TO_END, 0.9677, institutions=1),
+            row("federated, DP ε=8", 0.9500, 7.99),
+            row("federated, DP ε=3", 0.9100, 2.99),                      # 5.8 below: not met by 0.8
+            row("distributed, each counting on 5 honest, ε=1", 0.9600, 0.99),  # not local DP: not judged
+            row("lever: the head alone (LoRA's control), ε=8", 0.9400, 7.99),
+            row("lever: LoRA on the top layer, ε=8", 0.9550, 7.99, overrides=["lora.layers=1"])]  # 1.3 below: met
+    assert recipe.reference(rows)["name"] == recipe.END_TO_END
+    lines = recipe.targets(rows, recipe.reference(rows))
+    text = "\n".join(lines)
+    assert "ε=8, best row (lever: LoRA on the top layer, ε=8): 1.3 points below (target ≤ 3): met" in text
+    assert "ε=3, best row (federated, DP ε=3): 5.8 points below (target ≤ 5): not met, by 0.8 points" in text
+    assert "- federated local DP ε=1: not measured" in text
+    assert "LoRA-bearing at ε=8 (lever: LoRA on the top layer, ε=8, 0.9550) vs the best head-only row " \
+           "(federated, DP ε=8, 0.9500): +0.5 points: met" in text
+    assert "generative: not measured" in text
+    (tmp_path / "generative.json").write_text(json.dumps({
+        "model": "gemma3-270m", "epsilon_per_institution": {"0": 7.9},
+        "after": {"valid_code": 0.9, "right_chapter": 0.5, "exact_code": 0.01},
+        "after_constrained": {"valid_code": 1.0, "right_chapter": 0.81, "exact_code": 0.05}}))
+    text = "\n".join(recipe.targets(rows, recipe.reference(rows)))
+    assert "constrained): valid code 100.0% (target ≥ 95%): met" in text
+    assert "constrained): right chapter 81.0% (target ≥ 80%): met" in text and "exact code 5.0%" in text
