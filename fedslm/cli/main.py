@@ -437,7 +437,8 @@ def generate_cmd(
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0: greedy; above 0: sampling."),
     top_p: float = typer.Option(0.95, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
-    constrained: bool = typer.Option(False, "--constrained", help="Answer only a real ICD-10-CM code (then stop)."),
+    constrained: bool = typer.Option(False, "--constrained", help="Answer only a real ICD-10-CM code, then stop "
+                                     "(-n: as long as the longest code)."),
     choices: Optional[Path] = typer.Option(None, "--choices", help="Answer only one line of this file (then stop)."),
 ) -> None:
     """Continue PROMPT with the base model + ADAPTER, printing tokens as they come."""
