@@ -208,6 +208,7 @@ def _finetune_row(name: str, overrides: list[str], what: str, epochs: int, seeds
     accs = [r["accuracy"] for r in runs]
     row = {"name": name, "test_records": len(test_ex), "institutions": 1, "overrides": extra,
            "finetune": what, "epochs": epochs, "train_records": len(train_ex), "validation_records": len(val_ex),
+           "validation_seed": VALIDATION_SEED,
            "accuracy": statistics.fmean(accs), "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else None,
            "seeds": [r["seed"] for r in runs], "per_seed": runs,
            "macro_f1": statistics.fmean(r["macro_f1"] for r in runs), "worst_institution": None, "epsilon": None,
@@ -438,8 +439,8 @@ def write(result: dict, stem: Path) -> None:
     ceiling = [r for r in rows if r.get("finetune")]
     if ceiling:
         lines += ["", "Non-private fine-tuning rows: " + "; ".join(
-            f"{r['name']}: {r['train_records']} training and {r['validation_records']} validation records, "
-            f"seeds {r['seeds']}, best validation at step {r['per_seed'][0]['best_step']} of "
+            f"{r['name']}: {r['train_records']} training and {r['validation_records']} validation records "
+            f"(split seed {r.get('validation_seed')}), train seeds {r['seeds']}, best validation at step {r['per_seed'][0]['best_step']} of "
             f"{r['per_seed'][0]['steps']} ({r['per_seed'][0]['trained_parameters']:,} weights trained)"
             for r in ceiling) + "."]
     lines += [""] + (["Targets: not judged on a --quick run."] if result["quick"] else targets(rows, reference(rows)))
