@@ -232,6 +232,8 @@ def test_a_simulated_institution_without_cuda_is_refused_as_misconfigured(monkey
     assert category(exc.value) == "node-misconfigured" and "cuda is not available" in str(exc.value)
 
 
+# Loading real adapter values into 'meta' tensors is a no-op torch warns about; only the order is checked here.
+@pytest.mark.filterwarnings("ignore:.*to a meta parameter in the current model:UserWarning")
 def test_tuned_models_load_onto_their_device_before_the_adapter(monkeypatch, cls_config, tmp_path):
     from peft import PeftModel
 
@@ -368,3 +370,16 @@ def test_fp16_on_the_cpu_is_refused_before_anything_is_charged(cls_config, tmp_p
     with pytest.raises(dev.DeviceError, match="train.precision: fp16 runs on CUDA only"):
         train_round(node.model, node.train, round_spec(cfg), unit="u", ledger=ledger)
     assert ledger.entries("u") == []
+
+
+def test_dp_sgd_refuses_a_model_spread_over_devices(cls_config):
+    from fedslm.lora.adapter import trained_head
+    from fedslm.privacy.dpsgd import DPSGD, make_optimizer
+    from fedslm.train.node import build_node
+
+    node = build_node(cls_config())
+    trained_head(node.model).to("meta")  # moved after wrapping: the other tensors stayed on the CPU
+    params = [q for q in node.model.parameters() if q.requires_grad]
+    with pytest.raises(ValueError, match=r"several devices \(cpu, meta\)"):
+        DPSGD(node.model, optimizer=make_optimizer(params, "sgd", 0.1, 0.0), noise_multiplier=1.0, max_grad_norm=1.0,
+              expected_batch_size=8, physical_batch_size=8)

@@ -147,6 +147,10 @@ class DPSGD:
         already be on its device (placed before PEFT wrapped it, and so before these hooks)."""
         from fedslm.train.device import model_device
 
+        devices = {str(p.device) for p in model.parameters()}
+        if len(devices) > 1:  # a half-moved model: Opacus' hooks would pair tensors of different devices
+            raise ValueError(f"the model's parameters are on several devices ({', '.join(sorted(devices))}); place the "
+                             "whole base on one device before PEFT and Opacus wrap it")
         model.train()  # before hooks: Opacus captures activations only in training mode
         self.device, self.precision = model_device(model), precision
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
