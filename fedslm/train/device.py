@@ -132,7 +132,7 @@ def to_device(batch: Mapping[str, Any], device: Optional[torch.device]) -> dict[
     """``batch`` with its tensors on ``device`` (None: as they are)."""
     if device is None:
         return dict(batch)
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def place(model: nn.Module, device: Optional[torch.device]) -> nn.Module:
