@@ -135,15 +135,16 @@ def _classify(tuned: Any, texts: list[str], batch_size: int, top_k: int,
               on_batch: Callable[[int], None]) -> list[list[tuple[int, float]]]:
     """For each text, its top-k (label index, probability), in the input's order."""
     tokenizer, model = tuned.base.tokenizer, tuned.model
+    device = next(model.parameters()).device
     max_length = int(tuned.meta.get("max_length", 128))
     lengths = [len(t) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     out: list[list[tuple[int, float]]] = [[] for _ in texts]
     for chunk in _batches(order, batch_size):
         enc = tokenizer([texts[i] for i in chunk], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+                        return_tensors="pt").to(device)
         probs = torch.softmax(model(**enc).logits.float(), dim=-1)
-        values, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+        values, indices = (t.cpu() for t in probs.topk(min(top_k, probs.shape[-1]), dim=-1))
         for row, i in enumerate(chunk):
             out[i] = [(int(k), float(v)) for k, v in zip(indices[row], values[row])]
         on_batch(len(chunk))
@@ -153,11 +154,13 @@ def _classify(tuned: Any, texts: list[str], batch_size: int, top_k: int,
 def predict_file(adapter: str | Path, input_path: str | Path, out: Optional[str | Path] = None, *,
                  column: Optional[str] = None, top_k: int = 1, batch_size: int = 64, max_new_tokens: int = 32,
                  progress: Optional[Callable[[int, int], None]] = None,
-                 choices: Optional[Sequence[str]] = None) -> PredictReport:
+                 choices: Optional[Sequence[str]] = None, device: str = "auto") -> PredictReport:
     """Label ``input_path`` with ``adapter``; rows go to ``out`` (.csv or .jsonl) or stdout as JSONL.
     ``progress(done, total)`` is called after every batch. ``column``: the text column (default: the one
-    the adapter was trained on). ``choices`` (causal LM): every completion is one of these answers."""
+    the adapter was trained on). ``choices`` (causal LM): every completion is one of these answers.
+    ``device``: auto, cpu, cuda, cuda:N or mps."""
     from fedslm.lora.merge import load_tuned
+    from fedslm.train.device import resolve_device
 
     if top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {top_k}")
@@ -167,7 +170,7 @@ def predict_file(adapter: str | Path, input_path: str | Path, out: Optional[str 
     out_path = Path(out) if out is not None else None
     if out_path is not None and out_path.resolve() == input_path.resolve():
         raise ConfigError(f"--out {out_path} is the input file; choose another")
-    tuned = load_tuned(adapter)
+    tuned = load_tuned(adapter, resolve_device(device, key="--device"))
     task = tuned.meta["task"]
     if choices is not None and task != "causal_lm":
         raise ConfigError(f"{adapter} adapts a {task} model; a closed set of answers (--constrained, --choices) "

@@ -58,6 +58,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file(s), merged in order over the defaults.")
+DeviceOpt = typer.Option("auto", "--device", help="Where to run: auto (CUDA, else MPS, else the CPU), cpu, cuda, "
+                                                  "cuda:N or mps.")
 OverridesArg = typer.Argument(None, help="key=value overrides, e.g. privacy.target_epsilon=3 train.lr=1e-3")
 
 
@@ -278,6 +280,7 @@ def node_check(
     r = report["resources"]
     console.print(f"memory   training chunks <= {r['max_physical_batch_size']} records, evaluation batches <= "
                   f"{r['max_eval_batch_size']}, max_length <= {r['max_length']} tokens")
+    console.print(f"device   resources.device {r['device']} -> {r['resolved_device']} (torch sees {r['torch_sees']})")
     s = report["secure_aggregation"]
     console.print(f"secagg   cohort >= {s['min_cohort']}, threshold >= {s['min_threshold']}; identity "
                   f"{s['identity'] or 'none'}; peers {', '.join(f'{k} ({v})' for k, v in s['peers'].items()) or 'none'}")
@@ -330,12 +333,13 @@ def cache_purge(folder: Optional[Path] = CacheDirOpt) -> None:
 def train_cmd(
     config: Optional[List[Path]] = ConfigOpt,
     overrides: Optional[List[str]] = OverridesArg,
+    device: str = DeviceOpt,
 ) -> None:
     """Fine-tune on this node's data alone: federation.rounds rounds of DP-LoRA, charged to the ledger."""
     from fedslm.train.runner import run_local
 
     cfg = _load(config, overrides)
-    run_local(cfg, console=console)
+    run_local(cfg, console=console, device=device)
 
 
 @app.command("simulate")
@@ -440,16 +444,19 @@ def generate_cmd(
     constrained: bool = typer.Option(False, "--constrained", help="Answer only a real ICD-10-CM code, then stop "
                                      "(-n: as long as the longest code)."),
     choices: Optional[Path] = typer.Option(None, "--choices", help="Answer only one line of this file (then stop)."),
+    device: str = DeviceOpt,
 ) -> None:
     """Continue PROMPT with the base model + ADAPTER, printing tokens as they come."""
     from fedslm.lora.merge import load_tuned
     from fedslm.models.generate import AnswerTrie, generate
     from fedslm.predict import closed_set
+    from fedslm.train.device import resolve_device
 
     answers = closed_set(constrained, choices)
 
+    where = resolve_device(device, key="--device")
     with err_console.status("loading base model and adapter"):
-        tuned = load_tuned(adapter)
+        tuned = load_tuned(adapter, where)
     if tuned.meta["task"] != "causal_lm":
         raise ConfigError(f"{adapter} adapts a {tuned.meta['task']} model; generate needs a causal_lm adapter")
     trie = AnswerTrie(tuned.base.tokenizer, answers) if answers is not None else None
@@ -478,6 +485,7 @@ def predict_cmd(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Causal LM: tokens per completion."),
     constrained: bool = typer.Option(False, "--constrained", help="Causal LM: answer only real ICD-10-CM codes."),
     choices: Optional[Path] = typer.Option(None, "--choices", help="Causal LM: answer only lines of this file."),
+    device: str = DeviceOpt,
 ) -> None:
     """Label every record of INPUT with the base model + ADAPTER: each record's line, label and probability
     (classification) or its greedy completion (causal LM)."""
@@ -491,7 +499,7 @@ def predict_cmd(
                   console=err_console, transient=True) as bar:
         task = bar.add_task("labelling", total=None)
         report = predict_file(adapter, input_path, out, column=column, top_k=top_k, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, choices=answers,
+                              max_new_tokens=max_new_tokens, choices=answers, device=device,
                               progress=lambda done, total: bar.update(task, completed=done, total=total))
     for line, reason in report.skipped:
         err_console.print(f"[yellow]skipped[/] {input_path} line {line}: {reason}")
@@ -520,25 +528,28 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="A run folder (with metr
 def export_cmd(
     adapter: Path = typer.Option(..., "--adapter", "-a", help="An adapter folder (a run folder's adapter/)."),
     out: Path = typer.Option(..., "--out", "-o", help="New folder for the merged model (HF format)."),
+    device: str = DeviceOpt,
 ) -> None:
     """Merge ADAPTER into its base and save a folder its stock library loads without fedslm: a Hugging Face
     model (causal LM, [CLS]-pooled classifier) or, for a mean-pooled classifier, a sentence-transformers model
     whose encode() gives the logits; checked against base + B·A and reloaded."""
     from fedslm.lora.adapter import read_adapter_meta
     from fedslm.lora.merge import export_merged
+    from fedslm.train.device import resolve_device
 
+    where = resolve_device(device, key="--device")
     meta = read_adapter_meta(adapter)
     if meta.get("task") == "classification" and meta.get("pooling", "cls") == "mean":
         from fedslm.lora.st_export import export_sentence_transformers
 
         with err_console.status("merging, writing the sentence-transformers folder and reloading it"):
-            report = export_sentence_transformers(adapter, out)
+            report = export_sentence_transformers(adapter, out, where)
         console.print(f"wrote {out}: {' -> '.join(report['modules'])}, {report['lora_layers']} LoRA layers merged "
                       f"(reloaded logits within {report['max_logit_error']:.2g}); load it with "
                       f"SentenceTransformer({str(out)!r}).encode(texts) for the logits, labels in labels.json")
         return
     with err_console.status("merging and checking"):
-        report = export_merged(adapter, out)
+        report = export_merged(adapter, out, where)
     console.print(f"merged {report['lora_layers']} LoRA layers into {out} (max |W' - (W + s·B·A)| = "
                   f"{report['max_merge_error']:.2g}; reloaded logits within {report['max_logit_error']:.2g}); "
                   f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")

@@ -232,6 +232,8 @@ def validate(cfg: Config) -> None:
     _check(t.lr * t.weight_decay < 1, f"train.lr × train.weight_decay must be < 1, got {t.lr * t.weight_decay:g}")
     _positive("train.threads", t.threads, allow_none=True)
     _positive("train.eval_batch_size", t.eval_batch_size)
+    # Which of these the machine can run is checked where it trains (fedslm.train.device).
+    _choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
 
     f = cfg.federation
     _positive("federation.num_clients", f.num_clients)
@@ -252,6 +254,8 @@ def validate(cfg: Config) -> None:
     _check(f.ema is None or 0.0 <= f.ema < 1.0, f"federation.ema must be in [0, 1) or null, got {f.ema}")
     _positive("federation.round_timeout", f.round_timeout)
     _positive("federation.client_cpus", f.client_cpus)
+    _check(f.client_gpus >= 0, f"federation.client_gpus must be >= 0 (0: CPU only; 0.25: four institutions share "
+                               f"one GPU), got {f.client_gpus}")
     _positive("federation.max_update_norm", f.max_update_norm, allow_none=True)
     _positive("federation.max_message_bytes", f.max_message_bytes, allow_none=True)
     _choice("federation.transfer_dtype", f.transfer_dtype, ("float32", "float16"))

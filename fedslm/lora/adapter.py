@@ -33,8 +33,10 @@ def head_module_names(model: nn.Module, task: str) -> list[str]:
     return heads
 
 
-def wrap(base: nn.Module, cfg: LoraConfig, task: str, default_targets: tuple[str, ...], seed: int) -> PeftModel:
-    """Add LoRA to ``base`` (frozen); only LoRA and the task head are trainable."""
+def wrap(base: nn.Module, cfg: LoraConfig, task: str, default_targets: tuple[str, ...], seed: int,
+         device: Optional[torch.device] = None) -> PeftModel:
+    """Add LoRA to ``base`` (frozen); only LoRA and the task head are trainable. ``device``: where the
+    model trains; the base moves there before PEFT wraps it (fedslm.train.device.place)."""
     targets = list(cfg.target_modules) if cfg.target_modules else list(default_targets)
     if not targets:
         raise ConfigError("lora.target_modules must be set for this architecture (e.g. [q_proj, v_proj])")
@@ -65,7 +67,13 @@ def wrap(base: nn.Module, cfg: LoraConfig, task: str, default_targets: tuple[str
         bias="none",
         task_type=_PEFT_TASK[task],
     )
-    # LoRA A is drawn from the global RNG; seed it locally so the start is reproducible.
+    from fedslm.train.device import place
+
+    # On its device before get_peft_model (and so before Opacus): PEFT puts each LoRA tensor on its
+    # base layer's device, and a model moved after wrapping trains silently wrong (Opacus #820).
+    place(base, device)
+    # LoRA A is drawn from the global CPU RNG (PEFT builds it on the CPU, then moves it to the base
+    # layer's device); seed it locally so the start is reproducible and the same on every device.
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # PEFT still calls a transformers method renamed in v5; nothing for a user to act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -141,9 +149,11 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def get_adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
-    """A detached copy of the trainable adapter (and head) tensors, in PEFT's on-disk keys."""
+    """A detached copy of the trainable adapter (and head) tensors, in PEFT's on-disk keys: on the CPU
+    in fp32 whatever the model trains on (this is what is released and saved)."""
     frozen = _frozen_lora_keys(model)
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items() if k not in frozen}
+    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in get_peft_model_state_dict(model).items()
+            if k not in frozen}
 
 
 def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:

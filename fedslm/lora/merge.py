@@ -13,7 +13,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from peft import PeftModel
@@ -34,8 +34,11 @@ class Tuned:
     meta: dict[str, Any]
 
 
-def load_tuned(adapter_dir: str | Path) -> Tuned:
-    """Base + adapter from a fedslm adapter folder (a run folder's ``adapter/``)."""
+def load_tuned(adapter_dir: str | Path, device: Optional[torch.device] = None) -> Tuned:
+    """Base + adapter from a fedslm adapter folder (a run folder's ``adapter/``), on ``device`` (None:
+    the CPU); the base is moved there before the adapter is loaded onto it."""
+    from fedslm.train.device import place
+
     meta = read_adapter_meta(adapter_dir)
     labels = meta.get("labels")
     cfg = ModelConfig(name=meta["model"], task=meta["task"], max_length=int(meta.get("max_length", 128)),
@@ -45,6 +48,7 @@ def load_tuned(adapter_dir: str | Path) -> Tuned:
     if meta.get("base_fingerprint") and base.fingerprint != meta["base_fingerprint"]:
         raise ModelError(f"{adapter_dir}: trained on base {meta['base_fingerprint'][:12]}, but {meta['model']} "
                          f"now loads as {base.fingerprint[:12]}; refusing to combine them")
+    place(base.model, device)
     with warnings.catch_warnings():  # PEFT still asks transformers 5 a deprecated question
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = PeftModel.from_pretrained(base.model, str(adapter_dir), is_trainable=False)
@@ -73,8 +77,9 @@ def _probe(tuned: Tuned) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def export_merged(adapter_dir: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write the merged model + tokenizer to ``out`` (HF format) and return the checks' figures."""
+def export_merged(adapter_dir: str | Path, out: str | Path, device: Optional[torch.device] = None) -> dict[str, Any]:
+    """Write the merged model + tokenizer to ``out`` (HF format) and return the checks' figures; the merge
+    runs on ``device`` (None: the CPU), the reload check on the CPU."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     out = Path(out)
@@ -84,9 +89,10 @@ def export_merged(adapter_dir: str | Path, out: str | Path) -> dict[str, Any]:
         # A plain Hugging Face classifier would read its [CLS] pooler, not the mean this head was trained on.
         raise ModelError(f"{adapter_dir} was trained with model.pooling 'mean', which a plain Hugging Face "
                          "classifier folder cannot express; use the adapter with fedslm (evaluate, or load_tuned)")
-    tuned = load_tuned(adapter_dir)
+    tuned = load_tuned(adapter_dir, device)
     probe = _probe(tuned)
-    logits_before = tuned.model(**probe).logits
+    where = next(tuned.model.parameters()).device
+    logits_before = tuned.model(**{k: v.to(where) for k, v in probe.items()}).logits.float().cpu()
     expected = expected_merged_weights(tuned.model)
     merged = tuned.model.merge_and_unload()
     worst = 0.0
@@ -100,7 +106,7 @@ def export_merged(adapter_dir: str | Path, out: str | Path) -> dict[str, Any]:
     tuned.base.tokenizer.save_pretrained(out)
     cls = AutoModelForCausalLM if tuned.meta["task"] == "causal_lm" else AutoModelForSequenceClassification
     reloaded = cls.from_pretrained(out, local_files_only=True, dtype=torch.float32).eval()
-    logit_err = float((reloaded(**probe).logits - logits_before).abs().max())
+    logit_err = float((reloaded(**probe).logits.float() - logits_before).abs().max())
     if not logit_err <= 1e-3:
         raise ModelError(f"the exported model's logits differ from base + adapter by {logit_err:.3g}")
     report = {"adapter": str(adapter_dir), "base": tuned.meta["model"], "task": tuned.meta["task"],

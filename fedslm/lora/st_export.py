@@ -18,7 +18,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -31,7 +31,8 @@ PROBES = ["the patient reports chest pain", "fracture of the left femur after a 
 
 
 @torch.no_grad()
-def export_sentence_transformers(adapter_dir: str | Path, out: str | Path) -> dict[str, Any]:
+def export_sentence_transformers(adapter_dir: str | Path, out: str | Path,
+                                 device: Optional[torch.device] = None) -> dict[str, Any]:
     """Write ``adapter_dir`` (a mean-pooled classification adapter) to ``out`` as a sentence-transformers
     model and return the checks' figures."""
     from sentence_transformers import SentenceTransformer
@@ -41,7 +42,7 @@ def export_sentence_transformers(adapter_dir: str | Path, out: str | Path) -> di
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"{out} already exists and is not empty; choose a new folder")
-    tuned = load_tuned(adapter_dir)
+    tuned = load_tuned(adapter_dir, device)  # merged on ``device``; saved and checked on the CPU
     meta = tuned.meta
     if meta["task"] != "classification" or meta.get("pooling") != "mean":
         raise ModelError(f"{adapter_dir}: a sentence-transformers export is for mean-pooled classifiers")
@@ -49,7 +50,8 @@ def export_sentence_transformers(adapter_dir: str | Path, out: str | Path) -> di
     max_length = int(meta.get("max_length", 128))
     tokenizer = tuned.base.tokenizer
     probe = tokenizer(PROBES, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    reference = tuned.model(**probe).logits.float()
+    where = next(tuned.model.parameters()).device
+    reference = tuned.model(**{k: v.to(where) for k, v in probe.items()}).logits.float().cpu()
     expected = expected_merged_weights(tuned.model)
     merged = tuned.model.merge_and_unload().eval()
     for name, weight in expected.items():
@@ -74,8 +76,8 @@ def export_sentence_transformers(adapter_dir: str | Path, out: str | Path) -> di
         if meta.get("normalize"):
             modules.append(Normalize())
         modules.append(Dense(dim, len(labels), bias=head.bias is not None, activation_function=nn.Identity(),
-                             init_weight=head.weight.detach().clone(),
-                             init_bias=head.bias.detach().clone() if head.bias is not None else None))
+                             init_weight=head.weight.detach().cpu().clone(),
+                             init_bias=head.bias.detach().cpu().clone() if head.bias is not None else None))
         SentenceTransformer(modules=modules, device="cpu").save(str(staging / "model"))
         (staging / "model" / "labels.json").write_text(json.dumps(labels, indent=1), encoding="utf-8")
         reloaded = SentenceTransformer(str(staging / "model"), device="cpu", local_files_only=True)

@@ -108,7 +108,7 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 48, tempera
         raise ModelError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ModelError(f"--temperature must be >= 0, got {temperature}")
-    inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
     pieces: list[str] = []
 
     def collect(text: str) -> None:
@@ -149,7 +149,8 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True)
+            enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(
+                next(model.parameters()).device)
             ids = model.generate(**enc, **_constrained(trie, enc["input_ids"].shape[1], max_new_tokens),
                                  do_sample=False, pad_token_id=pad)
             texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -76,6 +76,12 @@ def check_policy(path: str | Path) -> dict[str, Any]:
         warnings.append("privacy.require_secure_aggregation=true but secure_aggregation.peers lists no institution: "
                         "a coordinator could fill this node's cohort with neighbours it made up and unmask its update "
                         "(fedslm node keygen, then list the others' keys)")
+    from fedslm.train.device import DeviceError, resolve_device, torch_sees
+
+    try:  # what this node would train on; a device the machine lacks is refused like any policy error
+        device = str(resolve_device(policy.resources.device))
+    except DeviceError as exc:
+        raise PolicyError(f"node policy {path}: {exc}") from None
     mine = identity.fingerprint(identity.raw_public(identity.load_private(sa.identity_key).public_key())) \
         if sa.identity_key else None
     return {
@@ -98,6 +104,7 @@ def check_policy(path: str | Path) -> dict[str, Any]:
         "resources": {"max_physical_batch_size": policy.resources.max_physical_batch_size,
                       "max_feature_batch_size": policy.resources.max_feature_batch_size,
                       "max_eval_batch_size": policy.resources.max_eval_batch_size,
-                      "max_length": policy.resources.max_length},
+                      "max_length": policy.resources.max_length,
+                      "device": policy.resources.device, "resolved_device": device, "torch_sees": torch_sees()},
         "warnings": warnings,
     }

@@ -46,6 +46,7 @@ from fedslm.config import Config, load_config
 from fedslm.config.schema import DataConfig, FederationConfig, LoraConfig, ModelConfig
 from fedslm.errors import ConfigError, FedslmError
 from fedslm.node.policy import NodePolicy, PolicyError, PolicyEvaluation
+from fedslm.train.device import simulation_device
 from fedslm.train.local import DPSpec, RoundSpec, round_spec
 from fedslm.wire.secagg import bit_in_sum, max_weight
 
@@ -110,6 +111,9 @@ class RoundPlan:
     # whether the training set's size may be sent.
     evaluation: Optional[PolicyEvaluation] = None
     size_is_public: bool = True
+    # Where this node trains and scores (fedslm.train.device): its policy's resources.device when
+    # deployed; in simulation cuda when federation.client_gpus > 0, else cpu. Never the request's.
+    device: str = "cpu"
 
 
 def _interpolations(value: Any, path: str = "") -> list[str]:
@@ -186,7 +190,7 @@ def _simulation_plan(cfg: Config, node: NodeContext) -> RoundPlan:
         client_clipping=cfg.privacy.client_level.enabled and cfg.privacy.client_level.clipping == "client",
         secagg_clipping_range=cfg.federation.secagg.clipping_range, secagg_max_weight=max_weight(cfg),
         secagg_bit=bit_in_sum(cfg),
-        min_test_records=1, partition=cfg.federation,
+        min_test_records=1, partition=cfg.federation, device=simulation_device(cfg.federation.client_gpus),
     )
 
 
@@ -280,7 +284,7 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
     spec = RoundSpec(
         task=cfg.model.task, batch_size=t.batch_size, physical_batch_size=physical,
         local_steps=t.local_steps, lr=t.lr, optimizer=t.optimizer, weight_decay=t.weight_decay, seed=t.seed,
-        momentum=t.momentum, full_batch=t.full_batch, feature_batch_size=feature_batch,
+        momentum=t.momentum, full_batch=t.full_batch, feature_batch_size=feature_batch, precision=t.precision,
         dp=DPSpec(
             enabled=req.enabled, target_epsilon=target,
             max_epsilon=cap if req.enabled else math.inf, delta=delta, max_grad_norm=req.max_grad_norm,
@@ -307,6 +311,6 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
         secagg_bit=bit_in_sum(cfg),
         min_test_records=d.min_test_records,
         allowed_fingerprints=tuple(pol.models.fingerprints) if pol.models.fingerprints else None,
-        evaluation=pol.evaluation, size_is_public=d.size_is_public,
+        evaluation=pol.evaluation, size_is_public=d.size_is_public, device=res.device,
     )
 

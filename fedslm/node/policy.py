@@ -270,8 +270,9 @@ def validate_policy(policy: NodePolicy, *, complete: bool = True, where: str = "
     for key in ("max_memory_gb", "max_seconds_per_round"):
         value = getattr(policy.resources, key)
         _check(math.isfinite(value) and value > 0, f"{where}: resources.{key} must be a finite number > 0, got {value}")
-    _check(bool(policy.resources.device.strip()), f"{where}: resources.device must name a device (auto, cpu, cuda, "
-                                                  "cuda:N or mps), got ''")
+    device = str(policy.resources.device).strip().lower()
+    _check(device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit()),
+           f"{where}: resources.device must be one of auto, cpu, cuda, cuda:N, mps; got {policy.resources.device!r}")
     if policy.threads is not None:
         _check(policy.threads >= 1, f"{where}: threads must be >= 1, got {policy.threads}")
 

@@ -127,12 +127,26 @@ def institution_task_data(plan: RoundPlan, *, for_training: bool = True) -> Task
 _LOADED: dict[str, tuple[BaseModel, PeftModel]] = {}
 
 
+def node_device(plan: RoundPlan) -> torch.device:
+    """This node's device (its policy's resources.device; in simulation, from federation.client_gpus). One
+    this machine lacks is the node's own misconfiguration, refused before anything is loaded or charged."""
+    from fedslm.train.device import DeviceError, resolve_device
+
+    key = "resources.device" if plan.partition is None else "federation.client_gpus (a simulated institution's cuda)"
+    try:
+        return resolve_device(plan.device, key=key)
+    except DeviceError as exc:
+        raise PolicyError(f"{plan.name}: {exc}") from None
+
+
 def _base_and_model(plan: RoundPlan, num_labels: Optional[int]) -> tuple[BaseModel, PeftModel]:
-    key = json.dumps([asdict(plan.model), asdict(plan.lora), plan.spec.seed, num_labels], sort_keys=True)
+    device = node_device(plan)
+    key = json.dumps([asdict(plan.model), asdict(plan.lora), plan.spec.seed, num_labels, str(device)], sort_keys=True)
     if key not in _LOADED:
         _LOADED.clear()
         base = load_base(plan.model, num_labels)
-        _LOADED[key] = (base, wrap(base.model, plan.lora, plan.model.task, base.target_modules, seed=plan.spec.seed))
+        _LOADED[key] = (base, wrap(base.model, plan.lora, plan.model.task, base.target_modules, seed=plan.spec.seed,
+                                   device=device))
     return _LOADED[key]
 
 
@@ -144,7 +158,8 @@ def build_institution(plan: RoundPlan, request: Request, *, for_training: bool =
         base, model = _base_and_model(plan, num_labels)
     else:
         base = load_base(plan.model, num_labels)
-        model = wrap(base.model, plan.lora, plan.model.task, base.target_modules, seed=plan.spec.seed)
+        model = wrap(base.model, plan.lora, plan.model.task, base.target_modules, seed=plan.spec.seed,
+                     device=node_device(plan))
     if plan.allowed_fingerprints is not None and base.fingerprint not in plan.allowed_fingerprints:
         raise PolicyRefusal(f"{plan.name}: base model fingerprint {base.fingerprint[:12]} is not in this node's "
                             "models.fingerprints")

@@ -59,12 +59,49 @@ def _zero_nonfinite_records(opt: DPOptimizer) -> None:
         p.grad_sample = torch.where(ok.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g))
 
 
+def _fp32_records(opt: DPOptimizer, loss_scale: float) -> None:
+    """Each record's gradient in fp32 (divided by the fixed fp16 loss scale) before anything reads its
+    norm: under bf16/fp16 autocast Opacus' hooks produce half-precision per-sample gradients, and a norm
+    taken in half precision can be below the true one, so the clipped vector could exceed C."""
+    for p in opt.params:
+        if getattr(p, "grad_sample", None) is None:
+            continue
+        g = opt._get_flat_grad_sample(p)
+        if g.dtype != torch.float32 or loss_scale != 1.0:
+            g = g.to(torch.float32)
+            p.grad_sample = g / loss_scale if loss_scale != 1.0 else g
+
+
+def _noise(std: float, reference: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Opacus' Gaussian draw (its call, so the same numbers on the CPU), made on the generator's device and
+    moved to the gradient's: a seeded run draws the same noise whether the model trains on a CPU or a GPU."""
+    where = generator.device if generator is not None else reference.device
+    if std == 0:
+        return torch.zeros(reference.shape, device=reference.device, dtype=reference.dtype)
+    noise = torch.normal(mean=0, std=std, size=reference.shape, device=where, generator=generator,
+                         dtype=torch.float32)
+    return noise.to(device=reference.device, dtype=reference.dtype)
+
+
 class _FiniteDPOptimizer(DPOptimizer):
-    """Opacus' DPOptimizer, with non-finite per-record gradients zeroed before clipping."""
+    """Opacus' DPOptimizer, with per-record gradients in fp32 and non-finite ones zeroed before clipping,
+    and the noise drawn in fp32 on the generator's device."""
+
+    loss_scale = 1.0
 
     def clip_and_accumulate(self) -> None:
+        _fp32_records(self, self.loss_scale)
         _zero_nonfinite_records(self)
         super().clip_and_accumulate()
+
+    def add_noise(self) -> None:
+        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = _noise(self.noise_multiplier * self.max_grad_norm, p.summed_grad, self.generator)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
 class _SecureNoiseDPOptimizer(_FiniteDPOptimizer):
@@ -104,8 +141,18 @@ class DPSGD:
         noise_generator: Optional[torch.Generator] = None,
         secure_mode: bool = False,
         extra_grad: Optional[Callable[[], None]] = None,
+        precision: str = "fp32",
     ):
+        """``precision`` (resolved, fedslm.train.device): the forward pass's autocast; the model must
+        already be on its device (placed before PEFT wrapped it, and so before these hooks)."""
+        from fedslm.train.device import model_device
+
+        devices = {str(p.device) for p in model.parameters()}
+        if len(devices) > 1:  # a half-moved model: Opacus' hooks would pair tensors of different devices
+            raise ValueError(f"the model's parameters are on several devices ({', '.join(sorted(devices))}); place the "
+                             "whole base on one device before PEFT and Opacus wrap it")
         model.train()  # before hooks: Opacus captures activations only in training mode
+        self.device, self.precision = model_device(model), precision
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         self.params = [p for p in model.parameters() if p.requires_grad]
         # secure_mode: noise from the OS CSPRNG (our subclass), not Opacus' torchcsprng path.
@@ -118,6 +165,7 @@ class DPSGD:
             generator=None if secure_mode else noise_generator,
             secure_mode=False,
         )
+        self.optimizer.loss_scale = _loss_scale(precision)
         if extra_grad is not None:
             # A data-independent term (FedProx) added to the already noised gradient: post-processing.
             self.optimizer.attach_step_hook(lambda _opt: extra_grad())
@@ -136,11 +184,12 @@ class DPSGD:
         chunks = [indices[i : i + self.physical_batch_size] for i in range(0, len(indices), self.physical_batch_size)]
         total = 0.0
         for k, chunk in enumerate(chunks):
-            losses = loss_fn(self.module, chunk)
+            with _autocast(self.device, self.precision):
+                losses = loss_fn(self.module, chunk)
             with warnings.catch_warnings():
                 # Opacus' hooks on the first LoRA layer see an input that needs no grad; that is expected.
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                losses.mean().backward()
+                (losses.float().mean() * self.optimizer.loss_scale).backward()
             total += float(losses.detach().sum())
             if k < len(chunks) - 1:
                 opt.signal_skip_step(do_skip=True)  # clip + accumulate this chunk, no update yet
@@ -162,8 +211,11 @@ class PlainSGD:
     """The same step without privacy (baselines, benchmarks): mean loss over the batch."""
 
     def __init__(self, model: nn.Module, *, optimizer: torch.optim.Optimizer, physical_batch_size: int,
-                 extra_grad: Optional[Callable[[], None]] = None):
+                 extra_grad: Optional[Callable[[], None]] = None, precision: str = "fp32"):
+        from fedslm.train.device import model_device
+
         model.train()
+        self.device, self.precision, self.scale = model_device(model), precision, _loss_scale(precision)
         self.module = model
         self.optimizer = optimizer
         self.physical_batch_size = physical_batch_size
@@ -176,9 +228,15 @@ class PlainSGD:
         total = 0.0
         for i in range(0, len(indices), self.physical_batch_size):
             chunk = indices[i : i + self.physical_batch_size]
-            losses = loss_fn(self.module, chunk)
-            (losses.sum() / len(indices)).backward()
+            with _autocast(self.device, self.precision):
+                losses = loss_fn(self.module, chunk)
+            (losses.float().sum() / len(indices) * self.scale).backward()
             total += float(losses.detach().sum())
+        if self.scale != 1.0:
+            for group in self.optimizer.param_groups:
+                for q in group["params"]:
+                    if q.grad is not None:
+                        q.grad.div_(self.scale)
         if self.extra_grad is not None:
             self.extra_grad()
         self.optimizer.step()
@@ -187,6 +245,18 @@ class PlainSGD:
 
     def close(self) -> nn.Module:
         return self.module
+
+
+def _autocast(device: torch.device, precision: str):
+    from fedslm.train.device import autocast
+
+    return autocast(device, precision)
+
+
+def _loss_scale(precision: str) -> float:
+    from fedslm.train.device import loss_scale
+
+    return loss_scale(precision)
 
 
 def poisson_batches(num_examples: int, sample_rate: float, steps: int, generator: torch.Generator) -> list[list[int]]:

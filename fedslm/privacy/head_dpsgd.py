@@ -51,7 +51,9 @@ class HeadDPSGD:
             from fedslm.privacy import csprng
 
             return csprng.gaussian_like(like, std)
-        return torch.normal(mean=0.0, std=std, size=like.shape, device=like.device, generator=self.generator)
+        # Drawn on the generator's device (the CPU) and moved: the same noise whichever device trains.
+        where = self.generator.device if self.generator is not None else like.device
+        return torch.normal(mean=0.0, std=std, size=like.shape, device=where, generator=self.generator).to(like.device)
 
     def step(self, indices: Sequence[int], loss_fn=None) -> float:  # noqa: ARG002 - same call as DPSGD
         """One DP-SGD step on the logical batch ``indices``; returns its summed loss."""
@@ -62,7 +64,7 @@ class HeadDPSGD:
         sum_b = torch.zeros_like(b, dtype=acc) if b is not None else None
         total = 0.0
         for start in range(0, len(indices), self.chunk):
-            batch = self.features.batch(indices[start:start + self.chunk])
+            batch = {k: v.to(w.device) for k, v in self.features.batch(indices[start:start + self.chunk]).items()}
             x = self.dropout(batch["hidden"]).detach()
             with torch.no_grad():
                 logits = F.linear(x, w, b).float()
@@ -91,10 +93,11 @@ class HeadDPSGD:
             from fedslm.privacy.distributed import lattice_sum
 
             gamma, mu = self.lattice
-            self.lattice_sums = lattice_sum([grads[id(p)] for p in self.params], gamma, mu, self.generator,
+            # On the CPU, where the generator is: the integer sums are what is released.
+            self.lattice_sums = lattice_sum([grads[id(p)].cpu() for p in self.params], gamma, mu, self.generator,
                                             secure=self.secure_mode)
             for p, k in zip(self.params, self.lattice_sums):
-                p.grad = (k.double() / gamma / self.expected).to(p.dtype)
+                p.grad = (k.double() / gamma / self.expected).to(device=p.device, dtype=p.dtype)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             return total

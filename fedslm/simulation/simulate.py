@@ -67,6 +67,35 @@ def ray_env(cfg: Config) -> dict[str, str]:
     return {"RAY_ADDRESS": cfg.federation.ray_address} if cfg.federation.ray_address else {}
 
 
+def check_client_gpus(cfg: Config) -> int:
+    """GPUs of this machine that federation.client_gpus may use (0 when it is 0), refused naming the key when
+    Ray could not schedule it here: a share of a GPU on a machine torch sees none on, more than it has,
+    or a share above one GPU that is not a whole number (Ray's rule). On a cluster (ray_address) the
+    GPUs are the cluster's, which this machine cannot count."""
+    from fedslm.errors import ConfigError
+
+    want = float(cfg.federation.client_gpus)
+    if want <= 0:
+        return 0
+    if want > 1 and not want.is_integer():
+        raise ConfigError(f"federation.client_gpus must be a fraction of one GPU (e.g. 0.25) or a whole number of "
+                          f"GPUs, got {want:g}")
+    if cfg.federation.ray_address:
+        return 0
+    import torch
+
+    from fedslm.train.device import torch_sees
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"federation.client_gpus={want:g} asks for GPUs, but torch sees {torch_sees()}; set "
+                          "federation.client_gpus=0 to simulate on the CPU")
+    if want > count:
+        raise ConfigError(f"federation.client_gpus={want:g} is more than the {count} GPU(s) this machine has: no "
+                          "institution could be scheduled")
+    return count
+
+
 def write_flower_config(flwr_home: Path, port: int, cfg: Config) -> None:
     flwr_home.mkdir(parents=True, exist_ok=True)
     cpus = os.cpu_count() or 1
@@ -75,6 +104,11 @@ def write_flower_config(flwr_home: Path, port: int, cfg: Config) -> None:
     # (through RAY_ADDRESS, see ray_env: Flower 1.42 drops an init-args address); Ray then schedules
     # institutions on every machine's CPUs, and may not be told how many there are.
     resources = "" if ray_address else f"options.backend.init-args.num-cpus = {cpus}\n"
+    # Each institution's share of a GPU (Ray's num_gpus; 0.25: four share one); Ray then shows the actor its
+    # GPU as cuda:0, where fedslm.train.device.simulation_device puts the model.
+    gpus = check_client_gpus(cfg)
+    if gpus:
+        resources += f"options.backend.init-args.num-gpus = {gpus}\n"
     per_client = cfg.federation.client_cpus if ray_address else min(cfg.federation.client_cpus, cpus)
     (flwr_home / "config.toml").write_text(
         "[superlink]\n"
@@ -84,7 +118,7 @@ def write_flower_config(flwr_home: Path, port: int, cfg: Config) -> None:
         "insecure = true\n"
         f"options.num-supernodes = {cfg.federation.num_clients}\n"
         f"options.backend.client-resources.num-cpus = {per_client}\n"
-        "options.backend.client-resources.num-gpus = 0\n"
+        f"options.backend.client-resources.num-gpus = {float(cfg.federation.client_gpus):g}\n"
         f"{resources}"
         'options.backend.init-args.logging-level = "ERROR"\n'
         "options.backend.init-args.log-to-driver = false\n",
@@ -200,6 +234,7 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
     console = console or Console()
     out = Path(cfg.output.dir).expanduser().resolve()
     cfg.output.dir = str(out)  # absolute: the ServerApp and every ClientApp write into the same folder
+    check_client_gpus(cfg)  # before anything is started or written
     resume = find_checkpoint(out, cfg)  # refuses a finished run or a different config before anything starts
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fedslm.data.tasks import Encoded, get_task
+from fedslm.train.device import model_device, to_device
 from fedslm.train.losses import token_losses
 
 
@@ -42,12 +43,13 @@ def confusion(model: nn.Module, enc: Encoded, num_labels: int, batch_size: int =
         preds_list = preds.tolist()
     else:
         task = get_task("classification")
+        device = model_device(model)
         was_training = model.training
         model.eval()
         preds_list, golds = [], []
         try:
             for start in range(0, len(enc), batch_size):
-                batch = task.collate(enc, range(start, min(start + batch_size, len(enc))))
+                batch = to_device(task.collate(enc, range(start, min(start + batch_size, len(enc)))), device)
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 preds_list += logits.argmax(-1).tolist()
                 golds += batch["labels"].tolist()
@@ -72,13 +74,14 @@ def evaluate(model: nn.Module, enc: Encoded, task_name: str, batch_size: int = 1
                 "accuracy": sum(int(p == g) for p, g in zip(preds.tolist(), golds)) / n,
                 "macro_f1": macro_f1(golds, preds.tolist()), "num_examples": len(golds)}
     task = get_task(task_name)
+    device = model_device(model)  # scored where the model is
     was_training = model.training
     model.eval()
     try:
         if task_name == "classification":
             loss_sum, preds, golds = 0.0, [], []
             for start in range(0, len(enc), batch_size):
-                batch = task.collate(enc, range(start, min(start + batch_size, len(enc))))
+                batch = to_device(task.collate(enc, range(start, min(start + batch_size, len(enc)))), device)
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
                 preds += logits.argmax(-1).tolist()
@@ -92,7 +95,7 @@ def evaluate(model: nn.Module, enc: Encoded, task_name: str, batch_size: int = 1
             }
         nll_sum, tokens = 0.0, 0
         for start in range(0, len(enc), batch_size):
-            batch = task.collate(enc, range(start, min(start + batch_size, len(enc))))
+            batch = to_device(task.collate(enc, range(start, min(start + batch_size, len(enc)))), device)
             nll, mask = token_losses(model, batch)
             nll_sum += float((nll * mask).sum())
             tokens += int(mask.sum())
@@ -115,12 +118,13 @@ def evaluation_counts(model: nn.Module, enc: Encoded, task_name: str, batch_size
         return {"records": len(features), "correct": int((preds == features.labels).sum()),
                 "loss_sum": float(torch.nan_to_num(losses, nan=loss_cap, posinf=loss_cap).clamp(0.0, loss_cap).sum())}
     task = get_task(task_name)
+    device = model_device(model)  # scored where the model is
     was_training = model.training
     model.eval()
     records, correct, loss_sum = 0, 0, 0.0
     try:
         for start in range(0, len(enc), batch_size):
-            batch = task.collate(enc, range(start, min(start + batch_size, len(enc))))
+            batch = to_device(task.collate(enc, range(start, min(start + batch_size, len(enc)))), device)
             if task_name == "classification":
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
                 per_record = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")

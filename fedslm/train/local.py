@@ -32,6 +32,7 @@ from fedslm.privacy import csprng
 from fedslm.privacy.calibration import PrivacyPlan, plan
 from fedslm.privacy.dpsgd import DPSGD, PlainSGD, check_secure_mode, make_optimizer, poisson_batches
 from fedslm.privacy.ledger import Ledger
+from fedslm.train.device import model_device, resolve_precision, to_device
 from fedslm.train.losses import PER_RECORD_LOSS
 
 if TYPE_CHECKING:
@@ -92,6 +93,9 @@ class RoundSpec:
     # Records per chunk when only the head trains on cached sentence vectors (one vector a record, no
     # model pass); None: physical_batch_size. A deployed node caps the two separately.
     feature_batch_size: Optional[int] = None
+    # Forward/backward arithmetic (fedslm.train.device.resolve_precision): auto, fp32, bf16 or fp16.
+    # Norms, clipping, noise and the released update are fp32 whatever it is.
+    precision: str = "auto"
 
     def logical_batch(self, num_examples: int) -> int:
         return num_examples if self.full_batch else self.batch_size
@@ -105,7 +109,7 @@ def round_spec(cfg: Config) -> RoundSpec:
     return RoundSpec(
         task=cfg.model.task, batch_size=t.batch_size, physical_batch_size=t.physical_batch_size,
         local_steps=t.local_steps, lr=t.lr, optimizer=t.optimizer, weight_decay=t.weight_decay, seed=t.seed,
-        momentum=t.momentum, full_batch=t.full_batch,
+        momentum=t.momentum, full_batch=t.full_batch, precision=t.precision,
         dp=DPSpec(
             enabled=p.enabled, target_epsilon=p.target_epsilon,
             max_epsilon=p.max_epsilon if p.max_epsilon is not None else (p.target_epsilon if p.enabled else math.inf),
@@ -206,13 +210,16 @@ def train_round(
     """
     p, t = spec.dp, spec
     n = len(train) if features is None else len(features)
+    # The model is already where it trains (placed before PEFT and Opacus); batches follow it there.
+    device = model_device(model)
+    precision = resolve_precision(t.precision, device)  # refused here, before anything is charged
     if features is not None:
         from fedslm.train.prefix import Suffix
 
         trained: nn.Module = Suffix(model, features.layers)
 
         def loss_fn(module: nn.Module, indices) -> torch.Tensor:
-            b = features.batch(indices)
+            b = to_device(features.batch(indices), device)
             logits = module(b["hidden"], b.get("attention_mask"))
             return torch.nn.functional.cross_entropy(logits.float(), b["labels"], reduction="none")
     else:
@@ -221,7 +228,7 @@ def train_round(
         per_record = PER_RECORD_LOSS[spec.task]
 
         def loss_fn(module: nn.Module, indices) -> torch.Tensor:
-            return per_record(module, task.collate(train, indices))
+            return per_record(module, to_device(task.collate(train, indices), device))
 
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = make_optimizer(params, t.optimizer, t.lr, t.weight_decay, t.momentum)
@@ -259,7 +266,7 @@ def train_round(
             engine = DPSGD(
                 trained, optimizer=optimizer, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
                 expected_batch_size=t.logical_batch(n), physical_batch_size=t.physical_batch_size,
-                noise_generator=noise_gen, secure_mode=p.secure_mode, extra_grad=extra_grad,
+                noise_generator=noise_gen, secure_mode=p.secure_mode, extra_grad=extra_grad, precision=precision,
             )
         sampler = _generator(p.noise_seed, "sample", unit, p.seed_salt, round_idx)
     else:
@@ -274,7 +281,7 @@ def train_round(
                                max_epsilon=math.inf, num_examples=n, run=run_id, round=round_idx,
                                accountant=p.accountant)
         engine = PlainSGD(trained, optimizer=optimizer, physical_batch_size=t.physical_batch_size,
-                          extra_grad=extra_grad)
+                          extra_grad=extra_grad, precision=precision)
         sampler = _generator(t.seed, "sample", unit, p.seed_salt, round_idx)
 
     # The rate batches are drawn at: b / n, also when the noise was planned for a size floor.
@@ -289,7 +296,10 @@ def train_round(
     # the noise (from the noise seed, else the OS), inside fork_rng so nothing outside changes.
     dropout_seed = _generator(p.noise_seed if p.enabled else t.seed, "dropout", unit, p.seed_salt, round_idx).initial_seed()
     try:
-        with torch.random.fork_rng(devices=[]):
+        # On CUDA the dropout masks come from the GPU's generator; torch.manual_seed seeds every GPU's,
+        # so all are forked.
+        gpus = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=gpus):
             torch.manual_seed(dropout_seed)
             for i, batch in enumerate(batches, start=1):
                 loss_sum += engine.step(batch, loss_fn)

@@ -159,6 +159,7 @@ def compute(model: nn.Module, enc: Encoded, layers: int, batch_size: int = 256) 
         raise ConfigError(f"lora.layers={layers}: this model has {total} encoder layers (0 = the head alone)")
     was = encoder.training
     encoder.eval()
+    device = next(encoder.parameters()).device  # computed where the model is; kept on the CPU
     n = len(enc)
     order = sorted(range(n), key=lambda i: len(enc.input_ids[i]))
     width = max((len(ids) for ids in enc.input_ids), default=1)
@@ -169,16 +170,17 @@ def compute(model: nn.Module, enc: Encoded, layers: int, batch_size: int = 256) 
         for start in range(0, n, batch_size):
             rows = order[start:start + batch_size]
             ids, mask = _pad([enc.input_ids[i] for i in rows], enc.pad_id)
+            ids, mask = ids.to(device), mask.to(device)
             h = encoder.embeddings(input_ids=ids)
             ext = _mask(encoder, h, mask)
             for layer in list(encoder.encoder.layer)[:total - layers]:
                 h = layer(h, ext)
             idx = torch.as_tensor(rows)
             if layers == 0:
-                hidden[idx] = _pool(encoder, h, mask).float()
+                hidden[idx] = _pool(encoder, h, mask).float().cpu()
             else:
-                hidden[idx, :h.shape[1]] = h.float()
-                mask_all[idx, :mask.shape[1]] = mask
+                hidden[idx, :h.shape[1]] = h.float().cpu()
+                mask_all[idx, :mask.shape[1]] = mask.cpu()
     finally:
         encoder.train(was)
     labels = torch.as_tensor(enc.targets, dtype=torch.long)
@@ -297,13 +299,14 @@ def evaluation_from_features(suffix: Suffix, feats: Features, batch_size: int = 
     """(per-record losses, predictions) of ``suffix`` on every cached record, in eval mode."""
     was = suffix.training
     suffix.eval()
+    device = next(suffix.parameters()).device
     losses, preds = [], []
     try:
         for start in range(0, len(feats), batch_size):
-            b = feats.batch(range(start, min(start + batch_size, len(feats))))
+            b = {k: v.to(device) for k, v in feats.batch(range(start, min(start + batch_size, len(feats)))).items()}
             logits = suffix(b["hidden"], b.get("attention_mask")).float()
-            losses.append(F.cross_entropy(logits, b["labels"], reduction="none"))
-            preds.append(logits.argmax(-1))
+            losses.append(F.cross_entropy(logits, b["labels"], reduction="none").cpu())
+            preds.append(logits.argmax(-1).cpu())
     finally:
         suffix.train(was)
     return torch.cat(losses) if losses else torch.zeros(0), torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)

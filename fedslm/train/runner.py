@@ -33,8 +33,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def run_local(cfg: Config, console: Optional[Console] = None) -> dict[str, Any]:
+def run_local(cfg: Config, console: Optional[Console] = None, device: str = "auto") -> dict[str, Any]:
+    """``device``: auto, cpu, cuda, cuda:N or mps (``fedslm train --device``)."""
+    from fedslm.train.device import resolve_device, resolve_precision
+
     console = console or Console()
+    where = resolve_device(device, key="--device")
+    precision = resolve_precision(cfg.train.precision, where)  # refused before anything is written
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     out = Path(cfg.output.dir)
@@ -44,11 +49,12 @@ def run_local(cfg: Config, console: Optional[Console] = None) -> dict[str, Any]:
     started = time.perf_counter()
 
     with console.status("loading model and data"):
-        node = build_node(cfg)
+        node = build_node(cfg, where)
     ledger = Ledger(ledger_path(cfg))
     console.print(
         f"[bold]{cfg.model.name}[/] ({cfg.model.task}) on [bold]{node.data.source}[/]: "
-        f"{len(node.train)} training / {len(node.test)} held-out records; privacy unit {cfg.privacy.unit!r}"
+        f"{len(node.train)} training / {len(node.test)} held-out records; privacy unit {cfg.privacy.unit!r}; "
+        f"on {where} ({precision})"
     )
     if cfg.privacy.enabled:
         pl = privacy_plan(round_spec(cfg), len(node.train))
