@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedslm.config.schema import ACCOUNTANTS, DataConfig
+from fedslm.config.yamlfile import DuplicateKeyError, load_yaml
 from fedslm.errors import ConfigError
 
 # The node-config key naming the policy file.
@@ -196,10 +197,25 @@ def _check(ok: bool, message: str) -> None:
         raise PolicyError(message)
 
 
+def _finite_floats(obj: Any, where: str, allow_inf: set[str], prefix: str = "") -> None:
+    """Every ε, δ, cap and share is a finite number: ``.inf`` passes every ``> 0`` check and is no cap
+    at all (``evaluation.max_epsilon: .inf`` would never refuse an evaluation), ``.nan`` fails every
+    comparison silently. ``allow_inf``: the one key where ∞ is meaningful (privacy.max_epsilon with
+    non-private rounds allowed: such a round costs ε = ∞)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _finite_floats(value, where, allow_inf, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value) and not (math.isinf(value) and key in allow_inf):
+            raise PolicyError(f"{where}: {key} must be a finite number, got {value}")
+
+
 def validate_policy(policy: NodePolicy, *, complete: bool = True, where: str = "node policy") -> None:
     """Reject values no node could use, naming the key. ``complete``: every key a deployed node needs
     (data source, ledger, ε and δ caps) must be set."""
     d, p = policy.data, policy.privacy
+    _finite_floats(policy, where, allow_inf={"privacy.max_epsilon"} if p.allow_non_private else set())
     if complete:
         for key, value in (("data.source", d.source.strip()), ("privacy.ledger", p.ledger),
                            ("privacy.max_epsilon", p.max_epsilon), ("privacy.max_delta", p.max_delta)):
@@ -283,7 +299,9 @@ def load_policy(path: str | Path, *, complete: bool = True) -> NodePolicy:
     if not path.is_file():
         raise PolicyError(f"{where} does not exist (write one with: fedslm node init {path})")
     try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+        content = load_yaml(path.read_text(encoding="utf-8"))
+    except DuplicateKeyError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
         raise PolicyError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(content, dict):
