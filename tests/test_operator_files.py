@@ -106,6 +106,14 @@ def test_every_reader_refuses_the_same_files(tmp_path, name, content, problem):
         load_task_data(DataConfig(source=str(path)), "classification")
 
 
+def test_names_from_a_file_are_printed_as_text_not_console_markup(tmp_path, node_policy):
+    """A column named like rich markup ('[/b]') made the error printer itself raise a traceback."""
+    path = tmp_path / "records.csv"
+    path.write_bytes(("text,[/b],[/b]\n" + "".join(f"cough {i},resp,x\n" for i in range(30))).encode())
+    res = CliRunner().invoke(app, ["node", "check", str(node_policy(data=path))])
+    _one_line_error(res, path, r" line 1: the header names column '\[/b\]' twice")
+
+
 def test_node_check_without_a_label_set_still_reads_a_classification_file_as_one(tmp_path, node_policy):
     """Falling back to causal LM (the file is valid plain text) hid an empty label; the label column decides."""
     path = tmp_path / "records.csv"

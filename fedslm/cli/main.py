@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedslm.errors import ConfigError, FedslmError
@@ -51,7 +52,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except FedslmError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            # Escaped: the message quotes file names, column names and values, which are not rich markup.
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -259,8 +261,8 @@ def node_check(
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    console.print(f"[bold]{path}[/]: valid node policy for [bold]{report['name']}[/]")
-    console.print(f"data     {report['data']['source']}: {report['data']['train_records']} training / "
+    console.print(f"[bold]{escape(str(path))}[/]: valid node policy for [bold]{escape(report['name'])}[/]")
+    console.print(f"data     {escape(report['data']['source'])}: {report['data']['train_records']} training / "
                   f"{report['data']['test_records']} held-out records (split seed {report['data']['split_seed']}, "
                   f"{len(report['data']['labels'] or [])} labels)")
     b = report["privacy"]
@@ -282,7 +284,7 @@ def node_check(
     console.print(f"secagg   cohort >= {s['min_cohort']}, threshold >= {s['min_threshold']}; identity "
                   f"{s['identity'] or 'none'}; peers {', '.join(f'{k} ({v})' for k, v in s['peers'].items()) or 'none'}")
     for warning in report["warnings"]:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 def _cache_folder(folder: Optional[Path]) -> Path:

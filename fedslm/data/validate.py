@@ -140,7 +140,7 @@ def csv_records(path: Path, text: str) -> tuple[list[str], list[tuple[int, list[
             elif len(fields) != len(header):
                 n = len(fields)
                 _fail(path, start, f"{n} field{'s' if n != 1 else ''}, but the header (line {header_line}) has "
-                                   f"{len(header)} ({', '.join(header)}): a missing or extra comma, or an unquoted "
+                                   f"{len(header)} ({_names(header)}): a missing or extra comma, or an unquoted "
                                    "comma inside a value?")
             else:
                 records.append((start, fields))
@@ -161,6 +161,10 @@ def csv_records(path: Path, text: str) -> tuple[list[str], list[tuple[int, list[
     if not records:
         _fail(path, None, f"no records after the header (line {header_line})")
     return header, records
+
+
+def _names(header: list[str]) -> str:
+    return ", ".join(header[:8]) + (f", ... ({len(header) - 8} more)" if len(header) > 8 else "")
 
 
 def _check_header(path: Path, line: int, header: list[str]) -> None:
