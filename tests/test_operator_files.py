@@ -240,3 +240,31 @@ def test_a_non_finite_run_config_value_is_refused_naming_the_key(tmp_path, key, 
         res = CliRunner().invoke(app, ["config", "show", *args])
         assert res.exit_code == 2 and "Traceback" not in res.output, res.output
         assert f"{key} must be a finite number" in res.output, res.output
+
+
+@pytest.mark.parametrize("key", ["privacy.ledger", "data.source"])
+def test_a_relative_ledger_or_data_path_in_the_policy_is_refused(tmp_path, node_policy, monkeypatch, key):
+    """From another folder a relative ledger would be a fresh, empty one (a budget reset without a word)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "records.csv").write_bytes(GOOD_CSV)
+    path = node_policy(data=tmp_path / "records.csv")
+    content = yaml.safe_load(path.read_text())
+    section, name = key.split(".")
+    content[section][name] = "ledger.json" if name == "ledger" else "records.csv"
+    path.write_text(yaml.safe_dump(content))
+    res = CliRunner().invoke(app, ["node", "check", str(path)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"{key} must be an absolute path" in res.output
+
+
+def test_node_init_writes_absolute_quoted_paths_that_node_check_reads(tmp_path, monkeypatch):
+    """Relative --data/--ledger are written absolute; a '#' or ': ' in a path is quoted, not cut short."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rec #1: a.csv").write_bytes(GOOD_CSV)
+    res = CliRunner().invoke(app, ["node", "init", "p.yaml", "--data", "rec #1: a.csv", "--ledger", "l.json"])
+    assert res.exit_code == 0, res.output
+    content = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    assert content["data"]["source"] == str(tmp_path / "rec #1: a.csv")
+    assert content["privacy"]["ledger"] == str(tmp_path / "l.json")
+    res = CliRunner().invoke(app, ["node", "check", "p.yaml", "--json"])
+    assert res.exit_code == 0, res.output

@@ -313,8 +313,23 @@ def load_policy(path: str | Path, *, complete: bool = True) -> NodePolicy:
         key = getattr(exc, "full_key", None) or "?"
         raise PolicyError(f"{where}: {key}: {str(getattr(exc, 'msg', exc)).splitlines()[0]}") from None
     validate_policy(policy, complete=complete, where=where)
+    _require_absolute(policy, where)
     _resolve_identities(policy, path.parent, where)
     return policy
+
+
+def _require_absolute(policy: NodePolicy, where: str) -> None:
+    """The records and the ledger are named by absolute paths. A relative one is read from whatever folder
+    the node happens to be started in: from another folder (a service manager's, a new shell's) the node
+    would train on other records or open a fresh, empty ledger, a budget reset without a word."""
+    from fedslm.data import bundled
+
+    for key, value in (("data.source", policy.data.source), ("privacy.ledger", policy.privacy.ledger)):
+        if not value or (key == "data.source" and bundled.get(value) is not None):
+            continue
+        if not Path(value).expanduser().is_absolute():
+            raise PolicyError(f"{where}: {key} must be an absolute path, got {value!r} (a relative path depends on the "
+                              f"folder the node is started from; from here it is {Path(value).resolve()})")
 
 
 def _resolve_identities(policy: NodePolicy, folder: Path, where: str) -> None:
@@ -472,11 +487,18 @@ def template(path: str | Path, name: str = "my-hospital", source: str = "/data/r
              ledger: Optional[str] = None, labels: Optional[List[str]] = None,
              size_floor: Optional[int] = None) -> str:
     path = Path(path).resolve()
-    ledger = ledger or str(path.with_name(path.stem + ".ledger.json"))
+    # Absolute paths: load_policy refuses relative ones (they would depend on the folder the node starts in).
+    ledger = str(Path(ledger).expanduser().resolve()) if ledger else str(path.with_name(path.stem + ".ledger.json"))
+    from fedslm.data import bundled
+
+    if bundled.get(source) is None:
+        source = str(Path(source).expanduser().resolve())
+    def scalar(value: str) -> str:  # quoted where YAML needs it (a '#' or ': ' in a path would cut it short)
+        return yaml.safe_dump(value, default_style=None, width=10**6).strip().removesuffix("...").strip()
+
     if labels:
-        shown = "\n" + "".join(f"    - {yaml.safe_dump(label, default_style=None, width=10**6).strip().removesuffix('...').strip()}\n"
-                               for label in labels).rstrip("\n")
+        shown = "\n" + "".join(f"    - {scalar(label)}\n" for label in labels).rstrip("\n")
     else:
         shown = " null"
-    return TEMPLATE.format(path=path, name=name, source=source, ledger=ledger, labels=shown,
+    return TEMPLATE.format(path=path, name=scalar(name), source=scalar(source), ledger=scalar(ledger), labels=shown,
                            size_floor="null" if size_floor is None else size_floor)
