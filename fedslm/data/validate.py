@@ -168,6 +168,11 @@ def _names(header: list[str]) -> str:
 
 
 def _check_header(path: Path, line: int, header: list[str]) -> None:
+    if len(header) == 1:
+        for sep, name in ((";", "semicolon"), ("\t", "tab"), ("|", "pipe")):
+            if sep in header[0]:
+                _fail(path, line, f"the header is one column {header[0]!r}: the file looks {name}-separated; save it "
+                                  "comma-separated (fedslm reads standard CSV)")
     seen: dict[str, int] = {}
     for i, name in enumerate(header, start=1):
         key = name.strip()
@@ -211,11 +216,15 @@ def jsonl_records(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
             obj = json.loads(line, object_pairs_hook=_object_pairs(path, number),
                              parse_constant=_no_constant(path, number))
         except json.JSONDecodeError as exc:
-            _fail(path, number, f"malformed JSON ({exc.msg} at character {exc.colno})")
+            hint = ("; JSONL holds one complete object per line: is this a pretty-printed .json file?"
+                    if not records and line.strip() in ("[", "{") else "")
+            _fail(path, number, f"malformed JSON ({exc.msg} at character {exc.colno}){hint}")
         except RecursionError:
             _fail(path, number, "JSON nested too deeply")
         if not isinstance(obj, dict):
-            _fail(path, number, f"expected a JSON object, got {type(obj).__name__}")
+            hint = ("; JSONL holds one object per line, not one array of them"
+                    if not records and isinstance(obj, list) and obj and isinstance(obj[0], dict) else "")
+            _fail(path, number, f"expected a JSON object, got {type(obj).__name__}{hint}")
         for key, value in obj.items():
             if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
                 _field_too_long(path, number, key, len(value))
