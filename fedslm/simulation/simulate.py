@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -206,7 +207,10 @@ def check_data(cfg: Config) -> None:
     whole = load_task_data(cfg.data, cfg.model.task,
                            group_column=fed.partition_column if fed.partitioner == "column" else None)
     try:
-        partition_indices(whole.train, fed)
+        # Dirichlet's retries warn once per try; here only the outcome matters (the ClientApps split again).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            partition_indices(whole.train, fed)
     except ValueError as exc:  # flwr-datasets' partitioners (e.g. Dirichlet's size retries running out)
         raise ConfigError(f"federation.partitioner={fed.partitioner} cannot split the {len(whole.train)} training "
                           f"records into federation.num_clients={fed.num_clients} institutions: {exc}") from None
