@@ -274,3 +274,14 @@ def test_node_init_writes_absolute_quoted_paths_that_node_check_reads(tmp_path, 
     assert content["privacy"]["ledger"] == str(tmp_path / "l.json")
     res = CliRunner().invoke(app, ["node", "check", "p.yaml", "--json"])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epsilon", "inf"], "--epsilon must be a finite number > 0, got inf"),
+    (["--epsilon", "nan"], "--epsilon must be a finite number > 0, got nan"),
+    (["--epsilon", "3", "--delta", "nan"], "--delta must be in (0, 1), got nan"),
+    (["--epsilon", "3", "--delta", "-1"], "--delta must be in (0, 1), got -1.0"),
+])
+def test_privacy_plan_refuses_a_non_finite_epsilon_or_delta(args, message):
+    res = CliRunner().invoke(app, ["privacy", "plan", "-n", "1000", "-b", "10", "-s", "5", "-r", "2", *args])
+    assert res.exit_code == 2 and "Traceback" not in res.output and message in res.output, res.output

@@ -102,8 +102,10 @@ def privacy_plan_cmd(
                         ("--rounds", rounds)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
-    if not epsilon > 0:
-        raise ConfigError(f"--epsilon must be > 0, got {epsilon}")
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise ConfigError(f"--epsilon must be a finite number > 0, got {epsilon}")
+    if delta is not None and not 0.0 < delta < 1.0:  # also refuses nan
+        raise ConfigError(f"--delta must be in (0, 1), got {delta}")
     if accountant not in ("rdp", "prv"):
         raise ConfigError(f"--accountant must be one of rdp, prv; got {accountant!r}")
     pl = plan(num_examples=examples, batch_size=batch_size, local_steps=local_steps, rounds=rounds,
