@@ -277,8 +277,8 @@ def test_node_init_writes_absolute_quoted_paths_that_node_check_reads(tmp_path, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--epsilon", "inf"], "--epsilon must be a finite number > 0, got inf"),
-    (["--epsilon", "nan"], "--epsilon must be a finite number > 0, got nan"),
+    (["--epsilon", "inf"], "--epsilon must be > 0 and finite, got inf"),
+    (["--epsilon", "nan"], "--epsilon must be > 0 and finite, got nan"),
     (["--epsilon", "3", "--delta", "nan"], "--delta must be in (0, 1), got nan"),
     (["--epsilon", "3", "--delta", "-1"], "--delta must be in (0, 1), got -1.0"),
 ])

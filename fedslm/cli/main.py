@@ -103,7 +103,7 @@ def privacy_plan_cmd(
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if not (math.isfinite(epsilon) and epsilon > 0):
-        raise ConfigError(f"--epsilon must be a finite number > 0, got {epsilon}")
+        raise ConfigError(f"--epsilon must be > 0 and finite, got {epsilon}")
     if delta is not None and not 0.0 < delta < 1.0:  # also refuses nan
         raise ConfigError(f"--delta must be in (0, 1), got {delta}")
     if accountant not in ("rdp", "prv"):
