@@ -205,8 +205,9 @@ def node_init(
     try:  # the label set of the records, if they are a classification file already
         records = load_task_data(DataConfig(source=data), "classification")
         labels, floor = records.labels, proposed_floor(len(records.train))
-    except FedslmError:
-        err_console.print(f"note: no label set read from {data}; set data.labels in the policy for classification")
+    except FedslmError as exc:
+        err_console.print(f"note: no label set read from {escape(data)} ({escape(str(exc))}); set data.labels in the "
+                          "policy for classification")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(template(path, name=name, source=data, ledger=ledger, labels=labels, size_floor=floor),
                     encoding="utf-8")
