@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedslm.errors import ConfigError, FedslmError
@@ -51,7 +52,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except FedslmError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            # Escaped: the message quotes file names, column names and values, which are not rich markup.
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -102,8 +104,10 @@ def privacy_plan_cmd(
                         ("--rounds", rounds)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
-    if not epsilon > 0:
-        raise ConfigError(f"--epsilon must be > 0, got {epsilon}")
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise ConfigError(f"--epsilon must be > 0 and finite, got {epsilon}")
+    if delta is not None and not 0.0 < delta < 1.0:  # also refuses nan
+        raise ConfigError(f"--delta must be in (0, 1), got {delta}")
     if accountant not in ("rdp", "prv"):
         raise ConfigError(f"--accountant must be one of rdp, prv; got {accountant!r}")
     pl = plan(num_examples=examples, batch_size=batch_size, local_steps=local_steps, rounds=rounds,
@@ -203,8 +207,9 @@ def node_init(
     try:  # the label set of the records, if they are a classification file already
         records = load_task_data(DataConfig(source=data), "classification")
         labels, floor = records.labels, proposed_floor(len(records.train))
-    except FedslmError:
-        err_console.print(f"note: no label set read from {data}; set data.labels in the policy for classification")
+    except FedslmError as exc:
+        err_console.print(f"note: no label set read from {escape(data)} ({escape(str(exc))}); set data.labels in the "
+                          "policy for classification")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(template(path, name=name, source=data, ledger=ledger, labels=labels, size_floor=floor),
                     encoding="utf-8")
@@ -261,8 +266,8 @@ def node_check(
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    console.print(f"[bold]{path}[/]: valid node policy for [bold]{report['name']}[/]")
-    console.print(f"data     {report['data']['source']}: {report['data']['train_records']} training / "
+    console.print(f"[bold]{escape(str(path))}[/]: valid node policy for [bold]{escape(report['name'])}[/]")
+    console.print(f"data     {escape(report['data']['source'])}: {report['data']['train_records']} training / "
                   f"{report['data']['test_records']} held-out records (split seed {report['data']['split_seed']}, "
                   f"{len(report['data']['labels'] or [])} labels)")
     b = report["privacy"]
@@ -285,7 +290,7 @@ def node_check(
     console.print(f"secagg   cohort >= {s['min_cohort']}, threshold >= {s['min_threshold']}; identity "
                   f"{s['identity'] or 'none'}; peers {', '.join(f'{k} ({v})' for k, v in s['peers'].items()) or 'none'}")
     for warning in report["warnings"]:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 def _cache_folder(folder: Optional[Path]) -> Path:

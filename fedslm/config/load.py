@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from fedslm.config.schema import ACCOUNTANTS, OPTIMIZERS, PARTITIONERS, POOLINGS, STRATEGIES, TASKS, Config
+from fedslm.config.yamlfile import DuplicateKeyError, load_yaml
 from fedslm.errors import ConfigError
 
 
@@ -59,7 +60,9 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {item!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"override {key}: {exc}") from None
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -84,7 +87,9 @@ def load_config(
     sources = [(str(Path(p)), _read_yaml(Path(p))) for p in files] + [("config text", t) for t in texts]
     for source, text in sources:
         try:
-            content = yaml.safe_load(text)
+            content = load_yaml(text)
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"config file {source}: {exc}") from None
         except yaml.YAMLError as exc:
             first = str(exc).splitlines()[0]
             raise ConfigError(f"config file {source} is not valid YAML: {first}") from None

@@ -6,27 +6,35 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedslm.data import load_task_data
+from fedslm.config.schema import DataConfig
+from fedslm.data import bundled, load_task_data
+from fedslm.data.readers import header_columns
 from fedslm.node.policy import PolicyError, load_policy, proposed_floor
 from fedslm.privacy import Ledger
 from fedslm.privacy.ledger import LedgerError
+
+
+def file_task(data: DataConfig, *, labels_set: bool) -> str:
+    """The task a node's file is for: classification when the policy lists a label set or the file has
+    the label column, else causal LM. The file is read (and validated) to see its columns."""
+    spec = bundled.get(data.source)
+    if spec is not None:
+        return spec.task
+    if labels_set:
+        return "classification"
+    path = Path(data.source).expanduser()
+    if not path.exists():
+        return "classification"  # load_task_data names the missing file
+    return "classification" if data.label_column in header_columns(path) else "causal_lm"
 
 
 def check_policy(path: str | Path) -> dict[str, Any]:
     policy = load_policy(path)
     d, p = policy.data, policy.privacy
     data_cfg = d.data_config()
-    # The task follows from the columns the file has; try classification first.
-    data = None
-    errors = []
-    for task in ("classification", "causal_lm"):
-        try:
-            data = load_task_data(data_cfg, task)
-            break
-        except Exception as exc:  # noqa: BLE001 - reported below if neither task reads the file
-            errors.append(f"{task}: {exc}")
-    if data is None:
-        raise PolicyError(f"node policy {path}: data.source cannot be read ({'; '.join(errors)})")
+    # The file's errors are reported for the task it is meant for, never hidden by falling back to the
+    # other one (a classification file with an empty label is still a valid plain-text file).
+    data = load_task_data(data_cfg, file_task(data_cfg, labels_set=d.labels is not None))
     n = len(data.train)
     warnings = []
     if not p.max_delta < 1.0 / n:  # type: ignore[operator]

@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedslm.config.schema import ACCOUNTANTS, DataConfig
+from fedslm.config.yamlfile import DuplicateKeyError, load_yaml
 from fedslm.errors import ConfigError
 
 # The node-config key naming the policy file.
@@ -196,10 +197,25 @@ def _check(ok: bool, message: str) -> None:
         raise PolicyError(message)
 
 
+def _finite_floats(obj: Any, where: str, allow_inf: set[str], prefix: str = "") -> None:
+    """Every ε, δ, cap and share is a finite number: ``.inf`` passes every ``> 0`` check and is no cap
+    at all (``evaluation.max_epsilon: .inf`` would never refuse an evaluation), ``.nan`` fails every
+    comparison silently. ``allow_inf``: the one key where ∞ is meaningful (privacy.max_epsilon with
+    non-private rounds allowed: such a round costs ε = ∞)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _finite_floats(value, where, allow_inf, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value) and not (math.isinf(value) and key in allow_inf):
+            raise PolicyError(f"{where}: {key} must be a finite number, got {value}")
+
+
 def validate_policy(policy: NodePolicy, *, complete: bool = True, where: str = "node policy") -> None:
     """Reject values no node could use, naming the key. ``complete``: every key a deployed node needs
     (data source, ledger, ε and δ caps) must be set."""
     d, p = policy.data, policy.privacy
+    _finite_floats(policy, where, allow_inf={"privacy.max_epsilon"} if p.allow_non_private else set())
     if complete:
         for key, value in (("data.source", d.source.strip()), ("privacy.ledger", p.ledger),
                            ("privacy.max_epsilon", p.max_epsilon), ("privacy.max_delta", p.max_delta)):
@@ -284,7 +300,9 @@ def load_policy(path: str | Path, *, complete: bool = True) -> NodePolicy:
     if not path.is_file():
         raise PolicyError(f"{where} does not exist (write one with: fedslm node init {path})")
     try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+        content = load_yaml(path.read_text(encoding="utf-8"))
+    except DuplicateKeyError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
         raise PolicyError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(content, dict):
@@ -296,8 +314,23 @@ def load_policy(path: str | Path, *, complete: bool = True) -> NodePolicy:
         key = getattr(exc, "full_key", None) or "?"
         raise PolicyError(f"{where}: {key}: {str(getattr(exc, 'msg', exc)).splitlines()[0]}") from None
     validate_policy(policy, complete=complete, where=where)
+    _require_absolute(policy, where)
     _resolve_identities(policy, path.parent, where)
     return policy
+
+
+def _require_absolute(policy: NodePolicy, where: str) -> None:
+    """The records and the ledger are named by absolute paths. A relative one is read from whatever folder
+    the node happens to be started in: from another folder (a service manager's, a new shell's) the node
+    would train on other records or open a fresh, empty ledger, a budget reset without a word."""
+    from fedslm.data import bundled
+
+    for key, value in (("data.source", policy.data.source), ("privacy.ledger", policy.privacy.ledger)):
+        if not value or (key == "data.source" and bundled.get(value) is not None):
+            continue
+        if not Path(value).expanduser().is_absolute():
+            raise PolicyError(f"{where}: {key} must be an absolute path, got {value!r} (a relative path depends on the "
+                              f"folder the node is started from; from here it is {Path(value).resolve()})")
 
 
 def _resolve_identities(policy: NodePolicy, folder: Path, where: str) -> None:
@@ -455,11 +488,18 @@ def template(path: str | Path, name: str = "my-hospital", source: str = "/data/r
              ledger: Optional[str] = None, labels: Optional[List[str]] = None,
              size_floor: Optional[int] = None) -> str:
     path = Path(path).resolve()
-    ledger = ledger or str(path.with_name(path.stem + ".ledger.json"))
+    # Absolute paths: load_policy refuses relative ones (they would depend on the folder the node starts in).
+    ledger = str(Path(ledger).expanduser().resolve()) if ledger else str(path.with_name(path.stem + ".ledger.json"))
+    from fedslm.data import bundled
+
+    if bundled.get(source) is None:
+        source = str(Path(source).expanduser().resolve())
+    def scalar(value: str) -> str:  # quoted where YAML needs it (a '#' or ': ' in a path would cut it short)
+        return yaml.safe_dump(value, default_style=None, width=10**6).strip().removesuffix("...").strip()
+
     if labels:
-        shown = "\n" + "".join(f"    - {yaml.safe_dump(label, default_style=None, width=10**6).strip().removesuffix('...').strip()}\n"
-                               for label in labels).rstrip("\n")
+        shown = "\n" + "".join(f"    - {scalar(label)}\n" for label in labels).rstrip("\n")
     else:
         shown = " null"
-    return TEMPLATE.format(path=path, name=name, source=source, ledger=ledger, labels=shown,
+    return TEMPLATE.format(path=path, name=scalar(name), source=scalar(source), ledger=scalar(ledger), labels=shown,
                            size_floor="null" if size_floor is None else size_floor)
