@@ -199,6 +199,7 @@ def validate(cfg: Config) -> None:
     _positive("privacy.max_grad_norm", p.max_grad_norm)
     _positive("privacy.max_epsilon", p.max_epsilon, allow_none=True)
     _choice("privacy.accountant", p.accountant, ACCOUNTANTS)
+    _choice("privacy.clipping_mode", p.clipping_mode, ("hooks", "ghost"))
     if p.noise_multiplier is not None:
         _check(p.noise_multiplier >= 0, f"privacy.noise_multiplier must be >= 0, got {p.noise_multiplier}")
     if p.ledger is not None:

@@ -73,6 +73,8 @@ class DPSpec:
     # Distributed noise under SecAgg+ (fedslm.privacy.distributed): this node's share of Skellam noise on
     # the protocol's lattice, for the ε of the sum under its assumption of honest contributors. None: local DP.
     lattice: Optional["Lattice"] = None
+    # How per-record gradients are clipped: "hooks" (dpsgd.DPSGD) or "ghost" (ghost.GhostDPSGD); the same update.
+    clipping_mode: str = "hooks"
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ def round_spec(cfg: Config) -> RoundSpec:
             max_epsilon=p.max_epsilon if p.max_epsilon is not None else (p.target_epsilon if p.enabled else math.inf),
             delta=p.delta, max_grad_norm=p.max_grad_norm, accountant=p.accountant,
             planned_rounds=cfg.federation.rounds, noise_multiplier=p.noise_multiplier, secure_mode=p.secure_mode,
-            noise_seed=p.noise_seed, allow_non_private=p.max_epsilon is None,
+            noise_seed=p.noise_seed, allow_non_private=p.max_epsilon is None, clipping_mode=p.clipping_mode,
         ),
     )
 
@@ -166,6 +168,14 @@ def _generator(seed: Optional[int], *salt: object) -> torch.Generator:
         return torch.Generator().manual_seed(secrets.randbits(63))
     digest = hashlib.sha256(repr((seed, *salt)).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _engine(clipping_mode: str) -> type:
+    if clipping_mode == "ghost":
+        from fedslm.privacy.ghost import GhostDPSGD
+
+        return GhostDPSGD
+    return DPSGD
 
 
 def _proximal(params: list[torch.nn.Parameter], mu: float) -> Callable[[], None]:
@@ -256,7 +266,7 @@ def train_round(
                                noise_generator=noise_gen, secure_mode=p.secure_mode,
                                lattice=None if share is None else (p.lattice.scale(p.max_grad_norm), share.mu_node))
         else:
-            engine = DPSGD(
+            engine = _engine(p.clipping_mode)(
                 trained, optimizer=optimizer, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
                 expected_batch_size=t.logical_batch(n), physical_batch_size=t.physical_batch_size,
                 noise_generator=noise_gen, secure_mode=p.secure_mode, extra_grad=extra_grad,
