@@ -168,8 +168,8 @@ def validate(cfg: Config) -> None:
         _check(isinstance(cfg.lora.layers, int) and not isinstance(cfg.lora.layers, bool) and cfg.lora.layers >= 0,
                f"lora.layers must be a whole number of top encoder layers, 0 or more (0: the head alone), got "
                f"{cfg.lora.layers!r}")
-        _check(cfg.model.task == "classification", "lora.layers (the frozen-prefix cache) applies to model.task "
-               "'classification' only")
+        _check(cfg.model.task == "classification" or cfg.lora.layers >= 1, "lora.layers must be >= 1 for model.task "
+               f"'causal_lm' (the top decoder layers that carry LoRA; the output layer stays frozen), got {cfg.lora.layers}")
     _check(0.0 <= cfg.train.momentum < 1.0, f"train.momentum must be in [0, 1), got {cfg.train.momentum}")
     _check(cfg.lora.head_bias or cfg.model.task == "classification",
            "lora.head_bias: false applies to model.task 'classification' only")

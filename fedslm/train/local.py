@@ -216,7 +216,14 @@ def train_round(
     """
     p, t = spec.dp, spec
     n = len(train) if features is None else len(features)
-    if features is not None:
+    if getattr(features, "causal", False):  # a causal LM's cached decoder prefix (fedslm.train.causal_prefix)
+        from fedslm.train.causal_prefix import CausalSuffix
+
+        trained = CausalSuffix(model, features.layers)
+
+        def loss_fn(module: nn.Module, indices) -> torch.Tensor:
+            return module(**features.batch(indices))
+    elif features is not None:
         from fedslm.train.prefix import Suffix
 
         trained: nn.Module = Suffix(model, features.layers)
