@@ -118,6 +118,45 @@ def test_a_record_with_a_non_finite_loss_contributes_nothing():
     torch.testing.assert_close(before - model[0].weight.detach(), torch.tensor([[1.0, 2.0, 0.0]]))
 
 
+def _toy_update(engine_cls, model, x, clip):
+    model = copy.deepcopy(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = make_optimizer(list(model.parameters()), "sgd", 1.0, 0.0)
+    engine = engine_cls(model, optimizer=opt, noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=len(x),
+                        physical_batch_size=4)
+    engine.step(list(range(len(x))), lambda m, idx: m(x[list(idx)]).pow(2).sum((1, 2)))
+    used_tape = getattr(engine, "tape", None) is not None
+    engine.close()
+    return [b - p.detach() for b, p in zip(before, model.parameters())], used_tape
+
+
+def test_other_trainable_layers_go_through_opacus_two_passes_and_equal_hooks():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6), torch.nn.Linear(6, 2))
+    x = torch.randn(7, 3, 4)
+    hooks, _ = _toy_update(DPSGD, model, x, 0.5)
+    ghost, used_tape = _toy_update(GhostDPSGD, model, x, 0.5)
+    assert not used_tape  # a LayerNorm is not a linear layer: Opacus' ghost clipping, two passes
+    for a, b in zip(ghost, hooks):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    linear_only = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    hooks, _ = _toy_update(DPSGD, linear_only, x, 0.5)
+    ghost, used_tape = _toy_update(GhostDPSGD, linear_only, x, 0.5)
+    assert used_tape  # linear layers alone: one pass, the clipped sum from the saved inputs and gradients
+    for a, b in zip(ghost, hooks):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_trainable_layer_whose_rows_are_not_the_records_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 1))
+    opt = make_optimizer(list(model.parameters()), "sgd", 1.0, 0.0)
+    engine = GhostDPSGD(model, optimizer=opt, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=2,
+                        physical_batch_size=2)
+    x = torch.randn(4, 3)  # two records' two tokens flattened, as an output layer on target positions sees them
+    with pytest.raises(RuntimeError, match="rows must be the records"):
+        engine.step([0, 1], lambda m, idx: m(x).view(2, 2).sum(1))
+
+
 def test_a_dp_round_in_ghost_mode_is_the_hooks_round(cls_config, tmp_path):
     """The whole round, noise on (seeded): the same adapter whichever engine clips."""
     states = []

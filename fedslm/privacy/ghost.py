@@ -9,18 +9,28 @@ layer with inputs ``a`` [B, T, d] and output gradients ``g`` [B, T, r] the recor
 Memory then grows with the chunk's activations, as in non-private training, not with the
 adapter times the batch.
 
-Opacus 1.6 does exactly this (:class:`GradSampleModuleFastGradientClipping` with
-``use_ghost_clipping=True``, :class:`DPOptimizerFastGradientClipping`), and it wraps our PEFT models:
-LoRA's A and B and the classifier head are plain ``nn.Linear`` modules, the ones it has norm
-samplers for. We drive its parts ourselves, not through ``PrivacyEngine``/``DPLossFastGradientClipping``,
-because our losses are per record already (``fedslm.train.losses``; HF's ``outputs.loss`` is a
-batch mean and would couple records) and because of the same two needs as the hooks engine:
-physical chunks and empty Poisson batches. The two passes run on one graph (``retain_graph``), so
-the dropout masks that gave a record's norm are the ones its clipped gradient is taken through.
+Two implementations, one result:
 
-A record whose loss or norm is not finite contributes nothing (as in the hooks engine): the
-chunk's two passes are rerun on its finite records alone, since a zero weight times an infinite
-gradient is still NaN in the parameter's sum.
+* **Book-keeping** (Bu et al. 2023, "BK"), used whenever every trainable tensor belongs to an
+  ``nn.Linear`` called once per forward, which is what our PEFT models are (LoRA's A and B, the
+  classifier head): one backward pass records each such layer's input ``a`` and output gradient
+  ``g``; the norms come from them (ghost ``<g gᵀ, a aᵀ>``, or ``‖gᵀa‖`` per record where that is
+  smaller than T × T), and the clipped sum is ``Σ_i c_i g_iᵀ a_i`` from the same tensors. No second
+  backward pass: the step costs about what a non-private one does.
+* **Opacus 1.6** (:class:`GradSampleModuleFastGradientClipping` with ``use_ghost_clipping=True``)
+  for any other trainable module: a first backward pass gives the norms, a second of
+  ``Σ_i c_i ℓ_i`` on the same graph (``retain_graph``, so the dropout masks are the ones the norms
+  saw) the clipped sum.
+
+Both run under :class:`DPOptimizerFastGradientClipping`, driven by us, not through
+``PrivacyEngine``/``DPLossFastGradientClipping``: our losses are per record already
+(``fedslm.train.losses``; HF's ``outputs.loss`` is a batch mean and would couple records), and we
+need physical chunks and empty Poisson batches as the hooks engine does. Norms and sums are fp32
+whatever precision the forward ran in.
+
+A record whose loss or norm is not finite contributes nothing (as in the hooks engine): BK zeroes
+its rows before summing; the Opacus path reruns the chunk's two passes on the finite records alone
+(a zero weight times an infinite gradient would still be NaN in the parameter's sum).
 """
 
 from __future__ import annotations
@@ -51,6 +61,89 @@ class _SecureNoiseGhostOptimizer(DPOptimizerFastGradientClipping):
     add_noise = _SecureNoiseDPOptimizer.add_noise
 
 
+class _Unsupported(Exception):
+    pass
+
+
+class _Tape:
+    """Book-keeping: each trainable ``nn.Linear``'s input and output gradient of the last forward/backward."""
+
+    def __init__(self, model: nn.Module):
+        self.layers: list[nn.Linear] = []
+        for m in model.modules():
+            if any(p.requires_grad for p in m.parameters(recurse=False)):
+                if type(m) is not nn.Linear:
+                    raise _Unsupported(type(m).__name__)
+                self.layers.append(m)
+        self.saved: dict[nn.Module, list] = {}
+        self.handles = [m.register_forward_hook(self._forward) for m in self.layers]
+
+    def _forward(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        if not torch.is_grad_enabled() or not output.requires_grad:
+            return
+        if module in self.saved:  # a layer used twice in one forward (tied weights): its cross terms are not kept
+            raise RuntimeError("privacy.clipping_mode ghost: a trainable layer is called twice in one forward; "
+                               "use privacy.clipping_mode hooks")
+        entry = [inputs[0].detach(), None]
+        self.saved[module] = entry
+        output.register_hook(lambda g: entry.__setitem__(1, g.detach()))
+
+    def _flat(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        a, g = self.saved[module]
+        if g is None:  # no gradient reached this layer (not on the loss's path)
+            g = torch.zeros((*a.shape[:-1], module.out_features), dtype=torch.float32, device=a.device)
+        n = a.shape[0]
+        return a.reshape(n, -1, a.shape[-1]).float(), g.reshape(n, -1, g.shape[-1]).float()
+
+    def norms(self, n: int, device: torch.device) -> torch.Tensor:
+        """Each record's gradient norm over every trainable tensor, fp32."""
+        sq = torch.zeros(n, dtype=torch.float32, device=device)
+        for m in self.layers:
+            if m not in self.saved:
+                continue
+            a, g = self._flat(m)
+            if a.shape[0] != n:  # rows that are not records (an output layer on target tokens alone)
+                raise RuntimeError(f"privacy.clipping_mode ghost: a trainable layer saw {a.shape[0]} rows for {n} "
+                                   "records; its rows must be the records")
+            t, d, r = a.shape[1], a.shape[2], g.shape[2]
+            if m.weight.requires_grad:
+                if t == 1:
+                    sq += (g[:, 0] ** 2).sum(-1) * (a[:, 0] ** 2).sum(-1)
+                elif t * t <= r * d:  # ghost norm: <g gᵀ, a aᵀ>, T × T a record
+                    sq += (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
+                else:  # the record's gradient itself is smaller: r × d a record
+                    sq += (torch.bmm(g.transpose(1, 2), a) ** 2).sum((1, 2))
+            if m.bias is not None and m.bias.requires_grad:
+                sq += (g.sum(1) ** 2).sum(-1)
+        return sq.sqrt()
+
+    def clipped_sum(self, coef: torch.Tensor, keep: torch.Tensor) -> None:
+        """``p.grad = Σ_i coef_i ∇_p ℓ_i`` over the records with ``keep``, from the saved tensors."""
+        for m in self.layers:
+            if m not in self.saved:
+                for p in m.parameters(recurse=False):
+                    if p.requires_grad:
+                        p.grad = torch.zeros_like(p)
+                continue
+            a, g = self._flat(m)
+            w = torch.where(keep, coef, torch.zeros_like(coef)).view(-1, 1, 1)
+            # Rows of dropped records are zeroed, not weighted by 0: 0 × inf is NaN.
+            g = torch.where(keep.view(-1, 1, 1), g, torch.zeros_like(g)) * w
+            a = torch.where(keep.view(-1, 1, 1), a, torch.zeros_like(a))
+            if m.weight.requires_grad:
+                m.weight.grad = (g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])).to(m.weight.dtype)
+            if m.bias is not None and m.bias.requires_grad:
+                m.bias.grad = g.sum((0, 1)).to(m.bias.dtype)
+
+    def clear(self) -> None:
+        self.saved = {}
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.clear()
+
+
 class GhostDPSGD:
     """One node's DP-SGD on a model whose trainable tensors are the adapter, with ghost clipping.
 
@@ -72,8 +165,13 @@ class GhostDPSGD:
         extra_grad: Optional[Callable[[], None]] = None,
     ):
         model.train()  # before hooks: Opacus captures activations only in training mode
-        self.module = GradSampleModuleFastGradientClipping(
-            model, batch_first=True, loss_reduction="mean", max_grad_norm=max_grad_norm, use_ghost_clipping=True)
+        self.tape: Optional[_Tape]
+        try:
+            self.tape, self.module = _Tape(model), model
+        except _Unsupported:
+            self.tape = None
+            self.module = GradSampleModuleFastGradientClipping(
+                model, batch_first=True, loss_reduction="mean", max_grad_norm=max_grad_norm, use_ghost_clipping=True)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.max_grad_norm = max_grad_norm
         self.optimizer = (_SecureNoiseGhostOptimizer if secure_mode else DPOptimizerFastGradientClipping)(
@@ -93,7 +191,33 @@ class GhostDPSGD:
         self.last_norms: Optional[torch.Tensor] = None
 
     def _clipped_sum(self, chunk: Sequence[int], loss_fn: LossFn) -> float:
-        """Add the clipped per-record gradients of ``chunk`` to ``p.grad``; returns the chunk's summed loss."""
+        """Put the sum of the clipped per-record gradients of ``chunk`` in ``p.grad``; returns the chunk's
+        summed loss."""
+        if self.tape is not None:
+            return self._book_keeping(chunk, loss_fn)
+        return self._two_passes(chunk, loss_fn)
+
+    def _coef(self, norms: torch.Tensor) -> torch.Tensor:
+        return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+    def _book_keeping(self, chunk: Sequence[int], loss_fn: LossFn) -> float:
+        tape = self.tape
+        assert tape is not None
+        tape.clear()
+        try:
+            for p in self.params:
+                p.grad = None
+            losses = loss_fn(self.module, list(chunk))
+            losses.sum().backward()  # each record's own loss: g_i is the gradient of ℓ_i alone
+            norms = tape.norms(len(losses), losses.device)
+            self.last_norms = norms
+            keep = torch.isfinite(norms) & torch.isfinite(losses.detach().float())
+            tape.clipped_sum(self._coef(torch.nan_to_num(norms, nan=0.0, posinf=0.0)), keep)
+            return float(losses.detach()[keep].sum())
+        finally:
+            tape.clear()
+
+    def _two_passes(self, chunk: Sequence[int], loss_fn: LossFn) -> float:
         chunk = list(chunk)
         while chunk:
             for p in self.params:
@@ -110,7 +234,7 @@ class GhostDPSGD:
             if not bool(finite.all()):
                 chunk = [i for i, ok in zip(chunk, finite.tolist()) if ok]
                 continue  # rerun both passes on the finite records alone
-            coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            coef = self._coef(norms)
             for p in self.params:
                 p.grad = None
             self.module.disable_hooks()
@@ -147,7 +271,10 @@ class GhostDPSGD:
         return total
 
     def close(self) -> nn.Module:
-        """Remove Opacus' hooks; returns the plain model."""
+        """Remove the hooks; returns the plain model."""
+        if self.tape is not None:
+            self.tape.remove()
+            return self.module
         self.module.remove_hooks()
         for p in self.params:
             for attr in ("grad_sample", "summed_grad", "_norm_sample", "_forward_counter", "_current_grad_sample"):
