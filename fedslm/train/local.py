@@ -219,14 +219,14 @@ def train_round(
     if getattr(features, "causal", False):  # a causal LM's cached decoder prefix (fedslm.train.causal_prefix)
         from fedslm.train.causal_prefix import CausalSuffix
 
-        trained = CausalSuffix(model, features.layers)
+        trained: nn.Module = CausalSuffix(model, features.layers)
 
         def loss_fn(module: nn.Module, indices) -> torch.Tensor:
             return module(**features.batch(indices))
     elif features is not None:
         from fedslm.train.prefix import Suffix
 
-        trained: nn.Module = Suffix(model, features.layers)
+        trained = Suffix(model, features.layers)
 
         def loss_fn(module: nn.Module, indices) -> torch.Tensor:
             b = features.batch(indices)
