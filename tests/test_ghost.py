@@ -139,7 +139,9 @@ def test_other_trainable_layers_go_through_opacus_two_passes_and_equal_hooks():
     assert not used_tape  # a LayerNorm is not a linear layer: Opacus' ghost clipping, two passes
     for a, b in zip(ghost, hooks):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    linear_only = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    # Wide layers take the ghost norm (T × T a record), the narrow last one the per-record gradient: both paths.
+    linear_only = torch.nn.Sequential(torch.nn.Linear(4, 40), torch.nn.Tanh(), torch.nn.Linear(40, 40), torch.nn.Tanh(),
+                                      torch.nn.Linear(40, 2))
     hooks, _ = _toy_update(DPSGD, linear_only, x, 0.5)
     ghost, used_tape = _toy_update(GhostDPSGD, linear_only, x, 0.5)
     assert used_tape  # linear layers alone: one pass, the clipped sum from the saved inputs and gradients

@@ -109,10 +109,10 @@ class _Tape:
             if m.weight.requires_grad:
                 if t == 1:
                     sq += (g[:, 0] ** 2).sum(-1) * (a[:, 0] ** 2).sum(-1)
-                elif t * t <= r * d:  # ghost norm: <g gᵀ, a aᵀ>, T × T a record
+                elif t * (r + d) < r * d:  # ghost norm <g gᵀ, a aᵀ>: T² (r + d) a record, cheaper for wide layers
                     sq += (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
-                else:  # the record's gradient itself is smaller: r × d a record
-                    sq += (torch.bmm(g.transpose(1, 2), a) ** 2).sum((1, 2))
+                else:  # the record's gradient itself (T r d a record, usually cheaper for LoRA's r); one layer
+                    sq += (torch.bmm(g.transpose(1, 2), a) ** 2).sum((1, 2))  # at a time, then freed
             if m.bias is not None and m.bias.requires_grad:
                 sq += (g.sum(1) ** 2).sum(-1)
         return sq.sqrt()
@@ -126,10 +126,12 @@ class _Tape:
                         p.grad = torch.zeros_like(p)
                 continue
             a, g = self._flat(m)
-            w = torch.where(keep, coef, torch.zeros_like(coef)).view(-1, 1, 1)
-            # Rows of dropped records are zeroed, not weighted by 0: 0 × inf is NaN.
-            g = torch.where(keep.view(-1, 1, 1), g, torch.zeros_like(g)) * w
-            a = torch.where(keep.view(-1, 1, 1), a, torch.zeros_like(a))
+            if bool(keep.all()):
+                g = g * coef.view(-1, 1, 1)
+            else:  # rows of dropped records are zeroed, not weighted by 0: 0 × inf is NaN
+                w = torch.where(keep, coef, torch.zeros_like(coef)).view(-1, 1, 1)
+                g = torch.where(keep.view(-1, 1, 1), g, torch.zeros_like(g)) * w
+                a = torch.where(keep.view(-1, 1, 1), a, torch.zeros_like(a))
             if m.weight.requires_grad:
                 m.weight.grad = (g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])).to(m.weight.dtype)
             if m.bias is not None and m.bias.requires_grad:
