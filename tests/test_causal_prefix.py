@@ -90,7 +90,8 @@ def test_cached_logits_losses_and_per_record_gradients_equal_the_uncached_models
 def test_a_dp_round_from_the_cache_is_the_uncached_round(causal_config, tiny_gemma_dir, tmp_path, arch, mode):
     states = []
     for use_cache in (False, True):
-        cfg = _cfg(causal_config, tiny_gemma_dir, arch, 1, f"privacy.clipping_mode={mode}", "privacy.max_grad_norm=0.1")
+        cfg = _cfg(causal_config, tiny_gemma_dir, arch, 1, f"privacy.clipping_mode={mode}", "privacy.max_grad_norm=0.1",
+                   "train.local_steps=2")
         node = build_node(cfg)
         _randomise_lora(node.model)
         train_round(node.model, node.train, round_spec(cfg), unit="u", ledger=Ledger(tmp_path / f"{use_cache}.json"),

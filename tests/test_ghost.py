@@ -163,7 +163,7 @@ def test_a_dp_round_in_ghost_mode_is_the_hooks_round(cls_config, tmp_path):
     """The whole round, noise on (seeded): the same adapter whichever engine clips."""
     states = []
     for mode in ("hooks", "ghost"):
-        cfg = cls_config(f"privacy.clipping_mode={mode}", "privacy.max_grad_norm=0.05")
+        cfg = cls_config(f"privacy.clipping_mode={mode}", "privacy.max_grad_norm=0.05", "train.local_steps=2")
         node = build_node(cfg)
         spec = round_spec(cfg)
         assert spec.dp.clipping_mode == mode
