@@ -159,6 +159,24 @@ def test_a_trainable_layer_whose_rows_are_not_the_records_is_refused():
         engine.step([0, 1], lambda m, idx: m(x).view(2, 2).sum(1))
 
 
+def test_a_trainable_weight_reused_outside_its_layer_is_refused_not_under_clipped():
+    class Reuse(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, x):  # the weight's second use bypasses the layer's call the tape records
+            return self.lin(x) + x @ self.lin.weight.T
+
+    model = Reuse()
+    opt = make_optimizer(list(model.parameters()), "sgd", 1.0, 0.0)
+    engine = GhostDPSGD(model, optimizer=opt, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=2,
+                        physical_batch_size=2)
+    x = torch.randn(2, 3)
+    with pytest.raises(RuntimeError, match="Use privacy.clipping_mode hooks"):
+        engine.step([0, 1], lambda m, idx: m(x[list(idx)]).pow(2).sum(-1))
+
+
 def test_a_dp_round_in_ghost_mode_is_the_hooks_round(cls_config, tmp_path):
     """The whole round, noise on (seeded): the same adapter whichever engine clips."""
     states = []

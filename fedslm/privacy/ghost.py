@@ -14,9 +14,13 @@ Two implementations, one result:
 * **Book-keeping** (Bu et al. 2023, "BK"), used whenever every trainable tensor belongs to an
   ``nn.Linear`` called once per forward, which is what our PEFT models are (LoRA's A and B, the
   classifier head): one backward pass records each such layer's input ``a`` and output gradient
-  ``g``; the norms come from them (ghost ``<g gᵀ, a aᵀ>``, or ``‖gᵀa‖`` per record where that is
-  smaller than T × T), and the clipped sum is ``Σ_i c_i g_iᵀ a_i`` from the same tensors. No second
-  backward pass: the step costs about what a non-private one does.
+  ``g``; the norms come from them (ghost ``<g gᵀ, a aᵀ>`` or the record's own ``gᵀa``, whichever
+  costs less for the layer's shape), and the clipped sum is ``Σ_i c_i g_iᵀ a_i`` from the same
+  tensors. No second backward pass: the step costs about what a non-private one does. A norm is
+  only as good as the tape: if a trainable tensor reached the loss other than through its layer's
+  one call (a functional reuse), the tape would miss that part and under-clip; so the tape's
+  unclipped sum ``Σ_i g_iᵀ a_i`` is checked against autograd's own gradient each chunk, and a
+  mismatch stops training.
 * **Opacus 1.6** (:class:`GradSampleModuleFastGradientClipping` with ``use_ghost_clipping=True``)
   for any other trainable module: a first backward pass gives the norms, a second of
   ``Σ_i c_i ℓ_i`` on the same graph (``retain_graph``, so the dropout masks are the ones the norms
@@ -63,6 +67,23 @@ class _SecureNoiseGhostOptimizer(DPOptimizerFastGradientClipping):
 
 class _Unsupported(Exception):
     pass
+
+
+_UNTRACKED = ("privacy.clipping_mode ghost: a trainable tensor's gradient is not what its layer's recorded call gives "
+              "(a reuse outside the layer?); its records' norms would be wrong. Use privacy.clipping_mode hooks")
+
+
+def _check_tracked(m: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> None:
+    """The tape's unclipped sum equals autograd's gradient: nothing reached the loss unrecorded. The
+    tolerance admits bf16 forwards; a missed use is of the order of the gradient itself."""
+    for p, tape in ((m.weight, lambda: g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])),
+                    (m.bias, lambda: g.sum((0, 1)))):
+        if p is None or not p.requires_grad:
+            continue
+        auto = p.grad.float() if p.grad is not None else torch.zeros(p.shape, device=a.device)
+        diff = float((tape() - auto).norm())
+        if not diff <= 0.05 * float(auto.norm()) + 1e-6:  # also catches NaN
+            raise RuntimeError(_UNTRACKED)
 
 
 class _Tape:
@@ -118,15 +139,19 @@ class _Tape:
         return sq.sqrt()
 
     def clipped_sum(self, coef: torch.Tensor, keep: torch.Tensor) -> None:
-        """``p.grad = Σ_i coef_i ∇_p ℓ_i`` over the records with ``keep``, from the saved tensors."""
+        """``p.grad = Σ_i coef_i ∇_p ℓ_i`` over the records with ``keep``, from the saved tensors (``p.grad``
+        holds autograd's unclipped sum on entry)."""
         for m in self.layers:
             if m not in self.saved:
                 for p in m.parameters(recurse=False):
                     if p.requires_grad:
+                        if p.grad is not None and bool(p.grad.abs().sum() > 0):
+                            raise RuntimeError(_UNTRACKED)
                         p.grad = torch.zeros_like(p)
                 continue
             a, g = self._flat(m)
             if bool(keep.all()):
+                _check_tracked(m, a, g)
                 g = g * coef.view(-1, 1, 1)
             else:  # rows of dropped records are zeroed, not weighted by 0: 0 × inf is NaN
                 w = torch.where(keep, coef, torch.zeros_like(coef)).view(-1, 1, 1)
