@@ -183,7 +183,7 @@ def test_lora_layers_is_checked_and_named(cls_config, causal_config):
     with pytest.raises(ConfigError, match="lora.layers=3: this model has 2 encoder layers"):
         _node(cls_config, 3)
     with pytest.raises(ConfigError, match="lora.layers"):
-        causal_config("lora.layers=1")
+        causal_config("lora.layers=0")  # a causal LM's output layer stays frozen: 1 or more decoder layers
     with pytest.raises(ConfigError, match="lora.layers must be a whole number"):
         cls_config("lora.layers=-1")
 

@@ -173,8 +173,8 @@ def validate(cfg: Config) -> None:
         _check(isinstance(cfg.lora.layers, int) and not isinstance(cfg.lora.layers, bool) and cfg.lora.layers >= 0,
                f"lora.layers must be a whole number of top encoder layers, 0 or more (0: the head alone), got "
                f"{cfg.lora.layers!r}")
-        _check(cfg.model.task == "classification", "lora.layers (the frozen-prefix cache) applies to model.task "
-               "'classification' only")
+        _check(cfg.model.task == "classification" or cfg.lora.layers >= 1, "lora.layers must be >= 1 for model.task "
+               f"'causal_lm' (the top decoder layers that carry LoRA; the output layer stays frozen), got {cfg.lora.layers}")
     _check(0.0 <= cfg.train.momentum < 1.0, f"train.momentum must be in [0, 1), got {cfg.train.momentum}")
     _check(cfg.lora.head_bias or cfg.model.task == "classification",
            "lora.head_bias: false applies to model.task 'classification' only")
@@ -204,6 +204,7 @@ def validate(cfg: Config) -> None:
     _positive("privacy.max_grad_norm", p.max_grad_norm)
     _positive("privacy.max_epsilon", p.max_epsilon, allow_none=True)
     _choice("privacy.accountant", p.accountant, ACCOUNTANTS)
+    _choice("privacy.clipping_mode", p.clipping_mode, ("hooks", "ghost"))
     if p.noise_multiplier is not None:
         _check(p.noise_multiplier >= 0, f"privacy.noise_multiplier must be >= 0, got {p.noise_multiplier}")
     if p.ledger is not None:
@@ -239,6 +240,9 @@ def validate(cfg: Config) -> None:
     _positive("train.eval_batch_size", t.eval_batch_size)
     # Which of these the machine can run is checked where it trains (fedslm.train.device).
     _choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
+    if t.precision == "fp16" and cfg.privacy.clipping_mode == "ghost":
+        raise ConfigError("train.precision fp16 needs a loss scale, which privacy.clipping_mode ghost does not take; "
+                          "use train.precision bf16 or fp32, or privacy.clipping_mode hooks")
 
     f = cfg.federation
     _positive("federation.num_clients", f.num_clients)

@@ -49,14 +49,19 @@ def wrap(base: nn.Module, cfg: LoraConfig, task: str, default_targets: tuple[str
         raise ConfigError(f"lora.target_modules: no module named {', '.join(unknown)} in this model (e.g. {sample})")
     layers: dict[str, Any] = {}
     if cfg.layers is not None:
-        from fedslm.train.prefix import num_layers
+        if task == "causal_lm":  # the decoder's blocks are model.layers.N (fedslm.train.causal_prefix)
+            from fedslm.train.causal_prefix import num_layers
+            pattern, what = "layers", "decoder layers (a causal LM trains 1 or more)"
+        else:
+            from fedslm.train.prefix import num_layers
+            pattern, what = "layer", "encoder layers (0 = the head alone)"
 
         total = num_layers(base)
-        if cfg.layers > total:
-            raise ConfigError(f"lora.layers={cfg.layers}: this model has {total} encoder layers (0 = the head alone)")
+        if cfg.layers > total or (task == "causal_lm" and cfg.layers < 1):
+            raise ConfigError(f"lora.layers={cfg.layers}: this model has {total} {what}")
         # PEFT needs one adapted module: with 0 layers the top layer's LoRA stays B = 0 and frozen (so
         # exactly the base), and only the head is trained and sent.
-        layers = {"layers_to_transform": list(range(total - max(cfg.layers, 1), total)), "layers_pattern": "layer"}
+        layers = {"layers_to_transform": list(range(total - max(cfg.layers, 1), total)), "layers_pattern": pattern}
     peft_cfg = PeftLoraConfig(
         **layers,
         r=cfg.r,
@@ -87,10 +92,10 @@ def wrap(base: nn.Module, cfg: LoraConfig, task: str, default_targets: tuple[str
         lowest = total - max(cfg.layers, 1)
         for name, _ in model.named_parameters():
             if "lora_" in name:
-                found = re.search(r"\.layer\.(\d+)\.", name)
+                found = re.search(rf"\.{pattern}\.(\d+)\.", name)
                 if found is None or int(found.group(1)) < lowest:
                     raise ConfigError(f"lora.target_modules puts LoRA on {name.split('.lora_')[0]}, outside the top "
-                                      f"lora.layers={cfg.layers} layer(s) of the encoder")
+                                      f"lora.layers={cfg.layers} layer(s) of the model")
     if cfg.ffa or cfg.layers == 0:
         for name, p in model.named_parameters():
             if ".lora_A." in name or (cfg.layers == 0 and "lora_" in name):

@@ -292,6 +292,7 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
             noise_multiplier=req.noise_multiplier, secure_mode=secure_noise, noise_seed=None,
             allow_non_private=pol.privacy.allow_non_private,
             planned_examples=None if pol.data.size_is_public else pol.data.size_floor, lattice=lattice,
+            clipping_mode=cfg.privacy.clipping_mode,  # an engine choice: the same clipped sum either way
         ),
     )
     d = pol.data

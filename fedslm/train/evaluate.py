@@ -66,6 +66,13 @@ def evaluate(model: nn.Module, enc: Encoded, task_name: str, batch_size: int = 1
              features: Any = None) -> dict[str, Any]:
     """Classification: loss, accuracy, macro-F1. Causal LM: token loss and perplexity.
     ``features``: ``enc``'s cached frozen prefix (fedslm.train.prefix): scored from there."""
+    if getattr(features, "causal", False):  # fedslm.train.causal_prefix
+        from fedslm.train.causal_prefix import evaluation_from_features
+
+        sums, counts = evaluation_from_features(model, features)
+        loss = float(sums.sum()) / max(int(counts.sum()), 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(counts.sum()),
+                "num_examples": len(features)}
     if features is not None:
         losses, preds = _from_features(model, features)
         golds = features.labels.tolist()
@@ -113,6 +120,13 @@ def evaluation_counts(model: nn.Module, enc: Encoded, task_name: str, batch_size
     """Per-record sums whose sensitivity to one record is bounded, for a DP release: the number of
     records, how many were classified right (classification), and the sum of each record's loss
     clipped to [0, loss_cap] (a causal LM record's loss is the mean over its own completion tokens)."""
+    if getattr(features, "causal", False):  # fedslm.train.causal_prefix
+        from fedslm.train.causal_prefix import evaluation_from_features
+
+        sums, counts = evaluation_from_features(model, features)
+        per_record = sums / counts.clamp(min=1)
+        return {"records": len(features), "correct": 0,
+                "loss_sum": float(torch.nan_to_num(per_record, nan=loss_cap, posinf=loss_cap).clamp(0.0, loss_cap).sum())}
     if features is not None:
         losses, preds = _from_features(model, features)
         return {"records": len(features), "correct": int((preds == features.labels).sum()),

@@ -74,6 +74,8 @@ class DPSpec:
     # Distributed noise under SecAgg+ (fedslm.privacy.distributed): this node's share of Skellam noise on
     # the protocol's lattice, for the ε of the sum under its assumption of honest contributors. None: local DP.
     lattice: Optional["Lattice"] = None
+    # How per-record gradients are clipped: "hooks" (dpsgd.DPSGD) or "ghost" (ghost.GhostDPSGD); the same update.
+    clipping_mode: str = "hooks"
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def round_spec(cfg: Config) -> RoundSpec:
             max_epsilon=p.max_epsilon if p.max_epsilon is not None else (p.target_epsilon if p.enabled else math.inf),
             delta=p.delta, max_grad_norm=p.max_grad_norm, accountant=p.accountant,
             planned_rounds=cfg.federation.rounds, noise_multiplier=p.noise_multiplier, secure_mode=p.secure_mode,
-            noise_seed=p.noise_seed, allow_non_private=p.max_epsilon is None,
+            noise_seed=p.noise_seed, allow_non_private=p.max_epsilon is None, clipping_mode=p.clipping_mode,
         ),
     )
 
@@ -172,6 +174,14 @@ def _generator(seed: Optional[int], *salt: object) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+def _engine(clipping_mode: str) -> type:
+    if clipping_mode == "ghost":
+        from fedslm.privacy.ghost import GhostDPSGD
+
+        return GhostDPSGD
+    return DPSGD
+
+
 def _proximal(params: list[torch.nn.Parameter], mu: float) -> Callable[[], None]:
     """FedProx: add mu * (w - w_start) to each gradient (no data involved, so no privacy cost)."""
     start = [q.detach().clone() for q in params]
@@ -213,10 +223,17 @@ def train_round(
     # The model is already where it trains (placed before PEFT and Opacus); batches follow it there.
     device = model_device(model)
     precision = resolve_precision(t.precision, device)  # refused here, before anything is charged
-    if features is not None:
+    if getattr(features, "causal", False):  # a causal LM's cached decoder prefix (fedslm.train.causal_prefix)
+        from fedslm.train.causal_prefix import CausalSuffix
+
+        trained: nn.Module = CausalSuffix(model, features.layers)
+
+        def loss_fn(module: nn.Module, indices) -> torch.Tensor:
+            return module(**to_device(features.batch(indices), device))
+    elif features is not None:
         from fedslm.train.prefix import Suffix
 
-        trained: nn.Module = Suffix(model, features.layers)
+        trained = Suffix(model, features.layers)
 
         def loss_fn(module: nn.Module, indices) -> torch.Tensor:
             b = to_device(features.batch(indices), device)
@@ -263,7 +280,7 @@ def train_round(
                                noise_generator=noise_gen, secure_mode=p.secure_mode,
                                lattice=None if share is None else (p.lattice.scale(p.max_grad_norm), share.mu_node))
         else:
-            engine = DPSGD(
+            engine = _engine(p.clipping_mode)(
                 trained, optimizer=optimizer, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
                 expected_batch_size=t.logical_batch(n), physical_batch_size=t.physical_batch_size,
                 noise_generator=noise_gen, secure_mode=p.secure_mode, extra_grad=extra_grad, precision=precision,

@@ -331,6 +331,10 @@ def split_features(model: nn.Module, fingerprint: str, enc: Encoded, model_cfg, 
                    folder: Optional[Path] = None) -> Optional[Features]:
     """The cached prefix of one split when ``lora.layers`` is set (else None: train the whole model,
     also when the features would pass $FEDSLM_CACHE_MAX_BYTES, default 4 GiB)."""
+    if getattr(model_cfg, "task", "classification") == "causal_lm":
+        from fedslm.train import causal_prefix
+
+        return causal_prefix.split_features(model, fingerprint, enc, model_cfg, layers, folder=folder)  # type: ignore[return-value]
     if layers is None or len(enc) == 0:
         return None
     limit = max_limit()
