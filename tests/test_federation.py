@@ -562,7 +562,7 @@ def test_float16_transfer_halves_the_bytes_and_the_coordinator_averages_in_float
     assert all(t.dtype == torch.float16 for t in wire.values())  # the global adapter goes down in float16
     replies = []
     for inst in (0, 1):
-        msg = _request(cfg, state, node.base.fingerprint)
+        msg = _request(cfg, state, node.base.fingerprint, node_id=2 + inst)  # two nodes: one reply each
         msg.content[codec.ARRAYS] = sent[0].content[codec.ARRAYS]
         TaskIdentity.node_id = 2 + inst
         reply = client_app.train(msg, _context({"partition-id": inst, "num-partitions": 2}))
