@@ -71,20 +71,21 @@ def _errors(inner) -> dict[int, str]:
 ATTACK = {"w": np.full(D, -4.0)}  # norm 9.8: inside the update bound of 10, aimed the other way
 
 
-@pytest.mark.parametrize("claim", [10**12, 2**53 - 1, 40_000, 1e15])
+@pytest.mark.parametrize("claim", [10**12, 2**53 - 1, 2001, 1e15])
 def test_a_claimed_record_count_buys_at_most_a_bounded_share_of_the_average(flower_identity, cls_config, tmp_path,
                                                                             claim):
-    """A claim is clamped to federation.max_weight_ratio (4) x the round's lower median claim: with 4 honest
-    members of 1000 records, the liar weighs at most 4000, a share of 4000 / 8000, never the whole average."""
-    _, outer, inner = _strategy(cls_config, tmp_path)
+    """A claim is clamped to federation.max_weight_ratio (r = 2) x the round's lower median claim: with 4 honest
+    members of 1000 records, the liar weighs at most 2000, a share of r / (r + 4), never the whole average."""
+    cfg, outer, inner = _strategy(cls_config, tmp_path)
+    r = cfg.federation.max_weight_ratio
     arrays, _ = outer.aggregate_train(1, [*_honest(), _train(9, ATTACK, **{"num-examples": claim})])
     got = arrays.to_numpy_ndarrays()[0]
-    ref = np.average(np.stack([np.full(D, 0.1)] * HONEST + [ATTACK["w"]]), axis=0, weights=[1000] * HONEST + [4000])
+    ref = np.average(np.stack([np.full(D, 0.1)] * HONEST + [ATTACK["w"]]), axis=0, weights=[1000] * HONEST + [r * 1000])
     np.testing.assert_allclose(got, ref, rtol=1e-5)
-    share = 4 / (4 + HONEST)
+    share = r / (r + HONEST)
     assert np.linalg.norm(got - 0.1) <= share * np.linalg.norm(ATTACK["w"] - 0.1) + 1e-5
     liar = inner.recorder.pending[1]["clients"][9]
-    assert liar["weight"] == 4000 and liar["num_examples"] == claim  # shown as claimed, weighed as clamped
+    assert liar["weight"] == r * 1000 and liar["num_examples"] == claim  # shown as claimed, weighed as clamped
 
 
 def test_an_absolute_max_weight_clamps_every_claim(flower_identity, cls_config, tmp_path):
@@ -160,7 +161,7 @@ def test_an_evaluation_reply_cannot_rewrite_the_board_or_buy_the_weighted_figure
                                                                                   tmp_path):
     """Node 9 claims to be institution 0, to hold 10**12 test records and to score 1.0. The board is keyed by the
     authenticated node: institution 0's row keeps node 2's score, and the weighted accuracy moves by at most the
-    liar's clamped share (4 x 100 against 4 x 100)."""
+    liar's clamped share (r x 100 against 4 x 100)."""
     cfg, outer, inner = _strategy(cls_config, tmp_path)
     rec = inner.recorder
     outer.aggregate_evaluate(1, [_evaluate(n) for n in range(2, 2 + HONEST)])  # round 1: the honest board
@@ -170,7 +171,8 @@ def test_an_evaluation_reply_cannot_rewrite_the_board_or_buy_the_weighted_figure
     by_node = {c["node"]: c for c in line["clients"]}
     assert by_node[2]["institution"] == 0 and by_node[2]["eval"]["accuracy"] == 0.5  # untouched
     assert by_node[9]["institution"] not in {0, 1, 2, 3}  # a label of its own, not institution 0's
-    assert line["eval_weighted"]["accuracy"] == pytest.approx((4 * 100 * 0.5 + 400 * 1.0) / 800)
+    r = cfg.federation.max_weight_ratio
+    assert line["eval_weighted"]["accuracy"] == pytest.approx((4 * 100 * 0.5 + r * 100 * 1.0) / (400 + r * 100))
     summary = summarize(cfg, rec.rounds, "r", "f", 1, 1, 0.0)
     board = summary["per_institution"]["accuracy"]
     assert board["0"] == 0.5 and len(board) == HONEST + 1
@@ -224,6 +226,7 @@ def test_a_node_counts_once_per_round(flower_identity, cls_config, tmp_path):
 def test_weights_reference():
     assert lower_median([1, 2, 3, 4]) == 2 and lower_median([5]) == 5
     assert weights([10, 35, 7, 10**9], equal=False, max_ratio=4, max_weight=None) == [10, 35, 7, 40]
+    assert weights([10, 35, 7, 10**9], equal=False, max_ratio=2, max_weight=None) == [10, 20, 7, 20]
     assert weights([10, 35], equal=True, max_ratio=4, max_weight=None) == [1.0, 1.0]
     assert weights([10, 35], equal=False, max_ratio=4, max_weight=20) == [10, 20]
 

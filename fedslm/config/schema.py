@@ -228,9 +228,10 @@ class FederationConfig:
     partition_seed: int = 0
     # How fedavg/fedprox/fedadam weigh a reply: by its claimed record count (screened, then clamped to
     # max_weight_ratio x the round's lower median claim and to max_weight), or equal. Robust
-    # strategies and client-level DP always weigh every institution equally.
+    # strategies and client-level DP always weigh every institution equally. One liar among n then holds
+    # at most max_weight_ratio / (max_weight_ratio + n - 1) of the average, whatever it claims.
     weighting: str = "examples"
-    max_weight_ratio: float = 4.0
+    max_weight_ratio: float = 2.0
     max_weight: Optional[float] = None
     # Robust strategies: how many hostile institutions to tolerate (krum, multi_krum, bulyan; and the
     # least trimmed_mean and median must withstand), the share trimmed_mean cuts from each side of

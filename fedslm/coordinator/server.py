@@ -1,9 +1,12 @@
 """The coordinator: Flower's own strategies over adapter tensors, and the run folder.
 
-Strategies are Flower's (FedAvg weighted by examples, FedProx, FedAdam), each
-wrapped by :class:`Recording`, which logs every failed reply with its node and
-reason, stops the run when fewer than ``federation.min_clients`` replies
-remain, and writes the run folder as rounds finish: ``metrics.jsonl`` (one
+Strategies are Flower's (FedAvg weighted by examples, FedProx, FedAdam, and the robust
+FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan), each wrapped by :class:`Recording`, which
+trusts no reply: it screens every update (:mod:`fedslm.coordinator.screen`) and every reply's
+metrics (:mod:`fedslm.coordinator.metrics`), decides each reply's weight and identity itself,
+drops a failed or malformed reply (logged with its node and reason) and never the run (an
+aggregation that raises is retried without the reply it fails on), stops the run when fewer
+than ``federation.min_clients`` replies remain, and writes the run folder as rounds finish: ``metrics.jsonl`` (one
 object per round), a checkpoint of the global adapter and server state, then
 ``adapter/``, ``summary.json``, ``report.png`` and ``report.html`` (rewritten every round).
 """
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 import yaml
 from flwr.app import Array, ArrayRecord, Message, RecordDict
-from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum
 from safetensors.torch import load_file, save_file
 
 from fedslm.config import Config, to_yaml
@@ -33,7 +36,7 @@ from fedslm.errors import ConfigError, FedslmError
 from fedslm.wire import codec
 from fedslm.coordinator.secagg import SecureAggregationGrid, secure_aggregation_summary
 from fedslm.coordinator.screen import check_update, default_max_update_norm
-from fedslm.coordinator.bulyan import recursive_krum
+from fedslm.coordinator.bulyan import Bulyan
 from fedslm.coordinator.metrics import WEIGHT as METRIC_WEIGHT
 from fedslm.coordinator.metrics import Labels, canonical, screen as screen_metrics, weights as coordinator_weights
 from fedslm.lora import adapter_meta, get_adapter_state, save_adapter, set_adapter_state, wrap
@@ -559,8 +562,6 @@ def make_strategies(cfg: Config, recorder: RunRecorder) -> tuple[Any, Any]:
         kwargs["beta"] = fed.trim_fraction
     if fed.strategy in ("krum", "multi_krum", "bulyan"):
         kwargs["num_malicious_nodes"] = fed.byzantine
-    if fed.strategy == "bulyan":
-        kwargs["selection_rule"] = recursive_krum
     strategy = cls(**kwargs)
     strategy.recorder = recorder
     # Client-level DP bounds each institution's influence, so the average must not weight by size;
