@@ -272,7 +272,8 @@ def main() -> None:
     started = time.perf_counter()
     results = {"date": date.today().isoformat(),
                "machine": f"{platform.machine()}, Python {platform.python_version()}",
-               "bound": BOUND, "max_weight_ratio": load_config([], []).federation.max_weight_ratio, "rounds": ROUNDS, "steps": STEPS, "lr": LR, "clip": CLIP, "runs": {}}
+               "bound": BOUND, "max_weight_ratio": load_config([], []).federation.max_weight_ratio,
+               "rounds": ROUNDS, "steps": STEPS, "lr": LR, "clip": CLIP, "runs": {}}
     for n in args.sizes:
         task = make_task(n)
         per = results["runs"].setdefault(str(n), {})

@@ -223,6 +223,39 @@ def test_a_node_counts_once_per_round(flower_identity, cls_config, tmp_path):
     assert "second reply" in _errors(inner)[9]
 
 
+def test_a_reply_to_another_nodes_message_is_dropped(flower_identity, cls_config, tmp_path):
+    """Node 9 answers the message the coordinator sent to node 5: it must not speak (or count) for node 5."""
+    _, outer, inner = _strategy(cls_config, tmp_path)
+    TaskIdentity.node_id = 1
+    sent = Message(RecordDict({codec.CONFIG: ConfigRecord({"server-round": 1})}), dst_node_id=5,
+                   message_type=MessageType.TRAIN)
+    sent.metadata._message_id = "to-node-5"  # as the grid assigns it when it sends
+    inner.recorder.remember([sent])
+    update = codec.state_to_record({"w": torch.as_tensor(ATTACK["w"], dtype=torch.float32)})
+    forged = Message(RecordDict({codec.ARRAYS: update, codec.METRICS: MetricRecord({"num-examples": 1000})}),
+                     reply_to=sent)
+    forged.metadata._src_node_id = 9  # the sender the SuperLink authenticated
+    arrays, _ = outer.aggregate_train(1, [*_honest()[:3], forged])
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(D, 0.1), rtol=1e-6)
+    assert "sent to node 5" in _errors(inner)[9]
+
+
+def test_a_float64_reply_does_not_change_the_global_adapters_dtype(flower_identity, cls_config, tmp_path):
+    _, outer, _ = _strategy(cls_config, tmp_path)
+    odd = _train(9, {"w": np.full(D, 0.1)})
+    odd.content[codec.ARRAYS] = codec.state_to_record({"w": torch.full((D,), 0.1, dtype=torch.float64)})
+    arrays, _ = outer.aggregate_train(1, [*_honest(), odd])
+    assert codec.record_to_state(arrays)["w"].dtype == torch.float32
+
+
+def test_one_member_withholding_a_score_does_not_erase_the_weighted_figure(flower_identity, cls_config, tmp_path):
+    _, outer, inner = _strategy(cls_config, tmp_path)
+    outer.aggregate_evaluate(1, [*(_evaluate(n) for n in range(2, 2 + HONEST)), _evaluate(9, accuracy=codec.WITHHELD)])
+    line = inner.recorder.rounds[-1]
+    assert line["eval_weighted"]["accuracy"] == pytest.approx(0.5)
+    assert line["eval_weighted_over"] == {"accuracy": [HONEST, HONEST + 1]}
+
+
 def test_weights_reference():
     assert lower_median([1, 2, 3, 4]) == 2 and lower_median([5]) == 5
     assert weights([10, 35, 7, 10**9], equal=False, max_ratio=4, max_weight=None) == [10, 35, 7, 40]

@@ -183,6 +183,11 @@ class RunRecorder:
         secure = phase == "train" and self.cfg.federation.secure_aggregation
         for msg in replies:
             node = self.node_of(msg)
+            if not msg.has_error() and node != msg.metadata.src_node_id:
+                # A node answering a message that was sent to another node: never let it speak for that node.
+                self.error(server_round, phase, msg.metadata.src_node_id,
+                           f"rejected reply: it answers the message sent to node {node}")
+                continue
             if msg.has_error():
                 reason = msg.error.reason or f"error code {msg.error.code}"
                 log.warning("round %s %s: node %s failed: %s", server_round, phase, node, reason)
@@ -337,14 +342,19 @@ class RunRecorder:
         clients = sorted(rec["clients"].values(), key=lambda c: (c["institution"], c["node"]))
         evals = [c["eval"] for c in clients if "eval" in c]
         weighted: dict[str, float] = {}
-        # Weighted by the coordinator's own weights (screened, clamped claims), never a reply's number.
-        total = sum(e["weight"] for e in evals)
-        if total:
-            for key in ("loss", "accuracy", "macro_f1", "perplexity"):
-                if all(e.get(key) is not None for e in evals) and evals and key in evals[0]:
-                    weighted[key] = sum(e[key] * e["weight"] for e in evals) / total
+        partial: dict[str, list[int]] = {}
+        # Weighted by the coordinator's own weights (screened, clamped claims), never a reply's number, over
+        # the institutions that released the figure: one member withholding it must not erase everyone's.
+        for key in ("loss", "accuracy", "macro_f1", "perplexity"):
+            shown = [e for e in evals if e.get(key) is not None]
+            total = sum(e["weight"] for e in shown)
+            if shown and total:
+                weighted[key] = sum(e[key] * e["weight"] for e in shown) / total
+                if len(shown) < len(evals):
+                    partial[key] = [len(shown), len(evals)]
         now = time.perf_counter() - self.started
         line = {"round": server_round, "run_id": self.run_id, "clients": clients, "eval_weighted": weighted,
+                **({"eval_weighted_over": partial} if partial else {}),
                 "errors": rec["errors"], "stopped": rec.get("stopped", False),
                 **{k: rec[k] for k in ("client_level", "secure_aggregation") if k in rec},
                 "wall_seconds": now, "round_seconds": now - rec["started"]}
@@ -444,8 +454,15 @@ class Recording:
                 arrays = codec.state_to_record({k: torch.from_numpy(a.numpy() + sent[k]).to(dtypes[k])
                                                 for k, a in arrays.items()})
             return arrays, metrics
-        return self._guarded(server_round, "train", valid,
-                             lambda rs: super(Recording, self).aggregate_train(server_round, rs))
+        arrays, metrics = self._guarded(server_round, "train", valid,
+                                        lambda rs: super(Recording, self).aggregate_train(server_round, rs))
+        if arrays is not None and self.sent is not None:
+            # The global adapter keeps its dtypes: one float64 reply must not promote it for every node.
+            dtypes = {k: v.dtype for k, v in self.sent.items()}
+            state = codec.record_to_state(arrays)
+            if any(state[k].dtype != dtypes[k] for k in dtypes if k in state):
+                arrays = codec.state_to_record({k: v.to(dtypes.get(k, v.dtype)) for k, v in state.items()})
+        return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         server_round += self.offset
