@@ -12,7 +12,9 @@ Three things the coordinator decides itself, never from a reply:
   and then clamped to ``federation.max_weight_ratio`` times the round's lower median claim and to
   ``federation.max_weight``; under client-level DP, robust strategies or ``federation.weighting=equal``
   every reply weighs 1. The lower median of n claims is an honest institution's claim while fewer
-  than half of them lie, so one member's share of a weighted average is at most r / (r + n - 1);
+  than half of them lie, so one member's share of a weighted average is at most r / (r + n - 1)
+  (a deployed node that keeps its size private sends 1: among such nodes a public size counts as
+  at most r; with half or more of the members lying only ``federation.max_weight`` bounds them);
 * **identity**: the node id the SuperLink authenticated (``RunRecorder.node_of``), never the
   reply's ``institution`` metric, which is only a display label (:class:`Labels`);
 * **what Flower aggregates**: :func:`canonical` rewrites a screened reply to its arrays, a
@@ -188,12 +190,12 @@ def weights(claims: Sequence[float], *, equal: bool, max_ratio: float, max_weigh
     return [float(min(c, cap)) for c in claims]
 
 
-def canonical(msg: Message, clean: Mapping[str, Any], weight: float, shared: Mapping[str, float] | None = None) -> None:
+def canonical(msg: Message, clean: Mapping[str, Any], weight: float) -> None:
     """Rewrite a screened reply in place to what Flower's strategies may read (see the module doc)."""
     content = RecordDict()
     if codec.ARRAYS in msg.content:
         content[codec.ARRAYS] = msg.content[codec.ARRAYS]
-    content[codec.METRICS] = MetricRecord({WEIGHT: float(weight), **(shared or {})})
+    content[codec.METRICS] = MetricRecord({WEIGHT: float(weight)})
     content[SCREENED] = ConfigRecord({k: v for k, v in clean.items()})
     msg.content = content
 
