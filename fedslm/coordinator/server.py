@@ -234,14 +234,14 @@ class RunRecorder:
         kept = []
         for msg in replies:
             if not msg.has_error():
-                size = codec.content_bytes(msg)
-                if size > max_bytes:
-                    reason = f"oversized message: {size} bytes, limit {max_bytes} (federation.max_message_bytes)"
-                else:
-                    try:
+                try:
+                    size = codec.content_bytes(msg)
+                    if size > max_bytes:
+                        reason = f"oversized message: {size} bytes, limit {max_bytes} (federation.max_message_bytes)"
+                    else:
                         reason = check_update(global_state, codec.reply_state(msg), bound)
-                    except (KeyError, ValueError, TypeError) as exc:
-                        reason = f"unreadable update ({exc})"
+                except Exception as exc:  # noqa: BLE001 - whatever a reply holds, it costs that reply only
+                    reason = f"unreadable update ({type(exc).__name__}: {exc})"
                 if reason is not None:
                     node = self.node_of(msg)
                     log.warning("round %s train: rejected update from node %s: %s", server_round, node, reason)
