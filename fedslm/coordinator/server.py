@@ -339,7 +339,7 @@ class RunRecorder:
         rec = self.pending.pop(server_round, None)
         if rec is None:
             return
-        clients = sorted(rec["clients"].values(), key=lambda c: (c["institution"], c["node"]))
+        clients = sorted(rec["clients"].values(), key=lambda c: (c["institution"], c.get("node", 0)))
         evals = [c["eval"] for c in clients if "eval" in c]
         weighted: dict[str, float] = {}
         partial: dict[str, list[int]] = {}
@@ -347,9 +347,9 @@ class RunRecorder:
         # the institutions that released the figure: one member withholding it must not erase everyone's.
         for key in ("loss", "accuracy", "macro_f1", "perplexity"):
             shown = [e for e in evals if e.get(key) is not None]
-            total = sum(e["weight"] for e in shown)
-            if shown and total:
-                weighted[key] = sum(e[key] * e["weight"] for e in shown) / total
+            weight = [e.get("weight", e.get("num_examples") or 0) for e in shown]  # records written before weights
+            if shown and sum(weight):
+                weighted[key] = sum(e[key] * w for e, w in zip(shown, weight)) / sum(weight)
                 if len(shown) < len(evals):
                     partial[key] = [len(shown), len(evals)]
         now = time.perf_counter() - self.started
