@@ -39,8 +39,9 @@ def write_report(folder: str | Path) -> Path:
     ax_loss.plot(xs, [r["eval_weighted"].get("loss") for r in rounds], "o-", label="held-out loss (weighted)")
     insts = sorted({c["institution"] for r in rounds for c in r["clients"]})
     trained = [[c for c in r["clients"] if c.get("train_loss") is not None] for r in rounds]
-    train_loss = [sum(c["train_loss"] * c["num_examples"] for c in cs) / max(1, sum(c["num_examples"] for c in cs))
-                  if cs else None for cs in trained]
+    # Weighted by the coordinator's weight (a screened, clamped claim), not the reply's own count.
+    train_loss = [sum(c["train_loss"] * c.get("weight", c["num_examples"]) for c in cs)
+                  / max(1e-12, sum(c.get("weight", c["num_examples"]) for c in cs)) if cs else None for cs in trained]
     ax_loss.plot(xs, train_loss, "s--", label="train loss (weighted)")
     ax_loss.set(title="Loss per round", xlabel="round", ylabel="loss")
     ax_loss.legend()

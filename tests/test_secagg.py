@@ -30,6 +30,7 @@ from fedslm.coordinator import secagg
 from fedslm.wire import secagg as wire_secagg
 from fedslm.wire import codec
 from fedslm.wire.errors import public_reason
+from fedslm.coordinator.metrics import screened
 from fedslm.coordinator.server import FederationStopped, RunRecorder, make_strategies
 from fedslm.lora import get_adapter_state
 from fedslm.privacy import Ledger
@@ -196,7 +197,7 @@ def test_secure_round_equals_plain_fedavg_within_the_quantisation_error(flower_i
     note = recorder.pending[1]["secure_aggregation"]
     assert note["contributors"] == NODES and note["dropped"] == []
     # The coordinator holds each node's metrics, and the same average for all: never one node's update.
-    assert {int(r.content[codec.METRICS]["institution"]) for r in replies} == {0, 1, 2, 3}
+    assert {int(screened(r)["institution"]) for r in replies} == {0, 1, 2, 3}  # as the coordinator read them
     for node, (state, _) in zip(NODES, released):
         assert any(not torch.equal(state[k], average[k]) for k in state)
 
@@ -284,8 +285,8 @@ def test_under_secure_aggregation_the_clipped_bits_travel_only_as_their_masked_s
                         "privacy.client_level.adaptive=true", "privacy.client_level.clipping_norm=0.05",
                         "privacy.client_level.noise_multiplier=0.5", "privacy.client_level.target_quantile=0.5")
     grid, recorder, initial, average, replies = _secure_round(cfg, tmp_path)
-    assert all(codec.reply_metrics(r)[KEY_NORM_BIT] == codec.WITHHELD for r in replies)
-    assert {codec.reply_metrics(r)[wire_secagg.CLIPPED_COUNT] for r in replies} == {2}
+    assert all(screened(r)[KEY_NORM_BIT] == codec.WITHHELD for r in replies)  # what the coordinator read
+    assert {screened(r)[wire_secagg.CLIPPED_COUNT] for r in replies} == {2}
     assert recorder.pending[1]["client_level"]["clipped"] == 2
     assert set(average) == set(initial)  # the extra coordinate is not part of the adapter
 
@@ -895,7 +896,7 @@ def test_distributed_noise_sums_the_nodes_lattice_vectors_exactly_and_charges_th
     expected = initial[key].double() - lr * sum(ks).double() / (gamma * n)
     assert torch.allclose(average[key].double(), expected, rtol=0, atol=1e-6)
     assert float((expected - initial[key].double()).abs().max()) > 1e-3  # it moved
-    sent = {int(r.content[codec.METRICS]["institution"]): r.content[codec.METRICS] for r in replies}
+    sent = {int(screened(r)["institution"]): screened(r) for r in replies}
     for node in NODES:
         metrics = sent[NODES.index(node)]
         (entry,) = _ledger(tmp_path, node).entries("all-records")

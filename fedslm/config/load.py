@@ -16,7 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from fedslm.config.schema import ACCOUNTANTS, OPTIMIZERS, PARTITIONERS, POOLINGS, STRATEGIES, TASKS, Config
+from fedslm.config.schema import ACCOUNTANTS, OPTIMIZERS, PARTITIONERS, POOLINGS, STRATEGIES, TASKS, WEIGHTINGS, Config
 from fedslm.config.yamlfile import DuplicateKeyError, load_yaml
 from fedslm.errors import ConfigError
 
@@ -249,6 +249,7 @@ def validate(cfg: Config) -> None:
     _positive("federation.rounds", f.rounds)
     _choice("federation.strategy", f.strategy, STRATEGIES)
     _positive("federation.min_clients", f.min_clients)
+    _federation_strategy(cfg)
     _check(f.min_clients <= f.num_clients,
            f"federation.min_clients must be <= federation.num_clients ({f.num_clients}), got {f.min_clients}")
     for key in ("fraction_train", "fraction_evaluate"):
@@ -320,6 +321,49 @@ def validate(cfg: Config) -> None:
     _check(bool(cfg.output.dir.strip()), "output.dir must be a folder path, got ''")
     unknown = [t for t in cfg.output.tracking if t not in ("mlflow", "tensorboard")]
     _check(not unknown, f"output.tracking lists {unknown}; it takes mlflow and/or tensorboard")
+
+
+# Robust strategies: the fewest replies each needs to withstand f hostile ones.
+_ROBUST_MIN = {"median": ("2f + 1", lambda f: 2 * f + 1), "krum": ("2f + 3", lambda f: 2 * f + 3),
+               "multi_krum": ("2f + 3", lambda f: 2 * f + 3), "bulyan": ("4f + 3", lambda f: 4 * f + 3)}
+
+
+def _federation_strategy(cfg: Config) -> None:
+    f = cfg.federation
+    _choice("federation.weighting", f.weighting, WEIGHTINGS)
+    _check(f.max_weight_ratio >= 1.0 and f.max_weight_ratio < float("inf"),
+           f"federation.max_weight_ratio must be a finite number >= 1, got {f.max_weight_ratio}")
+    _positive("federation.max_weight", f.max_weight, allow_none=True)
+    _check(isinstance(f.byzantine, int) and f.byzantine >= 0, f"federation.byzantine must be >= 0, got {f.byzantine}")
+    _check(0.0 <= f.trim_fraction < 0.5, f"federation.trim_fraction must be in [0, 0.5), got {f.trim_fraction}")
+    _positive("federation.krum_select", f.krum_select, allow_none=True)
+    robust = f.strategy in ("median", "trimmed_mean", "krum", "multi_krum", "bulyan")
+    if not robust:
+        return
+    # Why these two never compose: fedslm.coordinator.server.robust_conflict (the same words).
+    _check(not f.secure_aggregation,
+           f"federation.strategy={f.strategy} needs each institution's update, but federation.secure_aggregation=true "
+           "shows the coordinator only their sum; use fedavg, fedprox or fedadam with secure aggregation")
+    _check(not cfg.privacy.client_level.enabled,
+           f"federation.strategy={f.strategy} does not compose with privacy.client_level: its noise is calibrated to the "
+           "sensitivity C/k of an unweighted mean of k clipped updates, and a robust rule's sensitivity to one "
+           "institution is not C/k in general (a median or Krum's pick can move by up to 2C); use fedavg, fedprox "
+           "or fedadam with client-level DP")
+    if f.strategy == "trimmed_mean":
+        cut = int(f.trim_fraction * f.min_clients)
+        _check(cut >= f.byzantine,
+               f"federation.strategy=trimmed_mean cuts int(federation.trim_fraction x federation.min_clients) = {cut} "
+               f"update(s) from each side, fewer than federation.byzantine={f.byzantine}; raise trim_fraction or "
+               "min_clients")
+    elif f.strategy in _ROBUST_MIN:
+        rule, need = _ROBUST_MIN[f.strategy]
+        _check(f.min_clients >= need(f.byzantine),
+               f"federation.strategy={f.strategy} with federation.byzantine={f.byzantine} needs federation.min_clients "
+               f">= {rule} = {need(f.byzantine)}, got {f.min_clients}")
+    if f.strategy == "multi_krum" and f.krum_select is not None:
+        _check(f.krum_select <= f.min_clients - f.byzantine,
+               f"federation.krum_select must be <= federation.min_clients - federation.byzantine = "
+               f"{f.min_clients - f.byzantine}, got {f.krum_select}")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 TASKS = ("classification", "causal_lm")
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "median", "trimmed_mean", "krum", "multi_krum", "bulyan")
+WEIGHTINGS = ("examples", "equal")
 PARTITIONERS = ("iid", "dirichlet", "column")
 ACCOUNTANTS = ("rdp", "prv")
 OPTIMIZERS = ("adamw", "sgd")
@@ -225,6 +226,19 @@ class FederationConfig:
     # For partitioner=column: each distinct value of this column is one institution.
     partition_column: Optional[str] = None
     partition_seed: int = 0
+    # How fedavg/fedprox/fedadam weigh a reply: by its claimed record count (screened, then clamped to
+    # max_weight_ratio x the round's lower median claim and to max_weight), or equal. Robust
+    # strategies and client-level DP always weigh every institution equally. One liar among n then holds
+    # at most max_weight_ratio / (max_weight_ratio + n - 1) of the average, whatever it claims.
+    weighting: str = "examples"
+    max_weight_ratio: float = 2.0
+    max_weight: Optional[float] = None
+    # Robust strategies: how many hostile institutions to tolerate (krum, multi_krum, bulyan; and the
+    # least trimmed_mean and median must withstand), the share trimmed_mean cuts from each side of
+    # every coordinate, and how many updates multi_krum averages (None: replies - byzantine).
+    byzantine: int = 1
+    trim_fraction: float = 0.2
+    krum_select: Optional[int] = None
     # FedProx proximal term and FedAdam server learning rate.
     proximal_mu: float = 0.01
     server_lr: float = 0.01

@@ -49,8 +49,8 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from fedslm.config import Config
+from fedslm.coordinator.metrics import screened
 from fedslm.privacy.clipping import clip_update
-from fedslm.wire import codec
 from fedslm.wire.secagg import CLIPPED_COUNT
 from fedslm.privacy import csprng
 from fedslm.privacy.accountant import epsilon
@@ -138,11 +138,11 @@ class _Fedslm:
             self._round_norm = self.clipping_norm
         valid = self._screen(server_round, replies)
         if self.client_side:
-            counts = {codec.reply_metrics(r).get(CLIPPED_COUNT) for r in valid} - {None}
+            counts = {screened(r).get(CLIPPED_COUNT) for r in valid} - {None}
             if counts:  # under SecAgg+ the bits were summed inside the masked sum: only the count is known
                 clipped = int(counts.pop())
             else:
-                bits = [int(codec.reply_metrics(r).get(KEY_NORM_BIT, 0) == 1) for r in valid] if self.adaptive else []
+                bits = [int(screened(r).get(KEY_NORM_BIT, 0) == 1) for r in valid] if self.adaptive else []
                 clipped = sum(bits)
         else:
             clipped = self._clip_on_server(valid)

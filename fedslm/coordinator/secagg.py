@@ -295,6 +295,7 @@ class SecureAggregationGrid:
         for node in plan.contributors:
             reply = stage_grid.collected[node]
             metrics = dict(reply.content[codec.METRICS]) if codec.METRICS in reply.content else {}
+            metrics.pop(CLIPPED_COUNT, None)  # only the coordinator's own count, unmasked above, may stand here
             metrics["bytes-up"] = stage_grid.bytes_up[node]
             if clipped_count is not None:
                 metrics[CLIPPED_COUNT] = clipped_count
@@ -318,7 +319,8 @@ class SecureAggregationGrid:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 1 <= value < 2**40:
                 self.recorder.stop(server_round, "train", f"distributed noise: node {node} reported no record count; "
                                    "the decoded sum cannot be scaled")
-            records += int(value)  # type: ignore[arg-type]
+            # A claim, bounded like the weight the node's mask carries (federation.secagg.max_weight).
+            records += int(min(value, max_weight(self.cfg)))  # type: ignore[arg-type, type-var]
         count = len(plan.contributors)
         return [decoded_update(from_wire(a, count, lattice), lattice, max_grad_norm=self.cfg.privacy.max_grad_norm,
                                lr=self.cfg.train.lr, num_examples=records) for a in plan.average]  # type: ignore[union-attr]

@@ -1,9 +1,12 @@
 """The coordinator: Flower's own strategies over adapter tensors, and the run folder.
 
-Strategies are Flower's (FedAvg weighted by examples, FedProx, FedAdam), each
-wrapped by :class:`Recording`, which logs every failed reply with its node and
-reason, stops the run when fewer than ``federation.min_clients`` replies
-remain, and writes the run folder as rounds finish: ``metrics.jsonl`` (one
+Strategies are Flower's (FedAvg weighted by examples, FedProx, FedAdam, and the robust
+FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan), each wrapped by :class:`Recording`, which
+trusts no reply: it screens every update (:mod:`fedslm.coordinator.screen`) and every reply's
+metrics (:mod:`fedslm.coordinator.metrics`), decides each reply's weight and identity itself,
+drops a failed or malformed reply (logged with its node and reason) and never the run (an
+aggregation that raises is retried without the reply it fails on), stops the run when fewer
+than ``federation.min_clients`` replies remain, and writes the run folder as rounds finish: ``metrics.jsonl`` (one
 object per round), a checkpoint of the global adapter and server state, then
 ``adapter/``, ``summary.json``, ``report.png`` and ``report.html`` (rewritten every round).
 """
@@ -23,8 +26,8 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import torch
 import yaml
-from flwr.app import ArrayRecord, Message
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum
 from safetensors.torch import load_file, save_file
 
 from fedslm.config import Config, to_yaml
@@ -33,6 +36,9 @@ from fedslm.errors import ConfigError, FedslmError
 from fedslm.wire import codec
 from fedslm.coordinator.secagg import SecureAggregationGrid, secure_aggregation_summary
 from fedslm.coordinator.screen import check_update, default_max_update_norm
+from fedslm.coordinator.bulyan import Bulyan
+from fedslm.coordinator.metrics import WEIGHT as METRIC_WEIGHT
+from fedslm.coordinator.metrics import Labels, canonical, screen as screen_metrics, weights as coordinator_weights
 from fedslm.lora import adapter_meta, get_adapter_state, save_adapter, set_adapter_state, wrap
 from fedslm.lora.adapter import frozen_digest
 from fedslm.models import load_base
@@ -46,6 +52,14 @@ STRATEGIES: Registry[type] = Registry("strategy")
 STRATEGIES.register("fedavg", FedAvg)
 STRATEGIES.register("fedprox", FedProx)
 STRATEGIES.register("fedadam", FedAdam)
+# Robust aggregation (Flower's Message-API strategies): each bounds how far a minority of members can
+# move the aggregate, and each averages unweighted (a size is a claim).
+STRATEGIES.register("median", FedMedian)
+STRATEGIES.register("trimmed_mean", FedTrimmedAvg)
+STRATEGIES.register("krum", Krum)
+STRATEGIES.register("multi_krum", MultiKrum)
+STRATEGIES.register("bulyan", Bulyan)
+ROBUST = ("median", "trimmed_mean", "krum", "multi_krum", "bulyan")
 
 
 CHECKPOINT = "checkpoint"
@@ -145,6 +159,7 @@ class RunRecorder:
     # node's behalf (it signs such replies itself) is pinned on the right node.
     sent: list[Message] = field(default_factory=list)
     trackers: Any = None  # fedslm.coordinator.tracking.Trackers, started with the first round
+    labels: Labels = field(default_factory=Labels)  # node id -> the institution label shown for it
 
     def node_of(self, reply: Message) -> int:
         # Message ids are assigned when the grid sends, so look them up now, not at configure time.
@@ -159,17 +174,34 @@ class RunRecorder:
         return self.pending.setdefault(server_round, {"round": server_round, "clients": {}, "errors": [],
                                                       "started": self._last_end})
 
-    def _split(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
+    def _split(self, server_round: int, replies: Iterable[Message], phase: str) -> list[tuple[Message, dict[str, Any]]]:
+        """The round's replies that may count, with their screened metrics; failed, malformed and
+        repeated replies are logged with their node and dropped. Stops the run below min_clients."""
         rec = self._round(server_round)
-        valid = []
+        valid: list[tuple[Message, dict[str, Any]]] = []
+        seen: set[int] = set()
+        secure = phase == "train" and self.cfg.federation.secure_aggregation
         for msg in replies:
+            node = self.node_of(msg)
+            if not msg.has_error() and node != msg.metadata.src_node_id:
+                # A node answering a message that was sent to another node: never let it speak for that node.
+                self.error(server_round, phase, msg.metadata.src_node_id,
+                           f"rejected reply: it answers the message sent to node {node}")
+                continue
             if msg.has_error():
                 reason = msg.error.reason or f"error code {msg.error.code}"
-                node = self.node_of(msg)
                 log.warning("round %s %s: node %s failed: %s", server_round, phase, node, reason)
                 rec["errors"].append({"phase": phase, "node": node, "reason": reason})
-            else:
-                valid.append(msg)
+                continue
+            clean, why = screen_metrics(msg, phase, secure=secure)
+            if clean is None:
+                self.error(server_round, phase, node, f"rejected reply: {why}")
+                continue
+            if node in seen:  # one node, one voice: a second reply would count its update twice
+                self.error(server_round, phase, node, "rejected reply: a second reply from this node in one round")
+                continue
+            seen.add(node)
+            valid.append((msg, clean))
         if len(valid) < self.cfg.federation.min_clients:
             reasons = "; ".join(e["reason"] for e in rec["errors"] if e["phase"] == phase) or "no replies in time"
             self.pending[server_round]["stopped"] = True
@@ -179,6 +211,11 @@ class RunRecorder:
                 f"federation.min_clients={self.cfg.federation.min_clients}; stopping. Reasons: {reasons}"
             )
         return valid
+
+    def _weights(self, kept: list[tuple[Message, dict[str, Any]]], equal: bool) -> list[float]:
+        fed = self.cfg.federation
+        return coordinator_weights([float(m["num-examples"]) for _, m in kept], equal=equal or fed.weighting == "equal",
+                                   max_ratio=fed.max_weight_ratio, max_weight=fed.max_weight)
 
     def reject_bad_updates(self, server_round: int, replies: list[Message],
                            global_state: Optional[dict[str, Any]], limit: Optional[float] = None) -> list[Message]:
@@ -197,14 +234,14 @@ class RunRecorder:
         kept = []
         for msg in replies:
             if not msg.has_error():
-                size = codec.content_bytes(msg)
-                if size > max_bytes:
-                    reason = f"oversized message: {size} bytes, limit {max_bytes} (federation.max_message_bytes)"
-                else:
-                    try:
+                try:
+                    size = codec.content_bytes(msg)
+                    if size > max_bytes:
+                        reason = f"oversized message: {size} bytes, limit {max_bytes} (federation.max_message_bytes)"
+                    else:
                         reason = check_update(global_state, codec.reply_state(msg), bound)
-                    except (KeyError, ValueError, TypeError) as exc:
-                        reason = f"unreadable update ({exc})"
+                except Exception as exc:  # noqa: BLE001 - whatever a reply holds, it costs that reply only
+                    reason = f"unreadable update ({type(exc).__name__}: {exc})"
                 if reason is not None:
                     node = self.node_of(msg)
                     log.warning("round %s train: rejected update from node %s: %s", server_round, node, reason)
@@ -228,21 +265,23 @@ class RunRecorder:
             self.trackers.close("FAILED")
         raise FederationStopped(f"round {server_round} {phase}: {reason}; stopping")
 
-    def _client(self, server_round: int, msg: Message) -> tuple[dict[str, Any], dict[str, Any]]:
-        """This reply's institution entry in the round record, and the reply's metrics."""
-        m = codec.reply_metrics(msg)
-        inst = int(m.get("institution", -1))
-        entry = self._round(server_round)["clients"].setdefault(
-            inst, {"institution": inst, "node": self.node_of(msg)})
-        return entry, m
+    def _entries(self, server_round: int, kept: list[tuple[Message, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Each kept reply's entry in the round record, keyed by the node the SuperLink authenticated;
+        the reply's ``institution`` is only a label that can never name another node's entry."""
+        nodes = [self.node_of(msg) for msg, _ in kept]
+        labels = self.labels.assign({n: m.get("institution") for n, (_, m) in zip(nodes, kept)})
+        clients = self._round(server_round)["clients"]
+        return [clients.setdefault(n, {"institution": labels[n], "node": n}) for n in nodes]
 
-    def on_train(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        valid = self._split(server_round, replies, "train")
-        for msg in valid:
-            entry, m = self._client(server_round, msg)
+    def on_train(self, server_round: int, replies: Iterable[Message], *, equal: bool = False) -> list[Message]:
+        """Screen, record and weigh the round's train replies; returns them rewritten for aggregation
+        (:func:`fedslm.coordinator.metrics.canonical`). ``equal``: every reply weighs 1."""
+        kept = self._split(server_round, replies, "train")
+        weights = self._weights(kept, equal)
+        for entry, (msg, m), weight in zip(self._entries(server_round, kept), kept, weights):
             entry.update({
                 "train_loss": _finite(m.get("train-loss")), "epsilon": _finite(m.get("epsilon")),
-                "delta": m.get("delta"), "num_examples": int(m.get("num-examples", 0)),
+                "delta": _finite(m.get("delta")), "num_examples": int(m["num-examples"]), "weight": weight,
                 "bytes_up": int(m.get("bytes-up", 0)), "bytes_down": int(m.get("bytes-down", 0)),
                 "steps": int(m.get("steps", 0)), "empty_steps": _finite(m.get("empty-steps")),
                 "noise_multiplier": _finite(m.get("noise-multiplier")), "train_seconds": _finite(m.get("train-seconds")),
@@ -252,16 +291,18 @@ class RunRecorder:
                 entry["replayed"] = True
             if m.get("epsilon-alone") is not None:  # distributed noise: ε of this node's own noise alone
                 entry["epsilon_alone"] = _finite(m.get("epsilon-alone"))
-        return valid
+            canonical(msg, m, weight)
+        return [msg for msg, _ in kept]
 
-    def on_evaluate(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        valid = self._split(server_round, replies, "evaluate")
-        for msg in valid:
-            entry, m = self._client(server_round, msg)
-            entry["eval"] = {k.replace("-", "_"): _finite(v) for k, v in m.items()
-                             if k not in ("institution", codec.UNIT_WEIGHT)}
+    def on_evaluate(self, server_round: int, replies: Iterable[Message], *, equal: bool = False) -> list[Message]:
+        kept = self._split(server_round, replies, "evaluate")
+        weights = self._weights(kept, equal)
+        for entry, (msg, m), weight in zip(self._entries(server_round, kept), kept, weights):
+            entry["eval"] = {**{k.replace("-", "_"): _finite(v) for k, v in m.items()
+                                if k not in ("institution", codec.UNIT_WEIGHT)}, "weight": weight}
+            canonical(msg, m, weight)
         self._flush(server_round)
-        return valid
+        return [msg for msg, _ in kept]
 
     def checkpoint(self, server_round: int, arrays: ArrayRecord,
                    strategy_state: Optional[dict[str, torch.Tensor]] = None) -> None:
@@ -287,6 +328,10 @@ class RunRecorder:
         kept = [rec for rec in (json.loads(line) for line in lines if line.strip()) if rec["round"] <= done]
         _atomic_write(path, "".join(json.dumps(rec) + "\n" for rec in kept).encode())
         self.rounds = kept
+        for rec in kept:  # each node keeps the label it had before the resume
+            for c in rec["clients"]:
+                if "node" in c and c["node"] not in self.labels.of:
+                    self.labels._give(c["node"], c["institution"])
         self._last_end = kept[-1]["wall_seconds"] if kept else 0.0
         self.started = time.perf_counter() - self._last_end
 
@@ -294,16 +339,22 @@ class RunRecorder:
         rec = self.pending.pop(server_round, None)
         if rec is None:
             return
-        clients = [rec["clients"][k] for k in sorted(rec["clients"])]
+        clients = sorted(rec["clients"].values(), key=lambda c: (c["institution"], c.get("node", 0)))
         evals = [c["eval"] for c in clients if "eval" in c]
         weighted: dict[str, float] = {}
-        total = sum(e.get("num_examples", 0) or 0 for e in evals)
-        if total:
-            for key in ("loss", "accuracy", "macro_f1", "perplexity"):
-                if all(e.get(key) is not None for e in evals) and evals and key in evals[0]:
-                    weighted[key] = sum(e[key] * e["num_examples"] for e in evals) / total
+        partial: dict[str, list[int]] = {}
+        # Weighted by the coordinator's own weights (screened, clamped claims), never a reply's number, over
+        # the institutions that released the figure: one member withholding it must not erase everyone's.
+        for key in ("loss", "accuracy", "macro_f1", "perplexity"):
+            shown = [e for e in evals if e.get(key) is not None]
+            weight = [e.get("weight", e.get("num_examples") or 0) for e in shown]  # records written before weights
+            if shown and sum(weight):
+                weighted[key] = sum(e[key] * w for e, w in zip(shown, weight)) / sum(weight)
+                if len(shown) < len(evals):
+                    partial[key] = [len(shown), len(evals)]
         now = time.perf_counter() - self.started
         line = {"round": server_round, "run_id": self.run_id, "clients": clients, "eval_weighted": weighted,
+                **({"eval_weighted_over": partial} if partial else {}),
                 "errors": rec["errors"], "stopped": rec.get("stopped", False),
                 **{k: rec[k] for k in ("client_level", "secure_aggregation") if k in rec},
                 "wall_seconds": now, "round_seconds": now - rec["started"]}
@@ -370,12 +421,16 @@ class Recording:
             super().configure_evaluate(server_round + self.offset, wire, config, grid))  # type: ignore[misc]
 
     _screened: int = -1  # the (shifted) round whose replies were already screened by a wrapper
+    # Every reply weighs 1 (client-level DP, robust strategies): set by make_strategies.
+    equal_weights: bool = False
+    robust: bool = False
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """Reject bad updates and failed replies (logged), record the rest; ``server_round`` is shifted."""
+        """Reject bad updates, failed and malformed replies (logged), record and weigh the rest;
+        ``server_round`` is shifted."""
         checked = self.recorder.reject_bad_updates(server_round, list(replies), self.sent, self.update_norm_limit)
         self._screened = server_round
-        valid = self.recorder.on_train(server_round, checked)
+        valid = self.recorder.on_train(server_round, checked, equal=self.equal_weights)
         if self.recorder.cfg.federation.transfer_dtype != "float32":
             for reply in valid:  # averaged (and clipped) in float32, whatever the wire carried
                 reply.content[codec.ARRAYS] = codec.state_to_record(codec.transfer(codec.reply_state(reply), "float32"))
@@ -384,12 +439,82 @@ class Recording:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.offset
         valid = list(replies) if self._screened == server_round else self.screen(server_round, replies)
-        return super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        self._per_round(len(valid))
+        if self.robust and self.sent is not None:
+            # Robust rules are translation-equivariant: run them on the updates (reply - global), whose
+            # distances do not cancel against the adapter's own size.
+            sent = {k: v.detach().double().numpy() for k, v in self.sent.items()}
+            for reply in valid:
+                reply.content[codec.ARRAYS] = ArrayRecord({
+                    k: Array(a.numpy().astype(np.float64) - sent[k]) for k, a in reply.content[codec.ARRAYS].items()})
+            arrays, metrics = self._guarded(server_round, "train", valid,
+                                            lambda rs: super(Recording, self).aggregate_train(server_round, rs))
+            if arrays is not None:
+                dtypes = {k: v.dtype for k, v in self.sent.items()}
+                arrays = codec.state_to_record({k: torch.from_numpy(a.numpy() + sent[k]).to(dtypes[k])
+                                                for k, a in arrays.items()})
+            return arrays, metrics
+        arrays, metrics = self._guarded(server_round, "train", valid,
+                                        lambda rs: super(Recording, self).aggregate_train(server_round, rs))
+        if arrays is not None and self.sent is not None:
+            # The global adapter keeps its dtypes: one float64 reply must not promote it for every node.
+            dtypes = {k: v.dtype for k, v in self.sent.items()}
+            state = codec.record_to_state(arrays)
+            if any(state[k].dtype != dtypes[k] for k in dtypes if k in state):
+                arrays = codec.state_to_record({k: v.to(dtypes.get(k, v.dtype)) for k, v in state.items()})
+        return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         server_round += self.offset
-        valid = self.recorder.on_evaluate(server_round, list(replies))
-        return super().aggregate_evaluate(server_round, valid)  # type: ignore[misc]
+        valid = self.recorder.on_evaluate(server_round, list(replies),
+                                          equal=self.robust or self.recorder.cfg.federation.weighting == "equal")
+        return self._guarded(server_round, "evaluate", valid,
+                             lambda rs: super(Recording, self).aggregate_evaluate(server_round, rs))
+
+    def _per_round(self, n: int) -> None:
+        """Settings that follow the round's number of replies (multi_krum: n - f selected unless set)."""
+        fed = self.recorder.cfg.federation
+        if fed.strategy == "multi_krum":
+            self.num_nodes_to_select = fed.krum_select or max(1, n - fed.byzantine)
+
+    def _guarded(self, server_round: int, phase: str, replies: list[Message], aggregate: Any) -> Any:
+        """``aggregate(replies)``; if it raises, the same without the first reply it works without
+        (logged as that node's rejection), else nothing this round (logged): the run goes on either way.
+
+        Each try gets fresh copies of the records, as Flower's strategies pop arrays out of them."""
+        empty: Any = (None, None) if phase == "train" else None
+        if not replies:
+            return empty
+        originals = [msg.content for msg in replies]
+
+        def attempt(keep: list[int]) -> Any:
+            for i in keep:
+                replies[i].content = RecordDict({name: (ArrayRecord(dict(rec.items())) if isinstance(rec, ArrayRecord)
+                                                        else rec) for name, rec in originals[i].items()})
+            return aggregate([replies[i] for i in keep])
+
+        try:
+            return attempt(list(range(len(replies))))
+        except FederationStopped:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one reply must never end the ServerApp
+            first = f"{type(exc).__name__}: {exc}"
+        for drop in range(len(replies)):
+            keep = [i for i in range(len(replies)) if i != drop]
+            if not keep:
+                break
+            try:
+                result = attempt(keep)
+            except FederationStopped:
+                raise
+            except Exception:  # noqa: BLE001 - try the next one
+                continue
+            self.recorder.error(server_round, phase, self.recorder.node_of(replies[drop]),
+                                f"rejected reply: aggregation failed with it ({first})")
+            return result
+        self.recorder.error(server_round, phase, -1, f"aggregation failed ({first}); nothing aggregated this round, "
+                                                     "the global adapter stays as it was")
+        return empty
 
     averaged: Optional[dict[str, np.ndarray]] = None  # federation.ema: the moving average of the global adapter
 
@@ -435,23 +560,46 @@ def make_strategies(cfg: Config, recorder: RunRecorder) -> tuple[Any, Any]:
     ``privacy.client_level`` wraps it in client-level DP at aggregation."""
     fed = cfg.federation
     client_level = cfg.privacy.client_level.enabled
+    robust = fed.strategy in ROBUST
+    if robust and (client_level or fed.secure_aggregation):
+        raise ConfigError(robust_conflict(cfg))
     base = STRATEGIES[fed.strategy]
     cls = type(f"Recording{base.__name__}", (Recording, base), {})
     kwargs: dict[str, Any] = dict(
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_clients, min_evaluate_nodes=fed.min_clients, min_available_nodes=fed.min_clients,
-        # Client-level DP bounds each institution's influence, so the average must not weight by size.
-        weighted_by_key=codec.UNIT_WEIGHT if client_level else "num-examples",
+        # The coordinator's own weight, written into each screened reply (fedslm.coordinator.metrics).
+        weighted_by_key=METRIC_WEIGHT,
     )
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = fed.proximal_mu
     if fed.strategy == "fedadam":
         kwargs["eta"] = fed.server_lr
+    if fed.strategy == "trimmed_mean":
+        kwargs["beta"] = fed.trim_fraction
+    if fed.strategy in ("krum", "multi_krum", "bulyan"):
+        kwargs["num_malicious_nodes"] = fed.byzantine
     strategy = cls(**kwargs)
     strategy.recorder = recorder
+    # Client-level DP bounds each institution's influence, so the average must not weight by size;
+    # robust rules count members, not claimed records.
+    strategy.equal_weights = client_level or robust
+    strategy.robust = robust
     if not client_level:
         return strategy, strategy
     return client_level_strategy(strategy, cfg), strategy
+
+
+def robust_conflict(cfg: Config) -> str:
+    """Why federation.strategy cannot be a robust rule with client-level DP or secure aggregation."""
+    s = cfg.federation.strategy
+    if cfg.federation.secure_aggregation:
+        return (f"federation.strategy={s} needs each institution's update, but federation.secure_aggregation=true "
+                "shows the coordinator only their sum; use fedavg, fedprox or fedadam with secure aggregation")
+    return (f"federation.strategy={s} does not compose with privacy.client_level: its noise is calibrated to the "
+            "sensitivity C/k of an unweighted mean of k clipped updates, and a robust rule's sensitivity to one "
+            "institution is not C/k in general (a median or Krum's pick can move by up to 2C); use fedavg, "
+            "fedprox or fedadam with client-level DP")
 
 
 def label_set(cfg: Config) -> Optional[list[str]]:
