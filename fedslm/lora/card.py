@@ -1,0 +1,432 @@
+"""The model card that goes with every adapter: ``adapter/README.md`` (and an export's ``README.md``).
+
+A Hugging Face model card (YAML metadata, then Markdown) that says what the adapter is and what its
+privacy guarantee is, read from the run folder only: ``summary.json`` (every figure), ``config.yaml``
+(what was asked for) and ``metrics.jsonl`` (rounds of a local run). A figure the run did not measure is
+written as "not measured", never estimated. ε and δ in the text are rounded *up* (a card must never
+state a stronger guarantee than the run has); the exact values are in the metadata's ``fedslm`` block.
+
+Written by ``fedslm simulate`` and a coordinator's run (end of the ServerApp, then again by simulate
+once the fixed test split and per-class scores are in), ``fedslm train`` and ``fedslm export``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+CARD = "README.md"
+TAGS = ["federated-learning", "differential-privacy", "lora", "fedslm"]
+# Bundled presets: the base's Hugging Face id and licence (a local folder's licence is its own).
+BASES = {
+    "minilm": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
+    "gemma3-270m": ("google/gemma-3-270m", "gemma"),
+}
+NOT_MEASURED = "not measured"
+
+
+def up(x: float, sig: int = 4) -> str:
+    """``x`` rounded up to ``sig`` significant digits: a privacy figure is never understated."""
+    if x == 0 or not math.isfinite(x):
+        return "∞" if x == math.inf else str(x)
+    q = 10.0 ** (math.floor(math.log10(abs(x))) - sig + 1)
+    r = x / q
+    r = round(r) if abs(r - round(r)) <= 1e-9 * abs(r) else math.ceil(r)
+    return f"{r * q:.{sig}g}"
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def f3(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def _cell(text: Any) -> str:
+    """A value from a file, safe in a Markdown table cell (labels are data: no markup, no row breaks)."""
+    return (str(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("\r", " ").replace("\n", " "))
+
+
+def _num(x: Any) -> Optional[float]:
+    """A reported figure, or None when absent or withheld (deployed nodes send -1 for a withheld value)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+        return None
+    return float(x)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def _rounds(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def worst_class(per_class: dict[str, Any]) -> Optional[tuple[str, float, int]]:
+    """(label, accuracy, records) of the class the adapter gets least right, over every institution's
+    held-out records pooled (summary.json ``per_class``), or None without per-class counts."""
+    labels = per_class.get("labels") or []
+    correct = [0] * len(labels)
+    total = [0] * len(labels)
+    for inst in (per_class.get("per_institution") or {}).values():
+        for c, row in enumerate(inst.get("confusion") or []):
+            if c < len(labels):
+                correct[c] += row[c]
+                total[c] += sum(row)
+    scored = [(correct[c] / total[c], c) for c in range(len(labels)) if total[c]]
+    if not scored:
+        return None
+    acc, c = min(scored)
+    return labels[c], acc, total[c]
+
+
+class _Card:
+    def __init__(self, run_dir: Path, meta: dict[str, Any]) -> None:
+        self.run = run_dir
+        self.summary = _read_json(run_dir / "summary.json")
+        self.cfg = _read_yaml(run_dir / "config.yaml")
+        self.metrics = _rounds(run_dir / "metrics.jsonl")
+        self.meta = meta
+        self.federated = "institutions" in self.summary
+
+    def c(self, section: str, key: str, default: Any = None) -> Any:
+        sec = self.cfg.get(section)
+        return sec.get(key, default) if isinstance(sec, dict) else default
+
+
+def build_card(run_dir: str | Path, *, library: str = "peft", simulated: bool = False,
+               meta: Optional[dict[str, Any]] = None) -> str:
+    """The card of the adapter a run folder holds. ``library``: how the folder it describes loads (peft for
+    ``adapter/``, transformers or sentence-transformers for an export). ``simulated``: the run config stood
+    for every institution's node policy (``fedslm simulate``), so its accountant is theirs."""
+    run = Path(run_dir)
+    if meta is None:
+        meta = _read_json(run / "adapter" / "fedslm.json")
+    k = _Card(run, meta)
+    s = k.summary
+    task = meta.get("task") or k.c("model", "task") or "classification"
+    model = str(meta.get("model") or k.c("model", "name") or "unknown")
+    hub, licence = BASES.get(model, (Path(model).name, "other"))
+    shown = model if model in BASES else Path(model).name  # a local folder: its name, never the machine's path
+    labels = list(meta.get("labels") or [])
+
+    exact: dict[str, Any] = {"run_id": s.get("run_id"), "base_fingerprint": s.get("base_fingerprint")}
+    lines: list[str] = []
+    add = lines.append
+    kind = "federated" if k.federated else "single-institution"
+    add(f"# {shown}: {'text classification' if task == 'classification' else 'causal language model'} "
+        f"LoRA adapter ({kind}, fedslm)")
+    add("")
+    add(f"A LoRA adapter for the base model `{shown}`, trained by "
+        + (f"{s.get('institutions')} institutions with fedslm (Flower federation, DP-SGD at every institution)."
+           if k.federated else "one institution alone on its own records with fedslm (`fedslm train`, DP-SGD)."))
+    add("")
+
+    # --- task and labels
+    add("## Task and labels")
+    add("")
+    add(f"- task: `{task}`")
+    source = k.c("data", "source")
+    if isinstance(source, str) and source and not any(source.endswith(x) for x in (".csv", ".jsonl")):
+        add(f"- data: the bundled dataset `{source}`")
+    else:
+        add("- data: the institutions' own records (not named here: they never left their institution)"
+            if k.federated else "- data: this institution's own records (not named here)")
+    if task == "classification":
+        add(f"- labels ({len(labels)}, in the head's index order): "
+            + (", ".join(f"`{_cell(x)}`" for x in labels) if labels else NOT_MEASURED))
+        if meta.get("text_column"):
+            add(f"- input: the text column `{_cell(meta['text_column'])}`")
+    add("")
+
+    # --- privacy
+    add("## Privacy guarantee")
+    add("")
+    privacy = s.get("privacy") or {}
+    accountant = k.c("privacy", "accountant") or "rdp"
+    enabled = k.c("privacy", "enabled", True) is not False
+    exact_priv: dict[str, Any] = {}
+    if k.federated:
+        per = privacy.get("per_institution") or {}
+        exact_priv["unit"] = privacy.get("unit")
+        exact_priv["per_institution"] = per
+        if not enabled:
+            add("**No differential privacy**: `privacy.enabled` was false, ε = ∞. The updates this adapter "
+                "was averaged from carry no DP guarantee.")
+        else:
+            add(f"Record-level differential privacy at every institution. Unit of privacy: "
+                f"{privacy.get('unit') or 'one record of one institution'}; each institution's ε composes every "
+                "round it served (its ledger, on its own machine) and covers everything it sent, by "
+                "post-processing: whoever sees the adapters (the coordinator, the other institutions, a reader "
+                "of this adapter) learns about any one record at most what ε allows, with probability 1 − δ.")
+            add("")
+            distributed = any("epsilon_alone" in (v or {}) for v in per.values())
+            honest = k.c("privacy", "distributed", {}) or {}
+            head = "| institution | ε | δ |" + (" ε of its own noise alone |" if distributed else "")
+            add(head)
+            add("|---|---|---|" + ("---|" if distributed else ""))
+            for inst, v in sorted(per.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0):
+                eps, dlt = _num((v or {}).get("epsilon")), _num((v or {}).get("delta"))
+                row = (f"| {_cell(inst)} | {up(eps) if eps is not None else 'withheld by the institution'} | "
+                       f"{up(dlt, 3) if dlt is not None else 'withheld'} |")
+                if distributed:
+                    alone = _num((v or {}).get("epsilon_alone"))
+                    row += f" {up(alone) if alone is not None else NOT_MEASURED} |"
+                add(row)
+            if not per:
+                add(f"| (none reported) | {NOT_MEASURED} | {NOT_MEASURED} |")
+            add("")
+            if distributed:
+                add("Distributed DP under secure aggregation (SecAgg+): ε is that of the **secure sum**, which "
+                    f"holds only if {honest.get('honest', 'the assumed number of')} contributors each added "
+                    "their share of the noise; the last column is the guarantee of each institution's own "
+                    "noise alone, should no other add any.")
+                add("")
+            acc_line = (f"- accountant: `{accountant}` (Opacus), composing every DP-SGD step"
+                        if simulated else
+                        f"- accountant: each institution composes with its own policy's accountant "
+                        f"(the run asked for `{accountant}`)")
+            add(acc_line)
+            if privacy.get("noise_source"):
+                add(f"- noise: {privacy['noise_source']}")
+        cl = privacy.get("client_level")
+        if cl:
+            eps, dlt = _num(cl.get("epsilon")), _num(cl.get("delta"))
+            exact_priv["client_level"] = {"epsilon": cl.get("epsilon"), "delta": cl.get("delta")}
+            add(f"- client-level DP at aggregation: ε = {up(eps) if eps is not None else NOT_MEASURED} at "
+                f"δ = {up(dlt, 3) if dlt is not None else NOT_MEASURED} for {cl.get('unit', 'one institution')}, "
+                f"over {cl.get('rounds')} rounds ({cl.get('accountant', 'rdp')}); the coordinator adds this "
+                "noise, so it does not protect an institution from the coordinator")
+        else:
+            add("- client-level DP: off")
+        add("- secure aggregation (SecAgg+): " + ("on: the coordinator saw only the sum of the updates"
+                                                 if privacy.get("secure_aggregation") else "off"))
+    else:
+        eps, dlt = _num(privacy.get("epsilon")), _num(privacy.get("delta"))
+        exact_priv = {"unit": s.get("unit"), "epsilon": privacy.get("epsilon"), "delta": privacy.get("delta")}
+        if not privacy.get("enabled", enabled) or eps is None:
+            add("**No differential privacy**: this adapter was trained without DP (ε = ∞).")
+        else:
+            add(f"Record-level differential privacy (DP-SGD). Unit of privacy: one record of this institution's "
+                f"data, privacy unit `{_cell(s.get('unit') or k.c('privacy', 'unit') or 'all-records')}`.")
+            add("")
+            add(f"- **ε = {up(eps)}, δ = {up(dlt, 3) if dlt is not None else NOT_MEASURED}**: the ledger's "
+                "total for this privacy unit after this run (every run charged to the unit counts)")
+            add(f"- accountant: `{accountant}` (Opacus); noise multiplier σ = "
+                f"{up(privacy['noise_multiplier']) if _num(privacy.get('noise_multiplier')) is not None else NOT_MEASURED}, "
+                f"sample rate q = {f'{q:.4g}' if (q := _num(privacy.get('sample_rate'))) is not None else NOT_MEASURED}")
+            if privacy.get("noise_source"):
+                add(f"- noise: {privacy['noise_source']}")
+    add("")
+    add("ε does not cover the label set, the size of each institution's data, or facts shared by many records; "
+        "it does not protect records from the institution that holds them.")
+    add("")
+
+    # --- training
+    add("## Training")
+    add("")
+    if k.federated:
+        add(f"- institutions: {s.get('institutions')}")
+        add(f"- rounds: {s.get('rounds_completed')} completed of {s.get('rounds_planned')} planned "
+            f"(strategy `{s.get('strategy')}`)")
+    else:
+        add("- institutions: 1 (this one alone)")
+        add(f"- rounds: {len(k.metrics) if k.metrics else NOT_MEASURED}; training records: "
+            f"{s.get('train_records', NOT_MEASURED)}, held-out records: {s.get('test_records', NOT_MEASURED)}")
+    lora = k.cfg.get("lora") or {}
+    if isinstance(lora, dict) and lora:
+        layers = lora.get("layers")
+        add(f"- LoRA: r = {lora.get('r')}, α = {lora.get('alpha')}, "
+            + ("the classifier head alone" if layers == 0 else
+               "every layer" if layers is None else f"the top {layers} layers")
+            + (", FFA-LoRA (A frozen)" if lora.get("ffa") else ""))
+    add(f"- base model fingerprint (SHA-256): `{s.get('base_fingerprint', NOT_MEASURED)}`")
+    add("")
+
+    # --- evaluation
+    add("## Evaluation")
+    add("")
+    ex_eval: dict[str, Any] = {}
+    if task == "classification":
+        fixed = s.get("fixed_test") or {}
+        if _num(fixed.get("accuracy")) is not None:
+            ex_eval["fixed_test"] = fixed
+            add(f"- fixed test split ({fixed.get('records')} records never trained on): accuracy "
+                f"**{pct(fixed['accuracy'])}**, macro-F1 "
+                f"{f3(fixed['macro_f1']) if _num(fixed.get('macro_f1')) is not None else NOT_MEASURED}")
+        else:
+            add(f"- fixed test split: {NOT_MEASURED}")
+        held = s.get("final") if k.federated else s.get("after")
+        held = held or {}
+        who = "institutions' held-out records, weighted by their size" if k.federated else "held-out records"
+        acc, f1 = _num(held.get("accuracy")), _num(held.get("macro_f1"))
+        ex_eval["held_out"] = {"accuracy": held.get("accuracy"), "macro_f1": held.get("macro_f1")}
+        add(f"- {who}: accuracy {pct(acc) if acc is not None else NOT_MEASURED}, macro-F1 "
+            f"{f3(f1) if f1 is not None else NOT_MEASURED}")
+    else:
+        held = (s.get("final") if k.federated else s.get("after")) or {}
+        ppl = _num(held.get("perplexity"))
+        ex_eval["held_out"] = {"perplexity": held.get("perplexity")}
+        add(f"- held-out perplexity: {f'{ppl:.2f}' if ppl is not None else NOT_MEASURED}")
+    if k.federated:
+        worst = s.get("worst_institution") or {}
+        headline = "accuracy" if task == "classification" else "perplexity"
+        w = _num(worst.get(headline))
+        ex_eval["worst_institution"] = worst or None
+        if w is not None:
+            add(f"- worst institution: {worst.get('institution')}, {headline} "
+                f"{pct(w) if headline == 'accuracy' else f'{w:.2f}'} on its own held-out records")
+        else:
+            add(f"- worst institution: {NOT_MEASURED}")
+    if task == "classification":
+        wc = worst_class(s.get("per_class") or {})
+        if wc is not None:
+            ex_eval["worst_class"] = {"label": wc[0], "accuracy": wc[1], "records": wc[2]}
+            add(f"- worst class: `{_cell(wc[0])}`, accuracy {pct(wc[1])} on {wc[2]} held-out records of all "
+                "institutions")
+        else:
+            add(f"- worst class: {NOT_MEASURED}")
+    add("")
+
+    # --- skew
+    add("## Skew across institutions")
+    add("")
+    per_class = s.get("per_class") or {}
+    local = (s.get("local_only") or {})
+    if per_class.get("per_institution") and task == "classification":
+        insts = sorted(per_class["per_institution"], key=lambda x: int(x) if str(x).isdigit() else 0)
+        add("Per-class accuracy of this adapter on each institution's own held-out records "
+            "(records of the class in brackets; blank: the institution holds none):")
+        add("")
+        add("| class | " + " | ".join(f"institution {_cell(i)}" for i in insts) + " |")
+        add("|---|" + "---|" * len(insts))
+        for c, label in enumerate(per_class.get("labels") or []):
+            cells = []
+            for i in insts:
+                row = per_class["per_institution"][i]
+                accs, counts = row.get("per_class_accuracy") or [], row.get("per_class_records") or []
+                a = accs[c] if c < len(accs) else None
+                n = counts[c] if c < len(counts) else 0
+                cells.append(f"{pct(a)} ({n})" if _num(a) is not None else "")
+            add(f"| {_cell(label)} | " + " | ".join(cells) + " |")
+        add("")
+    if local:
+        headline = "accuracy" if task == "classification" else "perplexity"
+        fed = (s.get("per_institution") or {}).get(headline) or {}
+        alone = local.get(headline) or {}
+        ex_eval["federated_vs_alone"] = {"federated": fed, "alone": alone}
+        add(f"Each institution's held-out {headline}, federated against trained alone under the same ε:")
+        add("")
+        add("| institution | federated | alone |")
+        add("|---|---|---|")
+        fmt = pct if headline == "accuracy" else (lambda x: f"{x:.2f}")
+        for i in sorted(set(fed) | set(alone), key=lambda x: int(x) if str(x).isdigit() else 0):
+            a, b = _num(fed.get(i)), _num(alone.get(i))
+            add(f"| {_cell(i)} | {fmt(a) if a is not None else NOT_MEASURED} | "
+                f"{fmt(b) if b is not None else NOT_MEASURED} |")
+        add("")
+    if not (per_class.get("per_institution") and task == "classification") and not local:
+        add(f"{NOT_MEASURED.capitalize()} in this run (`fedslm simulate` measures per-class accuracy per "
+            "institution; `federation.compare_local: true` adds each institution trained alone).")
+        add("")
+
+    # --- use
+    add("## Intended use and limits")
+    add("")
+    add("- Intended for: " + ("labelling records like those it was trained on (the labels above), by the "
+                              "institutions that trained it or with their agreement; as a starting point for "
+                              "further private fine-tuning." if task == "classification" else
+                              "completing prompts in the format it was trained on; research on private "
+                              "federated fine-tuning."))
+    add("- Not for: decisions about a person without human review; data from another population, coding "
+        "system or language than its training data; any use the base model's licence forbids.")
+    add("- The figures above were measured on the records named; accuracy differs across institutions and "
+        "classes (see the skew), and DP noise costs accuracy, most on rare classes.")
+    add("- The guarantee is the one stated above, no more: a larger ε or a δ near 1/n protects little.")
+    add("")
+    add("## How to load")
+    add("")
+    add("```python")
+    if library == "peft":
+        add("from fedslm.lora.merge import load_tuned   # checks the base's fingerprint")
+        add('tuned = load_tuned("adapter")')
+    elif library == "sentence-transformers":
+        add("from sentence_transformers import SentenceTransformer")
+        add('model = SentenceTransformer("EXPORT_DIR")   # encode() gives the logits; labels in labels.json')
+    else:
+        cls = "AutoModelForCausalLM" if task == "causal_lm" else "AutoModelForSequenceClassification"
+        add(f"from transformers import {cls}")
+        add(f'model = {cls}.from_pretrained("EXPORT_DIR")')
+    add("```")
+    add("")
+
+    metadata: dict[str, Any] = {
+        "base_model": hub,
+        "library_name": library,
+        "license": licence,
+        "pipeline_tag": "text-classification" if task == "classification" else "text-generation",
+        "tags": list(TAGS),
+        "fedslm": {**exact, "kind": kind, "simulated": simulated, "privacy": exact_priv, "evaluation": ex_eval,
+                   **({"institutions": s.get("institutions"), "rounds_completed": s.get("rounds_completed")}
+                      if k.federated else {"institutions": 1, "rounds_completed": len(k.metrics)})},
+    }
+    head = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True, width=120)
+    return "---\n" + head + "---\n\n" + "\n".join(lines)
+
+
+def read_card_metadata(path: str | Path) -> dict[str, Any]:
+    """A card's YAML metadata ({} when there is no card or no metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    text = path.read_text(encoding="utf-8")
+    if not text.startswith("---\n") or "\n---\n" not in text[4:]:
+        return {}
+    data = yaml.safe_load(text[4:text.index("\n---\n", 4)])
+    return data if isinstance(data, dict) else {}
+
+
+def write_card(run_dir: str | Path, *, simulated: bool = False) -> Path:
+    """Write ``run_dir/adapter/README.md`` (replacing PEFT's placeholder card)."""
+    run = Path(run_dir)
+    path = run / "adapter" / CARD
+    path.write_text(build_card(run, simulated=simulated), encoding="utf-8")
+    return path
+
+
+def write_export_card(adapter_dir: str | Path, out: str | Path, library: str) -> Path:
+    """The card of an exported folder: rebuilt from the adapter's run folder when it is beside it, else the
+    adapter's own card with the library changed, else one that says what is not known."""
+    adapter, path = Path(adapter_dir), Path(out) / CARD
+    from fedslm.lora.adapter import read_adapter_meta
+
+    meta = read_adapter_meta(adapter)
+    if (adapter.parent / "summary.json").is_file():
+        # Whether the run config stood for every node's policy is the adapter card's to say (simulate wrote it).
+        simulated = bool((read_card_metadata(adapter / CARD).get("fedslm") or {}).get("simulated"))
+        text = build_card(adapter.parent, library=library, meta=meta, simulated=simulated)
+    else:
+        model = str(meta.get("model") or "unknown")
+        hub, licence = BASES.get(model, (Path(model).name, "other"))
+        text = ("---\n" + yaml.safe_dump({"base_model": hub, "library_name": library, "license": licence,
+                                          "tags": list(TAGS)}, sort_keys=False, allow_unicode=True)
+                + "---\n\n# " + (model if model in BASES else Path(model).name) + " with a fedslm LoRA adapter merged in\n\n"
+                "The run folder of this adapter (summary.json) was not beside it: its privacy guarantee "
+                f"and figures are {NOT_MEASURED} here. Read them from the run that trained it.\n")
+    path.write_text(text, encoding="utf-8")
+    return path
