@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fedslm.cli.main import app
-from fedslm.lora.card import build_card, read_card_metadata, up, worst_class, write_card
+from fedslm.lora.card import build_card, read_card_metadata, up, worst_class, write_card, write_export_card
 
 LABELS = ["Diseases of the circulatory system (I00-I99)", "Injury | poisoning <b>", "Neoplasms (C00-D49)"]
 
@@ -149,6 +149,29 @@ def test_a_local_run_card_and_a_gemma_base_licence(tmp_path):
     assert "held-out perplexity: 4.95" in card
 
 
+def test_an_export_of_a_moved_adapter_keeps_its_card_and_one_without_says_what_is_unknown(tmp_path):
+    import shutil
+
+    summary = _federated_summary()
+    run = _run_folder(tmp_path, summary, CFG, META)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    write_card(run, simulated=True)
+    moved = tmp_path / "elsewhere" / "adapter"
+    shutil.copytree(run / "adapter", moved)
+    out = tmp_path / "export"
+    out.mkdir()
+    card = write_export_card(moved, out, "transformers").read_text()
+    meta = read_card_metadata(out / "README.md")
+    assert meta["library_name"] == "transformers"
+    assert meta["fedslm"] == read_card_metadata(run / "adapter" / "README.md")["fedslm"]
+    assert "| 0 | 7.996 | 2.5e-06 |" in card and "AutoModelForSequenceClassification" in card
+    assert "load_tuned" not in card
+    (moved / "README.md").unlink()
+    card = write_export_card(moved, out, "sentence-transformers").read_text()
+    assert "not stated here" in card and "ε" not in card
+    assert read_card_metadata(out / "README.md")["library_name"] == "sentence-transformers"
+
+
 def read_card_metadata_text(card: str) -> dict:
     return yaml.safe_load(card[4:card.index("\n---\n", 4)])
 
@@ -174,7 +197,7 @@ def test_train_writes_a_card_with_the_epsilon_and_delta_of_its_summary(trained_r
     summary = json.loads((trained_run / "summary.json").read_text())
     card = (trained_run / "adapter" / "README.md").read_text()
     eps, delta = summary["privacy"]["epsilon"], summary["privacy"]["delta"]
-    assert f"**ε = {up(eps)}, δ = {up(delta, 3)}**" in card
+    assert f"**ε = {up(eps)}, δ = {up(delta)}**" in card
     meta = read_card_metadata(trained_run / "adapter" / "README.md")
     assert meta["fedslm"]["privacy"]["epsilon"] == eps and meta["fedslm"]["privacy"]["delta"] == delta
     assert meta["library_name"] == "peft"

@@ -95,6 +95,19 @@ def worst_class(per_class: dict[str, Any]) -> Optional[tuple[str, float, int]]:
     return labels[c], acc, total[c]
 
 
+def _how_to_load(library: str, task: str) -> list[str]:
+    out = ["## How to load", "", "```python"]
+    if library == "peft":
+        out += ["from fedslm.lora.merge import load_tuned   # checks the base's fingerprint", 'tuned = load_tuned("adapter")']
+    elif library == "sentence-transformers":
+        out += ["from sentence_transformers import SentenceTransformer",
+                'model = SentenceTransformer("EXPORT_DIR")   # encode() gives the logits; labels in labels.json']
+    else:
+        cls = "AutoModelForCausalLM" if task == "causal_lm" else "AutoModelForSequenceClassification"
+        out += [f"from transformers import {cls}", f'model = {cls}.from_pretrained("EXPORT_DIR")']
+    return out + ["```", ""]
+
+
 class _Card:
     def __init__(self, run_dir: Path, meta: dict[str, Any]) -> None:
         self.run = run_dir
@@ -183,7 +196,7 @@ def build_card(run_dir: str | Path, *, library: str = "peft", simulated: bool = 
             for inst, v in sorted(per.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0):
                 eps, dlt = _num((v or {}).get("epsilon")), _num((v or {}).get("delta"))
                 row = (f"| {_cell(inst)} | {up(eps) if eps is not None else 'withheld by the institution'} | "
-                       f"{up(dlt, 3) if dlt is not None else 'withheld'} |")
+                       f"{up(dlt) if dlt is not None else 'withheld'} |")
                 if distributed:
                     alone = _num((v or {}).get("epsilon_alone"))
                     row += f" {up(alone) if alone is not None else NOT_MEASURED} |"
@@ -209,7 +222,7 @@ def build_card(run_dir: str | Path, *, library: str = "peft", simulated: bool = 
             eps, dlt = _num(cl.get("epsilon")), _num(cl.get("delta"))
             exact_priv["client_level"] = {"epsilon": cl.get("epsilon"), "delta": cl.get("delta")}
             add(f"- client-level DP at aggregation: ε = {up(eps) if eps is not None else NOT_MEASURED} at "
-                f"δ = {up(dlt, 3) if dlt is not None else NOT_MEASURED} for {cl.get('unit', 'one institution')}, "
+                f"δ = {up(dlt) if dlt is not None else NOT_MEASURED} for {cl.get('unit', 'one institution')}, "
                 f"over {cl.get('rounds')} rounds ({cl.get('accountant', 'rdp')}); the coordinator adds this "
                 "noise, so it does not protect an institution from the coordinator")
         else:
@@ -225,7 +238,7 @@ def build_card(run_dir: str | Path, *, library: str = "peft", simulated: bool = 
             add(f"Record-level differential privacy (DP-SGD). Unit of privacy: one record of this institution's "
                 f"data, privacy unit `{_cell(s.get('unit') or k.c('privacy', 'unit') or 'all-records')}`.")
             add("")
-            add(f"- **ε = {up(eps)}, δ = {up(dlt, 3) if dlt is not None else NOT_MEASURED}**: the ledger's "
+            add(f"- **ε = {up(eps)}, δ = {up(dlt) if dlt is not None else NOT_MEASURED}**: the ledger's "
                 "total for this privacy unit after this run (every run charged to the unit counts)")
             add(f"- accountant: `{accountant}` (Opacus); noise multiplier σ = "
                 f"{up(privacy['noise_multiplier']) if _num(privacy.get('noise_multiplier')) is not None else NOT_MEASURED}, "
@@ -359,21 +372,7 @@ def build_card(run_dir: str | Path, *, library: str = "peft", simulated: bool = 
         "classes (see the skew), and DP noise costs accuracy, most on rare classes.")
     add("- The guarantee is the one stated above, no more: a larger ε or a δ near 1/n protects little.")
     add("")
-    add("## How to load")
-    add("")
-    add("```python")
-    if library == "peft":
-        add("from fedslm.lora.merge import load_tuned   # checks the base's fingerprint")
-        add('tuned = load_tuned("adapter")')
-    elif library == "sentence-transformers":
-        add("from sentence_transformers import SentenceTransformer")
-        add('model = SentenceTransformer("EXPORT_DIR")   # encode() gives the logits; labels in labels.json')
-    else:
-        cls = "AutoModelForCausalLM" if task == "causal_lm" else "AutoModelForSequenceClassification"
-        add(f"from transformers import {cls}")
-        add(f'model = {cls}.from_pretrained("EXPORT_DIR")')
-    add("```")
-    add("")
+    lines += _how_to_load(library, task)
 
     metadata: dict[str, Any] = {
         "base_model": hub,
@@ -420,13 +419,20 @@ def write_export_card(adapter_dir: str | Path, out: str | Path, library: str) ->
         # Whether the run config stood for every node's policy is the adapter card's to say (simulate wrote it).
         simulated = bool((read_card_metadata(adapter / CARD).get("fedslm") or {}).get("simulated"))
         text = build_card(adapter.parent, library=library, meta=meta, simulated=simulated)
+    elif (card := read_card_metadata(adapter / CARD)).get("fedslm"):
+        # The adapter was moved from its run folder: its own card, for the library the export loads with.
+        own = (adapter / CARD).read_text(encoding="utf-8")
+        body = own[own.index("\n---\n", 4) + 5:].split("## How to load")[0]
+        card["library_name"] = library
+        text = ("---\n" + yaml.safe_dump(card, sort_keys=False, allow_unicode=True, width=120) + "---\n" + body
+                + "\n".join(_how_to_load(library, str(meta.get("task") or "classification"))))
     else:
         model = str(meta.get("model") or "unknown")
         hub, licence = BASES.get(model, (Path(model).name, "other"))
         text = ("---\n" + yaml.safe_dump({"base_model": hub, "library_name": library, "license": licence,
                                           "tags": list(TAGS)}, sort_keys=False, allow_unicode=True)
                 + "---\n\n# " + (model if model in BASES else Path(model).name) + " with a fedslm LoRA adapter merged in\n\n"
-                "The run folder of this adapter (summary.json) was not beside it: its privacy guarantee "
-                f"and figures are {NOT_MEASURED} here. Read them from the run that trained it.\n")
+                "Neither the run folder of this adapter (summary.json) nor its model card was beside it, so its "
+                "privacy guarantee and figures are not stated here: read them from the run that trained it.\n")
     path.write_text(text, encoding="utf-8")
     return path
