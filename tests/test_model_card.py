@@ -113,7 +113,8 @@ def test_a_figure_the_run_did_not_measure_is_said_to_be_not_measured(tmp_path):
     assert "worst class: not measured" in card
     assert "| 1 | withheld by the institution |" in card
     assert "each institution composes with its own policy's accountant (the run asked for `prv`)" in card
-    assert "Not measured in this run" in card
+    assert "Per-class scores: not measured in this run" in card
+    assert "Held-out accuracy per institution: 0: 90.17%, 1: 86.05%." in card
 
 
 def test_distributed_dp_states_the_sum_and_alone_and_client_level_dp(tmp_path):
@@ -133,7 +134,7 @@ def test_distributed_dp_states_the_sum_and_alone_and_client_level_dp(tmp_path):
 def test_a_local_run_card_and_a_gemma_base_licence(tmp_path):
     summary = {"run_id": "r1", "model": "gemma3-270m", "base_fingerprint": "cd" * 32, "unit": "ward-7",
                "train_records": 900, "test_records": 100,
-               "after": {"loss": 1.6, "perplexity": 4.953},
+               "before": {"loss": 2.0, "perplexity": 7.1234}, "after": {"loss": 1.6, "perplexity": 4.953},
                "privacy": {"enabled": True, "epsilon": 2.999, "delta": 1e-05, "noise_multiplier": 1.2345678,
                            "sample_rate": 0.032, "noise_source": "OS CSPRNG"}}
     run = _run_folder(tmp_path, summary, {"privacy": {"accountant": "rdp"}, "model": {"task": "causal_lm"}},
@@ -147,6 +148,7 @@ def test_a_local_run_card_and_a_gemma_base_licence(tmp_path):
     assert "σ = 1.235" in card and "sample rate q = 0.032" in card
     assert "institutions: 1" in card and "rounds: 2; training records: 900, held-out records: 100" in card
     assert "held-out perplexity: 4.95" in card
+    assert "before training, the base with the initial adapter: perplexity 7.12" in card
 
 
 def test_an_export_of_a_moved_adapter_keeps_its_card_and_one_without_says_what_is_unknown(tmp_path):

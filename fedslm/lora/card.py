@@ -296,6 +296,12 @@ def build_card(run_dir: str | Path, *, library: str = "peft", simulated: bool = 
         ppl = _num(held.get("perplexity"))
         ex_eval["held_out"] = {"perplexity": held.get("perplexity")}
         add(f"- held-out perplexity: {f'{ppl:.2f}' if ppl is not None else NOT_MEASURED}")
+    before = ((s.get("initial") or {}).get("weighted") if k.federated else s.get("before")) or {}
+    b = _num(before.get("accuracy" if task == "classification" else "perplexity"))
+    if b is not None:
+        ex_eval["before"] = before
+        add(f"- before training, the base with the initial adapter: "
+            + (f"accuracy {pct(b)}" if task == "classification" else f"perplexity {b:.2f}") + " on the same records")
     if k.federated:
         worst = s.get("worst_institution") or {}
         headline = "accuracy" if task == "classification" else "perplexity"
@@ -353,9 +359,19 @@ def build_card(run_dir: str | Path, *, library: str = "peft", simulated: bool = 
             add(f"| {_cell(i)} | {fmt(a) if a is not None else NOT_MEASURED} | "
                 f"{fmt(b) if b is not None else NOT_MEASURED} |")
         add("")
+    if k.federated and not local:
+        headline = "accuracy" if task == "classification" else "perplexity"
+        fed = (s.get("per_institution") or {}).get(headline) or {}
+        shown = [f"{_cell(i)}: {pct(x) if headline == 'accuracy' else f'{x:.2f}'}"
+                 for i, v in sorted(fed.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0)
+                 if (x := _num(v)) is not None]
+        if shown:
+            add(f"Held-out {headline} per institution: " + ", ".join(shown) + ".")
+            add("")
     if not (per_class.get("per_institution") and task == "classification") and not local:
-        add(f"{NOT_MEASURED.capitalize()} in this run (`fedslm simulate` measures per-class accuracy per "
-            "institution; `federation.compare_local: true` adds each institution trained alone).")
+        add(f"{'Per-class scores: n' if task == 'classification' else 'Each institution trained alone: n'}ot measured "
+            "in this run (`fedslm simulate` measures per-class accuracy per institution; "
+            "`federation.compare_local: true` adds each institution trained alone).")
         add("")
 
     # --- use
