@@ -7,17 +7,19 @@ written as "not measured", never estimated. ε and δ in the text are rounded *u
 state a stronger guarantee than the run has); the exact values are in the metadata's ``fedslm`` block.
 
 Written by ``fedslm simulate`` and a coordinator's run (end of the ServerApp, then again by simulate
-once the fixed test split and per-class scores are in), ``fedslm train`` and ``fedslm export``.
+once the fixed test split and per-class scores are in), ``fedslm train`` and ``fedslm export``. The
+privacy statement itself is fedslm.lora.card_privacy.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from fedslm.lora.card_privacy import NOT_MEASURED, cell, privacy_section, reported, up  # noqa: F401 (up: re-exported)
 
 CARD = "README.md"
 TAGS = ["federated-learning", "differential-privacy", "lora", "fedslm"]
@@ -26,17 +28,6 @@ BASES = {
     "minilm": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
     "gemma3-270m": ("google/gemma-3-270m", "gemma"),
 }
-NOT_MEASURED = "not measured"
-
-
-def up(x: float, sig: int = 4) -> str:
-    """``x`` rounded up to ``sig`` significant digits: a privacy figure is never understated."""
-    if x == 0 or not math.isfinite(x):
-        return "∞" if x == math.inf else str(x)
-    q = 10.0 ** (math.floor(math.log10(abs(x))) - sig + 1)
-    r = x / q
-    r = round(r) if abs(r - round(r)) <= 1e-9 * abs(r) else math.ceil(r)
-    return f"{r * q:.{sig}g}"
 
 
 def pct(x: float) -> str:
@@ -45,19 +36,6 @@ def pct(x: float) -> str:
 
 def f3(x: float) -> str:
     return f"{x:.3f}"
-
-
-def _cell(text: Any) -> str:
-    """A value from a file, safe in a Markdown table cell (labels are data: no markup, no row breaks)."""
-    return (str(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
-            .replace("\r", " ").replace("\n", " "))
-
-
-def _num(x: Any) -> Optional[float]:
-    """A reported figure, or None when absent or withheld (deployed nodes send -1 for a withheld value)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
-        return None
-    return float(x)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -162,94 +140,14 @@ def build_card(run_dir: str | Path, *, library: str = "peft", simulated: bool = 
             if k.federated else "- data: this institution's own records (not named here)")
     if task == "classification":
         add(f"- labels ({len(labels)}, in the head's index order): "
-            + (", ".join(f"`{_cell(x)}`" for x in labels) if labels else NOT_MEASURED))
+            + (", ".join(f"`{cell(x)}`" for x in labels) if labels else NOT_MEASURED))
         if meta.get("text_column"):
-            add(f"- input: the text column `{_cell(meta['text_column'])}`")
+            add(f"- input: the text column `{cell(meta['text_column'])}`")
     add("")
 
     # --- privacy
-    add("## Privacy guarantee")
-    add("")
-    privacy = s.get("privacy") or {}
-    accountant = k.c("privacy", "accountant") or "rdp"
-    enabled = k.c("privacy", "enabled", True) is not False
-    exact_priv: dict[str, Any] = {}
-    if k.federated:
-        per = privacy.get("per_institution") or {}
-        exact_priv["unit"] = privacy.get("unit")
-        exact_priv["per_institution"] = per
-        if not enabled:
-            add("**No differential privacy**: `privacy.enabled` was false, ε = ∞. The updates this adapter "
-                "was averaged from carry no DP guarantee.")
-        else:
-            add(f"Record-level differential privacy at every institution. Unit of privacy: "
-                f"{privacy.get('unit') or 'one record of one institution'}; each institution's ε composes every "
-                "round it served (its ledger, on its own machine) and covers everything it sent, by "
-                "post-processing: whoever sees the adapters (the coordinator, the other institutions, a reader "
-                "of this adapter) learns about any one record at most what ε allows, with probability 1 − δ.")
-            add("")
-            distributed = any("epsilon_alone" in (v or {}) for v in per.values())
-            honest = k.c("privacy", "distributed", {}) or {}
-            head = "| institution | ε | δ |" + (" ε of its own noise alone |" if distributed else "")
-            add(head)
-            add("|---|---|---|" + ("---|" if distributed else ""))
-            for inst, v in sorted(per.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0):
-                eps, dlt = _num((v or {}).get("epsilon")), _num((v or {}).get("delta"))
-                row = (f"| {_cell(inst)} | {up(eps) if eps is not None else 'withheld by the institution'} | "
-                       f"{up(dlt) if dlt is not None else 'withheld'} |")
-                if distributed:
-                    alone = _num((v or {}).get("epsilon_alone"))
-                    row += f" {up(alone) if alone is not None else NOT_MEASURED} |"
-                add(row)
-            if not per:
-                add(f"| (none reported) | {NOT_MEASURED} | {NOT_MEASURED} |")
-            add("")
-            if distributed:
-                add("Distributed DP under secure aggregation (SecAgg+): ε is that of the **secure sum**, which "
-                    f"holds only if {honest.get('honest', 'the assumed number of')} contributors each added "
-                    "their share of the noise; the last column is the guarantee of each institution's own "
-                    "noise alone, should no other add any.")
-                add("")
-            acc_line = (f"- accountant: `{accountant}` (Opacus), composing every DP-SGD step"
-                        if simulated else
-                        f"- accountant: each institution composes with its own policy's accountant "
-                        f"(the run asked for `{accountant}`)")
-            add(acc_line)
-            if privacy.get("noise_source"):
-                add(f"- noise: {privacy['noise_source']}")
-        cl = privacy.get("client_level")
-        if cl:
-            eps, dlt = _num(cl.get("epsilon")), _num(cl.get("delta"))
-            exact_priv["client_level"] = {"epsilon": cl.get("epsilon"), "delta": cl.get("delta")}
-            add(f"- client-level DP at aggregation: ε = {up(eps) if eps is not None else NOT_MEASURED} at "
-                f"δ = {up(dlt) if dlt is not None else NOT_MEASURED} for {cl.get('unit', 'one institution')}, "
-                f"over {cl.get('rounds')} rounds ({cl.get('accountant', 'rdp')}); the coordinator adds this "
-                "noise, so it does not protect an institution from the coordinator")
-        else:
-            add("- client-level DP: off")
-        add("- secure aggregation (SecAgg+): " + ("on: the coordinator saw only the sum of the updates"
-                                                 if privacy.get("secure_aggregation") else "off"))
-    else:
-        eps, dlt = _num(privacy.get("epsilon")), _num(privacy.get("delta"))
-        exact_priv = {"unit": s.get("unit"), "epsilon": privacy.get("epsilon"), "delta": privacy.get("delta")}
-        if not privacy.get("enabled", enabled) or eps is None:
-            add("**No differential privacy**: this adapter was trained without DP (ε = ∞).")
-        else:
-            add(f"Record-level differential privacy (DP-SGD). Unit of privacy: one record of this institution's "
-                f"data, privacy unit `{_cell(s.get('unit') or k.c('privacy', 'unit') or 'all-records')}`.")
-            add("")
-            add(f"- **ε = {up(eps)}, δ = {up(dlt) if dlt is not None else NOT_MEASURED}**: the ledger's "
-                "total for this privacy unit after this run (every run charged to the unit counts)")
-            add(f"- accountant: `{accountant}` (Opacus); noise multiplier σ = "
-                f"{up(privacy['noise_multiplier']) if _num(privacy.get('noise_multiplier')) is not None else NOT_MEASURED}, "
-                f"sample rate q = {f'{q:.4g}' if (q := _num(privacy.get('sample_rate'))) is not None else NOT_MEASURED}")
-            if privacy.get("noise_source"):
-                add(f"- noise: {privacy['noise_source']}")
-    add("")
-    add("ε does not cover the label set, the size of each institution's data, or facts shared by many records; "
-        "it does not protect records from the institution that holds them.")
-    add("")
-
+    section, exact_priv = privacy_section(s, k.cfg, k.federated, simulated)
+    lines += section
     # --- training
     add("## Training")
     add("")
@@ -277,27 +175,27 @@ def build_card(run_dir: str | Path, *, library: str = "peft", simulated: bool = 
     ex_eval: dict[str, Any] = {}
     if task == "classification":
         fixed = s.get("fixed_test") or {}
-        if _num(fixed.get("accuracy")) is not None:
+        if reported(fixed.get("accuracy")) is not None:
             ex_eval["fixed_test"] = fixed
             add(f"- fixed test split ({fixed.get('records')} records never trained on): accuracy "
                 f"**{pct(fixed['accuracy'])}**, macro-F1 "
-                f"{f3(fixed['macro_f1']) if _num(fixed.get('macro_f1')) is not None else NOT_MEASURED}")
+                f"{f3(fixed['macro_f1']) if reported(fixed.get('macro_f1')) is not None else NOT_MEASURED}")
         else:
             add(f"- fixed test split: {NOT_MEASURED}")
         held = s.get("final") if k.federated else s.get("after")
         held = held or {}
         who = "institutions' held-out records, weighted by their size" if k.federated else "held-out records"
-        acc, f1 = _num(held.get("accuracy")), _num(held.get("macro_f1"))
+        acc, f1 = reported(held.get("accuracy")), reported(held.get("macro_f1"))
         ex_eval["held_out"] = {"accuracy": held.get("accuracy"), "macro_f1": held.get("macro_f1")}
         add(f"- {who}: accuracy {pct(acc) if acc is not None else NOT_MEASURED}, macro-F1 "
             f"{f3(f1) if f1 is not None else NOT_MEASURED}")
     else:
         held = (s.get("final") if k.federated else s.get("after")) or {}
-        ppl = _num(held.get("perplexity"))
+        ppl = reported(held.get("perplexity"))
         ex_eval["held_out"] = {"perplexity": held.get("perplexity")}
         add(f"- held-out perplexity: {f'{ppl:.2f}' if ppl is not None else NOT_MEASURED}")
     before = ((s.get("initial") or {}).get("weighted") if k.federated else s.get("before")) or {}
-    b = _num(before.get("accuracy" if task == "classification" else "perplexity"))
+    b = reported(before.get("accuracy" if task == "classification" else "perplexity"))
     if b is not None:
         ex_eval["before"] = before
         add(f"- before training, the base with the initial adapter: "
@@ -305,7 +203,7 @@ def build_card(run_dir: str | Path, *, library: str = "peft", simulated: bool = 
     if k.federated:
         worst = s.get("worst_institution") or {}
         headline = "accuracy" if task == "classification" else "perplexity"
-        w = _num(worst.get(headline))
+        w = reported(worst.get(headline))
         ex_eval["worst_institution"] = worst or None
         if w is not None:
             add(f"- worst institution: {worst.get('institution')}, {headline} "
@@ -316,7 +214,7 @@ def build_card(run_dir: str | Path, *, library: str = "peft", simulated: bool = 
         wc = worst_class(s.get("per_class") or {})
         if wc is not None:
             ex_eval["worst_class"] = {"label": wc[0], "accuracy": wc[1], "records": wc[2]}
-            add(f"- worst class: `{_cell(wc[0])}`, accuracy {pct(wc[1])} on {wc[2]} held-out records of all "
+            add(f"- worst class: `{cell(wc[0])}`, accuracy {pct(wc[1])} on {wc[2]} held-out records of all "
                 "institutions")
         else:
             add(f"- worst class: {NOT_MEASURED}")
@@ -332,7 +230,7 @@ def build_card(run_dir: str | Path, *, library: str = "peft", simulated: bool = 
         add("Per-class accuracy of this adapter on each institution's own held-out records "
             "(records of the class in brackets; blank: the institution holds none):")
         add("")
-        add("| class | " + " | ".join(f"institution {_cell(i)}" for i in insts) + " |")
+        add("| class | " + " | ".join(f"institution {cell(i)}" for i in insts) + " |")
         add("|---|" + "---|" * len(insts))
         for c, label in enumerate(per_class.get("labels") or []):
             cells = []
@@ -341,8 +239,8 @@ def build_card(run_dir: str | Path, *, library: str = "peft", simulated: bool = 
                 accs, counts = row.get("per_class_accuracy") or [], row.get("per_class_records") or []
                 a = accs[c] if c < len(accs) else None
                 n = counts[c] if c < len(counts) else 0
-                cells.append(f"{pct(a)} ({n})" if _num(a) is not None else "")
-            add(f"| {_cell(label)} | " + " | ".join(cells) + " |")
+                cells.append(f"{pct(a)} ({n})" if reported(a) is not None else "")
+            add(f"| {cell(label)} | " + " | ".join(cells) + " |")
         add("")
     if local:
         headline = "accuracy" if task == "classification" else "perplexity"
@@ -355,16 +253,16 @@ def build_card(run_dir: str | Path, *, library: str = "peft", simulated: bool = 
         add("|---|---|---|")
         fmt = pct if headline == "accuracy" else (lambda x: f"{x:.2f}")
         for i in sorted(set(fed) | set(alone), key=lambda x: int(x) if str(x).isdigit() else 0):
-            a, b = _num(fed.get(i)), _num(alone.get(i))
-            add(f"| {_cell(i)} | {fmt(a) if a is not None else NOT_MEASURED} | "
+            a, b = reported(fed.get(i)), reported(alone.get(i))
+            add(f"| {cell(i)} | {fmt(a) if a is not None else NOT_MEASURED} | "
                 f"{fmt(b) if b is not None else NOT_MEASURED} |")
         add("")
     if k.federated and not local:
         headline = "accuracy" if task == "classification" else "perplexity"
         fed = (s.get("per_institution") or {}).get(headline) or {}
-        shown = [f"{_cell(i)}: {pct(x) if headline == 'accuracy' else f'{x:.2f}'}"
+        shown = [f"{cell(i)}: {pct(x) if headline == 'accuracy' else f'{x:.2f}'}"
                  for i, v in sorted(fed.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0)
-                 if (x := _num(v)) is not None]
+                 if (x := reported(v)) is not None]
         if shown:
             add(f"Held-out {headline} per institution: " + ", ".join(shown) + ".")
             add("")
