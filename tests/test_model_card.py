@@ -98,6 +98,13 @@ def test_federated_card_states_every_figure_of_summary_json(tmp_path):
     assert "| Injury \\| poisoning &lt;b&gt; | 70.00% (10) | 50.00% (10) |" in card
     assert "| 0 | 90.17% | 85.11% |" in card and "| 1 | 86.05% | 73.45% |" in card
     assert "## Intended use and limits" in card
+    assert "data: the bundled dataset `icd10`" in card
+
+
+def test_a_data_file_is_never_named_in_the_card(tmp_path):
+    cfg = {**CFG, "data": {"source": "/srv/hospital-a/patients_2026"}}
+    card = build_card(_run_folder(tmp_path, _federated_summary(), cfg, META), simulated=True)
+    assert "patients_2026" not in card and "institutions' own records (not named here" in card
 
 
 def test_a_figure_the_run_did_not_measure_is_said_to_be_not_measured(tmp_path):

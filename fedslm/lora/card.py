@@ -14,6 +14,7 @@ privacy statement itself is fedslm.lora.card_privacy.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -133,7 +134,8 @@ def build_card(run_dir: str | Path, *, library: str = "peft", simulated: bool = 
     add("")
     add(f"- task: `{task}`")
     source = k.c("data", "source")
-    if isinstance(source, str) and source and not any(source.endswith(x) for x in (".csv", ".jsonl")):
+    # A bundled dataset's name (icd10, icd10-instruct) is public; anything else is a path on some machine.
+    if isinstance(source, str) and re.fullmatch(r"[a-z0-9][a-z0-9-]{0,40}", source):
         add(f"- data: the bundled dataset `{source}`")
     else:
         add("- data: the institutions' own records (not named here: they never left their institution)"
