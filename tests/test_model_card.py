@@ -146,7 +146,9 @@ def test_a_local_run_card_and_a_gemma_base_licence(tmp_path):
                            "sample_rate": 0.032, "noise_source": "OS CSPRNG"}}
     run = _run_folder(tmp_path, summary, {"privacy": {"accountant": "rdp"}, "model": {"task": "causal_lm"}},
                       {"model": "gemma3-270m", "task": "causal_lm", "labels": None})
-    (run / "metrics.jsonl").write_text("{}\n{}\n")
+    # Two rounds of this run, one of an earlier run into the same folder, and a line cut short by a crash.
+    (run / "metrics.jsonl").write_text('{"run_id": "r0", "round": 1}\n{"run_id": "r1", "round": 1}\n'
+                                       '{"run_id": "r1", "round": 2}\n{"run_id": "r1", "ro')
     card = build_card(run)
     meta = read_card_metadata_text(card)
     assert meta["license"] == "gemma" and meta["base_model"] == "google/gemma-3-270m"

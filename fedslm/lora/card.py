@@ -53,7 +53,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _rounds(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rounds = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rounds.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash: not a finished round
+            continue
+    return rounds
 
 
 def worst_class(per_class: dict[str, Any]) -> Optional[tuple[str, float, int]]:
@@ -92,7 +98,8 @@ class _Card:
         self.run = run_dir
         self.summary = _read_json(run_dir / "summary.json")
         self.cfg = _read_yaml(run_dir / "config.yaml")
-        self.metrics = _rounds(run_dir / "metrics.jsonl")
+        # metrics.jsonl is appended to: a folder trained into twice holds both runs' rounds.
+        self.metrics = [r for r in _rounds(run_dir / "metrics.jsonl") if r.get("run_id") == self.summary.get("run_id")]
         self.meta = meta
         self.federated = "institutions" in self.summary
 
