@@ -118,3 +118,17 @@ def test_the_generator_reads_type_default_and_the_comment_above_each_field(tmp_p
     assert out[1][0] == "inner"
     assert out[1][2] == [("inner.widgets", "int", "`3`", "How many | widgets, over two lines."),
                          ("inner.name", "Optional[str]", "`null`", "The name.")]
+
+
+def test_check_passes_on_the_committed_pages_and_names_the_command_on_a_stale_one(tmp_path, monkeypatch, capsys):
+    assert docs_ref.main(["--check"]) == 0
+    stale = {name: tmp_path / f"{name}.md" for name in docs_ref.PAGES}
+    for name, path in stale.items():
+        path.write_text(docs_ref.PAGES[name].read_text(encoding="utf-8"), encoding="utf-8")
+    stale["config"].write_text("# Configuration reference\n", encoding="utf-8")  # a page someone edited by hand
+    monkeypatch.setattr(docs_ref, "PAGES", stale)
+    monkeypatch.setattr(docs_ref, "ROOT", tmp_path)
+    assert docs_ref.main(["--check"]) == 1
+    err = capsys.readouterr().err
+    assert "config.md" in err and "policy.md" not in err and docs_ref.COMMAND in err
+    assert docs_ref.main([]) == 0 and docs_ref.main(["--check"]) == 0  # regenerating fixes it
