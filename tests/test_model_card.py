@@ -10,7 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from fedslm.cli.main import app
-from fedslm.lora.card import build_card, read_card_metadata, up, worst_class, write_card, write_export_card
+from fedslm.lora.card import build_card, read_card_metadata, worst_class, write_card, write_export_card
+from fedslm.lora.card_privacy import up
 
 LABELS = ["Diseases of the circulatory system (I00-I99)", "Injury | poisoning <b>", "Neoplasms (C00-D49)"]
 

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import yaml
 
-from fedslm.lora.card_privacy import NOT_MEASURED, cell, privacy_section, reported, up  # noqa: F401 (up: re-exported)
+from fedslm.lora.card_privacy import NOT_MEASURED, cell, privacy_section, reported
 
 CARD = "README.md"
 TAGS = ["federated-learning", "differential-privacy", "lora", "fedslm"]
