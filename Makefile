@@ -13,7 +13,7 @@ RUN_DIR ?= runs/icd10-hospitals-$(NOW)
 GEMMA_DIR ?= runs/icd10-gemma-$(NOW)
 GEMMA_STAMP := $(VENV)/.fedslm-gemma-installed
 
-.PHONY: run run-distributed train test bench bench-dp bench-dp-gemma gemma install clean
+.PHONY: run run-distributed train test docs bench bench-dp bench-dp-gemma gemma install clean
 
 install: $(STAMP)
 
@@ -47,6 +47,11 @@ PYTEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist load
+
+# The docs site on http://127.0.0.1:8000 (mkdocs-material), rebuilt as pages change; `make test` builds it with
+# --strict (tests/test_docs.py). The reference pages are generated: $(BIN)/python -m fedslm.docs_ref
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs serve
 
 # All benchmarks (about two and a half hours on 2 cores); QUICK=1: a smoke test of the same pipeline (fewer steps and
 # variants; about 8 minutes). Results: benchmarks/results/.

@@ -539,6 +539,7 @@ def export_cmd(
     model (causal LM, [CLS]-pooled classifier) or, for a mean-pooled classifier, a sentence-transformers model
     whose encode() gives the logits; checked against base + B·A and reloaded."""
     from fedslm.lora.adapter import read_adapter_meta
+    from fedslm.lora.card import write_export_card
     from fedslm.lora.merge import export_merged
     from fedslm.train.device import resolve_device
 
@@ -549,12 +550,14 @@ def export_cmd(
 
         with err_console.status("merging, writing the sentence-transformers folder and reloading it"):
             report = export_sentence_transformers(adapter, out, where)
+        write_export_card(adapter, out, "sentence-transformers")  # replaces sentence-transformers' own card
         console.print(f"wrote {out}: {' -> '.join(report['modules'])}, {report['lora_layers']} LoRA layers merged "
                       f"(reloaded logits within {report['max_logit_error']:.2g}); load it with "
                       f"SentenceTransformer({str(out)!r}).encode(texts) for the logits, labels in labels.json")
         return
     with err_console.status("merging and checking"):
         report = export_merged(adapter, out, where)
+    write_export_card(adapter, out, "transformers")
     console.print(f"merged {report['lora_layers']} LoRA layers into {out} (max |W' - (W + s·B·A)| = "
                   f"{report['max_merge_error']:.2g}; reloaded logits within {report['max_logit_error']:.2g}); "
                   f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")

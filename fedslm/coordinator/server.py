@@ -677,6 +677,9 @@ def run_server(grid: Any, cfg: Config, run_id: str) -> dict[str, Any]:
     if done:
         summary["resumed_after_round"] = done
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    from fedslm.lora.card import write_card
+
+    write_card(out)  # adapter/README.md: the model card, every figure from summary.json
     from fedslm.report import write_report
 
     write_report(out)

@@ -326,6 +326,9 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
         summary["per_class"] = confusions
     summary["wall_seconds_total"] = time.monotonic() - started
     summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    from fedslm.lora.card import write_card
+
+    write_card(out, simulated=True)  # again, now with the fixed test split, per-class scores and local_only
     from fedslm.report_html import write_html
 
     write_html(out)

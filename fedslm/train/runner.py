@@ -129,6 +129,9 @@ def run_local(cfg: Config, console: Optional[Console] = None, device: str = "aut
         "adapter": str(adapter_dir),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    from fedslm.lora.card import write_card
+
+    write_card(out)  # adapter/README.md: the model card, every figure from summary.json
     console.print(f"adapter saved to [bold]{adapter_dir}[/]; metrics in {metrics_path}; summary in {out / 'summary.json'}")
     return summary
 
