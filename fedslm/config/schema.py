@@ -231,13 +231,16 @@ class FederationConfig:
     # strategies and client-level DP always weigh every institution equally. One liar among n then holds
     # at most max_weight_ratio / (max_weight_ratio + n - 1) of the average, whatever it claims.
     weighting: str = "examples"
+    # A claimed record count counts at most this many times the round's lower median claim.
     max_weight_ratio: float = 2.0
+    # An absolute cap on any reply's weight (records); None: only the ratio above.
     max_weight: Optional[float] = None
     # Robust strategies: how many hostile institutions to tolerate (krum, multi_krum, bulyan; and the
-    # least trimmed_mean and median must withstand), the share trimmed_mean cuts from each side of
-    # every coordinate, and how many updates multi_krum averages (None: replies - byzantine).
+    # least trimmed_mean and median must withstand).
     byzantine: int = 1
+    # The share trimmed_mean cuts from each side of every coordinate.
     trim_fraction: float = 0.2
+    # How many updates multi_krum averages (None: replies - byzantine).
     krum_select: Optional[int] = None
     # FedProx proximal term and FedAdam server learning rate.
     proximal_mu: float = 0.01
