@@ -59,7 +59,6 @@ class RoundTimedOut(PolicyRefusal):
     """A round ran past the policy's resources.max_seconds_per_round and was ended."""
 
 
-
 def node_context(node_config: Mapping[str, Any]) -> NodeContext:
     """This node, from its SuperNode's node config: a deployed node names its policy file; a simulated
     one carries Flower's partition-id (the scenario then stands for its policy). A partition-id

@@ -40,7 +40,7 @@ RDP_ALPHAS = [*RDPAccountant.DEFAULT_ALPHAS, 80, 96, 128, 192, 256, 384, 512, 10
 # PRV's grid: about 170 bytes and a few hundred ns a point (measured on 2 cores: 7.5·10**6 points, the
 # grid of 10**5 steps at q=0.01, took 7 s and 1.3 GB), times one discretised grid per distinct (σ, q).
 MAX_PRV_POINTS = 2_000_000
-MAX_PRV_MECHANISMS = 16
+MAX_PRV_MECHANISMS = 8
 # Opacus' PRV defaults (PRVAccountant.get_epsilon), which the grid estimate below follows.
 PRV_EPS_ERROR = 0.01
 
