@@ -270,6 +270,7 @@ def test_a_new_sigma_every_round_under_prv_composes_within_bounds(tmp_path, monk
     assert len(discretised) <= 2 * bound
     history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger.entries("u")]
     assert ledger.spent("u", 1e-5, "prv") == pytest.approx(epsilon(history, 1e-5, "rdp"))  # RDP's bound past PRV's
+    assert ledger.summary()[0].accountant == "rdp (past prv's bounds)"  # `fedslm ledger show` says which
 
 
 # ------------------------------------------------------------------ the payload, checked before it is decoded

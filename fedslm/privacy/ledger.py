@@ -266,6 +266,10 @@ class Ledger:
             entries = record.get("entries", [])
             delta = float(entries[-1]["delta"]) if entries else 0.0
             used = accountant or (str(entries[-1].get("accountant", "rdp")) if entries else "rdp")
+            shown = used
+            if used == "prv" and entries and not _releases(entries, False) and prv_fallback(
+                    merge(_steps(entries)), delta) is not None:
+                shown = "rdp (past prv's bounds)"  # what _compose used: a looser upper bound of the same rounds
             out.append(UnitSpend(
                 unit=unit,
                 num_examples=int(record.get("num_examples", 0)),
@@ -274,7 +278,7 @@ class Ledger:
                 delta=delta,
                 epsilon=_compose(record, delta, used) if entries else 0.0,
                 private=all(float(e["noise_multiplier"]) > 0 for e in entries),
-                accountant=used,
+                accountant=shown,
                 epsilon_alone=_compose(record, delta, used, alone=True)
                 if any(e.get("mechanism") == "skellam" for e in entries) else None,
             ))
@@ -333,6 +337,7 @@ class Ledger:
         with self._locked():
             data = self.read()
             record = data["units"].setdefault(unit, {"num_examples": num_examples, "entries": []})
+            record[RUNNING] = _running(record)  # brought up to date once (rebuilt, for a ledger without one)
             self._within_cap(unit, record, planned, delta=delta, max_epsilon=max_epsilon,
                              accountant=accountant, max_epsilon_alone=max_epsilon_alone)
             record["num_examples"] = num_examples
