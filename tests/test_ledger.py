@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import subprocess
 import sys
 
@@ -284,3 +286,75 @@ def test_gaussian_and_distributed_rounds_of_one_unit_compose_together(tmp_path):
     assert both > max(gaussian_only, sum_only)
     # The Gaussian history alone is still Opacus' figure (the DP-SGD rounds are not re-read as Skellam).
     assert ledger.history("u") == [(1.0, 0.1, 50)]
+
+
+# -- malformed and non-finite entries: one line naming the entry, never a traceback or a hang ----------------------
+
+@contextlib.contextmanager
+def _within(seconds: int):
+    """Fail, rather than hang, if the block runs longer than ``seconds``."""
+    def hung(signum, frame):  # noqa: ARG001
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+_GOOD = {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 10, "delta": 1e-5, "run": "r", "round": 1}
+
+
+def _bad_entry(**change):
+    entry = {**_GOOD, **change}
+    return {k: v for k, v in entry.items() if v is not ...}
+
+
+@pytest.mark.parametrize("entry,field", [
+    (_bad_entry(noise_multiplier=float("nan")), "noise_multiplier"),
+    (_bad_entry(noise_multiplier=float("inf")), "noise_multiplier"),
+    (_bad_entry(sample_rate=float("nan")), "sample_rate"),
+    (_bad_entry(sample_rate=float("-inf")), "sample_rate"),
+    (_bad_entry(steps=float("nan")), "steps"),
+    (_bad_entry(steps=1.5), "steps"),
+    (_bad_entry(delta=float("inf")), "delta"),
+    (_bad_entry(noise_multiplier="1.0"), "noise_multiplier"),
+    (_bad_entry(sample_rate=...), "sample_rate"),
+    (_bad_entry(mechanism="skellam"), "mu"),
+    ("not an entry", None),
+], ids=["sigma-nan", "sigma-inf", "q-nan", "q-minus-inf", "steps-nan", "steps-fraction", "delta-inf",
+        "sigma-string", "q-missing", "skellam-without-mu", "not-a-mapping"])
+def test_a_malformed_or_non_finite_ledger_entry_is_refused_in_one_line_naming_it(tmp_path, entry, field):
+    """A NaN σ in the ledger made composition loop forever, a NaN q read as ε = 0 (a reset budget), a missing
+    field gave a traceback. Every one is refused, in one line that names the file, the unit, the entry and the
+    field: by `fedslm ledger show`, and by the ledger before any round is reserved."""
+    path = tmp_path / "ledger.json"
+    path.write_text(json.dumps({"format": "fedslm-privacy-ledger/2", "units": {"all-records": {
+        "num_examples": 100, "entries": [_GOOD, entry]}}}))
+    with _within(60):
+        res = CliRunner().invoke(app, ["ledger", "show", str(path)])
+    assert not isinstance(res.exception, TimeoutError), "`fedslm ledger show` hangs on this entry"
+    with _within(60), pytest.raises(LedgerError) as refused:
+        Ledger(path).reserve("all-records", (1.0, 0.1, 10), delta=1e-5, max_epsilon=10, num_examples=100)
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    for text in (res.output, str(refused.value)):
+        assert str(path) in text and "'all-records', entry 1" in text
+        assert field is None or f"'{field}'" in text
+    assert len(json.loads(path.read_text())["units"]["all-records"]["entries"]) == 2  # nothing written
+
+
+@pytest.mark.parametrize("text", ["{ not json", "[" * 100_000 + "]" * 100_000,
+                                  '{"format": "fedslm-privacy-ledger/2", "units": {"u": {"entries": 5}}}',
+                                  '{"format": "fedslm-privacy-ledger/2", "units": {"u": {"entries": [], '
+                                  '"num_examples": NaN}}}'],
+                         ids=["malformed-json", "nested-too-deep", "entries-not-a-list", "num-examples-nan"])
+def test_an_unreadable_ledger_is_one_line_at_the_cli(tmp_path, text):
+    path = tmp_path / "ledger.json"
+    path.write_text(text)
+    res = CliRunner().invoke(app, ["ledger", "show", str(path)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and str(path) in res.output, res.output

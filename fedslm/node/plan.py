@@ -21,8 +21,17 @@ decided by the node     records and their split, the privacy unit, the ledger, t
 refused outright        a noise seed outside simulation, ``privacy.enabled=false`` unless
                         the policy allows it, a base model the policy does not list, a
                         max_length above the policy's (physical and evaluation batches
-                        above its caps are cut to them: they only chunk the work)
+                        above its caps are cut to them: they only chunk the work); more
+                        rounds, local steps or LoRA rank than its resources allow (first
+                        of all, before anything is planned or charged), a round whose
+                        estimated memory passes resources.max_memory_gb (before the
+                        adapter is allocated)
 =====================  ================================================================
+
+A node stays available to its operator: what a request makes it compute is bounded by its policy
+(``resources``), never by the request. Rounds bound the noise plan (whose cost no longer grows with
+them, fedslm.privacy.calibration), local steps and the wall-clock cap bound a round's training, the
+rank and the memory estimate bound what is allocated.
 
 The rooms below (train, lora, data, privacy) receive their pieces of the plan, never the
 coordinator's whole :class:`~fedslm.config.Config`.
@@ -114,6 +123,9 @@ class RoundPlan:
     # Where this node trains and scores (fedslm.train.device): its policy's resources.device when
     # deployed; in simulation cuda when federation.client_gpus > 0, else cpu. Never the request's.
     device: str = "cpu"
+    # Deployment: the policy's resources.max_memory_gb (in bytes) and max_seconds_per_round; None in simulation.
+    max_memory_bytes: Optional[float] = None
+    max_seconds: Optional[float] = None
 
 
 def _interpolations(value: Any, path: str = "") -> list[str]:
@@ -203,6 +215,7 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
         return _simulation_plan(cfg, node)
     pol, req = node.policy, cfg.privacy
     name = pol.name
+    check_work(cfg, pol)
 
     def overridden(what: str) -> None:
         log.warning("%s: %s", name, what)
@@ -297,8 +310,9 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
     )
     d = pol.data
     if not d.size_is_public and d.size_floor is None and req.enabled:
-        log.warning("%s: data.size_floor is not set: the noise is planned for the true record count, which the "
-                    "update's noise level gives away (data.size_is_public=false)", name)
+        log.warning("%s: data.size_floor is not set: the noise is planned for the largest power of two at or below "
+                    "the record count (fedslm.node.policy.default_floor), which the update's noise level and the "
+                    "refusals of batches above it give away; set data.size_floor to a public lower bound", name)
     data = d.data_config(max_test_records=max_test)
     cl = cfg.privacy.client_level
     return RoundPlan(
@@ -313,5 +327,87 @@ def plan_round(cfg: Config, node: NodeContext) -> RoundPlan:
         min_test_records=d.min_test_records,
         allowed_fingerprints=tuple(pol.models.fingerprints) if pol.models.fingerprints else None,
         evaluation=pol.evaluation, size_is_public=d.size_is_public, device=res.device,
+        max_memory_bytes=res.max_memory_gb * 2**30, max_seconds=res.max_seconds_per_round,
     )
+
+
+def check_work(cfg: Config, policy: NodePolicy) -> None:
+    """Refuse a request for more work than the node's resources allow, before anything else is done
+    with it: the noise plan's cost grows with the rounds, a round's time with its local steps, the
+    adapter's memory with the LoRA rank."""
+    res = policy.resources
+    for key, asked, cap in (("federation.rounds", cfg.federation.rounds, res.max_rounds_per_run),
+                            ("train.local_steps", cfg.train.local_steps, res.max_local_steps),
+                            ("lora.r", cfg.lora.r, res.max_lora_rank)):
+        if asked > cap:
+            resource = {"federation.rounds": "max_rounds_per_run", "train.local_steps": "max_local_steps",
+                        "lora.r": "max_lora_rank"}[key]
+            raise PolicyRefusal(f"the request's {key}={asked} is above this node's resources.{resource}={cap}")
+
+
+# Bytes a training step holds per token and layer, in float32 values: hidden states, attention
+# projections, MLP and layer norms kept for the backward pass (about 16 hidden-sized vectors a token;
+# an estimate, not a measurement), plus the attention scores (heads × length a token).
+_VALUES_PER_TOKEN_LAYER = 16
+# A Python list of Python ints (the Poisson batches' record indices, drawn for every step up front).
+_BYTES_PER_INDEX = 36
+
+
+def round_memory(plan: RoundPlan, model: Any, num_labels: Optional[int]) -> dict[str, float]:
+    """An estimate, in bytes, of what one round of ``plan`` holds on the base ``model`` (already
+    loaded, not yet wrapped): the base, the LoRA adapter and head with their gradients, optimiser
+    state and per-record gradients (one per record of a physical batch), the activations of a
+    physical batch (and causal LMs' logits), and the batches' record indices. It depends on the
+    request and the public base only, never on the records (a refusal must not tell their count)."""
+    lora, spec, mcfg = plan.lora, plan.spec, getattr(model, "config", None)
+    hidden = int(getattr(mcfg, "hidden_size", 0) or 0)
+    layers = int(getattr(mcfg, "num_hidden_layers", 0) or 0)
+    heads = int(getattr(mcfg, "num_attention_heads", 0) or 0)
+    vocab = int(getattr(mcfg, "vocab_size", 0) or 0)
+    targets = list(lora.target_modules or [])  # the preset's defaults already filled in (check_memory)
+    adapter = 0
+    for name, module in model.named_modules():
+        fan_in, fan_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        if not isinstance(fan_in, int) or not isinstance(fan_out, int):
+            continue
+        if targets == ["all-linear"] or any(name == t or name.endswith("." + t) for t in targets):
+            adapter += lora.r * (fan_in + fan_out)
+    trained_layers = layers if lora.layers is None else max(lora.layers, 1)
+    if layers and lora.layers is not None:
+        adapter = adapter * trained_layers // layers
+    head = hidden * (num_labels or 0) + (num_labels or 0)
+    params = adapter + head
+    base = sum(p.numel() * p.element_size() for p in model.parameters())
+    length = plan.model.max_length
+    head_only = lora.layers == 0
+    chunk = (spec.feature_batch_size or spec.physical_batch_size) if head_only else spec.physical_batch_size
+    if head_only:  # cached sentence vectors, no model pass and no per-record gradient tensors
+        per_record, activations = 0, chunk * (hidden + 4 * (num_labels or 1)) * 4 * 4
+    else:
+        per_record = params * chunk * 4
+        activations = chunk * length * trained_layers * (_VALUES_PER_TOKEN_LAYER * hidden + heads * length) * 4
+        if plan.model.task != "classification":
+            activations += chunk * length * vocab * 4 * 2  # logits and their gradient
+    evaluation = plan.eval_batch_size * length * (2 * hidden + heads * length + (
+        vocab if plan.model.task != "classification" else 0)) * 4
+    batches = 0 if spec.full_batch else spec.local_steps * spec.batch_size * _BYTES_PER_INDEX
+    return {"base": float(base), "adapter": float(params * 4 * 4), "per-record gradients": float(per_record),
+            "activations": float(max(activations, evaluation)), "batch indices": float(batches)}
+
+
+def check_memory(plan: RoundPlan, model: Any, num_labels: Optional[int], default_targets: tuple[str, ...]) -> None:
+    """Refuse, before the adapter is allocated, a round whose estimate passes resources.max_memory_gb."""
+    if plan.max_memory_bytes is None:
+        return
+    if plan.lora.target_modules is None:
+        plan = replace(plan, lora=replace(plan.lora, target_modules=list(default_targets)))
+    parts = round_memory(plan, model, num_labels)
+    total = sum(parts.values())
+    if total > plan.max_memory_bytes:
+        largest = max(parts, key=lambda k: parts[k])
+        raise PolicyRefusal(f"the requested round would hold about {total / 2**30:.3g} GiB ({largest}: "
+                            f"{parts[largest] / 2**30:.3g} GiB; lora.r={plan.lora.r}, train.physical_batch_size="
+                            f"{plan.spec.physical_batch_size}, train.local_steps={plan.spec.local_steps}, "
+                            f"train.batch_size={plan.spec.batch_size}), above this node's resources.max_memory_gb="
+                            f"{plan.max_memory_bytes / 2**30:g}")
 

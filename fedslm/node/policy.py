@@ -65,8 +65,8 @@ class PolicyData:
     size_is_public: bool = False
     # With the size private: a public lower bound on the number of training records. The noise is
     # planned and charged for it (σ for rate b/floor), so the noise level a coordinator can measure in
-    # the update says nothing about the count beyond "at least the floor". None: planned for the true
-    # count, whose noise level then gives it away (fedslm node check warns).
+    # the update says nothing about the count beyond "at least the floor", nor does the refusal of a batch
+    # above it. None: the largest power of two at or below the count (default_floor; node check warns).
     size_floor: Optional[int] = None
 
     def data_config(self, max_test_records: Optional[int] = None) -> DataConfig:
@@ -387,7 +387,8 @@ data:
   size_is_public: false
   # With the size private, a public lower bound on your training records: the DP noise is planned for
   # it, so the noise level in your updates does not give your count away (a floor well below the
-  # count costs utility: more noise). node init proposes your count rounded down to two digits.
+  # count costs utility: more noise). node init proposes your count rounded down to two digits; left
+  # null, the node plans for the largest power of two at or below the count (coarser, more noise).
   size_floor: {size_floor}
 
 privacy:
@@ -474,6 +475,16 @@ resources:
 # torch threads for training on this node (null: torch's default).
 threads: null
 """
+
+
+def default_floor(n: int) -> int:
+    """The floor a node whose size is private plans its noise for when its policy sets no data.size_floor:
+    the largest power of two at or below ``n``. Without any floor, σ (which the update's noise level
+    shows) and the refusal of a batch larger than the records (which a search over batch sizes finds)
+    would each give ``n`` exactly; with this one they give ⌊log2 n⌋ and no more, at a cost to utility of
+    a sample rate at most twice the true one in the plan. A floor the operator sets (node init proposes
+    two significant digits) wins: it is the public fact the operator chose."""
+    return 1 << (max(int(n), 1).bit_length() - 1)
 
 
 def proposed_floor(n: int) -> int:

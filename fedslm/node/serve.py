@@ -13,9 +13,9 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -30,8 +30,9 @@ from fedslm.lora import get_adapter_state, set_adapter_state, wrap
 from fedslm.lora.adapter import frozen_digest
 from fedslm.models import BaseModel, load_base
 from fedslm.node.clipping import ClippingMismatch, check_clipping, client_clip
-from fedslm.node.plan import BadRequest, NodeContext, PolicyRefusal, RoundPlan, parse_request_config, plan_round
-from fedslm.node.policy import NODE_INSTITUTION, NODE_POLICY, PolicyError, load_policy
+from fedslm.node.plan import (BadRequest, NodeContext, PolicyRefusal, RoundPlan, check_memory, parse_request_config,
+                               plan_round)
+from fedslm.node.policy import NODE_INSTITUTION, NODE_POLICY, PolicyError, default_floor, load_policy
 from fedslm.node.releases import Releases, adapter_digest
 from fedslm.node.runtime import simulated
 from fedslm.node.secagg import secure_payload
@@ -41,7 +42,7 @@ from fedslm.train.local import RoundResult, train_round
 from fedslm.train.node import Node
 from fedslm.train.prefix import Features, split_features
 from fedslm.node.metrics import calibrate, public_train_metrics, release_evaluation
-from fedslm.wire.codec import WITHHELD, Request, tensor_bytes, transfer
+from fedslm.wire.codec import WITHHELD, Request, decode_adapter, tensor_bytes, transfer
 
 log = logging.getLogger("fedslm.node")
 
@@ -54,6 +55,8 @@ class SecureAggregationRequired(FedslmError):
     pass
 
 
+class RoundTimedOut(PolicyRefusal):
+    """A round ran past the policy's resources.max_seconds_per_round and was ended."""
 
 
 def node_context(node_config: Mapping[str, Any]) -> NodeContext:
@@ -144,22 +147,52 @@ def _base_and_model(plan: RoundPlan, num_labels: Optional[int]) -> tuple[BaseMod
     key = json.dumps([asdict(plan.model), asdict(plan.lora), plan.spec.seed, num_labels, str(device)], sort_keys=True)
     if key not in _LOADED:
         _LOADED.clear()
-        base = load_base(plan.model, num_labels)
-        _LOADED[key] = (base, wrap(base.model, plan.lora, plan.model.task, base.target_modules, seed=plan.spec.seed,
-                                   device=device))
+        _LOADED[key] = _load(plan, num_labels)
     return _LOADED[key]
+
+
+def _load(plan: RoundPlan, num_labels: Optional[int]) -> tuple[BaseModel, PeftModel]:
+    """The base (one the policy allows) and, if the round's memory estimate fits the policy's
+    resources.max_memory_gb, its LoRA model: the adapter is allocated only after that check."""
+    base = load_base(plan.model, num_labels)
+    check_memory(plan, base.model, num_labels, base.target_modules)
+    return base, wrap(base.model, plan.lora, plan.model.task, base.target_modules, seed=plan.spec.seed,
+                      device=node_device(plan))
+
+
+def _num_labels(data: TaskData) -> Optional[int]:
+    return len(data.labels) if data.labels is not None else None
+
+
+def with_adapter(plan: RoundPlan, request: Request, data: TaskData) -> Request:
+    """``request`` with its global adapter decoded, once the record's keys, dtypes and shapes were checked
+    against this round's model from its metadata (fedslm.wire.codec.decode_adapter): a tensor under a
+    key the model does not have, or of another shape, is refused before it is materialised."""
+    if request.adapter is not None or request.arrays is None:
+        return request
+    _, model = _base_and_model(plan, _num_labels(data))
+    expected = {k: tuple(v.shape) for k, v in get_adapter_state(model).items()}
+    return replace(request, adapter=decode_adapter(request.arrays, expected))
+
+
+def with_floor(plan: RoundPlan, n: int) -> RoundPlan:
+    """A deployed node with a private size and no data.size_floor plans for
+    :func:`fedslm.node.policy.default_floor` of its ``n`` training records (see there why)."""
+    dp = plan.spec.dp
+    if plan.evaluation is None or plan.size_is_public or dp.planned_examples is not None or not dp.enabled:
+        return plan
+    return replace(plan, spec=replace(plan.spec, dp=replace(dp, planned_examples=default_floor(n))))
 
 
 def build_institution(plan: RoundPlan, request: Request, *, for_training: bool = True,
                       data: Optional[TaskData] = None) -> Node:
     data = data if data is not None else institution_task_data(plan, for_training=for_training)
-    num_labels = len(data.labels) if data.labels is not None else None
-    if request.adapter is not None:
+    num_labels = _num_labels(data)
+    if request.sends_adapter:
         base, model = _base_and_model(plan, num_labels)
+        request = with_adapter(plan, request, data)
     else:
-        base = load_base(plan.model, num_labels)
-        model = wrap(base.model, plan.lora, plan.model.task, base.target_modules, seed=plan.spec.seed,
-                     device=node_device(plan))
+        base, model = _load(plan, num_labels)
     if plan.allowed_fingerprints is not None and base.fingerprint not in plan.allowed_fingerprints:
         raise PolicyRefusal(f"{plan.name}: base model fingerprint {base.fingerprint[:12]} is not in this node's "
                             "models.fingerprints")
@@ -262,15 +295,17 @@ def client_train(request: Request, node: NodeContext) -> tuple[dict[str, torch.T
 
 
 def _train(plan: RoundPlan, request: Request, *, secure: bool = False,
-           cohort: Optional[list[int]] = None,
-           lattice: Optional[dict[str, Any]] = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+           cohort: Optional[list[int]] = None, lattice: Optional[dict[str, Any]] = None,
+           data: Optional[TaskData] = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``secure``: the request came inside the secure aggregation protocol (the caller masks the
     result), among the neighbours ``cohort``. ``lattice``: filled with a distributed-noise round's
     integer sums by adapter key ("sums") and its noise share ("share"; :mod:`fedslm.privacy.distributed`)."""
     started = time.perf_counter()
     _check_secure(plan, secure)
     _threads(plan)
-    data = institution_task_data(plan)
+    data = data if data is not None else institution_task_data(plan)
+    plan = with_floor(plan, len(data.train))
+    request = with_adapter(plan, request, data)
     ledger = Ledger(plan.ledger)
     releases = Releases(ledger.path)
     digest = adapter_digest(request.adapter)
@@ -295,7 +330,7 @@ def _train(plan: RoundPlan, request: Request, *, secure: bool = False,
         log.warning("%s: round %s of run %s is asked again with a different adapter; training and charging anew",
                     plan.name, request.server_round, request.run_id)
     # Whether the bound and the run agree is known before training: refuse before anything is charged.
-    if request.clipping_norm is not None and request.adapter is None:
+    if request.clipping_norm is not None and not request.sends_adapter:
         raise ClippingMismatch("client-side clipping needs the global adapter in the request")
     check_clipping(plan.client_clipping, request.clipping_norm)
     inst = build_institution(plan, request, data=data)
@@ -309,10 +344,11 @@ def _train(plan: RoundPlan, request: Request, *, secure: bool = False,
         return releases.save(plan.unit, request.run_id, request.server_round, digest, state, kept,
                              cohort=sorted(cohort or []) if secure else None)
 
+    features = _features(plan, inst, inst.train)
     result = train_round(
         inst.model, inst.train, plan.spec, unit=plan.unit, ledger=ledger,
         run_id=request.run_id, round_idx=request.server_round, proximal_mu=request.proximal_mu,
-        release=keep if request.run_id else None, features=_features(plan, inst, inst.train),
+        release=keep if request.run_id else None, features=features, progress=_deadline(plan),
     )
     state, extra = released[0] if released else _released(plan, request, inst.model)  # clipped once, kept as sent
     if lattice is not None and result.lattice is not None:
@@ -322,6 +358,30 @@ def _train(plan: RoundPlan, request: Request, *, secure: bool = False,
         metrics["epsilon-alone"] = result.epsilon_alone
     metrics["seconds"] = time.perf_counter() - started
     return _on_the_wire(plan, state, _published(plan, metrics), secure)
+
+
+def _deadline(plan: RoundPlan) -> Optional[Callable[[int, int, float], None]]:
+    """A progress callback that ends the round once its training has run past the policy's
+    resources.max_seconds_per_round (checked after every step; a step is bounded by the batch caps).
+
+    Nothing of an ended round is released, and its reservation stands: the ledger was charged for every
+    planned step before the first record was touched (fedslm.train.local), so the steps taken are
+    covered (ε only grows with steps: charging for more than were taken overstates the spend, never
+    understates it), and since no update leaves the node there is nothing more to account for. Releasing
+    the partial update instead would be as private (post-processing of charged steps), but it is not the
+    round the coordinator asked for, and a node that answers slowly would answer with less training
+    without saying so. The clock starts when training does (after the records and their features are
+    ready), so that whether a round ends depends on the requested work, not on the record count."""
+    if plan.max_seconds is None:
+        return None
+    limit, start = plan.max_seconds, time.monotonic()
+
+    def check(step: int, steps: int, loss: float) -> None:  # noqa: ARG001
+        if time.monotonic() - start > limit:
+            raise RoundTimedOut(f"{plan.name}: the round ran past resources.max_seconds_per_round={limit:g} after "
+                                f"{step} of {steps} steps; ended, nothing released (its planned steps stay charged)")
+
+    return check
 
 
 def _on_the_wire(plan: RoundPlan, state: dict[str, torch.Tensor], metrics: dict[str, Any],
@@ -341,7 +401,7 @@ def client_secure_train(request: Request, node: NodeContext, cohort: Optional[li
     weight, and the metrics. ``setup``: the clipping range, levels, modulus and max weight Flower's mod
     will quantise with (from the protocol's setup stage); ``noise``: filled with a distributed-noise
     round's lattice digest, share, need and honest count (signed with the survivor list)."""
-    if request.adapter is None:
+    if not request.sends_adapter:
         raise FedslmError("a secure aggregation round needs the global adapter in the request")
     plan = round_plan(request, node)
     lat = plan.spec.dp.lattice
@@ -357,7 +417,9 @@ def client_secure_train(request: Request, node: NodeContext, cohort: Optional[li
             raise PolicyRefusal("distributed noise: the protocol's setup (clipping range, levels, modulus, max "
                                 "weight) differs from the run config this round was asked with; not training")
     out: dict[str, Any] = {}
-    state, metrics = _train(plan, request, secure=True, cohort=cohort, lattice=out)
+    data = institution_task_data(plan)
+    request = with_adapter(plan, request, data)  # the payloads below add the update to it
+    state, metrics = _train(plan, request, secure=True, cohort=cohort, lattice=out, data=data)
     if lat is not None:
         from fedslm.node.secagg import lattice_payload
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -11,7 +12,9 @@ import numpy as np
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedslm.errors import ConfigError
-from fedslm.privacy.accountant import accountant_kwargs, epsilon_per_round
+from fedslm.privacy.accountant import accountant_kwargs, epsilon, epsilon_per_round, prv_fallback
+
+log = logging.getLogger("fedslm.privacy")
 
 
 def default_delta(num_examples: int) -> float:
@@ -30,15 +33,21 @@ class PrivacyPlan:
     delta: float
     target_epsilon: float
     accountant: str
-    epsilon_per_round: tuple[float, ...]
 
     @property
     def total_steps(self) -> int:
         return self.local_steps * self.rounds
 
-    @property
+    # Computed when asked (fedslm privacy plan shows the curve): a node serving a request needs σ and q only,
+    # and must not spend a composition per planned round.
+    @functools.cached_property
+    def epsilon_per_round(self) -> tuple[float, ...]:
+        return tuple(epsilon_per_round(self.noise_multiplier, self.sample_rate, self.local_steps, self.rounds,
+                                       self.delta, self.accountant))
+
+    @functools.cached_property
     def epsilon(self) -> float:
-        return self.epsilon_per_round[-1]
+        return epsilon([(self.noise_multiplier, self.sample_rate, self.total_steps)], self.delta, self.accountant)
 
 
 @functools.lru_cache(maxsize=256)  # a pure function of its arguments; PRV takes seconds (a simulation asks every round)
@@ -71,23 +80,35 @@ def plan(
         )
     steps = local_steps * rounds
     if noise_multiplier is None:
-        try:
-            with warnings.catch_warnings(), np.errstate(divide="ignore"):  # PRV at q = 1: log(1 - q) = -inf, handled
-                # Opacus' search starts at σ=20, where the optimal RDP order is off its grid; the
-                # ε we report is recomputed below at the chosen σ, where it is not.
-                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-                sigma = get_noise_multiplier(
-                    target_epsilon=target_epsilon, target_delta=delta, sample_rate=q, steps=steps,
-                    accountant=accountant, epsilon_tolerance=min(epsilon_tolerance, target_epsilon / 100),
-                    **accountant_kwargs(accountant),
-                )
-        except ValueError:
-            raise ConfigError(
-                f"privacy.target_epsilon={target_epsilon} cannot be reached with {steps} steps at sample rate "
-                f"{q:.3g}: fewer rounds or local steps, or a smaller batch"
-            ) from None
+        tolerance = min(epsilon_tolerance, target_epsilon / 100)
+        sigma = _search(target_epsilon, delta, q, steps, "rdp", tolerance)
+        if accountant == "prv":
+            # Each step of PRV's search composes the whole plan on its grid, which grows with √steps and as σ
+            # falls; the search visits σ down to about half of RDP's (PRV is the tighter bound). Past PRV's
+            # bounds, RDP's σ is kept: a looser upper bound, so more noise, never less privacy.
+            reason = prv_fallback([(sigma / 2, q, steps)], delta)
+            if reason is None:
+                sigma = _search(target_epsilon, delta, q, steps, "prv", tolerance)
+            else:
+                log.info("planning σ with RDP instead of PRV: %s", reason)
     else:
         sigma = float(noise_multiplier)
-    per_round = epsilon_per_round(sigma, q, local_steps, rounds, delta, accountant)
     return PrivacyPlan(num_examples, batch_size, q, local_steps, rounds, float(sigma), float(delta),
-                       float(target_epsilon), accountant, tuple(per_round))
+                       float(target_epsilon), accountant)
+
+
+def _search(target_epsilon: float, delta: float, q: float, steps: int, accountant: str, tolerance: float) -> float:
+    try:
+        with warnings.catch_warnings(), np.errstate(divide="ignore"):  # PRV at q = 1: log(1 - q) = -inf, handled
+            # Opacus' search starts at σ=20, where the optimal RDP order is off its grid; the
+            # ε we report is recomputed at the chosen σ, where it is not.
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return float(get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=delta, sample_rate=q, steps=steps,
+                accountant=accountant, epsilon_tolerance=tolerance, **accountant_kwargs(accountant),
+            ))
+    except ValueError:
+        raise ConfigError(
+            f"privacy.target_epsilon={target_epsilon} cannot be reached with {steps} steps at sample rate "
+            f"{q:.3g}: fewer rounds or local steps, or a smaller batch"
+        ) from None

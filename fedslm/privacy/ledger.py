@@ -16,7 +16,18 @@ A round's cost is *reserved* before training starts: the cap is checked and the 
 under one file lock (:meth:`Ledger.reserve`), so two rounds started together cannot both pass a
 cap that admits one, and a crash after the reservation loses budget, never gains it. Writes are
 atomic (temp file + fsync + rename). A ledger that cannot be read stops training: losing it must
-never look like a fresh budget.
+never look like a fresh budget. Nor can one that holds a malformed entry (a missing field, a
+non-number, NaN or ∞ where a finite σ, q, δ or step count belongs): it is refused in one line that
+names the file, the unit, the entry and the field, before any ε is composed from it.
+
+A round's check costs the same however long the ledger is. RDP composes additively per order, so
+each unit keeps the running sum of its Gaussian rounds' RDP curves (``rdp_running``: the curve, the
+orders and how many entries it covers); a check adds the planned round's curve to it. The sum is
+derived data: when it is missing (a ledger of an earlier fedslm, a migrated one) or does not match
+the entries, it is rebuilt from them, merged by (σ, q), and kept at the next reservation. PRV has no
+such running form: it composes the unit's distinct (σ, q) on one grid while that stays within
+:func:`fedslm.privacy.accountant.prv_fallback`'s bounds, and with RDP (a looser upper bound, so the
+cap still holds) past them.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from fedslm.errors import BudgetExceededError, FedslmError
-from fedslm.privacy.accountant import Step, epsilon
+from fedslm.privacy.accountant import RDP_ALPHAS, Step, epsilon, epsilon_from_rdp, merge, prv_fallback, rdp_curve
 
 FORMAT = "fedslm-privacy-ledger/2"
 # Ledgers of fedslm before privacy units: budgets keyed by a hash of the training split.
@@ -44,6 +55,10 @@ OLD_FORMAT = "fedslm-privacy-ledger/1"
 DEFAULT_UNIT = "all-records"
 # Slack for float noise in ε so a plan calibrated to exactly the cap is not refused.
 _EPS_SLACK = 1e-9
+# Per unit: the running RDP sums of its Gaussian rounds, by order set ("alphas": RDP_ALPHAS for Opacus'
+# accountant; "skellam": fedslm.privacy.skellam.ORDERS, when distributed-noise rounds are composed with them).
+RUNNING = "rdp_running"
+MECHANISMS = ("gaussian", "skellam")
 
 
 class LedgerError(FedslmError):
@@ -82,15 +97,132 @@ def compose(entries: list[dict[str, Any]], delta: float, accountant: str = "rdp"
     distributed-noise (Skellam) rounds among them, everything in RDP at integer orders (sound for
     both, a little looser than PRV for the Gaussian part). ``alone``: each distributed round counted
     with this node's own noise only."""
-    releases = _releases(entries, alone)
-    gaussian = _steps(entries)
-    if not releases:
-        return epsilon(gaussian, delta, accountant)
+    return _compose({"entries": entries}, delta, accountant, alone=alone)
+
+
+def _orders(key: str) -> list:
+    if key == "alphas":
+        return list(RDP_ALPHAS)
     from fedslm.privacy import skellam
 
-    extra = sum((skellam.gaussian_rdp(sigma, q, steps) for sigma, q, steps in gaussian if steps > 0 and q > 0),
-                start=np.zeros(len(skellam.ORDERS)))
-    return skellam.epsilon(releases, delta, extra_rdp=extra)
+    return list(skellam.ORDERS)
+
+
+def _usable(state: Any, orders: list, count: int) -> bool:
+    """Whether a stored running sum is one this code wrote for these orders and entries."""
+    if not isinstance(state, dict) or state.get("orders") != orders:
+        return False
+    covered, curve = state.get("entries"), state.get("curve")
+    return (isinstance(covered, int) and not isinstance(covered, bool) and 0 <= covered <= count
+            and isinstance(curve, list) and len(curve) == len(orders)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in curve))
+
+
+def _gaussian_curve(record: dict[str, Any], key: str) -> np.ndarray:
+    """The RDP curve at ``key``'s orders of every Gaussian round of a unit's ``record``: its running sum,
+    plus the rounds past it (all of them, merged by (σ, q), when there is no usable sum)."""
+    orders, entries = _orders(key), record.get("entries", [])
+    state = (record.get(RUNNING) or {}).get(key) if isinstance(record.get(RUNNING), dict) else None
+    curve, start = np.zeros(len(orders)), 0
+    if _usable(state, orders, len(entries)):
+        curve, start = np.asarray(state["curve"], dtype=float), int(state["entries"])
+    for sigma, q, steps in merge(_steps(entries[start:])):
+        curve = curve + rdp_curve(sigma, q, steps, orders)
+    return curve
+
+
+def _running(record: dict[str, Any]) -> dict[str, Any]:
+    """The running sums covering every entry of ``record`` (Skellam orders only where needed)."""
+    entries = record.get("entries", [])
+    keys = ["alphas"] + (["skellam"] if any(e.get("mechanism") == "skellam" for e in entries) else [])
+    return {key: {"orders": _orders(key), "curve": _gaussian_curve(record, key).tolist(), "entries": len(entries)}
+            for key in keys}
+
+
+def _compose(record: dict[str, Any], delta: float, accountant: str, *, alone: bool = False,
+             planned: Optional[dict[str, Any]] = None) -> float:
+    """ε at ``delta`` of a unit's ``record`` (and a ``planned`` round on top), at a cost that does not grow
+    with the number of its RDP rounds (see the module docstring)."""
+    entries = record.get("entries", [])
+    extra = [planned] if planned is not None else []
+    releases = _releases([*entries, *extra], alone)
+    if not releases and accountant == "prv":
+        history = merge(_steps([*entries, *extra]))
+        if prv_fallback(history, delta) is None:
+            return epsilon(history, delta, "prv")
+    key = "skellam" if releases else "alphas"
+    orders = _orders(key)
+    curve = _gaussian_curve(record, key)
+    for sigma, q, steps in _steps(extra):
+        curve = curve + rdp_curve(sigma, q, steps, orders)
+    if not releases:
+        if not any(n > 0 and q > 0 for _, q, n in _steps([*entries, *extra])):
+            return 0.0
+        return epsilon_from_rdp(curve, delta, orders)
+    from fedslm.privacy import skellam
+
+    return skellam.epsilon(releases, delta, extra_rdp=curve)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# (field, test, what it must be) of every entry; Skellam rounds also carry mu, honest, l1, l2.
+_FIELDS = (
+    ("noise_multiplier", lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    ("sample_rate", lambda v: _number(v) and 0 <= v <= 1, "a finite number in [0, 1]"),
+    ("steps", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("delta", lambda v: _number(v) and 0 < v < 1, "a finite number in (0, 1)"),
+)
+_SKELLAM_FIELDS = (
+    ("mu", lambda v: _number(v) and v > 0, "a finite number > 0"),
+    ("honest", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("l1", lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    ("l2", lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_entry(entry: Any, where: str) -> None:
+    """Refuse an entry that is no round this code could have written, naming ``where`` and the field."""
+    if not isinstance(entry, dict):
+        raise LedgerError(f"{where} is not a mapping but {_shown(entry)}; refusing to train (restore the ledger "
+                          "from backup)")
+    mechanism = entry.get("mechanism", "gaussian")
+    if mechanism not in MECHANISMS:
+        raise LedgerError(f"{where}: field 'mechanism' is {_shown(mechanism)}, not one of {', '.join(MECHANISMS)}; "
+                          "refusing to train (restore the ledger from backup)")
+    for name, ok, what in _FIELDS + (_SKELLAM_FIELDS if mechanism == "skellam" else ()):
+        if name not in entry:
+            raise LedgerError(f"{where}: field {name!r} is missing; refusing to train (restore the ledger from backup)")
+        if not ok(entry[name]):
+            raise LedgerError(f"{where}: field {name!r} is {_shown(entry[name])}, not {what}; refusing to train "
+                              "(restore the ledger from backup)")
+    if entry.get("accountant", "rdp") not in ("rdp", "prv"):
+        raise LedgerError(f"{where}: field 'accountant' is {_shown(entry.get('accountant'))}, not rdp or prv; "
+                          "refusing to train (restore the ledger from backup)")
+
+
+def _check_units(path: Path, units: dict[str, Any]) -> None:
+    for unit, record in units.items():
+        where = f"privacy ledger {path}: unit {unit!r}"
+        if not isinstance(record, dict) or not isinstance(record.get("entries", []), list):
+            raise LedgerError(f"{where} is not a mapping with a list of entries; refusing to train (restore the "
+                              "ledger from backup)")
+        if not _integer(record.get("num_examples", 0)):
+            raise LedgerError(f"{where}: field 'num_examples' is {_shown(record.get('num_examples'))}, not an "
+                              "integer; refusing to train (restore the ledger from backup)")
+        for i, entry in enumerate(record.get("entries", [])):
+            check_entry(entry, f"{where}, entry {i}")
 
 
 class Ledger:
@@ -103,9 +235,10 @@ class Ledger:
             return {"format": FORMAT, "units": {}}
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0]
             raise LedgerError(
-                f"privacy ledger {self.path} is unreadable ({exc}); refusing to train, since a lost ledger "
+                f"privacy ledger {self.path} is unreadable ({reason}); refusing to train, since a lost ledger "
                 "must not reset the spent budget. Restore it from backup."
             ) from None
         if isinstance(data, dict) and data.get("format") == OLD_FORMAT:
@@ -115,6 +248,7 @@ class Ledger:
                 f"--unit {DEFAULT_UNIT} (or the unit named in your node policy)")
         if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("units"), dict):
             raise LedgerError(f"privacy ledger {self.path} is not a {FORMAT} file; refusing to train")
+        _check_units(self.path, data["units"])
         return data
 
     def history(self, unit: str) -> list[Step]:
@@ -122,7 +256,7 @@ class Ledger:
 
     def spent(self, unit: str, delta: float, accountant: str = "rdp", *, alone: bool = False) -> float:
         """ε of the unit's whole history; ``alone``: distributed-noise rounds with this node's share only."""
-        return compose(self.entries(unit), delta, accountant, alone=alone)
+        return _compose(self._record(unit), delta, accountant, alone=alone)
 
     def summary(self, accountant: Optional[str] = None) -> list[UnitSpend]:
         """ε per unit, composed with ``accountant``; None: the one the unit's latest round was charged with
@@ -132,22 +266,29 @@ class Ledger:
             entries = record.get("entries", [])
             delta = float(entries[-1]["delta"]) if entries else 0.0
             used = accountant or (str(entries[-1].get("accountant", "rdp")) if entries else "rdp")
+            shown = used
+            if used == "prv" and entries and not _releases(entries, False) and prv_fallback(
+                    merge(_steps(entries)), delta) is not None:
+                shown = "rdp (past prv's bounds)"  # what _compose used: a looser upper bound of the same rounds
             out.append(UnitSpend(
                 unit=unit,
                 num_examples=int(record.get("num_examples", 0)),
                 rounds=len(entries),
                 steps=sum(int(e["steps"]) for e in entries),
                 delta=delta,
-                epsilon=compose(entries, delta, used) if entries else 0.0,
+                epsilon=_compose(record, delta, used) if entries else 0.0,
                 private=all(float(e["noise_multiplier"]) > 0 for e in entries),
-                accountant=used,
-                epsilon_alone=compose(entries, delta, used, alone=True)
+                accountant=shown,
+                epsilon_alone=_compose(record, delta, used, alone=True)
                 if any(e.get("mechanism") == "skellam" for e in entries) else None,
             ))
         return out
 
     def entries(self, unit: str) -> list[dict[str, Any]]:
-        return list(self.read()["units"].get(unit, {}).get("entries", []))
+        return list(self._record(unit).get("entries", []))
+
+    def _record(self, unit: str) -> dict[str, Any]:
+        return self.read()["units"].get(unit, {})
 
     # -- enforcing and writing ---------------------------------------------
     @staticmethod
@@ -156,14 +297,15 @@ class Ledger:
         return (f"privacy budget: this round would take privacy unit {unit!r} to ε={shown} at δ={delta:.3g}, past this "
                 f"node's cap max_epsilon={max_epsilon:g} (spent so far ε={before:.3f}, ledger {path}); refusing to train")
 
-    def _within_cap(self, unit: str, entries: list[dict[str, Any]], planned: dict[str, Any], *, delta: float,
+    def _within_cap(self, unit: str, record: dict[str, Any], planned: dict[str, Any], *, delta: float,
                     max_epsilon: float, accountant: str, max_epsilon_alone: float = math.inf) -> tuple[float, float]:
-        before = compose(entries, delta, accountant)
-        after = compose([*entries, planned], delta, accountant)
+        check_entry({**planned, "delta": delta}, f"the planned round of privacy unit {unit!r} (ledger {self.path})")
+        before = _compose(record, delta, accountant)
+        after = _compose(record, delta, accountant, planned=planned)
         if not after <= max_epsilon + _EPS_SLACK:
             raise BudgetExceededError(self._refusal(unit, after, before, delta, max_epsilon, self.path))
         if planned.get("mechanism") == "skellam":
-            alone = compose([*entries, planned], delta, accountant, alone=True)
+            alone = _compose(record, delta, accountant, alone=True, planned=planned)
             if not alone <= max_epsilon_alone + _EPS_SLACK:
                 raise BudgetExceededError(
                     f"privacy budget: this distributed-noise round would take privacy unit {unit!r} to ε={alone:.3f} "
@@ -176,7 +318,7 @@ class Ledger:
     ) -> tuple[float, float]:
         """(ε spent, ε after ``planned``); refuse if the latter passes ``max_epsilon``. Writes nothing:
         use :meth:`reserve` to spend."""
-        return self._within_cap(unit, self.entries(unit), _entry(planned), delta=delta, max_epsilon=max_epsilon,
+        return self._within_cap(unit, self._record(unit), _entry(planned), delta=delta, max_epsilon=max_epsilon,
                                 accountant=accountant)
 
     def reserve(
@@ -195,7 +337,8 @@ class Ledger:
         with self._locked():
             data = self.read()
             record = data["units"].setdefault(unit, {"num_examples": num_examples, "entries": []})
-            self._within_cap(unit, record["entries"], planned, delta=delta, max_epsilon=max_epsilon,
+            record[RUNNING] = _running(record)  # brought up to date once (rebuilt, for a ledger without one)
+            self._within_cap(unit, record, planned, delta=delta, max_epsilon=max_epsilon,
                              accountant=accountant, max_epsilon_alone=max_epsilon_alone)
             record["num_examples"] = num_examples
             record["entries"].append({
@@ -203,6 +346,7 @@ class Ledger:
                 "delta": float(delta), "accountant": accountant, "run": run, "round": round,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             })
+            record[RUNNING] = _running(record)
             self._write(data)
         return entry_id
 
