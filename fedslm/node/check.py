@@ -9,7 +9,7 @@ from typing import Any
 from fedslm.config.schema import DataConfig
 from fedslm.data import bundled, load_task_data
 from fedslm.data.readers import header_columns
-from fedslm.node.policy import PolicyError, load_policy, proposed_floor
+from fedslm.node.policy import PolicyError, default_floor, load_policy, proposed_floor
 from fedslm.privacy import Ledger
 from fedslm.privacy.ledger import LedgerError
 
@@ -41,9 +41,10 @@ def check_policy(path: str | Path) -> dict[str, Any]:
         raise PolicyError(f"node policy {path}: privacy.max_delta={p.max_delta:g} is not below 1/n = {1.0 / n:.3g} "
                           f"for {n} training records; choose at most {1.0 / (10 * n):.3g}")
     if not d.size_is_public and d.size_floor is None:
-        warnings.append("data.size_is_public=false but data.size_floor is not set: the DP noise is planned for your "
-                        "true record count, and the noise level in your updates gives it away; set a public lower "
-                        f"bound (e.g. data.size_floor: {proposed_floor(n)})")
+        warnings.append("data.size_is_public=false but data.size_floor is not set: the DP noise is planned for "
+                        f"{default_floor(n)} records (the largest power of two at or below your count), so your "
+                        "updates tell ⌊log2 n⌋; a public lower bound of your own costs less utility (e.g. "
+                        f"data.size_floor: {proposed_floor(n)})")
     if d.size_floor is not None and d.size_floor > n:
         raise PolicyError(f"node policy {path}: data.size_floor={d.size_floor} is above the {n} training records; "
                           "it must be a lower bound")
