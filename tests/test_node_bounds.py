@@ -250,6 +250,15 @@ def test_a_new_sigma_every_round_does_not_make_the_ledgers_check_slower(tmp_path
     del data["units"]["u"]["rdp_running"]
     ledger.path.write_text(json.dumps(data))
     assert ledger.spent("u", 1e-5) == pytest.approx(epsilon(history, 1e-5), rel=1e-9)
+    # An entry edited by hand after the sum was written (an operator's mistake, a restored backup of the
+    # entries alone): the sum no longer matches what it covers and is not trusted.
+    ledger.reserve("u", (1.5, 0.02, 10), delta=1e-5, max_epsilon=50.0, num_examples=500, run="x", round=13)
+    history.append((1.5, 0.02, 10))
+    data = json.loads(ledger.path.read_text())
+    data["units"]["u"]["entries"][0]["noise_multiplier"] = 0.6  # less noise: more ε than the sum says
+    ledger.path.write_text(json.dumps(data))
+    history[0] = (0.6, 0.02, 10)
+    assert ledger.spent("u", 1e-5) == pytest.approx(epsilon(history, 1e-5), rel=1e-9)
 
 
 def test_a_new_sigma_every_round_under_prv_composes_within_bounds(tmp_path, monkeypatch):
