@@ -713,12 +713,12 @@ def test_a_coordinator_cannot_isolate_an_update_by_telling_nodes_different_dropo
     needs three signatures on each of its stories and gets one or two; 11 refuses a list naming
     neighbours it never masked with. No share comes back. With the node's checks off (``checks=off``,
     the code before this stage), the same attack reads 11's update back to the quantisation step."""
-    import fedslm.node.secagg as node_secagg
+    import fedslm.node.secagg.checks as node_checks  # check_stage calls them there
     from fedslm.wire import identity
 
     if checks == "off":
-        monkeypatch.setattr(node_secagg, "check_survivors", lambda *args: None)
-        monkeypatch.setattr(node_secagg, "check_unmask", lambda *args: None)
+        monkeypatch.setattr(node_checks, "check_survivors", lambda *args: None)
+        monkeypatch.setattr(node_checks, "check_unmask", lambda *args: None)
     victim, a, b, c, d = FIVE
 
     def withhold(configs):  # 11 gets the ciphertexts of 12 and 13 only

@@ -315,7 +315,7 @@ def validate(cfg: Config) -> None:
                                     "would not add up to the larger nodes' plans)")
         _check(1 <= sa.lattice_bits <= 24, f"federation.secagg.lattice_bits must be in [1, 24], got {sa.lattice_bits}")
         from fedslm.privacy.distributed import check_wire
-        from fedslm.wire.secagg import quantization_range
+        from fedslm.config.secagg import quantization_range
 
         check_wire(quantization_range(cfg), sa.clipping_range)
     _check(bool(cfg.output.dir.strip()), "output.dir must be a folder path, got ''")

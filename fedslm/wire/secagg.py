@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from fedslm.config import Config
+# Re-exported: both ends read the levels and the modulus here, beside the rest of the protocol's layout.
+from fedslm.config.secagg import MODULUS, quantization_range
 
 if TYPE_CHECKING:
     from fedslm.privacy.distributed import Lattice
@@ -50,9 +52,6 @@ _workflow_module = importlib.import_module("flwr.server.workflow.secure_aggregat
 CONSISTENCY_STAGE = "fedslm-consistency"
 # The longest survivor list a node reads (a federation of institutions is far smaller).
 MAX_SURVIVORS = 10_000
-
-# Mask values live in [0, 2**32): the protocol's modulus.
-MODULUS = 2**32
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,17 +86,6 @@ install_mask_stream()
 
 # --------------------------------------------------------------------------------------------
 # Shared by both ends
-
-
-def quantization_range(cfg: Config) -> int:
-    """Levels over [-clipping_range, clipping_range]: as many as the 2**32 modulus allows for the
-    federation's size (the sum of every institution's levels must not wrap), at most 2**30 (Flower
-    rounds into int32)."""
-    fixed = cfg.federation.secagg.quantization_range
-    if fixed is not None:
-        return int(fixed)
-    bits = min(30, ((MODULUS - 1) // cfg.federation.num_clients).bit_length() - 1)
-    return 2**bits
 
 
 def distributed_lattice(cfg: Config, honest: int = 1, max_epsilon_alone: Optional[float] = None) -> "Lattice":
