@@ -259,15 +259,19 @@ def warm_features(cfg: Config, whole: Any, console: Optional[Console] = None) ->
     simulated institution then takes its rows from it instead of running the base over its own records
     in its own Ray actor. Returns the number of distinct records computed, or None when the recipe
     caches nothing this way (other depths, causal models: each node computes its own, as deployed)."""
-    if cfg.lora.layers != 0 or cfg.model.task != "classification":
-        return None
+    if cfg.lora.layers != 0 or cfg.model.task != "classification" or cfg.federation.ray_address:
+        return None  # on a Ray cluster the institutions run on other machines, with caches of their own
     from fedslm.data.tasks import get_task
     from fedslm.lora import wrap
     from fedslm.models import load_base
     from fedslm.train import prefix
 
     base = load_base(cfg.model, len(whole.labels) if whole.labels is not None else None)
-    model = wrap(base.model, cfg.lora, cfg.model.task, base.target_modules, seed=cfg.train.seed)
+    import torch
+
+    # Where the institutions would compute it: a GPU when they get shares of one (check_client_gpus passed).
+    device = torch.device("cuda") if float(cfg.federation.client_gpus) > 0 else None
+    model = wrap(base.model, cfg.lora, cfg.model.task, base.target_modules, seed=cfg.train.seed, device=device)
     task = get_task(cfg.model.task)
     encs = [task.encode(whole.train, base.tokenizer, cfg.model.max_length),
             task.encode(whole.test, base.tokenizer, cfg.model.max_length)]
