@@ -191,3 +191,14 @@ def test_polling_is_transparent_under_the_secure_aggregation_grid():
     msg = SimpleNamespace(metadata=SimpleNamespace(message_type="evaluate"))
     replies = secure.send_and_receive([msg], timeout=5)
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"] and fake.pulls == 1
+
+
+def test_a_deployed_nodes_own_cache_folder_never_reads_the_simulations_pool(cls_config, tmp_path, monkeypatch):
+    cfg = cls_config("model.pooling=mean", "lora.layers=0", "federation.num_clients=2")
+    warm_features(cfg, check_data(cfg))
+    _, inst = _institution(cfg, 0)
+    prefix._MEMORY.clear()
+    calls = _counted(monkeypatch)
+    own = tmp_path / "node" / "fedslm-features"  # where a deployed node keeps its cache (beside its ledger)
+    prefix.split_features(inst.model, inst.base.fingerprint, inst.train, cfg.model, 0, folder=own)
+    assert calls == [len(inst.train)] and len(prefix.cache_files(own)) == 1
