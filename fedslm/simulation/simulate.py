@@ -230,7 +230,7 @@ def _failure_reason(log_file: Path) -> str:
     return (lines[-1] if lines else "").strip()[-400:]
 
 
-def check_data(cfg: Config) -> None:
+def check_data(cfg: Config) -> Any:
     """Read, validate and split the scenario's data as the simulated institutions will, before Flower and
     Ray start: a bad file is refused here in one line within seconds. Inside Flower it fails every
     ClientApp (or the ServerApp) and the run ends ~40 s later with an exit code, the reason in flower.log."""
@@ -248,6 +248,44 @@ def check_data(cfg: Config) -> None:
     except ValueError as exc:  # flwr-datasets' partitioners (e.g. Dirichlet's size retries running out)
         raise ConfigError(f"federation.partitioner={fed.partitioner} cannot split the {len(whole.train)} training "
                           f"records into federation.num_clients={fed.num_clients} institutions: {exc}") from None
+    return whole
+
+
+def warm_features(cfg: Config, whole: Any, console: Optional[Console] = None) -> Optional[int]:
+    """One feature pass for the whole simulation (lora.layers: 0, the head-only recipe): the base is public
+    and every institution's records are on this machine, so the sentence vectors of all the scenario's
+    records (every institution's train and held-out share, and the fixed test split) are computed once,
+    here, batched by length on all cores, into the shared pool file of fedslm.train.prefix. Each
+    simulated institution then takes its rows from it instead of running the base over its own records
+    in its own Ray actor. Returns the number of distinct records computed, or None when the recipe
+    caches nothing this way (other depths, causal models: each node computes its own, as deployed)."""
+    if cfg.lora.layers != 0 or cfg.model.task != "classification" or cfg.federation.ray_address:
+        return None  # on a Ray cluster the institutions run on other machines, with caches of their own
+    from fedslm.data.tasks import get_task
+    from fedslm.lora import wrap
+    from fedslm.models import load_base
+    from fedslm.train import prefix
+
+    base = load_base(cfg.model, len(whole.labels) if whole.labels is not None else None)
+    import torch
+
+    # Where the institutions would compute it: a GPU when they get shares of one (check_client_gpus passed).
+    device = torch.device("cuda") if float(cfg.federation.client_gpus) > 0 else None
+    model = wrap(base.model, cfg.lora, cfg.model.task, base.target_modules, seed=cfg.train.seed, device=device)
+    task = get_task(cfg.model.task)
+    encs = [task.encode(whole.train, base.tokenizer, cfg.model.max_length),
+            task.encode(whole.test, base.tokenizer, cfg.model.max_length)]
+    if prefix.estimated_bytes(model, encs[0], 0) + prefix.estimated_bytes(model, encs[1], 0) > prefix.max_limit():
+        return None  # the nodes will train uncached as well (split_features' limit)
+    started = time.monotonic()
+    status = console.status(f"frozen-prefix features of {len(encs[0]) + len(encs[1])} records (one pass for all "
+                            "institutions)") if console is not None else contextlib.nullcontext()
+    with status:
+        count = prefix.warm_pool(model, encs, base.fingerprint, cfg.model)
+    if console is not None:
+        console.print(f"features of {count} records in {time.monotonic() - started:.0f}s (one pass, shared by "
+                      f"the {cfg.federation.num_clients} institutions)")
+    return count
 
 
 def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[Path] = None) -> dict[str, Any]:
@@ -255,12 +293,13 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
     out = Path(cfg.output.dir).expanduser().resolve()
     cfg.output.dir = str(out)  # absolute: the ServerApp and every ClientApp write into the same folder
     check_client_gpus(cfg)  # before anything is started or written
-    check_data(cfg)
+    whole = check_data(cfg)
     # Imported here: the coordinator pulls in Flower, transformers and PEFT (seconds), and a bad data file is
     # refused before that.
     from fedslm.coordinator.server import find_checkpoint
 
     resume = find_checkpoint(out, cfg)  # refuses a finished run or a different config before anything starts
+    warm_features(cfg, whole, console)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
     config_path.write_text(to_yaml(cfg), encoding="utf-8")

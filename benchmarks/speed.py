@@ -1,0 +1,305 @@
+"""Where `make run`'s time goes (issue 30): the feature pass, framework time per round, cold and warm runs.
+
+    python benchmarks/speed.py [--records 4000] [--rounds 5] [--full]
+
+Default (about 3 minutes on 2 cores):
+
+- ``feature_pass``: the frozen MiniLM's sentence vectors (the head-only recipe, ``lora.layers: 0``) of
+  ``--records`` ICD-10 records, in several ways: fedslm's pass (``fedslm.train.prefix.compute``:
+  ``torch.inference_mode``, records sorted by length, each batch padded to its longest record) with 1
+  thread and with all cores, and against it the naive pass (records in file order, every batch
+  padded to ``model.max_length``, ``torch.no_grad``) and batch sizes; records/s, the extrapolated time
+  for the scenario's 48,671 records, and the largest difference to fedslm's vectors (fp32 throughout);
+- ``framework``: a short simulation of `make run`'s scenario (``--rounds`` rounds, at most 2,000
+  training records, an empty feature cache of its own) and, per round, ``round_seconds`` from its
+  ``metrics.jsonl`` minus the nodes' own ``train_seconds`` (the slowest node's: nodes run side by
+  side; and all nodes' summed, the bound when they take turns on too few cores): what Flower, Ray,
+  message encoding and the coordinator cost.
+
+``--full`` adds `make run`'s scenario end to end: cold (an empty feature cache) and then warm (the
+cache the cold run filled), wall time and fixed-test accuracy each, and the feature pass over all
+records. Minutes; run it on an idle machine.
+
+Writes benchmarks/results/speed.json and speed.md with the machine and versions. Every figure is wall
+time on whatever else the machine runs: on a shared machine they are noisy (the load average is
+recorded beside them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SCENARIO = ROOT / "simulations" / "icd10-hospitals.yaml"
+ALL_RECORDS = 48_671
+
+
+def _cpu() -> float:
+    """CPU seconds of this process so far, all threads (user + system)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def machine() -> dict:
+    import flwr
+    import torch
+    import transformers
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "flwr": flwr.__version__,
+            "transformers": transformers.__version__, "load_average": list(os.getloadavg()),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _variant(model, enc, batch_size: int, *, sort: bool, pad_to: int | None, no_grad: bool):
+    """A feature pass like fedslm's but with one choice changed: file order (``sort=False``), every batch
+    padded to ``pad_to`` tokens, or ``torch.no_grad`` instead of ``torch.inference_mode``."""
+    import torch
+
+    from fedslm.data.tasks import _pad
+    from fedslm.train.prefix import _mask, _parts, _pool
+
+    encoder, _, _ = _parts(model)
+    encoder.eval()
+    order = sorted(range(len(enc)), key=lambda i: len(enc.input_ids[i])) if sort else list(range(len(enc)))
+    out = torch.zeros(len(enc), encoder.config.hidden_size)
+    with (torch.no_grad() if no_grad else torch.inference_mode()):
+        for start in range(0, len(enc), batch_size):
+            rows = order[start:start + batch_size]
+            seqs = [enc.input_ids[i] for i in rows]
+            if pad_to:
+                seqs = seqs + [[enc.pad_id] * pad_to]  # widens the batch to pad_to; the extra row is dropped
+            ids, mask = _pad(seqs, enc.pad_id)
+            if pad_to:
+                ids, mask = ids[:-1], mask[:-1]
+            h = encoder.embeddings(input_ids=ids)
+            ext = _mask(encoder, h, mask)
+            for layer in encoder.encoder.layer:
+                h = layer(h, ext)
+            out[torch.as_tensor(rows)] = _pool(encoder, h, mask).float()
+    return out
+
+
+def feature_pass(records: int, *, repeats: int = 1, only_fedslm: bool = False) -> dict:
+    import torch
+
+    from fedslm.config import load_config
+    from fedslm.data import load_task_data
+    from fedslm.data.tasks import Encoded, get_task
+    from fedslm.models import load_base
+    from fedslm.train import prefix
+
+    cfg = load_config([SCENARIO])
+    data = load_task_data(cfg.data, cfg.model.task)
+    base = load_base(cfg.model, len(data.labels))
+    whole = data.train + data.test
+    # A spread sample of the records (every k-th), so lengths are as in the whole set.
+    step = max(1, len(whole) // records)
+    enc = get_task(cfg.model.task).encode(whole[::step][:records], base.tokenizer, cfg.model.max_length)
+    enc = Encoded(enc.input_ids, enc.targets, enc.pad_id)
+    n = len(enc)
+    cpus = os.cpu_count() or 1
+    before = torch.get_num_threads()
+    rows, reference = [], None
+
+    def timed(name: str, threads: int, fn) -> None:
+        nonlocal reference
+        torch.set_num_threads(threads)
+        times, cpu = [], []
+        for _ in range(repeats):
+            start, used = time.perf_counter(), _cpu()
+            vectors = fn()
+            times.append(time.perf_counter() - start)
+            cpu.append(_cpu() - used)
+        seconds, cpu_seconds = statistics.median(times), statistics.median(cpu)
+        if reference is None:
+            reference = vectors
+        diff = float((vectors - reference).abs().max())
+        rows.append({"variant": name, "threads": threads, "records": n, "seconds": seconds,
+                     "records_per_s": n / seconds, "cpu_seconds": cpu_seconds, "records_per_cpu_s": n / cpu_seconds, "extrapolated_all_s": ALL_RECORDS * seconds / n,
+                     "max_abs_diff_vs_fedslm": diff})
+        print(f"  {name:<48} {threads} thr  {n / seconds:8.0f} rec/s  {n / cpu_seconds:6.0f} rec/cpu-s  "
+              f"{ALL_RECORDS * seconds / n:6.0f} s for "
+              f"{ALL_RECORDS}  (max |diff| {diff:.1e})", flush=True)
+
+    try:
+        fedslm = "fedslm (inference_mode, sorted, dynamic pad, b256)"
+        timed(fedslm, cpus, lambda: prefix.compute(base.model, enc, 0).hidden)
+        if only_fedslm:
+            return {"records": n, "variants": rows}
+        # One thread: records per CPU-second compares the variants' work even on a loaded machine.
+        timed(fedslm, 1, lambda: prefix.compute(base.model, enc, 0).hidden)
+        timed("no_grad instead of inference_mode", 1,
+              lambda: _variant(base.model, enc, 256, sort=True, pad_to=None, no_grad=True))
+        timed("file order (not sorted), dynamic pad", 1,
+              lambda: _variant(base.model, enc, 256, sort=False, pad_to=None, no_grad=False))
+        timed("sorted, padded to max_length", 1,
+              lambda: _variant(base.model, enc, 256, sort=True, pad_to=cfg.model.max_length, no_grad=False))
+        timed("naive: file order, max_length, no_grad", 1,
+              lambda: _variant(base.model, enc, 256, sort=False, pad_to=cfg.model.max_length, no_grad=True))
+        for b in (64, 1024):
+            timed(f"fedslm, batch {b}", 1, lambda b=b: prefix.compute(base.model, enc, 0, batch_size=b).hidden)
+    finally:
+        torch.set_num_threads(before)
+    lengths = sorted(len(i) for i in enc.input_ids)
+    return {"records": n, "max_length": cfg.model.max_length, "mean_tokens": sum(lengths) / n,
+            "median_tokens": lengths[n // 2], "variants": rows}
+
+
+def _simulate(out: Path, cache: Path, overrides: list[str]) -> dict:
+    env = {**os.environ, "FEDSLM_CACHE_DIR": str(cache), "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [str(Path(sys.executable).parent / "fedslm"), "simulate", "--config", str(SCENARIO), "--out", str(out),
+           *overrides]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"fedslm simulate failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    rounds = []
+    for line in lines:
+        train = [c.get("train_seconds") or 0.0 for c in line["clients"]]
+        rounds.append({"round": line["round"], "round_seconds": line["round_seconds"],
+                       "train_seconds_max": max(train, default=0.0), "train_seconds_sum": sum(train),
+                       "framework_seconds": line["round_seconds"] - max(train, default=0.0),
+                       "framework_seconds_if_serial": line["round_seconds"] - sum(train)})
+    later = rounds[1:] or rounds  # round 1 also loads the base and data in every actor
+    fixed = summary.get("fixed_test") or {}
+    return {"wall_seconds": wall, "wall_seconds_simulation": summary.get("wall_seconds_simulation"),
+            "fixed_test_accuracy": fixed.get("accuracy"), "rounds": rounds,
+            "round1_seconds": rounds[0]["round_seconds"] if rounds else None,
+            "framework_seconds_per_round_median": statistics.median(r["framework_seconds"] for r in later)
+            if later else None,
+            "round_seconds_median_after_round1": statistics.median(r["round_seconds"] for r in later)
+            if later else None}
+
+
+def framework(rounds: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="fedslm-speed-") as tmp:
+        res = _simulate(Path(tmp) / "run", Path(tmp) / "cache",
+                        [f"federation.rounds={rounds}", "data.max_train_records=2000"])
+    res["setup"] = f"make run's scenario, {rounds} rounds, data.max_train_records=2000, an empty feature cache"
+    return res
+
+
+def end_to_end() -> dict:
+    with tempfile.TemporaryDirectory(prefix="fedslm-speed-full-") as tmp:
+        cache = Path(tmp) / "cache"
+        cold = _simulate(Path(tmp) / "cold", cache, [])
+        warm = _simulate(Path(tmp) / "warm", cache, [])
+    return {"cold": cold, "warm": warm, "targets": {"cold_s": 180, "warm_s": 45, "fixed_test_accuracy": 0.90}}
+
+
+def _measured(section: dict) -> str:
+    m = section.get("machine") or {}
+    return (f"Measured {m.get('when', '?')}, load average {', '.join(f'{x:.1f}' for x in m.get('load_average', []))} "
+            f"on {m.get('cpus', '?')} CPUs.") if m else ""
+
+
+def write(result: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "speed.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    m = result["machine"]
+    md = ["# Speed (issue 30)", "",
+          f"{m['when']}; {m['platform']}, {m['cpus']} CPUs (load average {', '.join(f'{x:.1f}' for x in m['load_average'])} "
+          f"at the start: a shared machine's figures are noisy); Python {m['python']}, torch {m['torch']}, "
+          f"flwr {m['flwr']}, transformers {m['transformers']}. `python benchmarks/speed.py"
+          f"{' --full' if 'end_to_end' in result else ''}` wrote this.", ""]
+    fp = result.get("feature_pass")
+    if fp:
+        md += [f"## Feature pass: frozen MiniLM sentence vectors, {fp['records']} records (mean {fp['mean_tokens']:.1f} "
+               f"tokens, max_length {fp['max_length']}), fp32", "", _measured(fp), "",
+               "| variant | threads | records/s | records per CPU-s | s for 48,671 records (extrapolated) | "
+               "max abs diff to fedslm's |", "|---|---:|---:|---:|---:|---:|"]
+        md += [f"| {r['variant']} | {r['threads']} | {r['records_per_s']:.0f} | {r.get('records_per_cpu_s', float('nan')):.0f} "
+               f"| {r['extrapolated_all_s']:.0f} | "
+               f"{r['max_abs_diff_vs_fedslm']:.1e} |" for r in fp["variants"]]
+        md.append("")
+    if result.get("feature_pass_all"):
+        r = result["feature_pass_all"]["variants"][0]
+        md += [_measured(result["feature_pass_all"]), "", f"All {r['records']} records, fedslm's pass on {r['threads']} threads: {r['seconds']:.0f} s "
+               f"({r['records_per_s']:.0f} records/s; target ≤ 60 s on 2 cores).", ""]
+    fw = result.get("framework")
+    if fw:
+        md += ["## Framework time per simulated round", "", _measured(fw), "", fw["setup"] + ". Framework time = round_seconds minus "
+               "the slowest node's train_seconds (nodes train side by side).", "",
+               "| round | round s | slowest node's train s | all nodes' train s | framework s |",
+               "|---:|---:|---:|---:|---:|"]
+        md += [f"| {r['round']} | {r['round_seconds']:.2f} | {r['train_seconds_max']:.3f} | {r['train_seconds_sum']:.3f} "
+               f"| {r['framework_seconds']:.2f} |" for r in fw["rounds"]]
+        md += ["", f"Median framework time per round after round 1: {fw['framework_seconds_per_round_median']:.2f} s; "
+               f"the whole command {fw['wall_seconds']:.0f} s.", ""]
+    e2e = result.get("end_to_end")
+    if e2e:
+        md += ["## `make run`'s scenario end to end", "", _measured(e2e), "", "| cache | wall s | simulation s | round 1 s | "
+               "median round s after 1 | fixed-test accuracy |", "|---|---:|---:|---:|---:|---:|"]
+        for k in ("cold", "warm"):
+            r = e2e[k]
+            md.append(f"| {k} | {r['wall_seconds']:.0f} | {r['wall_seconds_simulation'] or float('nan'):.0f} | "
+                      f"{r['round1_seconds'] or float('nan'):.1f} | {r['round_seconds_median_after_round1'] or float('nan'):.2f} "
+                      f"| {r['fixed_test_accuracy'] or float('nan'):.4f} |")
+        md += ["", "Targets: cold ≤ 180 s, warm ≤ 45 s, fixed-test accuracy ≥ 0.90.", ""]
+    else:
+        md += ["Cold and warm `make run` end to end: not measured here (`python benchmarks/speed.py --full`, on an "
+               "idle machine).", ""]
+    if result.get("notes"):
+        md += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
+    (RESULTS / "speed.md").write_text("\n".join(md), encoding="utf-8")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=4000, help="records in the feature-pass sample")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the short simulation")
+    ap.add_argument("--full", action="store_true", help="also cold and warm `make run` end to end and the "
+                    "feature pass over all records (minutes; an idle machine)")
+    ap.add_argument("--skip-framework", action="store_true", help="no short simulation")
+    ap.add_argument("--skip-features", action="store_true", help="no feature-pass variants")
+    ap.add_argument("--merge", action="store_true", help="keep the sections of results/speed.json this run "
+                    "does not measure (each keeps the machine line it was measured with)")
+    args = ap.parse_args()
+    result: dict = {"machine": machine()}
+    if args.merge and (RESULTS / "speed.json").is_file():
+        old = json.loads((RESULTS / "speed.json").read_text(encoding="utf-8"))
+        result["notes"] = old.get("notes", [])
+        for key in ("feature_pass", "feature_pass_all", "framework", "end_to_end"):
+            if key in old:
+                result[key] = {**old[key], "machine": old[key].get("machine", old.get("machine"))}
+    if not args.skip_features:
+        print(f"feature pass over {args.records} records:", flush=True)
+        result["feature_pass"] = {**feature_pass(args.records), "machine": result["machine"]}
+    if args.full:
+        print("feature pass over all records:", flush=True)
+        result["feature_pass_all"] = {**feature_pass(ALL_RECORDS, only_fedslm=True), "machine": result["machine"]}
+    if not args.skip_framework:
+        print(f"short simulation ({args.rounds} rounds):", flush=True)
+        result["framework"] = {**framework(args.rounds), "machine": result["machine"]}
+        print(f"  framework time per round (median after round 1): "
+              f"{result['framework']['framework_seconds_per_round_median']:.2f} s", flush=True)
+    if args.full:
+        print("make run's scenario, cold then warm:", flush=True)
+        result["end_to_end"] = {**end_to_end(), "machine": result["machine"]}
+        for k in ("cold", "warm"):
+            r = result["end_to_end"][k]
+            print(f"  {k}: {r['wall_seconds']:.0f} s, fixed-test accuracy {r['fixed_test_accuracy']}", flush=True)
+    write(result)
+    print(f"wrote {RESULTS / 'speed.json'} and speed.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Waiting for replies without Flower's fixed poll interval.
+
+Flower 1.42's grids push a round's messages and then pull replies in a loop with a fixed sleep
+between pulls, and offer no knob for it: the deployment grid (``flwr.superlink.grid.http_grid.HttpGrid``,
+what a ServerApp gets from a SuperLink) sleeps 3 s, the simulation's ``InMemoryGrid`` 0.1 s. A round is
+a train and an evaluate exchange, so a deployed round costs at least 3 s, and often 6, whatever its
+work. :class:`PollingGrid` wraps any grid and does the same push-then-pull with exponential backoff:
+the first pulls a few milliseconds apart, doubling up to ``max_delay`` (0.5 s), back to the start
+whenever replies arrive (the rest of a round's replies tend to follow soon). Its result is Flower's:
+the replies that arrived, all of them or those in by ``timeout`` (partial at the deadline), and
+``timeout=None`` waits until every message is answered. Everything else passes through, so it can sit
+under fedslm's SecAgg+ grid (``fedslm.coordinator.secagg.SecureAggregationGrid``), which calls
+``send_and_receive`` on the grid it wraps.
+
+A pull is one request to the SuperLink; at the cap that is two a second per ServerApp while nodes
+train, which a SuperLink serves easily.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable, Optional
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+FIRST_DELAY = 0.005
+MAX_DELAY = 0.5
+
+
+class PollingGrid(Grid):
+    """``grid`` with ``send_and_receive`` polling by exponential backoff; all else is ``grid``'s own."""
+
+    def __init__(self, grid: Any, *, first_delay: float = FIRST_DELAY, max_delay: float = MAX_DELAY,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+        if not 0 < first_delay <= max_delay:
+            raise ValueError(f"polling needs 0 < first_delay <= max_delay, got {first_delay} and {max_delay}")
+        self.grid = grid
+        self.first_delay = first_delay
+        self.max_delay = max_delay
+        self._clock = clock
+        self._sleep = sleep
+
+    # Grid's abstract interface, delegated.
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(self, content: Any, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: Optional[float] = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[Any]:
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def __getattr__(self, name: str) -> Any:  # anything else a grid has (close, a private helper)
+        if name == "grid":  # not set yet (copy, unpickling): never recurse
+            raise AttributeError(name)
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> list[Message]:
+        """Push ``messages``, then pull their replies until all are in or ``timeout`` seconds have passed."""
+        pending = set(self.grid.push_messages(messages))
+        del messages
+        deadline = None if timeout is None else self._clock() + timeout
+        replies: list[Message] = []
+        delay = self.first_delay
+        while pending:
+            got = list(self.grid.pull_messages(pending))
+            if got:
+                replies.extend(got)
+                pending.difference_update(m.metadata.reply_to_message_id for m in got)
+                delay = self.first_delay
+                if not pending:
+                    break
+            wait = delay
+            if deadline is not None:
+                left = deadline - self._clock()
+                if left <= 0:
+                    break
+                wait = min(wait, left)
+            self._sleep(wait)
+            if not got:
+                delay = min(delay * 2, self.max_delay)
+        return replies

@@ -1,0 +1,204 @@
+"""Speed work that must not change results: the simulation's one shared feature pass gives each simulated
+institution the features it would compute itself, and runs once; the deployment grid's polling with
+backoff returns what Flower's grid would (tested against a fake grid)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedslm.config import to_yaml
+from fedslm.node import serve
+from fedslm.node.plan import NodeContext
+from fedslm.simulation.simulate import check_data, warm_features
+from fedslm.train import prefix
+from fedslm.wire.codec import Request
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(prefix.CACHE_ENV, str(tmp_path / "cache"))
+    prefix._MEMORY.clear()
+    yield
+    prefix._MEMORY.clear()
+
+
+def _counted(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = prefix.compute
+
+    def compute(model, enc, layers, *args, **kwargs):
+        calls.append(len(enc))
+        return real(model, enc, layers, *args, **kwargs)
+
+    monkeypatch.setattr(prefix, "compute", compute)
+    return calls
+
+
+def _institution_features(cfg, institution: int):
+    """What simulated institution ``institution``'s ClientApp computes: its share, its model, its splits' features."""
+    plan, inst = _institution(cfg, institution)
+    return [serve._features(plan, inst, enc) for enc in (inst.train, inst.test)]
+
+
+def _institution(cfg, institution: int):
+    from fedslm.lora.adapter import frozen_digest
+
+    plan = serve.round_plan(Request(1, to_yaml(cfg), "", "run", 0.0, None, 0),
+                            NodeContext(institution=institution, num_institutions=cfg.federation.num_clients,
+                                        policy=None))
+    _, model = serve._base_and_model(plan, 3)
+    return plan, serve.build_institution(plan, Request(1, to_yaml(cfg), "", "run", 0.0, None, 0,
+                                                       frozen_digest=frozen_digest(model)))
+
+
+def test_simulated_institutions_get_their_own_features_from_one_shared_pass(cls_config, monkeypatch):
+    cfg = cls_config("model.pooling=mean", "lora.layers=0", "federation.num_clients=3")
+    # The reference: each institution computing its own features (no pool).
+    own = {i: _institution_features(cfg, i) for i in range(3)}
+    prefix._MEMORY.clear()
+    for f, _, _ in prefix.cache_files():
+        f.unlink()
+    calls = _counted(monkeypatch)
+    whole = check_data(cfg)
+    count = warm_features(cfg, whole)
+    assert count is not None and 0 < count <= len(whole.train) + len(whole.test)
+    assert len(calls) == 1  # one pass over every record of the scenario
+    for i in range(3):
+        prefix._MEMORY.clear()  # each institution in a fresh process, as a Ray actor may be
+        shared = _institution_features(cfg, i)
+        for mine, theirs in zip(shared, own[i]):
+            assert mine is not None and len(mine) == len(theirs)
+            torch.testing.assert_close(mine.hidden, theirs.hidden, rtol=1e-5, atol=1e-6)
+            assert torch.equal(mine.labels, theirs.labels)
+    assert len(calls) == 1  # no institution ran the base itself
+    # A second simulation on a warm cache computes nothing.
+    warm_features(cfg, whole)
+    assert len(calls) == 1
+
+
+def test_a_record_the_shared_pass_did_not_see_is_computed_by_its_node(cls_config, monkeypatch):
+    cfg = cls_config("model.pooling=mean", "lora.layers=0", "federation.num_clients=2")
+    whole = check_data(cfg)
+    warm_features(cfg, whole)
+    calls = _counted(monkeypatch)
+    node = _institution_features(cfg, 0)[0]
+    assert calls == []
+    from fedslm.data.tasks import Encoded
+
+    _, inst = _institution(cfg, 0)
+    changed = Encoded([list(ids) for ids in inst.train.input_ids], list(inst.train.targets), inst.train.pad_id)
+    changed.input_ids[0] = changed.input_ids[0][:-1] + [changed.input_ids[0][1]] + changed.input_ids[0][-1:]
+    prefix._MEMORY.clear()
+    feats = prefix.split_features(inst.model, inst.base.fingerprint, changed, cfg.model, 0)
+    assert calls == [len(changed)]  # not served from the pool: the whole split is computed afresh
+    torch.testing.assert_close(feats.hidden[1:], node.hidden[1:], rtol=1e-5, atol=1e-6)
+
+
+def test_other_depths_and_a_foreign_pool_file_are_left_to_the_nodes(cls_config, tmp_path):
+    cfg = cls_config("model.pooling=mean", "lora.layers=1")
+    assert warm_features(cfg, check_data(cfg)) is None
+    cfg = cls_config("model.pooling=mean", "lora.layers=0")
+    warm_features(cfg, check_data(cfg))
+    (pool,) = [f for f, _, _ in prefix.cache_files()]
+    torch.save({"hidden": torch.zeros(3, 4), "digests": torch.zeros(2, 32, dtype=torch.uint8), "layers": 0}, pool)
+    prefix._MEMORY.clear()
+    feats = _institution_features(cfg, 0)[0]
+    assert feats is not None and feats.hidden.shape[1] != 4  # computed, not read from the malformed pool
+
+
+# --- deployment polling ------------------------------------------------------------------------------------
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds > 0
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class _Reply:
+    def __init__(self, to: str):
+        from types import SimpleNamespace
+
+        self.metadata = SimpleNamespace(reply_to_message_id=to)
+
+
+class _FakeGrid:
+    """Replies to message i arrive on pull number ``arrive[i]`` (None: never); a marker attribute passes through."""
+
+    marker = "inner"
+
+    def __init__(self, arrive):
+        self.arrive = arrive
+        self.pulls = 0
+        self.pushed: list[str] = []
+
+    def push_messages(self, messages):
+        self.pushed = [f"m{i}" for i, _ in enumerate(messages)]
+        return list(self.pushed)
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        ids = set(ids)
+        return [_Reply(m) for m, at in zip(self.pushed, self.arrive) if at == self.pulls and m in ids]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise AssertionError("the wrapper polls itself")
+
+
+def _polling(arrive):
+    from fedslm.coordinator.polling import PollingGrid
+
+    clock, fake = _Clock(), _FakeGrid(arrive)
+    return PollingGrid(fake, clock=clock.time, sleep=clock.sleep), fake, clock
+
+
+def test_polling_returns_as_soon_as_the_last_reply_arrives_with_backoff_from_milliseconds():
+    grid, fake, clock = _polling([3, 6])
+    replies = grid.send_and_receive(["a", "b"], timeout=60)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"]
+    assert fake.pulls == 6  # not one pull more once both replies are in
+    # 5 ms doubling, back to 5 ms after a reply arrives, far below Flower's 3 s per poll
+    assert clock.sleeps == pytest.approx([0.005, 0.01, 0.005, 0.005, 0.01])
+    grid, fake, clock = _polling([40])
+    grid.send_and_receive(["a"], timeout=None)  # None waits for every reply, as Flower's grid does
+    assert fake.pulls == 40 and max(clock.sleeps) == 0.5  # capped
+
+
+def test_polling_respects_the_timeout_and_returns_the_partial_replies():
+    grid, fake, clock = _polling([2, None, 5])
+    replies = grid.send_and_receive(["a", "b", "c"], timeout=2.0)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m2"]
+    assert clock.now == pytest.approx(2.0)  # waited to the deadline, not a poll interval past it
+    assert all(s <= 0.5 for s in clock.sleeps)
+
+
+def test_polling_is_transparent_under_the_secure_aggregation_grid():
+    from fedslm.coordinator.secagg import SecureAggregationGrid
+
+    grid, fake, _ = _polling([1])
+    secure = SecureAggregationGrid(grid, cfg=None, recorder=None)
+    assert secure.marker == "inner"  # attributes reach the real grid through both wrappers
+    from types import SimpleNamespace
+
+    msg = SimpleNamespace(metadata=SimpleNamespace(message_type="evaluate"))
+    replies = secure.send_and_receive([msg], timeout=5)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"] and fake.pulls == 1
+
+
+def test_a_deployed_nodes_own_cache_folder_never_reads_the_simulations_pool(cls_config, tmp_path, monkeypatch):
+    cfg = cls_config("model.pooling=mean", "lora.layers=0", "federation.num_clients=2")
+    warm_features(cfg, check_data(cfg))
+    _, inst = _institution(cfg, 0)
+    prefix._MEMORY.clear()
+    calls = _counted(monkeypatch)
+    own = tmp_path / "node" / "fedslm-features"  # where a deployed node keeps its cache (beside its ledger)
+    prefix.split_features(inst.model, inst.base.fingerprint, inst.train, cfg.model, 0, folder=own)
+    assert calls == [len(inst.train)] and len(prefix.cache_files(own)) == 1
