@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -28,8 +27,9 @@ from rich.live import Live
 from rich.table import Table
 
 from fedslm.config import Config, to_yaml
-from fedslm.errors import ConfigError, FedslmError
+from fedslm.errors import FedslmError
 from fedslm.report import read_rounds
+from fedslm.simulation.preflight import check_client_gpus, check_data, warm_features
 
 CONNECTION = "fedslm"
 
@@ -65,35 +65,6 @@ def ray_env(cfg: Config) -> dict[str, str]:
     only num-cpus, num-gpus, logging-level and log-to-driver of ``options.backend.init-args`` and calls
     ``ray.init()`` without an address; ``ray.init()`` then connects to ``RAY_ADDRESS``."""
     return {"RAY_ADDRESS": cfg.federation.ray_address} if cfg.federation.ray_address else {}
-
-
-def check_client_gpus(cfg: Config) -> int:
-    """GPUs of this machine that federation.client_gpus may use (0 when it is 0), refused naming the key when
-    Ray could not schedule it here: a share of a GPU on a machine torch sees none on, more than it has,
-    or a share above one GPU that is not a whole number (Ray's rule). On a cluster (ray_address) the
-    GPUs are the cluster's, which this machine cannot count."""
-    from fedslm.errors import ConfigError
-
-    want = float(cfg.federation.client_gpus)
-    if want <= 0:
-        return 0
-    if want > 1 and not want.is_integer():
-        raise ConfigError(f"federation.client_gpus must be a fraction of one GPU (e.g. 0.25) or a whole number of "
-                          f"GPUs, got {want:g}")
-    if cfg.federation.ray_address:
-        return 0
-    import torch
-
-    from fedslm.train.device import torch_sees
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        raise ConfigError(f"federation.client_gpus={want:g} asks for GPUs, but torch sees {torch_sees()}; set "
-                          "federation.client_gpus=0 to simulate on the CPU")
-    if want > count:
-        raise ConfigError(f"federation.client_gpus={want:g} is more than the {count} GPU(s) this machine has: no "
-                          "institution could be scheduled")
-    return count
 
 
 def write_flower_config(flwr_home: Path, port: int, cfg: Config) -> None:
@@ -228,64 +199,6 @@ def _failure_reason(log_file: Path) -> str:
         if "FederationStopped" in line or "Error:" in line or "ERROR" in line:
             return line.strip()[-400:]
     return (lines[-1] if lines else "").strip()[-400:]
-
-
-def check_data(cfg: Config) -> Any:
-    """Read, validate and split the scenario's data as the simulated institutions will, before Flower and
-    Ray start: a bad file is refused here in one line within seconds. Inside Flower it fails every
-    ClientApp (or the ServerApp) and the run ends ~40 s later with an exit code, the reason in flower.log."""
-    from fedslm.data import load_task_data
-    from fedslm.data.partition import partition_indices
-
-    fed = cfg.federation
-    whole = load_task_data(cfg.data, cfg.model.task,
-                           group_column=fed.partition_column if fed.partitioner == "column" else None)
-    try:
-        # Dirichlet's retries warn once per try; here only the outcome matters (the ClientApps split again).
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            partition_indices(whole.train, fed)
-    except ValueError as exc:  # flwr-datasets' partitioners (e.g. Dirichlet's size retries running out)
-        raise ConfigError(f"federation.partitioner={fed.partitioner} cannot split the {len(whole.train)} training "
-                          f"records into federation.num_clients={fed.num_clients} institutions: {exc}") from None
-    return whole
-
-
-def warm_features(cfg: Config, whole: Any, console: Optional[Console] = None) -> Optional[int]:
-    """One feature pass for the whole simulation (lora.layers: 0, the head-only recipe): the base is public
-    and every institution's records are on this machine, so the sentence vectors of all the scenario's
-    records (every institution's train and held-out share, and the fixed test split) are computed once,
-    here, batched by length on all cores, into the shared pool file of fedslm.train.prefix. Each
-    simulated institution then takes its rows from it instead of running the base over its own records
-    in its own Ray actor. Returns the number of distinct records computed, or None when the recipe
-    caches nothing this way (other depths, causal models: each node computes its own, as deployed)."""
-    if cfg.lora.layers != 0 or cfg.model.task != "classification" or cfg.federation.ray_address:
-        return None  # on a Ray cluster the institutions run on other machines, with caches of their own
-    from fedslm.data.tasks import get_task
-    from fedslm.lora import wrap
-    from fedslm.models import load_base
-    from fedslm.train import prefix
-
-    base = load_base(cfg.model, len(whole.labels) if whole.labels is not None else None)
-    import torch
-
-    # Where the institutions would compute it: a GPU when they get shares of one (check_client_gpus passed).
-    device = torch.device("cuda") if float(cfg.federation.client_gpus) > 0 else None
-    model = wrap(base.model, cfg.lora, cfg.model.task, base.target_modules, seed=cfg.train.seed, device=device)
-    task = get_task(cfg.model.task)
-    encs = [task.encode(whole.train, base.tokenizer, cfg.model.max_length),
-            task.encode(whole.test, base.tokenizer, cfg.model.max_length)]
-    if prefix.estimated_bytes(model, encs[0], 0) + prefix.estimated_bytes(model, encs[1], 0) > prefix.max_limit():
-        return None  # the nodes will train uncached as well (split_features' limit)
-    started = time.monotonic()
-    status = console.status(f"frozen-prefix features of {len(encs[0]) + len(encs[1])} records (one pass for all "
-                            "institutions)") if console is not None else contextlib.nullcontext()
-    with status:
-        count = prefix.warm_pool(model, encs, base.fingerprint, cfg.model)
-    if console is not None:
-        console.print(f"features of {count} records in {time.monotonic() - started:.0f}s (one pass, shared by "
-                      f"the {cfg.federation.num_clients} institutions)")
-    return count
 
 
 def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[Path] = None) -> dict[str, Any]:
