@@ -27,11 +27,10 @@ def node_init(
     """Write a commented node policy template to PATH."""
     from fedslm.config.schema import DataConfig
     from fedslm.data import load_task_data
-    from fedslm.node.policy import template
+    from fedslm.node.policy_template import proposed_floor, template
 
     if path.exists():
         raise ConfigError(f"{path} already exists; a node policy is never overwritten")
-    from fedslm.node.policy import proposed_floor
 
     labels, floor = None, None
     try:  # the label set of the records, if they are a classification file already
