@@ -30,7 +30,6 @@ class FingerprintMismatch(FedslmError):
     pass
 
 
-
 # A simulation's Ray actors serve every round of several institutions in one process: their shares
 # of the scenario's dataset (read, partitioned, split) and token ids are the same each time, so they
 # are kept (a deployed node's process serves one message and reads its file afresh).
