@@ -208,15 +208,15 @@ def test_the_base_is_on_its_device_before_get_peft_model(monkeypatch, cls_config
 
 
 def test_a_node_round_places_the_base_before_peft(monkeypatch, cls_config):
-    from fedslm.node import serve
+    from fedslm.node import institution
     from fedslm.node.plan import NodeContext, plan_round
 
     seen: list = []
     _record_peft(monkeypatch, seen)
     plan = plan_round(cls_config(), NodeContext(institution=0, num_institutions=2, policy=None))
-    monkeypatch.setattr(serve, "node_device", lambda plan: torch.device("meta"))
-    monkeypatch.setattr(serve, "_LOADED", {})
-    _, model = serve._base_and_model(plan, 3)
+    monkeypatch.setattr(institution, "node_device", lambda plan: torch.device("meta"))
+    monkeypatch.setattr(institution, "_LOADED", {})
+    _, model = institution._base_and_model(plan, 3)
     assert seen == [{"meta"}] and {p.device.type for p in model.parameters()} == {"meta"}
 
 

@@ -402,7 +402,7 @@ def test_the_moving_average_is_of_what_was_published_and_survives_a_resume(flowe
 def test_a_reused_model_in_one_process_trains_exactly_like_a_fresh_one(flower_identity, cls_config, tmp_path):
     """Simulation actors reuse the loaded base across rounds and institutions: institution 1's update
     after institution 0 trained in the same process equals its update in a fresh process."""
-    from fedslm.node import serve as node_logic
+    from fedslm.node import institution as node_logic
 
     cfg = cls_config("federation.num_clients=2", "federation.partitioner=iid")
     node = build_node(cfg)

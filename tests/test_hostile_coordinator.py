@@ -350,13 +350,13 @@ def test_the_request_cannot_choose_where_the_node_keeps_its_ledger_or_writes(flo
 
 def test_a_base_model_the_policy_does_not_list_is_never_loaded(flower_identity, coordinator, hospital, tmp_path,
                                                                monkeypatch):
-    import fedslm.node.serve as serve
+    import fedslm.node.institution as institution
 
     def never(*args, **kwargs):
         raise AssertionError("the node loaded a model its policy does not allow")
 
-    monkeypatch.setattr(serve, "load_base", never)
-    serve._LOADED.clear()
+    monkeypatch.setattr(institution, "load_base", never)
+    institution._LOADED.clear()
     cfg, state, _ = coordinator
     elsewhere = tmp_path / "some-folder-on-the-node"
     elsewhere.mkdir()

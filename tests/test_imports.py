@@ -50,10 +50,7 @@ KNOWN_BOUNDARY = {
 KNOWN_CIRCLES: set[tuple[str, str]] = set()
 # path: lines today (a ceiling of that + 50 until the module is split under MAX_LINES; issue 31).
 KNOWN_LONG = {
-    "fedslm/cli/main.py": 568,  # issue 31: split by command group (node, ledger, privacy, run)
     "fedslm/coordinator/server.py": 592,  # issue 31: round loop vs run recording vs strategy building
-    "fedslm/node/policy.py": 505,  # issue 31
-    "fedslm/node/serve.py": 414,  # issue 31
 }
 
 

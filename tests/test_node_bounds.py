@@ -128,11 +128,11 @@ def test_a_round_past_its_wall_time_is_ended_charged_and_nothing_is_released(flo
 def test_a_huge_lora_rank_is_refused_before_the_base_or_adapter_is_loaded(flower_identity, coordinator, hospital,
                                                                            tmp_path, monkeypatch):
     """lora.r=10**6 allocated until the process died."""
-    import fedslm.node.serve as serve
+    import fedslm.node.institution as institution
 
-    monkeypatch.setattr(serve, "load_base", _never("loaded a model for a request past resources.max_lora_rank"))
-    monkeypatch.setattr(serve, "wrap", _never("allocated an adapter past resources.max_lora_rank"))
-    serve._LOADED.clear()
+    monkeypatch.setattr(institution, "load_base", _never("loaded a model for a request past resources.max_lora_rank"))
+    monkeypatch.setattr(institution, "wrap", _never("allocated an adapter past resources.max_lora_rank"))
+    institution._LOADED.clear()
     cfg, state, fp = coordinator
     for rank in (10**6, 65):
         _refused(_send(hospital(), _yaml(cfg, lora__r=rank), state, fingerprint=fp), "refused-by-policy")
@@ -149,17 +149,17 @@ def test_a_huge_lora_rank_is_refused_before_the_base_or_adapter_is_loaded(flower
 ], ids=["rank", "batch-indices", "activations"])
 def test_a_round_whose_memory_estimate_passes_the_cap_is_refused_before_the_adapter_is_allocated(
         flower_identity, coordinator, hospital, tmp_path, monkeypatch, edits, resources):
-    import fedslm.node.serve as serve
+    import fedslm.node.institution as institution
 
-    real_wrap = serve.wrap
-    monkeypatch.setattr(serve, "wrap", _never("allocated an adapter past resources.max_memory_gb"))
-    serve._LOADED.clear()
+    real_wrap = institution.wrap
+    monkeypatch.setattr(institution, "wrap", _never("allocated an adapter past resources.max_memory_gb"))
+    institution._LOADED.clear()
     cfg, state, fp = coordinator
     node = _resources(hospital(), max_length=64, **resources)
     _refused(_send(node, _yaml(cfg, **edits), state, fingerprint=fp), "refused-by-policy")
     assert not _ledger(tmp_path).path.exists()
     if "lora__r" in edits:  # the same budget serves the coordinator's own rank (lora.r=2)
-        monkeypatch.setattr(serve, "wrap", real_wrap)
+        monkeypatch.setattr(institution, "wrap", real_wrap)
         _ok(_send(node, _yaml(cfg), state, fingerprint=fp))
 
 

@@ -1,8 +1,8 @@
 """A request is a request: the coordinator's run config ∩ the node's policy -> one round plan.
 
 Everything a message carries is untrusted input. The node parses the request's config with no
-interpolation (``${oc.env:…}`` would read the node's environment), validates it like any config,
-and then takes from it only what may vary within its policy:
+interpolation (``${oc.env:…}`` would read the node's environment; :mod:`fedslm.node.request_config`),
+validates it like any config, and then takes from it only what may vary within its policy:
 
 =====================  ================================================================
 taken from the request  rounds (for the noise plan), local steps, batch sizes, lr, optimizer,
@@ -49,21 +49,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from fedslm.config import Config, load_config
+from fedslm.config import Config
 from fedslm.config.schema import DataConfig, FederationConfig, LoraConfig, ModelConfig
-from fedslm.errors import ConfigError, FedslmError
+from fedslm.errors import FedslmError
 from fedslm.node.policy import NodePolicy, PolicyError, PolicyEvaluation
+from fedslm.node.request_config import BadRequest, parse_request_config  # noqa: F401 - re-exported
 from fedslm.train.device import simulation_device
 from fedslm.train.local import DPSpec, RoundSpec, round_spec
 from fedslm.wire.secagg import bit_in_sum, max_weight
 
 log = logging.getLogger("fedslm.node")
-
-
-class BadRequest(FedslmError):
-    """The request cannot be read as a fedslm round (malformed, invalid, or interpolating)."""
 
 
 class PolicyRefusal(FedslmError):
@@ -126,52 +121,6 @@ class RoundPlan:
     # Deployment: the policy's resources.max_memory_gb (in bytes) and max_seconds_per_round; None in simulation.
     max_memory_bytes: Optional[float] = None
     max_seconds: Optional[float] = None
-
-
-def _interpolations(value: Any, path: str = "") -> list[str]:
-    if isinstance(value, str):
-        return [path or "?"] if "${" in value else []
-    if isinstance(value, dict):
-        return [p for k, v in value.items() for p in _interpolations(v, f"{path}.{k}" if path else str(k))]
-    if isinstance(value, list):
-        return [p for i, v in enumerate(value) for p in _interpolations(v, f"{path}[{i}]")]
-    return []
-
-
-# A run config is a few kB; anything past this is not one.
-MAX_REQUEST_CONFIG_BYTES = 256 * 1024
-
-
-class _NoAliases(yaml.SafeLoader):
-    """YAML without anchors' aliases: a request has no use for them, and nested aliases (a "billion
-    laughs") expand into a structure far larger than the text when the config is walked."""
-
-    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
-        if self.check_event(yaml.AliasEvent):
-            raise yaml.YAMLError("aliases are not accepted")
-        return super().compose_node(parent, index)
-
-
-def parse_request_config(text: str) -> Config:
-    """The request's run config, validated, with no interpolation ever resolved."""
-    if not text:
-        raise BadRequest("the request carries no fedslm config (run-config 'fedslm-config' missing)")
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_REQUEST_CONFIG_BYTES:
-        raise BadRequest(f"the request's config is over {MAX_REQUEST_CONFIG_BYTES} bytes")
-    try:
-        content = yaml.load(text, Loader=_NoAliases)  # noqa: S506 - a SafeLoader
-    except yaml.YAMLError:
-        raise BadRequest("the request's config is not valid YAML") from None
-    if not isinstance(content, dict):
-        raise BadRequest("the request's config is not a mapping of sections")
-    found = _interpolations(content)
-    if found:
-        raise BadRequest(f"the request's config holds interpolations (at {', '.join(found[:5])}); a node never "
-                         "resolves them, since ${oc.env:...} would read this node's environment")
-    try:
-        return load_config(texts=[text])
-    except ConfigError as exc:
-        raise BadRequest(f"the request's config is invalid: {exc}") from None
 
 
 def _lattice(cfg: Config, honest: int, max_epsilon_alone: Optional[float]):
