@@ -47,7 +47,9 @@ def _institution(cfg, institution: int):
     plan = serve.round_plan(Request(1, to_yaml(cfg), "", "run", 0.0, None, 0),
                             NodeContext(institution=institution, num_institutions=cfg.federation.num_clients,
                                         policy=None))
-    _, model = serve._base_and_model(plan, 3)
+    from fedslm.node import institution as node_institution
+
+    _, model = node_institution._base_and_model(plan, 3)
     return plan, serve.build_institution(plan, Request(1, to_yaml(cfg), "", "run", 0.0, None, 0,
                                                        frozen_digest=frozen_digest(model)))
 
