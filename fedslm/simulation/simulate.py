@@ -233,13 +233,18 @@ def _failure_reason(log_file: Path) -> str:
 def check_data(cfg: Config) -> None:
     """Read, validate and split the scenario's data as the simulated institutions will, before Flower and
     Ray start: a bad file is refused here in one line within seconds. Inside Flower it fails every
-    ClientApp (or the ServerApp) and the run ends ~40 s later with an exit code, the reason in flower.log."""
+    ClientApp (or the ServerApp) and the run ends ~40 s later with an exit code, the reason in flower.log.
+
+    A classification run's label set goes into the run config (``data.labels``) here when the scenario
+    leaves it unset: the ServerApp is the coordinator, which holds no data to learn it from."""
     from fedslm.data import load_task_data
     from fedslm.data.partition import partition_indices
 
     fed = cfg.federation
     whole = load_task_data(cfg.data, cfg.model.task,
                            group_column=fed.partition_column if fed.partitioner == "column" else None)
+    if cfg.model.task == "classification" and cfg.data.labels is None:
+        cfg.data.labels = list(whole.labels)
     try:
         # Dirichlet's retries warn once per try; here only the outcome matters (the ClientApps split again).
         with warnings.catch_warnings():
@@ -256,9 +261,9 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
     cfg.output.dir = str(out)  # absolute: the ServerApp and every ClientApp write into the same folder
     check_client_gpus(cfg)  # before anything is started or written
     check_data(cfg)
-    # Imported here: the coordinator pulls in Flower, transformers and PEFT (seconds), and a bad data file is
+    # Imported here: the checkpoint reader pulls in torch and safetensors (seconds), and a bad data file is
     # refused before that.
-    from fedslm.coordinator.server import find_checkpoint
+    from fedslm.coordinator.resume import find_checkpoint
 
     resume = find_checkpoint(out, cfg)  # refuses a finished run or a different config before anything starts
     out.mkdir(parents=True, exist_ok=True)
