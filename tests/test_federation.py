@@ -28,6 +28,7 @@ from fedslm.coordinator.server import (
     run_server,
 )
 from fedslm.simulation.simulate import simulate
+from fedslm.data import load_task_data
 from fedslm.lora import get_adapter_state, set_adapter_state, trainable_parameters
 from fedslm.lora.adapter import frozen_digest, read_adapter_meta
 from fedslm.models import load_base
@@ -380,6 +381,8 @@ def test_the_moving_average_is_of_what_was_published_and_survives_a_resume(flowe
                               torch.full((3,), 4.5))
     out = tmp_path / "finished"  # died after its last round's checkpoint, before its summary: rerun
     done_cfg = cls_config("federation.ema=0.5", "federation.rounds=1", f"output.dir={out}")
+    # The run config carries the label set, as a simulation's does: the coordinator holds no data.
+    done_cfg.data.labels = load_task_data(done_cfg.data, done_cfg.model.task).labels
     node = build_node(done_cfg)
     plain_state = {k: v + 1.0 for k, v in get_adapter_state(node.model).items()}
     out.mkdir()
@@ -608,3 +611,19 @@ def test_a_simulation_joins_a_ray_cluster_when_given_its_address(cls_config, tmp
     assert ray_env(cls_config("federation.ray_address=auto")) == {"RAY_ADDRESS": "auto"}
     assert ray_env(cls_config()) == {}
     assert cluster["options"]["backend"]["client-resources"]["num-cpus"] == 2
+
+
+def test_the_coordinator_takes_the_label_set_from_the_run_config_and_the_simulation_fills_it(cls_config):
+    """The coordinator holds no data (issue 31): without data.labels it refuses rather than read the file;
+    the simulation driver puts the scenario's label set into the run config before the ServerApp starts."""
+    from fedslm.coordinator.server import label_set
+    from fedslm.errors import ConfigError
+    from fedslm.simulation.simulate import check_data
+
+    cfg = cls_config()
+    assert cfg.data.labels is None
+    with pytest.raises(ConfigError, match="data.labels must list the label set"):
+        label_set(cfg)
+    check_data(cfg)
+    assert cfg.data.labels == load_task_data(cfg.data, cfg.model.task).labels and len(cfg.data.labels) >= 2
+    assert label_set(cfg) == cfg.data.labels

@@ -76,7 +76,8 @@ class DataConfig:
     label_column: str = "label"
     prompt_column: str = "prompt"
     completion_column: str = "completion"
-    # The label set all nodes agree on; None: the bundled dataset's, or sorted from the data.
+    # The label set all nodes agree on, in index order; the coordinator needs it (it holds no data). None: the
+    # bundled dataset's, or sorted from the data (`fedslm simulate` writes those into the run config).
     labels: Optional[List[str]] = None
     # Held-out share of a node's own file for evaluation (bundled data has a fixed split).
     test_fraction: float = 0.1

@@ -36,7 +36,7 @@ Thm. 1), so the same accounting holds. The unit is one institution's whole data 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 log = logging.getLogger("fedslm.tracking")
 

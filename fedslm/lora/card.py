@@ -207,7 +207,7 @@ def build_card(run_dir: str | Path, *, library: str = "peft", simulated: bool = 
     b = reported(before.get("accuracy" if task == "classification" else "perplexity"))
     if b is not None:
         ex_eval["before"] = before
-        add(f"- before training, the base with the initial adapter: "
+        add("- before training, the base with the initial adapter: "
             + (f"accuracy {pct(b)}" if task == "classification" else f"perplexity {b:.2f}") + " on the same records")
     if k.federated:
         worst = s.get("worst_institution") or {}

@@ -45,13 +45,18 @@ def check_client_gpus(cfg: Config) -> int:
 def check_data(cfg: Config) -> Any:
     """Read, validate and split the scenario's data as the simulated institutions will, before Flower and
     Ray start: a bad file is refused here in one line within seconds. Inside Flower it fails every
-    ClientApp (or the ServerApp) and the run ends ~40 s later with an exit code, the reason in flower.log."""
+    ClientApp (or the ServerApp) and the run ends ~40 s later with an exit code, the reason in flower.log.
+
+    A classification run's label set goes into the run config (``data.labels``) here when the scenario
+    leaves it unset: the ServerApp is the coordinator, which holds no data to learn it from."""
     from fedslm.data import load_task_data
     from fedslm.data.partition import partition_indices
 
     fed = cfg.federation
     whole = load_task_data(cfg.data, cfg.model.task,
                            group_column=fed.partition_column if fed.partitioner == "column" else None)
+    if cfg.model.task == "classification" and cfg.data.labels is None:
+        cfg.data.labels = list(whole.labels)
     try:
         # Dirichlet's retries warn once per try; here only the outcome matters (the ClientApps split again).
         with warnings.catch_warnings():

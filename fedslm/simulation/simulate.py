@@ -207,9 +207,9 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
     cfg.output.dir = str(out)  # absolute: the ServerApp and every ClientApp write into the same folder
     check_client_gpus(cfg)  # before anything is started or written
     whole = check_data(cfg)
-    # Imported here: the coordinator pulls in Flower, transformers and PEFT (seconds), and a bad data file is
+    # Imported here: the checkpoint reader pulls in torch and safetensors (seconds), and a bad data file is
     # refused before that.
-    from fedslm.coordinator.server import find_checkpoint
+    from fedslm.coordinator.resume import find_checkpoint
 
     resume = find_checkpoint(out, cfg)  # refuses a finished run or a different config before anything starts
     warm_features(cfg, whole, console)
