@@ -59,6 +59,8 @@ END_TO_END = "centralized, non-private, end-to-end fine-tune"
 VARIANTS = [
     # Measured outside the project with this loop's settings: 96.77% accuracy, macro-F1 0.937, 27 min on 2 cores.
     (END_TO_END, 1, [*FINETUNE, "finetune=all", "train.lr=5e-5"]),
+    # One epoch left validation still rising (0.9329 -> 0.9397 over its last quarter): the first lever to try.
+    (END_TO_END + ", 2 epochs", 1, [*FINETUNE, "finetune=all", "train.lr=5e-5", "epochs=2"]),
     # LoRA's usual lr is ~10x full fine-tuning's (Hu et al. 2021 use 4e-4 to 5e-4 on RoBERTa-base); not tuned here.
     ("centralized, non-private, LoRA r=8 (query, value) on every layer + head", 1, [
         *FINETUNE, "finetune=lora", "lora.layers=null", "train.lr=5e-4"]),
