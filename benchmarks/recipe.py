@@ -135,9 +135,10 @@ def run(name: str, clients: int, overrides: list[str], quick: bool, seeds: list[
     # more (printed as "each node alone").
     shared = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("distributed=")), None)
     # "seeds=k": a costly variant trained on the first k noise seeds only.
-    seeds = seeds[:next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("seeds=")), len(seeds))]
+    seeds = seeds[:next((int(o.split("=", 1)[1]) for o in reversed(overrides) if o.startswith("seeds=")), len(seeds))]
     finetune = next((o.split("=", 1)[1] for o in overrides if o.startswith("finetune=")), None)
-    epochs = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("epochs=")), 1)
+    # The last "epochs=" wins, like a dotlist override: a variant extends FINETUNE's default.
+    epochs = next((int(o.split("=", 1)[1]) for o in reversed(overrides) if o.startswith("epochs=")), 1)
     # "check=N" (--max-train-records): the fine-tuning rows score only the first N test records (a code check).
     check = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("check=")), None)
     overrides = [o for o in overrides if not o.startswith(("distributed=", "seeds=", "finetune=", "epochs=", "check="))]
