@@ -204,3 +204,63 @@ def test_a_deployed_nodes_own_cache_folder_never_reads_the_simulations_pool(cls_
     own = tmp_path / "node" / "fedslm-features"  # where a deployed node keeps its cache (beside its ledger)
     prefix.split_features(inst.model, inst.base.fingerprint, inst.train, cfg.model, 0, folder=own)
     assert calls == [len(inst.train)] and len(prefix.cache_files(own)) == 1
+
+
+def _reference_key(enc, fingerprint, layers, layout) -> str:
+    """The cache key as first written: a byte loop over every token id (obviously right, slow)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    h.update(json.dumps({"fingerprint": fingerprint, "layers": layers, "layout": layout, "pad": enc.pad_id,
+                         "v": 1}, sort_keys=True).encode())
+    for ids in enc.input_ids:
+        h.update(len(ids).to_bytes(4, "little"))
+        h.update(b"".join(int(t).to_bytes(4, "little") for t in ids))
+    h.update(json.dumps(list(map(int, enc.targets))).encode())
+    return h.hexdigest()
+
+
+def test_the_feature_cache_key_is_the_byte_loops_so_existing_caches_stay_valid():
+    from fedslm.data.tasks import Encoded
+
+    gen = torch.Generator().manual_seed(0)
+    records = [torch.randint(0, 2**31, (int(n),), generator=gen).tolist()
+               for n in torch.randint(0, 40, (300,), generator=gen)]
+    records[5] = []  # an empty record still frames its length
+    records[7] = [0, 2**32 - 1]
+    for input_ids in (records, records[:1], []):
+        enc = Encoded(input_ids, [i % 7 for i in range(len(input_ids))], 0)
+        assert prefix.cache_key(enc, "f" * 64, 0, {"pool": "mean"}) == _reference_key(enc, "f" * 64, 0, {"pool": "mean"})
+    moved = Encoded([[1, 2], [3]], [0, 0], 0)  # the same ids framed differently hash differently
+    assert prefix.cache_key(moved, "f", 0, {}) != prefix.cache_key(Encoded([[1], [2, 3]], [0, 0], 0), "f", 0, {})
+    with pytest.raises(ValueError):
+        prefix.cache_key(Encoded([[-1]], [0], 0), "f", 0, {})
+
+
+def test_a_parsed_request_config_is_the_callers_own_copy(cls_config):
+    from fedslm.node.request_config import parse_request_config
+
+    text = to_yaml(cls_config())
+    first = parse_request_config(text)
+    first.train.lr = -1.0  # a caller that derives its plan in place
+    first.data.labels = ["changed"]
+    second = parse_request_config(text)
+    assert second.train.lr != -1.0 and second.data.labels != ["changed"]
+    assert second == parse_request_config(text) and second is not parse_request_config(text)
+
+
+def test_a_remembered_epsilon_is_the_composed_one():
+    from fedslm.privacy import accountant
+
+    history = [(1.1, 0.5, 3), (0.9, 0.25, 4), (1.1, 0.5, 2)]
+    for name in ("rdp", "prv"):
+        accountant._composed.cache_clear()
+        fresh = accountant.epsilon(history, 1e-5, name)
+        assert accountant.epsilon(list(reversed(history)), 1e-5, name) == pytest.approx(fresh, rel=1e-9)
+        hits = accountant._composed.cache_info().hits
+        assert accountant.epsilon(history, 1e-5, name) == fresh  # remembered
+        assert accountant._composed.cache_info().hits == hits + 1
+        assert accountant.epsilon(history, 1e-6, name) > fresh  # δ is part of the key
+        assert accountant.epsilon([*history, (1.1, 0.5, 1)], 1e-5, name) > fresh  # so is every step
+    assert accountant.epsilon([(0.0, 0.5, 1)], 1e-5, "prv") == float("inf")

@@ -20,6 +20,7 @@ coordinator's request, which must not be able to pin it):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -86,6 +87,11 @@ def merge(history: Iterable[Step]) -> list[Step]:
 
 def prv_fallback(history: Sequence[Step], delta: float) -> Optional[str]:
     """Why PRV would cost too much for ``history`` (merged), or None: it may run."""
+    return _prv_fallback(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta))
+
+
+@functools.lru_cache(maxsize=512)  # a pure function; sizing PRV's domain integrates (see _composed)
+def _prv_fallback(history: tuple[Step, ...], delta: float) -> Optional[str]:
     active = [(s, q, n) for s, q, n in history if q > 0 and n > 0]
     if len(active) > MAX_PRV_MECHANISMS:
         return f"{len(active)} distinct (σ, q) in the history, more than {MAX_PRV_MECHANISMS}"
@@ -109,7 +115,15 @@ def prv_fallback(history: Sequence[Step], delta: float) -> Optional[str]:
 def epsilon(history: Iterable[Step], delta: float, accountant: str = "rdp") -> float:
     """ε at ``delta`` after every step in ``history``; ∞ if any step had no noise. With ``prv``, a history
     past PRV's bounds (:func:`prv_fallback`) is composed with RDP, a looser upper bound of the same steps."""
-    merged = [(s, q, n) for s, q, n in merge(history) if q > 0]
+    merged = tuple((float(s), float(q), int(n)) for s, q, n in merge(history) if q > 0)
+    return _composed(merged, float(delta), accountant)
+
+
+# A pure function of (merged steps, δ, accountant). PRV's composition builds a grid and integrates (tens of
+# ms to seconds); a node asks for the same history several times a round (the cap before and after the
+# planned round, the figure it reports), and a simulation's process serves every round of its institutions.
+@functools.lru_cache(maxsize=512)
+def _composed(merged: tuple[Step, ...], delta: float, accountant: str) -> float:
     if not merged:
         return 0.0
     if any(sigma <= 0 for sigma, _, _ in merged):
