@@ -92,3 +92,35 @@ def test_missing_model_is_an_error_not_a_download(tmp_path):
 def test_unknown_target_module_is_named(cls_config):
     with pytest.raises(ConfigError, match="lora.target_modules: no module named q_proj"):
         build_node(cls_config("lora.target_modules=[q_proj]"))
+
+
+@pytest.mark.parametrize("fixture,overrides", [
+    ("cls_config", ()), ("cls_config", ("lora.ffa=true",)), ("cls_config", ("lora.layers=1", "lora.head_bias=true")),
+    ("causal_config", ()), ("causal_config", ("lora.ffa=true",)),
+])
+def test_adapter_state_is_pefts_own(request, fixture, overrides):
+    """get/set_adapter_state and frozen_digest keep an index of the model's parameters instead of walking
+    PEFT's state dict each time: they must read and write exactly what PEFT's functions do."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from fedslm.lora.adapter import frozen_digest
+
+    model = build_node(request.getfixturevalue(fixture)(*overrides)).model
+    frozen = {n.replace(".default.", ".") for n, p in model.named_parameters() if "lora_" in n and not p.requires_grad}
+    peft = {k: v for k, v in get_peft_model_state_dict(model).items() if k not in frozen}
+    ours = get_adapter_state(model)
+    kept = {k: v.clone() for k, v in get_peft_model_state_dict(model).items() if k in frozen}
+    assert list(ours) == list(peft) and all(torch.equal(ours[k], peft[k].float()) for k in peft)
+    gen = torch.Generator().manual_seed(1)
+    new = {k: torch.randn(v.shape, generator=gen) for k, v in ours.items()}
+    set_adapter_state(model, new)
+    after = get_peft_model_state_dict(model)
+    assert all(torch.equal(after[k].float(), new[k].to(after[k].dtype).float()) for k in new)
+    assert set(kept) == frozen and all(torch.equal(after[k], kept[k]) for k in frozen)  # FFA's A untouched
+    set_peft_model_state_dict(model, {k: v * 2 for k, v in new.items()})  # written behind the index's back
+    assert all(torch.equal(get_adapter_state(model)[k], (new[k] * 2).to(after[k].dtype).float()) for k in new)
+    reference = __import__("hashlib").sha256()
+    for key in sorted(frozen):
+        reference.update(key.encode())
+        reference.update(after[key].detach().contiguous().view(torch.uint8).numpy().tobytes())
+    assert frozen_digest(model) == (reference.hexdigest() if frozen else "")

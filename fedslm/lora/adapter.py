@@ -133,17 +133,49 @@ def _frozen_lora_keys(model: PeftModel) -> set[str]:
     return frozen
 
 
+_INDEX = "_fedslm_adapter_index"
+
+
+def _index(model: PeftModel) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """(adapter, frozen LoRA) as (PEFT on-disk key, the model's parameter) pairs, in PEFT's order.
+
+    PEFT builds its state dict by walking the whole model (several ms on a 6-layer encoder, and a round
+    asks for it several times); the pairs are found once through PEFT's own function (its tensors share
+    the parameters' storage) and kept on the model while its parameters are the same objects. A key whose
+    tensor is not one of the model's parameters (a buffer) gives None: the callers then use PEFT's functions."""
+    params = dict(model.named_parameters())
+    kept = model.__dict__.get(_INDEX)
+    if kept is not None and all(params.get(name) is p for name, p in kept[2]):
+        return kept[0], kept[1]
+    by_storage = {(p.data_ptr(), tuple(p.shape)): (name, p) for name, p in params.items()}
+    frozen_keys = _frozen_lora_keys(model)
+    adapter, frozen, named = [], [], []
+    for key, tensor in get_peft_model_state_dict(model).items():
+        hit = by_storage.get((tensor.data_ptr(), tuple(tensor.shape)))
+        if hit is None:
+            object.__setattr__(model, _INDEX, None)
+            return None  # type: ignore[return-value]
+        (frozen if key in frozen_keys else adapter).append((key, hit[1]))
+        named.append(hit)
+    object.__setattr__(model, _INDEX, (adapter, frozen, named))
+    return adapter, frozen
+
+
 def frozen_digest(model: PeftModel) -> str:
     """SHA-256 of the frozen LoRA tensors (FFA-LoRA's shared A); '' when there are none."""
     import hashlib
 
-    keys = _frozen_lora_keys(model)
-    if not keys:
+    index = _index(model)
+    if index is not None:
+        frozen = {key: p.detach() for key, p in index[1]}
+    else:
+        keys = _frozen_lora_keys(model)
+        frozen = {k: v for k, v in get_peft_model_state_dict(model).items() if k in keys}
+    if not frozen:
         return ""
-    state = get_peft_model_state_dict(model)
     h = hashlib.sha256()
-    for key in sorted(keys):
-        t = state[key].detach().cpu().contiguous()
+    for key in sorted(frozen):
+        t = frozen[key].detach().cpu().contiguous()
         h.update(key.encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -153,18 +185,23 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _adapter_tensors(model: PeftModel) -> dict[str, torch.Tensor]:
+    index = _index(model)
+    if index is not None:
+        return {key: p.detach() for key, p in index[0]}
+    frozen = _frozen_lora_keys(model)
+    return {k: v for k, v in get_peft_model_state_dict(model).items() if k not in frozen}
+
+
 def get_adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     """A detached copy of the trainable adapter (and head) tensors, in PEFT's on-disk keys: on the CPU
     in fp32 whatever the model trains on (this is what is released and saved)."""
-    frozen = _frozen_lora_keys(model)
-    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in get_peft_model_state_dict(model).items()
-            if k not in frozen}
+    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in _adapter_tensors(model).items()}
 
 
 def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
     """Load adapter tensors; the keys and shapes must be exactly this model's adapter."""
-    frozen = _frozen_lora_keys(model)
-    expected = {k: v for k, v in get_peft_model_state_dict(model).items() if k not in frozen}
+    expected = _adapter_tensors(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -175,6 +212,11 @@ def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> No
     for key, ref in expected.items():
         if tuple(state[key].shape) != tuple(ref.shape):
             raise ValueError(f"adapter tensor {key}: shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}")
+    if _index(model) is not None:  # the very parameters PEFT's loader would write, written in place
+        with torch.no_grad():
+            for key, ref in expected.items():
+                ref.copy_(state[key].to(ref.dtype))
+        return
     result = set_peft_model_state_dict(model, {k: v.to(expected[k].dtype) for k, v in state.items()})
     if getattr(result, "unexpected_keys", None):
         bad = [k for k in result.unexpected_keys if "lora_" in k or "modules_to_save" in k]
