@@ -71,3 +71,30 @@ def test_local_only_baseline_uses_a_separate_ledger(cls_config, tmp_path):
     ledgers = sorted((tmp_path / "run" / "ledgers-local").glob("*.json"))
     assert [p.name for p in ledgers] == ["institution-0.json", "institution-1.json"]
     assert all(len(Ledger(p).summary()) == 1 for p in ledgers)
+
+
+@pytest.mark.parametrize("partitioner", ["dirichlet", "iid", "column"])
+def test_partitions_are_flower_datasets_own_on_a_plain_dataset(partitioner, monkeypatch):
+    """The partitioners read whole columns from a numpy-backed dataset (fast); they must give exactly
+    what they give on the plain datasets.Dataset they were written for."""
+    import random
+
+    from datasets import Dataset
+
+    from fedslm.data import partition
+    from fedslm.data.examples import ClassificationExample
+
+    rng = random.Random(3)
+    examples = [ClassificationExample(text=f"r{i}", label=rng.choice("abcdefg"), group=f"h{rng.randrange(4)}")
+                for i in range(600)]
+    fed = FederationConfig(num_clients=4, partitioner=partitioner, dirichlet_alpha=0.5, partition_seed=7)
+    fast = partition_indices(examples, fed)
+
+    def plain(rows):
+        return Dataset.from_dict({"idx": list(range(len(rows))), "label": [e.label for e in rows],
+                                  "group": [e.group for e in rows]})
+
+    monkeypatch.setattr(partition, "_dataset", plain)
+    slow = partition_indices(examples, fed)
+    assert fast == slow
+    assert sorted(i for p in fast for i in p.indices) == list(range(600))  # every record, once

@@ -46,11 +46,15 @@ class TaskData:
             self.dataset_id = dataset_fingerprint(self.source, self.train)
 
 
+_RECORD_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False)
+
+
 def dataset_fingerprint(source: str, train: Sequence[Example]) -> str:
     """A stable id of a training set: its name plus a hash of every record."""
     digest = hashlib.sha256()
+    encode = _RECORD_JSON.encode  # json.dumps with these options would build an encoder per record
     for example in train:
-        digest.update(json.dumps(example.__dict__, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        digest.update(encode(example.__dict__).encode("utf-8"))
         digest.update(b"\n")
     name = source.replace("\\", "/").rsplit("/", 1)[-1] or "data"
     return f"{name}:{digest.hexdigest()[:16]}"

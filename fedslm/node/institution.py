@@ -35,6 +35,7 @@ class FingerprintMismatch(FedslmError):
 # are kept (a deployed node's process serves one message and reads its file afresh).
 _SHARES: dict[str, TaskData] = {}
 _ENCODED: dict[tuple, tuple[Any, Any]] = {}
+_WHOLE: dict[str, TaskData] = {}  # the scenario's dataset, read once for every institution the process serves
 
 
 def _share(plan: RoundPlan) -> TaskData:
@@ -43,7 +44,11 @@ def _share(plan: RoundPlan) -> TaskData:
     key = json.dumps([asdict(plan.data), asdict(fed), plan.institution, plan.model.task], sort_keys=True, default=str)
     if key not in _SHARES:
         group = fed.partition_column if fed.partitioner == "column" else None
-        whole = load_task_data(plan.data, plan.model.task, group_column=group)
+        source = json.dumps([asdict(plan.data), plan.model.task, group], sort_keys=True, default=str)
+        if source not in _WHOLE:
+            _WHOLE.clear()
+            _WHOLE[source] = load_task_data(plan.data, plan.model.task, group_column=group)
+        whole = _WHOLE[source]
         if len(_SHARES) >= 8:
             _SHARES.pop(next(iter(_SHARES)))
         _SHARES[key] = institution_data(whole, fed, plan.institution, plan.data.test_fraction,
