@@ -133,27 +133,32 @@ def stop_process_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def local_superlink(flwr_home: Path, port: int, log_file: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
-    import httpx
-
+    """A SuperLink on ``port``, stopped (its whole process tree) on the way out. It boots in the background
+    (several seconds): call :func:`wait_ready` before using it, and do other work meanwhile."""
     cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
            "--host", "127.0.0.1", "--port", str(port)]
     with log_file.open("ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise SimulationError(f"flower-superlink exited with code {proc.returncode}; see {log_file}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).is_success:
-                    break
-            if time.monotonic() > deadline:
-                raise SimulationError(f"flower-superlink did not become ready in 90 s; see {log_file}")
-            time.sleep(0.5)
         yield proc
     finally:
         stop_process_tree(proc)
+
+
+def wait_ready(proc: subprocess.Popen, port: int, log_file: Path, timeout: float = 90) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise SimulationError(f"flower-superlink exited with code {proc.returncode}; see {log_file}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).is_success:
+                return
+        if time.monotonic() > deadline:
+            raise SimulationError(f"flower-superlink did not become ready in {timeout:.0f} s; see {log_file}")
+        time.sleep(0.1)
 
 
 def _clients_done(out: Path, round_idx: int) -> int:
@@ -212,11 +217,7 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
     from fedslm.coordinator.resume import find_checkpoint
 
     resume = find_checkpoint(out, cfg)  # refuses a finished run or a different config before anything starts
-    warm_features(cfg, whole, console)
     out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "config.yaml"
-    config_path.write_text(to_yaml(cfg), encoding="utf-8")
-    app = app_dir or project_dir()
     flwr_home = out / ".flwr"
     port = free_port()
     write_flower_config(flwr_home, port, cfg)
@@ -228,11 +229,20 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
            "TOKENIZERS_PARALLELISM": "false", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
            # The ClientApps are simulated institutions: the scenario stands for their node policies.
            "FEDSLM_SIMULATION": "1", **ray_env(cfg)}
-    started = time.monotonic()
-    console.print(f"run folder [bold]{out}[/]; Flower and Ray logs in {log_file}")
-    if resume is not None:
-        console.print(f"resuming after round {resume.round} of {cfg.federation.rounds} (checkpoint in {out})")
-    with local_superlink(flwr_home, port, log_file, env):
+    app = app_dir or project_dir()
+    scores: Optional[dict[str, Any]] = None
+    confusions: Optional[dict[str, Any]] = None
+    scored = False
+    # The SuperLink boots (seconds) while the shared feature pass runs or is read.
+    with local_superlink(flwr_home, port, log_file, env) as link:
+        warm_features(cfg, whole, console)
+        config_path = out / "config.yaml"
+        config_path.write_text(to_yaml(cfg), encoding="utf-8")
+        started = time.monotonic()
+        console.print(f"run folder [bold]{out}[/]; Flower and Ray logs in {log_file}")
+        if resume is not None:
+            console.print(f"resuming after round {resume.round} of {cfg.federation.rounds} (checkpoint in {out})")
+        wait_ready(link, port, log_file)
         cmd = [_bin("flwr"), "run", str(app), CONNECTION, "--stream",
                "--run-config", f"fedslm-config={json.dumps(str(config_path))}"]
         with log_file.open("ab") as log:
@@ -242,10 +252,14 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
             with Live(_table(cfg, [], out, started), console=console, refresh_per_second=2, transient=False) as live:
                 while run.poll() is None:
                     live.update(_table(cfg, read_rounds(out), out, started))
-                    time.sleep(1.0)
-                    if (out / "summary.json").exists() and run.poll() is None:
-                        with contextlib.suppress(subprocess.TimeoutExpired):
-                            run.wait(timeout=30)
+                    if not scored and (out / "summary.json").exists():
+                        # The ServerApp saved the adapter before its summary: score it while Flower winds
+                        # down in its own processes (the ServerApp's report, Ray's actors: seconds).
+                        scored = True
+                        live.update(_table(cfg, read_rounds(out), out, started))
+                        scores, confusions = _scores(cfg, out)
+                        continue
+                    time.sleep(0.25)
                 live.update(_table(cfg, read_rounds(out), out, started))
         finally:
             if run.poll() is None:
@@ -264,16 +278,10 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
         summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
         write_report(out)
     summary["wall_seconds_simulation"] = time.monotonic() - started
-    from fedslm.simulation.compare import fixed_test
-
-    with console.status("scoring the global adapter on the fixed test split"):
-        scores = fixed_test(cfg, out / "adapter")
+    if not scored:
+        scores, confusions = _scores(cfg, out)
     if scores is not None:
         summary["fixed_test"] = scores
-    from fedslm.simulation.compare import institution_confusions
-
-    with console.status("per-class accuracy of the global adapter at each institution"):
-        confusions = institution_confusions(cfg, out / "adapter")
     if confusions is not None:
         summary["per_class"] = confusions
     summary["wall_seconds_total"] = time.monotonic() - started
@@ -285,6 +293,13 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
 
     write_html(out)
     return summary
+
+
+def _scores(cfg: Config, out: Path) -> tuple[Optional[dict[str, Any]], Optional[dict[str, Any]]]:
+    """The global adapter on the fixed test split, and its per-class accuracy at each institution."""
+    from fedslm.simulation.compare import fixed_test, institution_confusions
+
+    return fixed_test(cfg, out / "adapter"), institution_confusions(cfg, out / "adapter")
 
 
 def describe(summary: dict[str, Any], out: Path, console: Console) -> None:
