@@ -60,6 +60,7 @@ CONFIG_GLOSS = {
     "federation.rounds": "Federated rounds; the privacy plan covers all of them.",
     "federation.strategy": "Aggregation, Flower's own: one of {STRATEGIES}.",
     "federation.fraction_evaluate": "Share of institutions sampled for evaluation each round.",
+    "federation.evaluate_every": "Institutions score the global adapter every this many rounds, and after the last.",
     "federation.dirichlet_alpha": "With partitioner dirichlet: the concentration over labels (smaller: more skew).",
     "federation.partition_seed": "Seed of the simulated institutions' split.",
     "federation.server_lr": "FedAdam's server learning rate.",

@@ -36,7 +36,9 @@ def write_report(folder: str | Path) -> Path:
     (ax_loss, ax_acc), (ax_eps, ax_inst) = axes
 
     xs = [r["round"] for r in rounds]
-    ax_loss.plot(xs, [r["eval_weighted"].get("loss") for r in rounds], "o-", label="held-out loss (weighted)")
+    scored = [r for r in rounds if r["eval_weighted"]]  # federation.evaluate_every: not every round is scored
+    ax_loss.plot([r["round"] for r in scored], [r["eval_weighted"].get("loss") for r in scored], "o-",
+                 label="held-out loss (weighted)")
     insts = sorted({c["institution"] for r in rounds for c in r["clients"]})
     trained = [[c for c in r["clients"] if c.get("train_loss") is not None] for r in rounds]
     # Weighted by the coordinator's weight (a screened, clamped claim), not the reply's own count.
@@ -46,10 +48,12 @@ def write_report(folder: str | Path) -> Path:
     ax_loss.set(title="Loss per round", xlabel="round", ylabel="loss")
     ax_loss.legend()
 
-    ax_acc.plot(xs, [r["eval_weighted"].get(headline) for r in rounds], "o-", color="black", label="all institutions (weighted)")
+    ax_acc.plot([r["round"] for r in scored], [r["eval_weighted"].get(headline) for r in scored], "o-", color="black",
+                label="all institutions (weighted)")
     for inst in insts:
-        ax_acc.plot(xs, [next((c["eval"].get(headline) for c in r["clients"] if c["institution"] == inst and "eval" in c), None)
-                         for r in rounds], ".:", alpha=0.7, label=f"institution {inst}")
+        ax_acc.plot([r["round"] for r in scored],
+                    [next((c["eval"].get(headline) for c in r["clients"] if c["institution"] == inst and "eval" in c),
+                          None) for r in scored], ".:", alpha=0.7, label=f"institution {inst}")
     ax_acc.set(title=f"Held-out {headline} per round", xlabel="round", ylabel=headline)
     ax_acc.legend(fontsize=8)
 

@@ -251,7 +251,7 @@ def render(folder: str | Path) -> str:
                  f'{"" if finished or stopped else f" · reloads every {REFRESH_SECONDS} s"}</div>')
 
     # Headline figures
-    last = trained[-1]["eval_weighted"] if trained else {}
+    last = next((r["eval_weighted"] for r in reversed(trained) if r.get("eval_weighted")), {})
     kpis = []
     if summary and summary.get("fixed_test"):
         kpis.append((_fmt(summary["fixed_test"].get("accuracy"), pct=True),
@@ -269,13 +269,14 @@ def render(folder: str | Path) -> str:
     parts.append('<div class="kpi">' + "".join(f"<div><b>{v}</b><span>{_esc(k)}</span></div>" for v, k in kpis) + "</div>")
 
     # By round
-    xs = [r["round"] for r in rounds]
+    scored = [r for r in rounds if r.get("eval_weighted")]  # federation.evaluate_every: not every round is scored
+    xs = [r["round"] for r in scored]
     per_inst = [(f"institution {i}", xs, [next((c["eval"].get(headline) for c in r["clients"]
-                                                 if c["institution"] == i and "eval" in c), None) for r in rounds])
+                                                 if c["institution"] == i and "eval" in c), None) for r in scored])
                 for i in institutions]
-    score = line_chart([("all (weighted)", xs, [r.get("eval_weighted", {}).get(headline) for r in rounds]), *per_inst],
+    score = line_chart([("all (weighted)", xs, [r["eval_weighted"].get(headline) for r in scored]), *per_inst],
                        title=f"Held-out {headline} by round", ylabel=headline, pct=pct)
-    loss = line_chart([("all (weighted)", xs, [r.get("eval_weighted", {}).get("loss") for r in rounds])],
+    loss = line_chart([("all (weighted)", xs, [r["eval_weighted"].get("loss") for r in scored])],
                       title="Held-out loss by round", ylabel="loss")
     parts.append(f'<h2>Training by round</h2><div class="grid">{score}{loss}</div>')
 

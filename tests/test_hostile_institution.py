@@ -356,3 +356,32 @@ def test_a_robust_strategy_and_client_level_dp_are_refused_even_without_validati
     cfg.privacy.client_level.enabled = True
     with pytest.raises(ConfigError, match="C/k"):
         make_strategy(cfg, RunRecorder(cfg, tmp_path, "r"))
+
+
+def test_institutions_score_every_evaluate_every_rounds_and_after_the_last(flower_identity, cls_config, tmp_path):
+    """federation.evaluate_every=3 over 7 rounds: no evaluate message on rounds 1, 2, 4, 5 (their metrics
+    lines are written without scores), messages on 3, 6 and the last round 7."""
+    import json
+
+    cfg, outer, inner = _strategy(cls_config, tmp_path, "federation.evaluate_every=3", "federation.rounds=7")
+    grid = type("Grid", (), {"get_node_ids": lambda self: list(range(2, 2 + HONEST)),
+                             "create_message": lambda self, content, message_type, dst_node_id, group_id, ttl=None:
+                             Message(content, dst_node_id=dst_node_id, message_type=message_type,
+                                     group_id=group_id)})()
+    sent = {}
+    for rnd in range(1, 8):
+        inner.aggregate_train(rnd, _honest())
+        TaskIdentity.node_id = 1
+        messages = inner.configure_evaluate(rnd, codec.state_to_record(inner.sent), ConfigRecord({}), grid)
+        sent[rnd] = len(messages)
+        inner.recorder.remember([])  # hand-built replies carry no message ids to match
+        inner.aggregate_evaluate(rnd, [_evaluate(n) for n in range(2, 2 + HONEST)] if messages else [])
+    assert sent == {1: 0, 2: 0, 3: HONEST, 4: 0, 5: 0, 6: HONEST, 7: HONEST}
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == list(range(1, 8))  # every round has its line
+    assert [bool(line["eval_weighted"]) for line in lines] == [False, False, True, False, False, True, True]
+    assert all(c.get("train_loss") is not None for line in lines for c in line["clients"])
+    summary = summarize(cfg, inner.recorder.rounds, "r", "f", 1, 1, 1.0)
+    assert summary["final"]["accuracy"] == pytest.approx(0.5) and summary["worst_institution"] is not None
+    with pytest.raises(ConfigError, match="federation.evaluate_every"):
+        cls_config("federation.evaluate_every=0")

@@ -255,6 +255,7 @@ def validate(cfg: Config) -> None:
     for key in ("fraction_train", "fraction_evaluate"):
         value = getattr(f, key)
         _check(0.0 < value <= 1.0, f"federation.{key} must be in (0, 1], got {value}")
+    _positive("federation.evaluate_every", f.evaluate_every)
     _choice("federation.partitioner", f.partitioner, PARTITIONERS)
     _positive("federation.dirichlet_alpha", f.dirichlet_alpha)
     if f.partitioner == "column":

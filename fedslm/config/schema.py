@@ -221,6 +221,9 @@ class FederationConfig:
     # Share of institutions sampled for training / evaluation each round.
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
+    # The institutions score the global adapter every this many rounds, and after the last: each
+    # evaluation is an exchange with every node (and, deployed, a release each node pays ε for).
+    evaluate_every: int = 1
     # How simulated institutions split the data: iid, dirichlet (over labels), or column.
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5

@@ -203,6 +203,11 @@ class RunRecorder:
         self._flush(server_round)
         return [msg for msg, _ in kept]
 
+    def without_evaluation(self, server_round: int) -> None:
+        """A round the institutions did not score (federation.evaluate_every): its line, with no eval."""
+        self._round(server_round)
+        self._flush(server_round)
+
     def checkpoint(self, server_round: int, arrays: ArrayRecord,
                    strategy_state: Optional[dict[str, torch.Tensor]] = None) -> None:
         """The global adapter and server state after ``server_round`` (0: the initial adapter).

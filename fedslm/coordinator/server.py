@@ -154,7 +154,8 @@ def summarize(cfg: Config, rounds: list[dict[str, Any]], run_id: str, fingerprin
         "strategy": cfg.federation.strategy,
         "institutions": cfg.federation.num_clients,
         "base_fingerprint": fingerprint,
-        "final": rounds[-1]["eval_weighted"] if rounds else {},
+        # The last round the institutions scored (federation.evaluate_every; a stopped round may have none).
+        "final": next((r["eval_weighted"] for r in reversed(rounds) if r.get("eval_weighted")), {}),
         "per_institution": {headline: per_inst},
         **({"initial": {
             "weighted": initial["eval_weighted"],

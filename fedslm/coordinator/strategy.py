@@ -40,6 +40,12 @@ STRATEGIES.register("bulyan", Bulyan)
 ROBUST = ("median", "trimmed_mean", "krum", "multi_krum", "bulyan")
 
 
+def evaluation_due(fed: Any, server_round: int) -> bool:
+    """Whether the institutions score the global adapter after ``server_round`` (federation.evaluate_every,
+    and always after the last round, whose scores are the run's)."""
+    return server_round % fed.evaluate_every == 0 or server_round >= fed.rounds
+
+
 class Recording:
     """Mixed in front of a Flower strategy: check updates, record replies, enforce min_clients.
 
@@ -65,6 +71,8 @@ class Recording:
         # noise of a wrapper): the one place to average what was published, never what was not.
         if self.recorder.cfg.federation.ema is not None and server_round > 0:
             self._average(arrays)
+        if not evaluation_due(self.recorder.cfg.federation, server_round + self.offset):
+            return self.recorder.remember([])
         wire = codec.transfer_record(self.published(arrays), self.recorder.cfg.federation.transfer_dtype)
         return self.recorder.remember(
             super().configure_evaluate(server_round + self.offset, wire, config, grid))  # type: ignore[misc]
@@ -115,6 +123,9 @@ class Recording:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         server_round += self.offset
+        if not evaluation_due(self.recorder.cfg.federation, server_round):
+            self.recorder.without_evaluation(server_round)
+            return None
         valid = self.recorder.on_evaluate(server_round, list(replies),
                                           equal=self.robust or self.recorder.cfg.federation.weighting == "equal")
         return self._guarded(server_round, "evaluate", valid,
