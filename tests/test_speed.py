@@ -232,6 +232,10 @@ def test_the_feature_cache_key_is_the_byte_loops_so_existing_caches_stay_valid()
     for input_ids in (records, records[:1], []):
         enc = Encoded(input_ids, [i % 7 for i in range(len(input_ids))], 0)
         assert prefix.cache_key(enc, "f" * 64, 0, {"pool": "mean"}) == _reference_key(enc, "f" * 64, 0, {"pool": "mean"})
+    enc = Encoded(records, [0] * len(records), 0)
+    prefix.cache_key(enc, "f", 0, {})
+    enc.input_ids, enc.targets = records[:2], [0, 0]  # the key kept on the split follows a new list of records
+    assert prefix.cache_key(enc, "f", 0, {}) == _reference_key(enc, "f", 0, {})
     moved = Encoded([[1, 2], [3]], [0, 0], 0)  # the same ids framed differently hash differently
     assert prefix.cache_key(moved, "f", 0, {}) != prefix.cache_key(Encoded([[1], [2, 3]], [0, 0], 0), "f", 0, {})
     with pytest.raises(ValueError):

@@ -193,14 +193,27 @@ def cache_key(enc: Encoded, fingerprint: str, layers: int, layout: dict) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"fingerprint": fingerprint, "layers": layers, "layout": layout, "pad": enc.pad_id,
                          "v": 1}, sort_keys=True).encode())
-    h.update(_framed_ids(enc.input_ids))
+    h.update(_framed_ids(enc))
     h.update(json.dumps(list(map(int, enc.targets))).encode())
     return h.hexdigest()
 
 
-def _framed_ids(input_ids: list[list[int]]) -> bytes:
-    """Each record's length, then its ids, as 4-byte little-endian words: the bytes the cache key hashes
-    (built in numpy: a round of a simulation keys tens of thousands of records)."""
+_FRAMED = "_fedslm_framed_ids"
+
+
+def _framed_ids(enc: Encoded) -> bytes:
+    """Each record's length, then its ids, as 4-byte little-endian words: the bytes the cache key hashes.
+    Built in numpy and kept on ``enc`` while its list of records is the same (a simulation's process keys the
+    same split every round; nothing edits an encoded split's ids in place)."""
+    kept = enc.__dict__.get(_FRAMED)
+    if kept is not None and kept[0] is enc.input_ids and kept[1] == len(enc.input_ids):
+        return kept[2]
+    words = _frame(enc.input_ids)
+    enc.__dict__[_FRAMED] = (enc.input_ids, len(enc.input_ids), words)
+    return words
+
+
+def _frame(input_ids: list[list[int]]) -> bytes:
     lengths = np.fromiter((len(ids) for ids in input_ids), dtype=np.int64, count=len(input_ids))
     ids = np.fromiter(itertools.chain.from_iterable(input_ids), dtype=np.int64, count=int(lengths.sum()))
     if lengths.size and (lengths.max() >= 2**32 or (ids.size and (ids.min() < 0 or ids.max() >= 2**32))):
