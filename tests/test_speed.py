@@ -268,3 +268,25 @@ def test_a_remembered_epsilon_is_the_composed_one():
         assert accountant.epsilon(history, 1e-6, name) > fresh  # δ is part of the key
         assert accountant.epsilon([*history, (1.1, 0.5, 1)], 1e-5, name) > fresh  # so is every step
     assert accountant.epsilon([(0.0, 0.5, 1)], 1e-5, "prv") == float("inf")
+
+
+def test_a_process_reads_the_pool_once_for_every_split_and_again_once_it_is_replaced(cls_config, monkeypatch):
+    from fedslm.train import feature_pool
+
+    cfg = cls_config("model.pooling=mean", "lora.layers=0", "federation.num_clients=2")
+    whole = check_data(cfg)
+    warm_features(cfg, whole)
+    reads: list[str] = []
+    real = feature_pool._read_pool_file
+    monkeypatch.setattr(feature_pool, "_read_pool_file", lambda path: reads.append(path.name) or real(path))
+    feature_pool._LAST_POOL.clear()
+    first = [_institution_features(cfg, i) for i in range(2)]
+    assert len(reads) == 1  # four splits, one read
+    pool = next(p for p, _, _ in prefix.cache_files() if p.name == reads[0])
+    data = torch.load(pool, weights_only=True)
+    data["hidden"] = data["hidden"] + 1.0  # a pass rewritten (say, over changed records): a new file
+    prefix._write_tensors(pool, data)
+    prefix._MEMORY.clear()
+    again = _institution_features(cfg, 0)
+    assert len(reads) == 2
+    torch.testing.assert_close(again[0].hidden, first[0][0].hidden + 1.0)

@@ -77,8 +77,30 @@ def warm_pool(model: nn.Module, encs: Sequence[Encoded], fingerprint: str, model
     return len(ids)
 
 
+# The last pool file read by this process, by its (path, inode, size): a simulation's process looks up each
+# split of every institution it serves in the same file (tens of MB). The pool is only ever replaced whole
+# (prefix._write_tensors: a new file renamed over it, so a new inode), and then read again; its mtime is not
+# part of the key, since every lookup touches it (os.utime, for the folder's pruning).
+_LAST_POOL: dict[tuple[str, int, int], tuple[torch.Tensor, dict[bytes, int]]] = {}
+
+
 def _read_pool(path: Path) -> Optional[tuple[torch.Tensor, dict[bytes, int]]]:
     """(vectors, row of each record digest) of a pool file, or None when absent, torn or foreign."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (str(path), st.st_ino, st.st_size)
+    if key in _LAST_POOL:
+        return _LAST_POOL[key]
+    read = _read_pool_file(path)
+    _LAST_POOL.clear()
+    if read is not None:
+        _LAST_POOL[key] = read
+    return read
+
+
+def _read_pool_file(path: Path) -> Optional[tuple[torch.Tensor, dict[bytes, int]]]:
     if not path.is_file():
         return None
     try:
