@@ -16,6 +16,8 @@ coordinator's request, which must not be able to pin it):
   composed with RDP instead (:func:`prv_fallback` says why): RDP is a sound upper bound of the same
   steps, only looser, so a cap enforced with it still holds. Without this bound 10**7 steps (1000
   rounds of 10,000 local steps) need a grid of 2·10**9 points: the process dies while planning.
+  A history of full-batch steps only (q = 1) needs no grid: its composition is a Gaussian mechanism
+  whose ε is exact in closed form (:mod:`fedslm.privacy.gaussian`), PRV's figure less its error bound.
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ def prv_fallback(history: Sequence[Step], delta: float) -> Optional[str]:
 @functools.lru_cache(maxsize=512)  # a pure function; sizing PRV's domain integrates (see _composed)
 def _prv_fallback(history: tuple[Step, ...], delta: float) -> Optional[str]:
     active = [(s, q, n) for s, q, n in history if q > 0 and n > 0]
+    if all(q == 1.0 for _, q, _ in active):
+        return None  # full batch only: the exact Gaussian composition, no grid (fedslm.privacy.gaussian)
     if len(active) > MAX_PRV_MECHANISMS:
         return f"{len(active)} distinct (σ, q) in the history, more than {MAX_PRV_MECHANISMS}"
     if not active or any(s <= 0 for s, _, _ in active):
@@ -128,6 +132,12 @@ def _composed(merged: tuple[Step, ...], delta: float, accountant: str) -> float:
         return 0.0
     if any(sigma <= 0 for sigma, _, _ in merged):
         return math.inf
+    if accountant == "prv" and all(q == 1.0 for _, q, _ in merged):
+        # Full-batch steps are Gaussian mechanisms: their composition has an exact ε, the one PRV
+        # approximates from above (fedslm.privacy.gaussian).
+        from fedslm.privacy import gaussian
+
+        return gaussian.epsilon(gaussian.mu([(s, n) for s, _, n in merged]), delta)
     if accountant == "prv":
         reason = prv_fallback(merged, delta)
         if reason is None:

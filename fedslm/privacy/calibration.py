@@ -82,7 +82,11 @@ def plan(
     if noise_multiplier is None:
         tolerance = min(epsilon_tolerance, target_epsilon / 100)
         sigma = _search(target_epsilon, delta, q, steps, "rdp", tolerance)
-        if accountant == "prv":
+        if accountant == "prv" and q == 1.0:  # full batch: the exact Gaussian composition (fedslm.privacy.gaussian)
+            from fedslm.privacy import gaussian
+
+            sigma = gaussian.noise_multiplier(target_epsilon, delta, steps)
+        elif accountant == "prv":
             # Each step of PRV's search composes the whole plan on its grid, which grows with √steps and as σ
             # falls; the search visits σ down to about half of RDP's (PRV is the tighter bound). Past PRV's
             # bounds, RDP's σ is kept: a looser upper bound, so more noise, never less privacy.
