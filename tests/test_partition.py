@@ -98,3 +98,23 @@ def test_partitions_are_flower_datasets_own_on_a_plain_dataset(partitioner, monk
     slow = partition_indices(examples, fed)
     assert fast == slow
     assert sorted(i for p in fast for i in p.indices) == list(range(600))  # every record, once
+
+
+@pytest.mark.parametrize("partitioner", ["dirichlet", "iid", "column"])
+def test_one_partition_of_all_institutions_gives_each_its_own_share(partitioner):
+    """A simulation's process partitions the scenario once for every institution it serves: each share must
+    be the one that institution would compute alone."""
+    import random
+
+    from fedslm.data.examples import ClassificationExample, TaskData
+
+    rng = random.Random(5)
+    examples = [ClassificationExample(text=f"r{i}", label=rng.choice("abcde"), group=f"h{rng.randrange(3)}")
+                for i in range(300)]
+    whole = TaskData(task="classification", train=examples, test=[], labels=list("abcde"), source="s")
+    fed = FederationConfig(num_clients=3, partitioner=partitioner, dirichlet_alpha=0.5, partition_seed=2)
+    every = partition_indices(examples, fed)
+    for i in range(3):
+        assert every[i] == partition_indices(examples, fed, only=i)[0]
+        alone, shared = (institution_data(whole, fed, i, 0.2, 7, None, p) for p in (None, every))
+        assert alone.train == shared.train and alone.test == shared.test and alone.dataset_id == shared.dataset_id

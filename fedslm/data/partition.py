@@ -110,9 +110,11 @@ def partition_indices(examples: list[Example], fed: FederationConfig,
 
 
 def institution_data(data: TaskData, fed: FederationConfig, institution: int, test_fraction: float,
-                     split_seed: int, max_test: Optional[int] = None) -> TaskData:
-    """Institution ``institution``'s records, split into its own train and held-out sets."""
-    part = partition_indices(data.train, fed, only=institution)[0]
+                     split_seed: int, max_test: Optional[int] = None,
+                     partitions: Optional[list[Partition]] = None) -> TaskData:
+    """Institution ``institution``'s records, split into its own train and held-out sets. ``partitions``:
+    :func:`partition_indices` of ``data.train`` under ``fed`` for every institution, when already known."""
+    part = partitions[institution] if partitions is not None else partition_indices(data.train, fed, only=institution)[0]
     order = np.random.default_rng([split_seed, institution]).permutation(len(part.indices))
     n_test = max(1, int(round(len(order) * test_fraction)))
     records = [data.train[part.indices[k]] for k in order]

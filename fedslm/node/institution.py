@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 
 from fedslm.data import TaskData, load_task_data
-from fedslm.data.partition import institution_data
+from fedslm.data.partition import Partition, institution_data, partition_indices
 from fedslm.data.tasks import get_task
 from fedslm.errors import FedslmError
 from fedslm.lora import get_adapter_state, set_adapter_state, wrap
@@ -33,9 +33,13 @@ class FingerprintMismatch(FedslmError):
 # A simulation's Ray actors serve every round of several institutions in one process: their shares
 # of the scenario's dataset (read, partitioned, split) and token ids are the same each time, so they
 # are kept (a deployed node's process serves one message and reads its file afresh).
+# Bounded by entries: a share holds references to the scenario's records, its token ids ~10 MB per 48k
+# records; a process may serve hundreds of simulated institutions (benchmarks/scale.py).
+MAX_SHARES = 2048
 _SHARES: dict[str, TaskData] = {}
 _ENCODED: dict[tuple, tuple[Any, Any]] = {}
-_WHOLE: dict[str, TaskData] = {}  # the scenario's dataset, read once for every institution the process serves
+# The scenario's dataset and its partition into institutions, computed once for every institution the process serves.
+_WHOLE: dict[str, tuple[TaskData, dict[str, list[Partition]]]] = {}
 
 
 def _share(plan: RoundPlan) -> TaskData:
@@ -47,12 +51,16 @@ def _share(plan: RoundPlan) -> TaskData:
         source = json.dumps([asdict(plan.data), plan.model.task, group], sort_keys=True, default=str)
         if source not in _WHOLE:
             _WHOLE.clear()
-            _WHOLE[source] = load_task_data(plan.data, plan.model.task, group_column=group)
-        whole = _WHOLE[source]
-        if len(_SHARES) >= 8:
+            _WHOLE[source] = (load_task_data(plan.data, plan.model.task, group_column=group), {})
+        whole, partitions = _WHOLE[source]
+        split = json.dumps(asdict(fed), sort_keys=True, default=str)
+        if split not in partitions:
+            partitions.clear()
+            partitions[split] = partition_indices(whole.train, fed)
+        if len(_SHARES) >= MAX_SHARES:
             _SHARES.pop(next(iter(_SHARES)))
         _SHARES[key] = institution_data(whole, fed, plan.institution, plan.data.test_fraction,
-                                        plan.data.split_seed, plan.data.max_test_records)
+                                        plan.data.split_seed, plan.data.max_test_records, partitions[split])
     return _SHARES[key]
 
 
@@ -63,7 +71,7 @@ def _encode(task, examples, base: BaseModel, max_length: int):
         return hit[1]
     enc = task.encode(examples, base.tokenizer, max_length)
     if any(examples is d.train or examples is d.test for d in _SHARES.values()):
-        if len(_ENCODED) >= 16:
+        if len(_ENCODED) >= 2 * MAX_SHARES:
             _ENCODED.pop(next(iter(_ENCODED)))
         _ENCODED[key] = (examples, enc)
     return enc
