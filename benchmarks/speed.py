@@ -1,6 +1,6 @@
 """Where `make run`'s time goes (issue 30): the feature pass, framework time per round, cold and warm runs.
 
-    python benchmarks/speed.py [--records 4000] [--rounds 5] [--full]
+    python benchmarks/speed.py [--records 4000] [--rounds 5] [--full] [--institutions 10 100 1000] [--merge]
 
 Default (about 3 minutes on 2 cores):
 
@@ -15,6 +15,9 @@ Default (about 3 minutes on 2 cores):
   ``metrics.jsonl`` minus the nodes' own ``train_seconds`` (the slowest node's: nodes run side by
   side; and all nodes' summed, the bound when they take turns on too few cores): what Flower, Ray,
   message encoding and the coordinator cost.
+
+``--institutions N ...`` runs `make run`'s scenario with N simulated institutions each (``--institution-rounds``,
+3 by default): wall time per round and the peak memory of the whole process tree.
 
 ``--full`` adds `make run`'s scenario end to end: cold (an empty feature cache) and then warm (the
 cache the cold run filled), wall time and fixed-test accuracy each, and the feature pass over all
@@ -205,6 +208,59 @@ def end_to_end() -> dict:
     return {"cold": cold, "warm": warm, "targets": {"cold_s": 180, "warm_s": 45, "fixed_test_accuracy": 0.90}}
 
 
+def institutions(sizes: list[int], rounds: int) -> dict:
+    """make run's scenario with ``n`` simulated institutions (Dirichlet shares of the same records, 50 held-out
+    records each): wall time per round and the process tree's peak memory (benchmarks/scale.py's sampler),
+    on the user's feature cache (the one `make run` fills: the shared pass is measured by --full)."""
+    import importlib.util
+    import threading
+
+    import psutil
+
+    spec = importlib.util.spec_from_file_location("fedslm_bench_scale", ROOT / "benchmarks" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)  # type: ignore[union-attr]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedslm-speed-scale-") as tmp:
+        for n in sizes:
+            out = Path(tmp) / f"n{n}"
+            env = dict(os.environ)  # the user's feature cache: make run's (the cold pass is measured by --full)
+            cmd = [str(Path(sys.executable).parent / "fedslm"), "simulate", "--config", str(SCENARIO), "--out",
+                   str(out), f"federation.num_clients={n}", f"federation.min_clients={max(1, n // 2)}",
+                   f"federation.rounds={rounds}", "data.max_test_records=50"]
+            peak = {"pss": 0, "rss": 0}
+            started = time.perf_counter()
+            with open(Path(tmp) / f"n{n}.log", "wb") as log:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+                done = threading.Event()
+
+                def sample(ps=psutil.Process(proc.pid), done=done) -> None:
+                    while not done.is_set():
+                        rss, pss = scale._tree_memory(ps)
+                        peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
+                        time.sleep(0.5)
+
+                sampler = threading.Thread(target=sample, daemon=True)
+                sampler.start()
+                rc = proc.wait()
+                done.set()
+                sampler.join()
+            wall = time.perf_counter() - started
+            if rc != 0:
+                raise SystemExit(f"{n} institutions: fedslm simulate failed ({(Path(tmp) / f'n{n}.log').read_text()[-2000:]})")
+            lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+            secs = [line["round_seconds"] for line in lines]
+            row = {"institutions": n, "rounds": rounds, "wall_seconds": wall, "round_seconds": secs,
+                   "round_seconds_median_after_round1": statistics.median(secs[1:] or secs),
+                   "peak_pss_mb": peak["pss"] / 2**20, "peak_rss_sum_mb": peak["rss"] / 2**20}
+            print(f"  {n} institutions: rounds {', '.join(f'{x:.1f}s' for x in secs)}; whole run {wall:.0f} s; "
+                  f"peak PSS {row['peak_pss_mb']:.0f} MB", flush=True)
+            rows.append(row)
+    return {"rows": rows, "setup": f"make run's scenario, {rounds} rounds, federation.num_clients=n, "
+                                   "min_clients=n/2, data.max_test_records=50, make run's (warm) feature cache",
+            "targets": {"pss_mb_at_100": 4096}}
+
+
 def _measured(section: dict) -> str:
     m = section.get("machine") or {}
     return (f"Measured {m.get('when', '?')}, load average {', '.join(f'{x:.1f}' for x in m.get('load_average', []))} "
@@ -257,6 +313,17 @@ def write(result: dict) -> None:
     else:
         md += ["Cold and warm `make run` end to end: not measured here (`python benchmarks/speed.py --full`, on an "
                "idle machine).", ""]
+    inst = result.get("institutions")
+    if inst:
+        md += ["## Many simulated institutions", "", _measured(inst), "", inst["setup"] + ". Memory: the whole process "
+               "tree (fedslm, the SuperLink, Ray and its workers), PSS (shared pages split among their sharers) and "
+               "the sum of RSS.", "",
+               "| institutions | rounds | round 1 s | median round s after 1 | whole run s | peak PSS MB | sum of RSS MB |",
+               "|---:|---:|---:|---:|---:|---:|---:|"]
+        md += [f"| {r['institutions']} | {r['rounds']} | {r['round_seconds'][0]:.1f} | "
+               f"{r['round_seconds_median_after_round1']:.2f} | {r['wall_seconds']:.0f} | {r['peak_pss_mb']:.0f} | "
+               f"{r['peak_rss_sum_mb']:.0f} |" for r in inst["rows"]]
+        md += ["", "Target: 100 institutions within 4 GB; 1,000 complete.", ""]
     if result.get("notes"):
         md += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
     (RESULTS / "speed.md").write_text("\n".join(md), encoding="utf-8")
@@ -270,6 +337,9 @@ def main() -> None:
                     "feature pass over all records (minutes; an idle machine)")
     ap.add_argument("--skip-framework", action="store_true", help="no short simulation")
     ap.add_argument("--skip-features", action="store_true", help="no feature-pass variants")
+    ap.add_argument("--institutions", type=int, nargs="*", default=None, metavar="N",
+                    help="also make run's scenario with N simulated institutions each (e.g. 10 100 1000)")
+    ap.add_argument("--institution-rounds", type=int, default=3, help="rounds of each --institutions run")
     ap.add_argument("--merge", action="store_true", help="keep the sections of results/speed.json this run "
                     "does not measure (each keeps the machine line it was measured with)")
     args = ap.parse_args()
@@ -277,7 +347,7 @@ def main() -> None:
     if args.merge and (RESULTS / "speed.json").is_file():
         old = json.loads((RESULTS / "speed.json").read_text(encoding="utf-8"))
         result["notes"] = old.get("notes", [])
-        for key in ("feature_pass", "feature_pass_all", "framework", "end_to_end"):
+        for key in ("feature_pass", "feature_pass_all", "framework", "end_to_end", "institutions"):
             if key in old:
                 result[key] = {**old[key], "machine": old[key].get("machine", old.get("machine"))}
     if not args.skip_features:
@@ -297,6 +367,10 @@ def main() -> None:
         for k in ("cold", "warm"):
             r = result["end_to_end"][k]
             print(f"  {k}: {r['wall_seconds']:.0f} s, fixed-test accuracy {r['fixed_test_accuracy']}", flush=True)
+    if args.institutions:
+        print(f"make run's scenario with {', '.join(map(str, args.institutions))} institutions:", flush=True)
+        result["institutions"] = {**institutions(args.institutions, args.institution_rounds),
+                                  "machine": result["machine"]}
     write(result)
     print(f"wrote {RESULTS / 'speed.json'} and speed.md")
 
