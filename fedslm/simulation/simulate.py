@@ -12,6 +12,7 @@ by PID (with its descendants) when the run ends, fails or is interrupted.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -236,6 +237,8 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
     # The SuperLink boots (seconds) while the shared feature pass runs or is read.
     with local_superlink(flwr_home, port, log_file, env) as link:
         warm_features(cfg, whole, console)
+        del whole  # this process only waits from here on: the records are the ClientApps' to read
+        gc.collect()
         config_path = out / "config.yaml"
         config_path.write_text(to_yaml(cfg), encoding="utf-8")
         started = time.monotonic()

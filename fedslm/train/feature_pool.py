@@ -60,7 +60,7 @@ def warm_pool(model: nn.Module, encs: Sequence[Encoded], fingerprint: str, model
                 ids.append(list(row))
     unique = Encoded(ids, [0] * len(ids), pads.pop())
     path = (folder or prefix.cache_dir()) / f"{pool_key(fingerprint, layout_of(model_cfg), unique.pad_id)}.pt"
-    known = _read_pool(path)
+    known = _read_pool_file(path)  # not kept: this process (the simulation's) only writes the pool
     if known is not None and all(d in known[1] for d in seen):  # a warm cache: nothing to compute
         with contextlib.suppress(OSError):
             os.utime(path)
