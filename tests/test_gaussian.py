@@ -39,6 +39,9 @@ def test_gaussian_composition_is_one_mechanism_of_the_summed_mu():
     assert accountant.epsilon([(20.0, 1.0, 100)], 1e-5, "prv") == accountant.epsilon([(2.0, 1.0, 1)], 1e-5, "prv")
     assert accountant.epsilon([(1.0, 1.0, 0)], 1e-5, "prv") == 0.0
     assert accountant.epsilon([(0.0, 1.0, 3)], 1e-5, "prv") == math.inf
+    assert accountant.epsilon([(math.nan, 1.0, 3)], 1e-5, "prv") == math.inf  # never ε = 0 from a NaN
+    assert gaussian.epsilon(math.nan, 1e-5) == math.inf and gaussian.epsilon(math.inf, 1e-5) == math.inf
+    assert gaussian.epsilon(1e6, 1e-5) == math.inf  # σ ~ 0: no meaningful guarantee
     assert gaussian.delta(0.0, 1e-9) < 1e-9 and gaussian.epsilon(1e-9, 1e-5) == 0.0  # almost no signal: ε = 0
 
 

@@ -130,7 +130,7 @@ def epsilon(history: Iterable[Step], delta: float, accountant: str = "rdp") -> f
 def _composed(merged: tuple[Step, ...], delta: float, accountant: str) -> float:
     if not merged:
         return 0.0
-    if any(sigma <= 0 for sigma, _, _ in merged):
+    if any(not sigma > 0 for sigma, _, _ in merged):  # no noise, or not a number (never ε = 0)
         return math.inf
     if accountant == "prv" and all(q == 1.0 for _, q, _ in merged):
         # Full-batch steps are Gaussian mechanisms: their composition has an exact ε, the one PRV

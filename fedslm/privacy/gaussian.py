@@ -38,6 +38,8 @@ def epsilon(mu_: float, target_delta: float) -> float:
     """The smallest ε with δ(ε) ≤ ``target_delta``, rounded up: a guarantee, never below the exact value."""
     if not 0 < target_delta < 1:
         raise ValueError(f"δ must be in (0, 1), got {target_delta}")
+    if not (math.isfinite(mu_) and mu_ >= 0):  # a step with no noise (σ = 0) or not a number: no guarantee
+        return math.inf
     if delta(0.0, mu_) <= target_delta:
         return 0.0
     hi = 1.0
