@@ -118,3 +118,48 @@ def test_one_partition_of_all_institutions_gives_each_its_own_share(partitioner)
         assert every[i] == partition_indices(examples, fed, only=i)[0]
         alone, shared = (institution_data(whole, fed, i, 0.2, 7, None, p) for p in (None, every))
         assert alone.train == shared.train and alone.test == shared.test and alone.dataset_id == shared.dataset_id
+
+
+def test_simulated_institutions_read_the_partition_the_simulation_wrote(cls_config, monkeypatch):
+    """simulate writes the scenario's partition before Flower starts; each ClientApp then takes its share
+    from that file (no flwr-datasets split in the Ray actors), the same share it would compute, and splits
+    itself again when the file is absent, torn or does not fit."""
+    from fedslm.data import partition
+    from fedslm.node import institution
+    from fedslm.node.plan import NodeContext, plan_round
+    from fedslm.simulation.preflight import check_data, share_partitions
+    from fedslm.train.prefix import cache_dir
+
+    cfg = cls_config("federation.num_clients=3", "federation.partitioner=dirichlet")
+    whole = check_data(cfg)
+    expected = partition_indices(whole.train, cfg.federation)
+    share_partitions(cfg, whole)
+    path = partition.partitions_file(cache_dir(), whole.dataset_id, cfg.federation)
+    assert path.is_file()
+    splits: list[int] = []
+    real = partition.partition_indices
+    monkeypatch.setattr(institution, "partition_indices", lambda *a, **k: splits.append(1) or real(*a, **k))
+
+    def shares():
+        institution._SHARES.clear()
+        institution._WHOLE.clear()
+        out = []
+        for i in range(3):
+            plan = plan_round(cfg, NodeContext(institution=i, num_institutions=3, policy=None))
+            out.append(institution.institution_task_data(plan).train)
+        return out
+
+    read = shares()
+    assert splits == []  # every share from the file
+    for i, train in enumerate(read):  # each the share it computes alone
+        alone = institution_data(whole, cfg.federation, i, cfg.data.test_fraction, cfg.data.split_seed,
+                                 cfg.data.max_test_records)
+        assert train and train == alone.train and len(alone.train) < len(expected[i].indices)
+    for bad in ('{"format": "fedslm-partitions-1", "institutions": []}', "{torn", ""):
+        path.write_text(bad, encoding="utf-8")
+        assert [t for t in shares()] == read  # split again, the same shares
+    assert len(splits) == 3
+    overlapping = {"format": "fedslm-partitions-1", "institutions": [
+        {"institution": i, "name": f"institution-{i}", "indices": [0, 1]} for i in range(3)]}
+    path.write_text(__import__("json").dumps(overlapping), encoding="utf-8")
+    assert partition.load_partitions(path, len(whole.train), cfg.federation) is None  # one record, two institutions

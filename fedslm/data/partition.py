@@ -8,8 +8,13 @@ institution then holds out part of its own records as its local test set.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -17,6 +22,8 @@ from fedslm.config.schema import FederationConfig
 from fedslm.data.examples import Example, TaskData
 from fedslm.errors import ConfigError
 from fedslm.registry import Registry
+
+log = logging.getLogger(__name__)
 
 
 def _targets(examples: list[Example]) -> list[str]:
@@ -107,6 +114,57 @@ def partition_indices(examples: list[Example], fed: FederationConfig,
         indices = sorted(part.to_dict()["idx"])
         out.append(Partition(i, fed.num_clients, indices, name))
     return out
+
+
+# What a partition depends on besides the records (named by the dataset's fingerprint).
+_SPLIT_FIELDS = ("partitioner", "num_clients", "dirichlet_alpha", "partition_seed", "partition_column")
+PARTITIONS_FORMAT = "fedslm-partitions-1"
+
+
+def partitions_file(folder: Path, dataset_id: str, fed: FederationConfig) -> Path:
+    """Where a simulation keeps its partition of ``dataset_id`` under ``fed`` (content-addressed: other
+    records or another split are another file)."""
+    split = {k: getattr(fed, k) for k in _SPLIT_FIELDS}
+    key = hashlib.sha256(json.dumps({"dataset": dataset_id, "split": split}, sort_keys=True).encode()).hexdigest()
+    return folder / f"partitions-{key[:32]}.json"
+
+
+def save_partitions(path: Path, parts: list[Partition]) -> None:
+    """A simulation computes its partition once, before Flower starts; its ClientApps read it instead of
+    importing flwr-datasets and splitting again in every Ray actor."""
+    data = {"format": PARTITIONS_FORMAT,
+            "institutions": [{"institution": p.institution, "name": p.name, "indices": p.indices} for p in parts]}
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_partitions(path: Path, records: int, fed: FederationConfig) -> Optional[list[Partition]]:
+    """The partition in ``path``, or None when absent or not one of ``records`` records into
+    ``fed.num_clients`` disjoint shares (then the caller splits itself)."""
+    if not path.is_file():
+        return None
+    try:
+        data: Any = json.loads(path.read_text(encoding="utf-8"))
+        rows = data["institutions"]
+        ok = data.get("format") == PARTITIONS_FORMAT and isinstance(rows, list) and len(rows) == fed.num_clients
+        parts, seen = [], 0
+        for i, row in enumerate(rows if ok else []):
+            idx = row["indices"]
+            if not (row["institution"] == i and isinstance(row["name"], str) and isinstance(idx, list)
+                    and all(type(k) is int and 0 <= k < records for k in idx) and idx == sorted(set(idx))):
+                ok = False
+                break
+            seen += len(idx)
+            parts.append(Partition(i, fed.num_clients, idx, row["name"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("partition file %s unreadable (%s); splitting again", path, exc)
+        return None
+    if not ok or seen > records or len({k for p in parts for k in p.indices}) != seen:
+        log.warning("partition file %s does not fit this dataset and split; splitting again", path)
+        return None
+    return parts
 
 
 def institution_data(data: TaskData, fed: FederationConfig, institution: int, test_fraction: float,

@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 
 from fedslm.data import TaskData, load_task_data
-from fedslm.data.partition import Partition, institution_data, partition_indices
+from fedslm.data.partition import Partition, institution_data, load_partitions, partition_indices, partitions_file
 from fedslm.data.tasks import get_task
 from fedslm.errors import FedslmError
 from fedslm.lora import get_adapter_state, set_adapter_state, wrap
@@ -56,7 +56,11 @@ def _share(plan: RoundPlan) -> TaskData:
         split = json.dumps(asdict(fed), sort_keys=True, default=str)
         if split not in partitions:
             partitions.clear()
-            partitions[split] = partition_indices(whole.train, fed)
+            # A simulation's main process wrote the partition before Flower started (its feature cache folder).
+            from fedslm.train.prefix import cache_dir
+
+            shared = load_partitions(partitions_file(cache_dir(), whole.dataset_id, fed), len(whole.train), fed)
+            partitions[split] = shared if shared is not None else partition_indices(whole.train, fed)
         if len(_SHARES) >= MAX_SHARES:
             _SHARES.pop(next(iter(_SHARES)))
         _SHARES[key] = institution_data(whole, fed, plan.institution, plan.data.test_fraction,

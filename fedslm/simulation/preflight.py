@@ -5,6 +5,7 @@ and the one shared feature pass every simulated institution then reads (fedslm.t
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import warnings
 from typing import Any, Optional
@@ -13,6 +14,8 @@ from rich.console import Console
 
 from fedslm.config import Config
 from fedslm.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def check_client_gpus(cfg: Config) -> int:
@@ -66,6 +69,24 @@ def check_data(cfg: Config) -> Any:
         raise ConfigError(f"federation.partitioner={fed.partitioner} cannot split the {len(whole.train)} training "
                           f"records into federation.num_clients={fed.num_clients} institutions: {exc}") from None
     return whole
+
+
+def share_partitions(cfg: Config, whole: Any) -> None:
+    """The scenario's partition into institutions, written where its ClientApps look first
+    (fedslm.data.partition.partitions_file, in the feature cache folder): each Ray actor then reads it
+    instead of importing flwr-datasets and splitting again. Not on a Ray cluster (other machines)."""
+    if cfg.federation.ray_address:
+        return
+    from fedslm.data.partition import partition_indices, partitions_file, save_partitions
+    from fedslm.train.prefix import cache_dir
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Dirichlet's retries (check_data split the same way)
+        parts = partition_indices(whole.train, cfg.federation)
+    try:
+        save_partitions(partitions_file(cache_dir(), whole.dataset_id, cfg.federation), parts)
+    except OSError as exc:  # the ClientApps then split themselves
+        log.warning("could not write the partition file (%s)", exc)
 
 
 def warm_features(cfg: Config, whole: Any, console: Optional[Console] = None) -> Optional[int]:

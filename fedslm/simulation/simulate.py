@@ -30,7 +30,7 @@ from rich.table import Table
 from fedslm.config import Config, to_yaml
 from fedslm.errors import FedslmError
 from fedslm.report import read_rounds
-from fedslm.simulation.preflight import check_client_gpus, check_data, warm_features
+from fedslm.simulation.preflight import check_client_gpus, check_data, share_partitions, warm_features
 
 CONNECTION = "fedslm"
 
@@ -237,6 +237,7 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
     # The SuperLink boots (seconds) while the shared feature pass runs or is read.
     with local_superlink(flwr_home, port, log_file, env) as link:
         warm_features(cfg, whole, console)
+        share_partitions(cfg, whole)
         del whole  # this process only waits from here on: the records are the ClientApps' to read
         gc.collect()
         config_path = out / "config.yaml"
