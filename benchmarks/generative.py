@@ -64,6 +64,33 @@ def epsilons(adapter: Path) -> dict[str, float]:
     return {str(k): float(v["epsilon"]) for k, v in per.items() if v.get("epsilon") is not None}
 
 
+# The recipe keys a reader needs to rerun the adapter's training (from the run folder's config.yaml).
+RECIPE_KEYS = {
+    "model": ("name", "max_length"),
+    "lora": ("r", "alpha", "target_modules", "layers", "ffa"),
+    "data": ("source", "max_train_records"),
+    "privacy": ("enabled", "target_epsilon", "max_grad_norm", "accountant", "noise_multiplier"),
+    "train": ("batch_size", "local_steps", "lr", "optimizer"),
+    "federation": ("num_clients", "rounds", "partitioner", "strategy"),
+}
+
+
+def run_facts(adapter: Path) -> dict:
+    """The run's recipe (its config.yaml) and training wall time (its summary.json), where the folder has them."""
+    import yaml
+
+    out: dict = {}
+    config, summary = adapter.parent / "config.yaml", adapter.parent / "summary.json"
+    if config.exists():
+        cfg = yaml.safe_load(config.read_text()) or {}
+        out["recipe"] = {section: {k: (cfg.get(section) or {}).get(k) for k in keys}
+                         for section, keys in RECIPE_KEYS.items()}
+    if summary.exists():
+        wall = json.loads(summary.read_text()).get("wall_seconds")
+        out["training_wall_seconds"] = None if wall is None else round(float(wall), 1)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", type=Path, default=None)
@@ -76,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    begun = time.perf_counter()
     adapter = args.adapter or newest_adapter()
     tuned = load_tuned(adapter)
     if tuned.meta["task"] != "causal_lm":
@@ -129,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         "adapter": str(adapter.relative_to(ROOT) if adapter.is_relative_to(ROOT) else adapter),
         "model": tuned.meta["model"], "records": len(truths), "max_new_tokens": args.max_new_tokens,
         "constrained_to": None if trie is None else f"the {trie.size} codes of the bundled ICD-10-CM table",
-        "epsilon_per_institution": epsilons(adapter), "targets": TARGETS, **rows,
+        "epsilon_per_institution": epsilons(adapter), **run_facts(adapter), "threads": args.threads,
+        "targets": TARGETS, **rows,
     }
+    result["benchmark_wall_seconds"] = round(time.perf_counter() - begun, 1)
     md = render(result)
     print(md)
     if not args.no_save:
@@ -145,6 +175,23 @@ def _rate(value) -> str:
     return "—" if value is None else f"{value:.1%}"
 
 
+def _recipe_lines(r: dict) -> list[str]:
+    lines = []
+    recipe = r.get("recipe")
+    if recipe:
+        lines.append("Recipe: " + "; ".join(
+            f"{section}: " + ", ".join(f"{k}={v}" for k, v in keys.items() if v is not None)
+            for section, keys in recipe.items()) + ".")
+    times = []
+    if r.get("training_wall_seconds") is not None:
+        times.append(f"training (the federated run) {r['training_wall_seconds']} s")
+    if r.get("benchmark_wall_seconds") is not None:
+        times.append(f"this scoring {r['benchmark_wall_seconds']} s at {r.get('threads', '?')} thread(s)")
+    if times:
+        lines.append("Wall time: " + "; ".join(times) + ".")
+    return lines + ([""] if lines else [])
+
+
 def render(r: dict) -> str:
     eps = ", ".join(f"{v:.2f}" for v in r["epsilon_per_institution"].values()) or "not in the run's summary"
     constrained = r.get("constrained_to")
@@ -155,6 +202,7 @@ def render(r: dict) -> str:
         f"fixed test split, greedy, {r['max_new_tokens']} new tokens; ε per institution: {eps}. "
         + (f"Constrained: only {constrained}, then an end token." if constrained else "No constrained rows."),
         "",
+        *_recipe_lines(r),
         "| | " + " | ".join(label for _, label in MEASURES) + " | seconds |",
         "|---|" + "---|" * (len(MEASURES) + 1),
     ]

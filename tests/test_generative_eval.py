@@ -60,6 +60,17 @@ def test_the_bundled_code_list_holds_every_code_of_the_instruct_data_and_nothing
     assert {"J20", "J20.6"} <= codes and not {"J20.99", "Z99.99999", ""} & codes
 
 
+def test_the_code_only_data_asks_the_same_held_out_prompts_and_answers_with_the_code_alone():
+    from fedslm.data.bundled import load_icd10_codes, load_icd10_instruct
+
+    codes, instruct = load_icd10_codes(), load_icd10_instruct()
+    assert codes.source == "icd10-codes" and codes.task == "causal_lm"
+    assert (len(codes.train), len(codes.test)) == (len(instruct.train), len(instruct.test))
+    for mine, theirs in ((codes.test[:500], instruct.test[:500]), (codes.train[:500], instruct.train[:500])):
+        assert [e.prompt for e in mine] == [e.prompt for e in theirs]  # the same fixed split, in the same order
+        assert [e.completion for e in mine] == [answer(t.completion.split()[0]) for t in theirs]
+
+
 # Answers made of the tiny tokenizer's words: several share prefixes, one is a prefix of another.
 ANSWERS = ["fever", "fever cough", "fever cough rash", "lung disease", "lung injury acute", "bone fracture left"]
 PROMPTS = ["the chest pain code", "severe acute", "mild rash of the left arm with fever due to infection code",
