@@ -88,6 +88,18 @@ def run_facts(adapter: Path) -> dict:
     if summary.exists():
         wall = json.loads(summary.read_text()).get("wall_seconds")
         out["training_wall_seconds"] = None if wall is None else round(float(wall), 1)
+    metrics = adapter.parent / "metrics.jsonl"
+    if metrics.exists():  # DP steps each institution took and the noise multiplier its plan calibrated
+        steps: dict[str, int] = {}
+        sigma: dict[str, float] = {}
+        for line in metrics.read_text().splitlines():
+            for c in json.loads(line).get("clients", []) if line.strip() else []:
+                key = str(c.get("institution"))
+                if c.get("steps") is not None:
+                    steps[key] = steps.get(key, 0) + int(c["steps"])
+                if c.get("noise_multiplier") is not None:
+                    sigma[key] = round(float(c["noise_multiplier"]), 4)
+        out["dp_steps_per_institution"], out["noise_multiplier_per_institution"] = steps, sigma
     return out
 
 
@@ -101,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-constrained", action="store_true", help="free generation only")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for generative.{json,md}")
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--note", default=None, help="how the run was made (threads, machine), kept in the results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     begun = time.perf_counter()
@@ -158,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": tuned.meta["model"], "records": len(truths), "max_new_tokens": args.max_new_tokens,
         "constrained_to": None if trie is None else f"the {trie.size} codes of the bundled ICD-10-CM table",
         "epsilon_per_institution": epsilons(adapter), **run_facts(adapter), "threads": args.threads,
+        **({"note": args.note} if args.note else {}),
         "targets": TARGETS, **rows,
     }
     result["benchmark_wall_seconds"] = round(time.perf_counter() - begun, 1)
@@ -189,6 +203,12 @@ def _recipe_lines(r: dict) -> list[str]:
         times.append(f"this scoring {r['benchmark_wall_seconds']} s at {r.get('threads', '?')} thread(s)")
     if times:
         lines.append("Wall time: " + "; ".join(times) + ".")
+    if r.get("dp_steps_per_institution"):
+        lines.append("DP steps per institution: " + ", ".join(map(str, r["dp_steps_per_institution"].values()))
+                     + "; noise multiplier σ: " + ", ".join(map(str, r.get("noise_multiplier_per_institution", {}).values()))
+                     + ".")
+    if r.get("note"):
+        lines.append(f"Note: {r['note']}")
     return lines + ([""] if lines else [])
 
 

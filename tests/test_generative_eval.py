@@ -244,11 +244,22 @@ def test_the_generative_benchmark_scores_free_and_constrained_answers_and_constr
         "generative_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "generative.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    from fedslm.config.load import to_yaml
+
+    # The run folder's own records, as `fedslm simulate` leaves them: its config, summary and per-round metrics.
+    (tmp_path / "run" / "config.yaml").write_text(to_yaml(cfg))
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"wall_seconds": 12.34}))
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(json.dumps({"round": r, "clients": [
+        {"institution": i, "steps": 3, "noise_multiplier": 0.5} for i in (0, 1)]}) for r in (1, 2)) + "\n")
     out = tmp_path / "results"
     assert bench.main(["--adapter", str(adapter), "--records", "4", "--max-new-tokens", "8", "--threads", "1",
-                       "--batch-size", "3", "--out", str(out)]) == 0
+                       "--batch-size", "3", "--out", str(out), "--note", "one thread"]) == 0
     result = json.loads((out / "generative.json").read_text())
     assert result["records"] == 4
+    assert result["recipe"]["lora"]["r"] == cfg.lora.r and result["recipe"]["train"]["lr"] == cfg.train.lr
+    assert result["recipe"]["privacy"]["target_epsilon"] == cfg.privacy.target_epsilon
+    assert result["training_wall_seconds"] == 12.3 and result["benchmark_wall_seconds"] > 0
+    assert result["dp_steps_per_institution"] == {"0": 6, "1": 6} and result["note"] == "one thread"
     for name in ("before_constrained", "after_constrained"):
         row = result[name]
         assert row["well_formed"] == row["valid_code"] == 1.0, row  # every constrained answer is a real code
