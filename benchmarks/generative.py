@@ -64,6 +64,45 @@ def epsilons(adapter: Path) -> dict[str, float]:
     return {str(k): float(v["epsilon"]) for k, v in per.items() if v.get("epsilon") is not None}
 
 
+# The recipe keys a reader needs to rerun the adapter's training (from the run folder's config.yaml).
+RECIPE_KEYS = {
+    "model": ("name", "max_length"),
+    "lora": ("r", "alpha", "target_modules", "layers", "ffa"),
+    "data": ("source", "max_train_records"),
+    "privacy": ("enabled", "target_epsilon", "max_grad_norm", "accountant", "noise_multiplier"),
+    "train": ("batch_size", "local_steps", "lr", "optimizer"),
+    "federation": ("num_clients", "rounds", "partitioner", "strategy"),
+}
+
+
+def run_facts(adapter: Path) -> dict:
+    """The run's recipe (its config.yaml) and training wall time (its summary.json), where the folder has them."""
+    import yaml
+
+    out: dict = {}
+    config, summary = adapter.parent / "config.yaml", adapter.parent / "summary.json"
+    if config.exists():
+        cfg = yaml.safe_load(config.read_text()) or {}
+        out["recipe"] = {section: {k: (cfg.get(section) or {}).get(k) for k in keys}
+                         for section, keys in RECIPE_KEYS.items()}
+    if summary.exists():
+        wall = json.loads(summary.read_text()).get("wall_seconds")
+        out["training_wall_seconds"] = None if wall is None else round(float(wall), 1)
+    metrics = adapter.parent / "metrics.jsonl"
+    if metrics.exists():  # DP steps each institution took and the noise multiplier its plan calibrated
+        steps: dict[str, int] = {}
+        sigma: dict[str, float] = {}
+        for line in metrics.read_text().splitlines():
+            for c in json.loads(line).get("clients", []) if line.strip() else []:
+                key = str(c.get("institution"))
+                if c.get("steps") is not None:
+                    steps[key] = steps.get(key, 0) + int(c["steps"])
+                if c.get("noise_multiplier") is not None:
+                    sigma[key] = round(float(c["noise_multiplier"]), 4)
+        out["dp_steps_per_institution"], out["noise_multiplier_per_institution"] = steps, sigma
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", type=Path, default=None)
@@ -74,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-constrained", action="store_true", help="free generation only")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for generative.{json,md}")
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--note", default=None, help="how the run was made (threads, machine), kept in the results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    begun = time.perf_counter()
     adapter = args.adapter or newest_adapter()
     tuned = load_tuned(adapter)
     if tuned.meta["task"] != "causal_lm":
@@ -129,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         "adapter": str(adapter.relative_to(ROOT) if adapter.is_relative_to(ROOT) else adapter),
         "model": tuned.meta["model"], "records": len(truths), "max_new_tokens": args.max_new_tokens,
         "constrained_to": None if trie is None else f"the {trie.size} codes of the bundled ICD-10-CM table",
-        "epsilon_per_institution": epsilons(adapter), "targets": TARGETS, **rows,
+        "epsilon_per_institution": epsilons(adapter), **run_facts(adapter), "threads": args.threads,
+        **({"note": args.note} if args.note else {}),
+        "targets": TARGETS, **rows,
     }
+    result["benchmark_wall_seconds"] = round(time.perf_counter() - begun, 1)
     md = render(result)
     print(md)
     if not args.no_save:
@@ -145,6 +189,29 @@ def _rate(value) -> str:
     return "—" if value is None else f"{value:.1%}"
 
 
+def _recipe_lines(r: dict) -> list[str]:
+    lines = []
+    recipe = r.get("recipe")
+    if recipe:
+        lines.append("Recipe: " + "; ".join(
+            f"{section}: " + ", ".join(f"{k}={v}" for k, v in keys.items() if v is not None)
+            for section, keys in recipe.items()) + ".")
+    times = []
+    if r.get("training_wall_seconds") is not None:
+        times.append(f"training (the federated run) {r['training_wall_seconds']} s")
+    if r.get("benchmark_wall_seconds") is not None:
+        times.append(f"this scoring {r['benchmark_wall_seconds']} s at {r.get('threads', '?')} thread(s)")
+    if times:
+        lines.append("Wall time: " + "; ".join(times) + ".")
+    if r.get("dp_steps_per_institution"):
+        lines.append("DP steps per institution: " + ", ".join(map(str, r["dp_steps_per_institution"].values()))
+                     + "; noise multiplier σ: " + ", ".join(map(str, r.get("noise_multiplier_per_institution", {}).values()))
+                     + ".")
+    if r.get("note"):
+        lines.append(f"Note: {r['note']}")
+    return lines + ([""] if lines else [])
+
+
 def render(r: dict) -> str:
     eps = ", ".join(f"{v:.2f}" for v in r["epsilon_per_institution"].values()) or "not in the run's summary"
     constrained = r.get("constrained_to")
@@ -155,6 +222,7 @@ def render(r: dict) -> str:
         f"fixed test split, greedy, {r['max_new_tokens']} new tokens; ε per institution: {eps}. "
         + (f"Constrained: only {constrained}, then an end token." if constrained else "No constrained rows."),
         "",
+        *_recipe_lines(r),
         "| | " + " | ".join(label for _, label in MEASURES) + " | seconds |",
         "|---|" + "---|" * (len(MEASURES) + 1),
     ]

@@ -60,6 +60,17 @@ def test_the_bundled_code_list_holds_every_code_of_the_instruct_data_and_nothing
     assert {"J20", "J20.6"} <= codes and not {"J20.99", "Z99.99999", ""} & codes
 
 
+def test_the_code_only_data_asks_the_same_held_out_prompts_and_answers_with_the_code_alone():
+    from fedslm.data.bundled import load_icd10_codes, load_icd10_instruct
+
+    codes, instruct = load_icd10_codes(), load_icd10_instruct()
+    assert codes.source == "icd10-codes" and codes.task == "causal_lm"
+    assert (len(codes.train), len(codes.test)) == (len(instruct.train), len(instruct.test))
+    for mine, theirs in ((codes.test[:500], instruct.test[:500]), (codes.train[:500], instruct.train[:500])):
+        assert [e.prompt for e in mine] == [e.prompt for e in theirs]  # the same fixed split, in the same order
+        assert [e.completion for e in mine] == [answer(t.completion.split()[0]) for t in theirs]
+
+
 # Answers made of the tiny tokenizer's words: several share prefixes, one is a prefix of another.
 ANSWERS = ["fever", "fever cough", "fever cough rash", "lung disease", "lung injury acute", "bone fracture left"]
 PROMPTS = ["the chest pain code", "severe acute", "mild rash of the left arm with fever due to infection code",
@@ -233,11 +244,22 @@ def test_the_generative_benchmark_scores_free_and_constrained_answers_and_constr
         "generative_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "generative.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    from fedslm.config.load import to_yaml
+
+    # The run folder's own records, as `fedslm simulate` leaves them: its config, summary and per-round metrics.
+    (tmp_path / "run" / "config.yaml").write_text(to_yaml(cfg))
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"wall_seconds": 12.34}))
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(json.dumps({"round": r, "clients": [
+        {"institution": i, "steps": 3, "noise_multiplier": 0.5} for i in (0, 1)]}) for r in (1, 2)) + "\n")
     out = tmp_path / "results"
     assert bench.main(["--adapter", str(adapter), "--records", "4", "--max-new-tokens", "8", "--threads", "1",
-                       "--batch-size", "3", "--out", str(out)]) == 0
+                       "--batch-size", "3", "--out", str(out), "--note", "one thread"]) == 0
     result = json.loads((out / "generative.json").read_text())
     assert result["records"] == 4
+    assert result["recipe"]["lora"]["r"] == cfg.lora.r and result["recipe"]["train"]["lr"] == cfg.train.lr
+    assert result["recipe"]["privacy"]["target_epsilon"] == cfg.privacy.target_epsilon
+    assert result["training_wall_seconds"] == 12.3 and result["benchmark_wall_seconds"] > 0
+    assert result["dp_steps_per_institution"] == {"0": 6, "1": 6} and result["note"] == "one thread"
     for name in ("before_constrained", "after_constrained"):
         row = result[name]
         assert row["well_formed"] == row["valid_code"] == 1.0, row  # every constrained answer is a real code

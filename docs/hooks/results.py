@@ -24,6 +24,8 @@ TITLES = {
     "federation_overhead": "Federation overhead",
     "scale": "Scale: 10 to 100 institutions",
     "predict": "Prediction throughput",
+    "generative": "The generative path (Gemma-3-270M)",
+    "generative_50_steps": "The generative path, 50 DP steps",
 }
 
 

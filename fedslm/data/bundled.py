@@ -4,6 +4,9 @@
 ``icdlookup`` package) labelled with their chapter: 48,671 rows, 22 classes.
 ``icd10-instruct``: the same rows as prompt/completion pairs for a causal LM
 (description -> code and chapter).
+``icd10-codes``: the same prompts, answered with the code alone (what `make gemma` trains: a
+code is ~7 target tokens against ~25 with the chapter's name, and each target token costs a
+262k-way output layer, forward and backward, in every DP step; the chapter follows from the code).
 
 Both use one fixed, seeded train/test split, so every node and every run
 agrees on which rows are held out.
@@ -94,12 +97,12 @@ def load_icd10() -> TaskData:
     )
 
 
-def load_icd10_instruct() -> TaskData:
+def _icd10_causal(source: str, with_chapter: bool) -> TaskData:
     rows = _icd10_rows()
     examples = [
         CausalExample(
             prompt=f"ICD-10-CM description: {r['description']}\nCode:",
-            completion=f" {r['icd10_code']} ({r['chapter_desc']})",
+            completion=f" {r['icd10_code']} ({r['chapter_desc']})" if with_chapter else f" {r['icd10_code']}",
         )
         for r in rows
     ]
@@ -108,9 +111,18 @@ def load_icd10_instruct() -> TaskData:
         task="causal_lm",
         train=[examples[i] for i in train_idx],
         test=[examples[i] for i in test_idx],
-        source="icd10-instruct",
+        source=source,
     )
+
+
+def load_icd10_instruct() -> TaskData:
+    return _icd10_causal("icd10-instruct", with_chapter=True)
+
+
+def load_icd10_codes() -> TaskData:
+    return _icd10_causal("icd10-codes", with_chapter=False)
 
 
 register(BundledDataset("icd10", "classification", "ICD-10-CM description -> chapter (22 classes)", load_icd10))
 register(BundledDataset("icd10-instruct", "causal_lm", "ICD-10-CM description -> code and chapter", load_icd10_instruct))
+register(BundledDataset("icd10-codes", "causal_lm", "ICD-10-CM description -> code", load_icd10_codes))
