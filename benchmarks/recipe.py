@@ -58,13 +58,13 @@ FINETUNE = ["privacy.enabled=false", "model.head_init=random", "lora.head_bias=t
 END_TO_END = "centralized, non-private, end-to-end fine-tune (head from the label names)"
 # The first measurement of the loop (2026-12-07, 94.39%): a randomly initialised head at the encoder's lr.
 RANDOM_HEAD = "centralized, non-private, end-to-end fine-tune, random head at the encoder's lr 5e-5"
+LORA_ALL = "centralized, non-private, LoRA r=8 (query, value) on every layer + head from the label names"
 VARIANTS = [
     # Measured outside the project with a random head at lr 5e-5: 96.77% accuracy, macro-F1 0.937, 27 min on 2 cores.
     (END_TO_END, 1, [*FINETUNE, "finetune=all", "train.lr=5e-5", "model.head_init=label-names"]),
     (RANDOM_HEAD, 1, [*FINETUNE, "finetune=all", "train.lr=5e-5"]),
     # LoRA's usual lr is ~10x full fine-tuning's (Hu et al. 2021 use 4e-4 to 5e-4 on RoBERTa-base); not tuned here.
-    ("centralized, non-private, LoRA r=8 (query, value) on every layer + head", 1, [
-        *FINETUNE, "finetune=lora", "lora.layers=null", "train.lr=5e-4"]),
+    (LORA_ALL, 1, [*FINETUNE, "finetune=lora", "lora.layers=null", "train.lr=5e-4", "model.head_init=label-names"]),
     ("centralized, non-private, head on the frozen encoder (linear probe)", 1, [
         "privacy.enabled=false", "train.optimizer=adamw", "train.lr=0.1",
                                                   "train.local_steps=100", "federation.rounds=10",
@@ -232,15 +232,43 @@ def _finetune_row(name: str, overrides: list[str], what: str, epochs: int, seeds
     return row
 
 
-def _finetune(cfg, labels, train_ex, val_ex, test_ex, what: str, epochs: int, seed: int,
-              head_lr: float | None = None, warmup: float | None = None) -> dict:
+def _head_and_optimiser(model, cfg, labels, tokenizer, head_lr: float | None = None) -> torch.optim.AdamW:
+    """The fine-tuning loop's start: with model.head_init=label-names the head's rows become the label-name
+    prior (each class's public name, embedded by the base, unit length, times model.head_prior_scale; bias 0),
+    the same prior the federated recipe starts from; then AdamW over the trainable weights, the head in its
+    own group at ``head_lr`` (None: train.lr, like the rest)."""
     import torch.nn.functional as F
 
     from fedslm.data.examples import ClassificationExample
     from fedslm.data.tasks import get_task
+    from fedslm.train import prefix
+
+    _, _, classifier = prefix._parts(model)
+    trained = [p for p in classifier.parameters() if p.requires_grad]
+    if cfg.model.head_init == "label-names":
+        names = get_task("classification").encode([ClassificationExample(str(n), i) for i, n in enumerate(labels)],
+                                                  tokenizer, cfg.model.max_length)
+        with torch.no_grad():
+            prior = F.normalize(prefix.compute(model, names, 0).hidden, dim=-1) * cfg.model.head_prior_scale
+            for p in trained:
+                if p.dim() == 2:
+                    p.copy_(prior)
+                else:  # the bias
+                    p.zero_()
+    head = {id(p) for p in trained}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in head], "lr": cfg.train.lr},
+              {"params": [p for p in params if id(p) in head], "lr": cfg.train.lr if head_lr is None else head_lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def _finetune(cfg, labels, train_ex, val_ex, test_ex, what: str, epochs: int, seed: int,
+              head_lr: float | None = None, warmup: float | None = None) -> dict:
+    import torch.nn.functional as F
+
+    from fedslm.data.tasks import get_task
     from fedslm.lora import wrap
     from fedslm.models import load_base
-    from fedslm.train import prefix
     from fedslm.train.evaluate import evaluate
 
     task = get_task("classification")
@@ -252,24 +280,10 @@ def _finetune(cfg, labels, train_ex, val_ex, test_ex, what: str, epochs: int, se
     else:  # LoRA on lora.target_modules of every layer (lora.layers: null), the head trained beside it
         model = wrap(base.model, cfg.lora, "classification", base.target_modules, seed=cfg.train.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    _, _, classifier = prefix._parts(model)
-    head = {id(p) for p in classifier.parameters() if p.requires_grad}
-    if cfg.model.head_init == "label-names":  # each class's row: its (public) name's unit embedding x scale
-        names = task.encode([ClassificationExample(str(n), i) for i, n in enumerate(labels)], base.tokenizer,
-                            cfg.model.max_length)
-        with torch.no_grad():
-            weight = next(p for p in classifier.parameters() if p.requires_grad and p.dim() == 2)
-            weight.copy_(F.normalize(prefix.compute(model, names, 0).hidden, dim=-1) * cfg.model.head_prior_scale)
-            for p in classifier.parameters():
-                if p.requires_grad and p.dim() == 1:
-                    p.zero_()
+    opt = _head_and_optimiser(model, cfg, labels, base.tokenizer, head_lr)
     train = task.encode(train_ex, base.tokenizer, cfg.model.max_length)
     val = task.encode(val_ex, base.tokenizer, cfg.model.max_length)
     test = task.encode(test_ex, base.tokenizer, cfg.model.max_length)
-    # "head_lr=": the head in its own AdamW group (the encoder keeps train.lr).
-    groups = [{"params": [p for p in params if id(p) not in head], "lr": cfg.train.lr},
-              {"params": [p for p in params if id(p) in head], "lr": head_lr if head_lr is not None else cfg.train.lr}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     size = cfg.train.batch_size
@@ -485,7 +499,8 @@ def write(result: dict, stem: Path) -> None:
     if ceiling:
         lines += ["", "Non-private fine-tuning rows: " + "; ".join(
             f"{r['name']}: {r['train_records']} training and {r['validation_records']} validation records "
-            f"(split seed {r.get('validation_seed')}), train seeds {r['seeds']}, best validation at step {r['per_seed'][0]['best_step']} of "
+            f"(split seed {r.get('validation_seed')}), train seeds {r['seeds']}, {_optimiser(r)}, best validation at "
+            f"step {r['per_seed'][0]['best_step']} of "
             f"{r['per_seed'][0]['steps']} ({r['per_seed'][0]['trained_parameters']:,} weights trained)"
             for r in ceiling) + "."]
     lines += [""] + (["Targets: not judged on a --quick run."] if result["quick"] else targets(rows, reference(rows)))
@@ -506,6 +521,17 @@ def write(result: dict, stem: Path) -> None:
     fig.tight_layout()
     fig.savefig(stem.with_suffix(".png"), dpi=110)
     plt.close(fig)
+
+
+def _optimiser(r: dict) -> str:
+    """A fine-tuning row's optimiser settings, read from its overrides where the row predates their keys."""
+    given = dict(o.split("=", 1) for o in r.get("overrides", []) if "=" in o)
+    lr = r.get("lr", float(given.get("train.lr", "nan")))
+    head_lr = r.get("head_lr", lr)
+    warmup = r.get("warmup")
+    return (f"AdamW lr {lr:g} (head {r.get('head_init', given.get('model.head_init', 'random'))}, lr {head_lr:g}), "
+            f"weight decay {r.get('weight_decay', float(given.get('train.weight_decay', 0)))}, "
+            + (f"linear warmup over {warmup:g} of the steps then decay" if warmup else "constant lr"))
 
 
 def _merge(result: dict, rows: list[dict], stem: Path) -> None:
