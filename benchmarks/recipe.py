@@ -66,7 +66,8 @@ LORA1 = ["privacy.target_epsilon=8", "lora.layers=1", "train.full_batch=false", 
 #     loss 2.72 over the last quarter); with head_lr=1e-3 the loss fell to 1.45 but validation did not rise (0.789):
 #     a faster random head alone is not the lever. The head from the label names (below) on the same 6,000
 #     records: validation 0.898 (mean train loss 0.46); on the first 1,000 test records 0.899 against 0.804, macro-F1
-#     0.804 against 0.520.
+#     0.804 against 0.520. On top of it, head_lr=1e-3: 0.901 (no gain); train.lr=1e-4: 0.914 (a short run favours
+#     a larger lr; untried on the whole split, the next lever with a second epoch).
 #   - the whole split, the head started from the label names (model.head_init=label-names: each chapter's public
 #     name embedded, times model.head_prior_scale = 10, the federated recipe's start), everything else unchanged:
 #     validation 0.9187 / 0.9466 / 0.9543 / 0.9648 at the quarters of the epoch against 0.8589 / 0.9224 / 0.9329 /
