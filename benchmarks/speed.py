@@ -327,6 +327,44 @@ def write(result: dict) -> None:
     if result.get("notes"):
         md += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
     (RESULTS / "speed.md").write_text("\n".join(md), encoding="utf-8")
+    plot(result)
+
+
+def plot(result: dict) -> None:
+    """speed.png: make run cold and warm against the targets; seconds per round and peak memory against
+    the number of institutions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e2e, inst = result.get("end_to_end"), result.get("institutions")
+    if not e2e and not inst:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    if e2e:
+        ax = axes[0]
+        names = ["cold", "warm"]
+        ax.bar(names, [e2e[k]["wall_seconds"] for k in names], color=["#4c72b0", "#55a868"])
+        for i, k in enumerate(names):
+            goal = e2e["targets"][f"{k}_s"]
+            ax.hlines(goal, i - 0.4, i + 0.4, colors="red", linestyles="dashed")
+            ax.text(i, e2e[k]["wall_seconds"], f"{e2e[k]['wall_seconds']:.0f} s\n{e2e[k]['fixed_test_accuracy']:.1%}",
+                    ha="center", va="bottom", fontsize=9)
+        ax.set(title="make run end to end (red: target)", ylabel="s")
+    if inst:
+        rows = sorted(inst["rows"], key=lambda r: r["institutions"])
+        n = [r["institutions"] for r in rows]
+        axes[1].plot(n, [r["round_seconds_median_after_round1"] for r in rows], "o-")
+        axes[1].set(xscale="log", title="Median round after round 1", xlabel="institutions", ylabel="s")
+        axes[2].plot(n, [r["peak_pss_mb"] / 1024 for r in rows], "o-", label="peak PSS")
+        axes[2].plot(n, [r["peak_rss_sum_mb"] / 1024 for r in rows], "s--", label="sum of RSS")
+        axes[2].axhline(4, color="red", linestyle="dashed", label="target at 100")
+        axes[2].set(xscale="log", title="Process tree memory", xlabel="institutions", ylabel="GB", ylim=(0, None))
+        axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "speed.png", dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
