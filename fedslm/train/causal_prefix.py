@@ -254,12 +254,7 @@ def features(model: nn.Module, enc: Encoded, layers: int, fingerprint: str, layo
                  time.perf_counter() - start)
         if persist:
             prefix._write(path, feats)  # type: ignore[arg-type]
-    prefix._MEMORY.pop(key, None)
-    budget = prefix.max_limit()
-    while prefix._MEMORY and (len(prefix._MEMORY) >= prefix.MAX_FILES
-                              or sum(f.nbytes() for f in prefix._MEMORY.values()) + feats.nbytes() > budget):
-        prefix._MEMORY.pop(next(iter(prefix._MEMORY)))  # the oldest first
-    prefix._MEMORY[key] = feats  # type: ignore[assignment]
+    prefix.remember(key, feats)
     return feats
 
 

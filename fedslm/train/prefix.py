@@ -266,12 +266,17 @@ def features(model: nn.Module, enc: Encoded, layers: int, fingerprint: str, layo
                  time.perf_counter() - start)
         if persist:
             _write(path, feats)
+    remember(key, feats)
+    return feats
+
+
+def remember(key: str, feats) -> None:  # noqa: ANN001 - Features or causal_prefix.CausalFeatures
+    """Keep ``feats`` in this process under ``key``, the oldest first out past MAX_FILES or max_limit()."""
     _MEMORY.pop(key, None)
     budget = max_limit()
     while _MEMORY and (len(_MEMORY) >= MAX_FILES or sum(f.nbytes() for f in _MEMORY.values()) + feats.nbytes() > budget):
         _MEMORY.pop(next(iter(_MEMORY)))  # the oldest first
     _MEMORY[key] = feats
-    return feats
 
 
 def layout_of(model_cfg) -> dict:
