@@ -47,16 +47,12 @@ def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
     return rss, pss
 
 
-def run(n: int, rounds: int, work: Path) -> dict:
-    out = work / f"n{n}"
-    cmd = [sys.executable, "-m", "fedslm.cli.main", "simulate", "-c", str(ROOT / "simulations/icd10-hospitals-lora.yaml"),
-           "--out", str(out), f"federation.num_clients={n}", f"federation.min_clients={max(1, n // 2)}",
-           f"federation.rounds={rounds}", "train.local_steps=2", "data.max_test_records=50",
-           "federation.partitioner=iid"]
+def sampled(cmd: list[str], log_path: Path, env: dict | None = None) -> tuple[int, int, int]:
+    """Run ``cmd`` (output to ``log_path``) and sample its process tree every 0.5 s: (exit code, peak sum of
+    PSS, peak sum of RSS), in bytes."""
     peak = peak_rss = 0
-    started = time.perf_counter()
-    with open(work / f"n{n}.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         ps = psutil.Process(proc.pid)
         done = threading.Event()
 
@@ -72,6 +68,17 @@ def run(n: int, rounds: int, work: Path) -> dict:
         rc = proc.wait()
         done.set()
         sampler.join()
+    return rc, peak, peak_rss
+
+
+def run(n: int, rounds: int, work: Path) -> dict:
+    out = work / f"n{n}"
+    cmd = [sys.executable, "-m", "fedslm.cli.main", "simulate", "-c", str(ROOT / "simulations/icd10-hospitals-lora.yaml"),
+           "--out", str(out), f"federation.num_clients={n}", f"federation.min_clients={max(1, n // 2)}",
+           f"federation.rounds={rounds}", "train.local_steps=2", "data.max_test_records=50",
+           "federation.partitioner=iid"]
+    started = time.perf_counter()
+    rc, peak, peak_rss = sampled(cmd, work / f"n{n}.log")
     if rc != 0:
         raise SystemExit(f"{n} institutions: fedslm simulate failed (log {work / f'n{n}.log'})")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

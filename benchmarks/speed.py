@@ -213,9 +213,6 @@ def institutions(sizes: list[int], rounds: int) -> dict:
     records each): wall time per round and the process tree's peak memory (benchmarks/scale.py's sampler),
     on the user's feature cache (the one `make run` fills: the shared pass is measured by --full)."""
     import importlib.util
-    import threading
-
-    import psutil
 
     spec = importlib.util.spec_from_file_location("fedslm_bench_scale", ROOT / "benchmarks" / "scale.py")
     scale = importlib.util.module_from_spec(spec)
@@ -224,27 +221,12 @@ def institutions(sizes: list[int], rounds: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="fedslm-speed-scale-") as tmp:
         for n in sizes:
             out = Path(tmp) / f"n{n}"
-            env = dict(os.environ)  # the user's feature cache: make run's (the cold pass is measured by --full)
             cmd = [str(Path(sys.executable).parent / "fedslm"), "simulate", "--config", str(SCENARIO), "--out",
                    str(out), f"federation.num_clients={n}", f"federation.min_clients={max(1, n // 2)}",
                    f"federation.rounds={rounds}", "data.max_test_records=50"]
-            peak = {"pss": 0, "rss": 0}
             started = time.perf_counter()
-            with open(Path(tmp) / f"n{n}.log", "wb") as log:
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-                done = threading.Event()
-
-                def sample(ps=psutil.Process(proc.pid), done=done) -> None:
-                    while not done.is_set():
-                        rss, pss = scale._tree_memory(ps)
-                        peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
-                        time.sleep(0.5)
-
-                sampler = threading.Thread(target=sample, daemon=True)
-                sampler.start()
-                rc = proc.wait()
-                done.set()
-                sampler.join()
+            # The user's feature cache, make run's (the cold pass is measured by --full).
+            rc, pss, rss = scale.sampled(cmd, Path(tmp) / f"n{n}.log")
             wall = time.perf_counter() - started
             if rc != 0:
                 raise SystemExit(f"{n} institutions: fedslm simulate failed ({(Path(tmp) / f'n{n}.log').read_text()[-2000:]})")
@@ -252,7 +234,7 @@ def institutions(sizes: list[int], rounds: int) -> dict:
             secs = [line["round_seconds"] for line in lines]
             row = {"institutions": n, "rounds": rounds, "wall_seconds": wall, "round_seconds": secs,
                    "round_seconds_median_after_round1": statistics.median(secs[1:] or secs),
-                   "peak_pss_mb": peak["pss"] / 2**20, "peak_rss_sum_mb": peak["rss"] / 2**20}
+                   "peak_pss_mb": pss / 2**20, "peak_rss_sum_mb": rss / 2**20}
             print(f"  {n} institutions: rounds {', '.join(f'{x:.1f}s' for x in secs)}; whole run {wall:.0f} s; "
                   f"peak PSS {row['peak_pss_mb']:.0f} MB", flush=True)
             rows.append(row)
