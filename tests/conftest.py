@@ -165,6 +165,29 @@ def feature_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
+def own_feature_cache(tmp_path, monkeypatch):
+    """A test's own feature-cache folder and an empty in-process cache (``pytestmark`` of the cache tests)."""
+    from fedslm.train import feature_pool, prefix
+
+    monkeypatch.setenv(prefix.CACHE_ENV, str(tmp_path / "cache"))
+    prefix._MEMORY.clear()
+    feature_pool._LAST_POOL.clear()
+    yield
+    prefix._MEMORY.clear()
+    feature_pool._LAST_POOL.clear()
+
+
+def randomise_lora(model, seed: int = 1, which: str = "lora_") -> None:
+    """Trainable tensors whose names hold ``which`` drawn at random (std 0.3): a fresh LoRA's B is zero, so
+    its gradients and outputs would not test anything. ``lora_B``: B alone (a layer's inert LoRA stays)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if which in name and p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+@pytest.fixture
 def flower_identity():
     """Messages need the process' task identity, as Flower's runtimes set it."""
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)

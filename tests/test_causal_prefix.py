@@ -8,6 +8,7 @@ import os
 import stat
 
 import pytest
+from conftest import randomise_lora
 import torch
 
 from fedslm.data.tasks import get_task
@@ -21,20 +22,9 @@ from fedslm.train.losses import causal_lm_losses
 from fedslm.train.node import build_node
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(prefix.CACHE_ENV, str(tmp_path / "cache"))
-    prefix._MEMORY.clear()
-    yield
-    prefix._MEMORY.clear()
+pytestmark = pytest.mark.usefixtures("own_feature_cache")
 
 
-def _randomise_lora(model, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name and p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
 def _cfg(causal_config, tiny_gemma_dir, arch, layers, *extra):
@@ -55,7 +45,7 @@ def test_cached_logits_losses_and_per_record_gradients_equal_the_uncached_models
         causal_config, tiny_gemma_dir, arch, layers):
     node = build_node(_cfg(causal_config, tiny_gemma_dir, arch, layers))
     model = node.model
-    _randomise_lora(model)
+    randomise_lora(model)
     feats = node.train_features
     assert isinstance(feats, causal_prefix.CausalFeatures) and feats.layers == layers
     assert len(feats) == len(node.train)
@@ -93,7 +83,7 @@ def test_a_dp_round_from_the_cache_is_the_uncached_round(causal_config, tiny_gem
         cfg = _cfg(causal_config, tiny_gemma_dir, arch, 1, f"privacy.clipping_mode={mode}", "privacy.max_grad_norm=0.1",
                    "train.local_steps=2")
         node = build_node(cfg)
-        _randomise_lora(node.model)
+        randomise_lora(node.model)
         train_round(node.model, node.train, round_spec(cfg), unit="u", ledger=Ledger(tmp_path / f"{use_cache}.json"),
                     features=node.train_features if use_cache else None)
         states.append(get_adapter_state(node.model))
@@ -104,7 +94,7 @@ def test_a_dp_round_from_the_cache_is_the_uncached_round(causal_config, tiny_gem
 
 def test_evaluation_from_the_cache_is_the_uncached_evaluation(causal_config, tiny_gemma_dir):
     node = build_node(_cfg(causal_config, tiny_gemma_dir, "gemma3", 1))
-    _randomise_lora(node.model)
+    randomise_lora(node.model)
     assert node.test_features is not None
     whole = evaluate(node.model, node.test, "causal_lm", 8)
     cached = evaluate(node.model, node.test, "causal_lm", 8, features=node.test_features)

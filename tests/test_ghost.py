@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+from conftest import randomise_lora
 import torch
 
 from fedslm.config import load_config
@@ -19,12 +20,6 @@ from fedslm.train.losses import PER_RECORD_LOSS
 from fedslm.train.node import build_node
 
 
-def _randomise_lora(model, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name and p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
 def _record_norms(model, enc, task_name, indices):
@@ -51,7 +46,7 @@ def _update(engine_cls, model, enc, task_name, indices, clip):
 
 
 def _ghost_equals_hooks(node, task_name):
-    _randomise_lora(node.model)
+    randomise_lora(node.model, which="lora_B")
     node.model.train()
     indices = list(range(7))  # chunks of 3: 3 + 3 + 1
     norms = _record_norms(node.model, node.train, task_name, indices)
@@ -78,7 +73,7 @@ def test_ghost_clipped_sum_equals_hooks_causal_llama(causal_config):
 
 def test_ghost_norms_are_each_records_own_gradient_norm(causal_config):
     node = build_node(causal_config())
-    _randomise_lora(node.model)
+    randomise_lora(node.model, which="lora_B")
     node.model.train()
     indices = [0, 1, 2, 3]
     expected = _record_norms(node.model, node.train, "causal_lm", indices)
@@ -201,7 +196,7 @@ def test_ghost_under_bf16_keeps_every_record_within_the_clip_norm_in_fp32(cls_co
     """bf16 forward (CPU autocast): each record's released contribution, measured in fp32, is at most C, and
     the master weights stay fp32; seeded noise is drawn like the hooks engine's."""
     node = build_node(cls_config())
-    _randomise_lora(node.model)
+    randomise_lora(node.model, which="lora_B")
     node.model.train()
     task, loss_of = get_task("classification"), PER_RECORD_LOSS["classification"]
     clip = 1e-3  # below every record's norm: each one is scaled to C

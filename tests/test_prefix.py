@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from conftest import randomise_lora
 import torch
 import torch.nn.functional as F
 
@@ -29,12 +30,6 @@ def _own_cache(tmp_path, monkeypatch):
     prefix._MEMORY.clear()
 
 
-def _randomise_lora(model, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name and p.requires_grad:  # the trained LoRA (lora.layers=0 keeps an inert one)
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
 def _node(cls_config, layers, *extra):
@@ -44,7 +39,7 @@ def _node(cls_config, layers, *extra):
 @pytest.mark.parametrize("layers", [0, 1, 2])
 def test_cached_logits_and_per_record_gradients_equal_the_uncached_models(cls_config, layers):
     node = _node(cls_config, layers)
-    _randomise_lora(node.model)
+    randomise_lora(node.model, which="lora_B")
     feats = node.train_features
     assert feats is not None and feats.layers == layers and len(feats) == len(node.train)
     suffix = prefix.Suffix(node.model, layers)
@@ -80,7 +75,7 @@ def test_a_dp_round_from_the_cache_is_the_uncached_round(cls_config, tmp_path, l
     states = []
     for use_cache, name in ((False, "a"), (True, "b")):
         node = _node(cls_config, layers, *extra)
-        _randomise_lora(node.model)
+        randomise_lora(node.model, which="lora_B")
         spec = round_spec(cls_config("model.pooling=mean", f"lora.layers={layers}", *extra))
         train_round(node.model, node.train, spec, unit="u", ledger=Ledger(tmp_path / f"{name}.json"),
                     features=node.train_features if use_cache else None)

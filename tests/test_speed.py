@@ -15,12 +15,7 @@ from fedslm.train import prefix
 from fedslm.wire.codec import Request
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(prefix.CACHE_ENV, str(tmp_path / "cache"))
-    prefix._MEMORY.clear()
-    yield
-    prefix._MEMORY.clear()
+pytestmark = pytest.mark.usefixtures("own_feature_cache")
 
 
 def _counted(monkeypatch) -> list[int]:
