@@ -6,6 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+# Written by the ServerApp as its very last act, after summary.json, the model card, report.png, report.html
+# and the tracker: a simulation need not wait for Flower's own shutdown (Ray, the SuperLink) to know the run
+# folder is complete.
+FINISHED = ".serverapp-finished"
+
 
 def read_rounds(folder: Path) -> list[dict[str, Any]]:
     """A run folder's metrics.jsonl, one dict a round; a line being written (torn) is skipped."""

@@ -17,6 +17,7 @@ from peft import PeftModel
 
 import fedslm.node.app as client_app
 from fedslm.config import to_yaml
+from fedslm.report import FINISHED
 from fedslm.wire import codec
 from fedslm.coordinator.server import (
     FederationStopped,
@@ -149,10 +150,14 @@ def test_failed_replies_are_logged_and_too_few_stop_the_run(flower_identity, cls
 
 
 def _our_processes(port_marker: str) -> list[psutil.Process]:
+    """Live processes naming ``port_marker`` (a run folder) in their command line or environment (FLWR_HOME
+    is inside the run folder, and every process Flower and Ray start inherits it)."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.process_iter(["cmdline", "status"]):
         try:
-            if port_marker in " ".join(p.info["cmdline"] or []):
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if port_marker in " ".join(p.info["cmdline"] or []) or port_marker in p.environ().get("FLWR_HOME", ""):
                 found.append(p)
         except psutil.Error:
             continue
@@ -219,6 +224,8 @@ def test_three_institution_simulation_writes_the_run_folder(cls_config, tmp_path
     assert read_adapter_meta(out / "adapter")["pooling"] == "mean"
     PeftModel.from_pretrained(base.model, out / "adapter")
     assert not _our_processes(str(out))  # every process the run started is gone
+    # The ServerApp finished its run folder (the signal that Flower's own wind-down is not waited for).
+    assert (out / FINISHED).read_text() == summary["run_id"]
 
 
 def test_a_failed_node_is_logged_and_the_round_goes_on(flower_identity, cls_config, tmp_path):

@@ -163,3 +163,28 @@ def test_simulated_institutions_read_the_partition_the_simulation_wrote(cls_conf
         {"institution": i, "name": f"institution-{i}", "indices": [0, 1]} for i in range(3)]}
     path.write_text(__import__("json").dumps(overlapping), encoding="utf-8")
     assert partition.load_partitions(path, len(whole.train), cfg.federation) is None  # one record, two institutions
+
+
+def test_a_warm_simulation_reads_its_saved_split_instead_of_splitting_again(cls_config, monkeypatch):
+    """check_data splits the scenario once and share_partitions saves that split; the next simulation of the
+    same records and settings reads it (no flwr-datasets split in the main process either), and one whose
+    file does not fit, or whose settings differ, splits again."""
+    from fedslm.data import partition
+    from fedslm.simulation import preflight
+    from fedslm.train.prefix import cache_dir
+
+    calls: list[int] = []
+    real = partition.partition_indices
+    monkeypatch.setattr(partition, "partition_indices", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = cls_config("federation.num_clients=3", "federation.partitioner=dirichlet")
+    first = preflight.check_data(cfg)
+    assert calls == [1] and first.partitions == real(first.train, cfg.federation)
+    preflight.share_partitions(cfg, first)
+    assert calls == [1]  # the check's split is the one saved
+    again = preflight.check_data(cfg)
+    assert calls == [1] and again.partitions == first.partitions  # read, not split
+    path = partition.partitions_file(cache_dir(), first.dataset_id, cfg.federation)
+    path.write_text('{"format": "fedslm-partitions-1", "institutions": []}', encoding="utf-8")
+    assert preflight.check_data(cfg).partitions == first.partitions and calls == [1, 1]
+    other = cls_config("federation.num_clients=4", "federation.partitioner=dirichlet")
+    assert len(preflight.check_data(other).partitions) == 4 and calls == [1, 1, 1]

@@ -104,6 +104,39 @@ def test_other_depths_and_a_foreign_pool_file_are_left_to_the_nodes(cls_config, 
     assert feats is not None and feats.hidden.shape[1] != 4  # computed, not read from the malformed pool
 
 
+def test_a_warm_pool_is_not_checked_again_until_its_records_base_or_file_change(cls_config, monkeypatch):
+    """warm_features remembers the pool it computed or checked: the next simulation of the same records on
+    the same base files does not load the base or tokenize (seconds of every warm run); a changed record, a
+    replaced pool file or a touched base file is checked (and computed) again."""
+    import os
+
+    from fedslm import models
+    from fedslm.simulation import preflight
+
+    cfg = cls_config("model.pooling=mean", "lora.layers=0", "federation.num_clients=2")
+    whole = check_data(cfg)
+    count = warm_features(cfg, whole)
+    assert count is not None and (prefix.cache_dir() / preflight.POOL_MEMO).is_file()
+    loads: list[int] = []
+    real = models.load_base
+    monkeypatch.setattr(models, "load_base", lambda *a, **k: loads.append(1) or real(*a, **k))
+    assert warm_features(cfg, whole) == count and loads == []  # remembered
+    (pool,) = [f for f, _, _ in prefix.cache_files()]
+    data = torch.load(pool, weights_only=True)
+    pool.unlink()
+    torch.save(data, pool)  # the same rows, another file: checked again, then remembered again
+    assert warm_features(cfg, whole) == count and loads == [1]
+    assert warm_features(cfg, whole) == count and loads == [1]
+    changed = check_data(cfg)
+    changed.test[0] = type(changed.test[0])(**{**changed.test[0].__dict__, "text": "cough " + changed.test[0].text})
+    calls = _counted(monkeypatch)
+    assert warm_features(cfg, changed) == count and loads == [1, 1] and len(calls) == 1  # computed
+    weights = next(p for p in preflight._base_files(cfg) if p.suffix in (".safetensors", ".bin"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    assert warm_features(cfg, changed) == count and loads == [1, 1, 1]  # checked, nothing computed
+    assert len(calls) == 1
+
+
 # --- deployment polling ------------------------------------------------------------------------------------
 
 class _Clock:
@@ -285,3 +318,38 @@ def test_a_process_reads_the_pool_once_for_every_split_and_again_once_it_is_repl
     again = _institution_features(cfg, 0)
     assert len(reads) == 2
     torch.testing.assert_close(again[0].hidden, first[0][0].hidden + 1.0)
+
+
+def test_flwr_run_gets_the_same_bundle_from_the_staged_app_folder(tmp_path):
+    """`flwr run` walks every file of the folder it is given (a project's .venv: seconds) before applying
+    fab-include: simulate hands it a folder of the bundle's files only, and the bundle must be the same."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedslm.simulation.simulate import SimulationError, app_bundle
+
+    root = tmp_path / "project"
+    for rel, text in {"clients/app.py": "app = 1\n", "server/app.py": "app = 2\n", "configs/a/b.yaml": "x: 1\n",
+                      "simulations/s.yaml": "y: 2\n", "fedslm/core.py": "# not in the bundle\n",
+                      ".venv/lib/site.py": "# an environment\n", "clients/__pycache__/app.cpython-311.pyc": "",
+                      ".gitignore": ".venv/\n__pycache__/\n"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text, encoding="utf-8")
+    (root / "pyproject.toml").write_text(
+        '[project]\nname = "demo"\nversion = "1.0.0"\n\n[tool.flwr.app]\npublisher = "demo"\n'
+        'fab-include = ["clients/*.py", "server/*.py", "configs/**/*.yaml", "simulations/*.yaml"]\n\n'
+        '[tool.flwr.app.components]\nserverapp = "server.app:app"\nclientapp = "clients.app:app"\n', encoding="utf-8")
+    staged = app_bundle(root, tmp_path / "staged")
+    assert not (staged / ".venv").exists() and not (staged / "fedslm").exists()
+    whole, small = (zipfile.ZipFile(io.BytesIO(build_fab_from_disk(p))) for p in (root, staged))
+    assert sorted(whole.namelist()) == sorted(small.namelist())
+    assert "clients/app.py" in whole.namelist() and "configs/a/b.yaml" in whole.namelist()
+    assert all(whole.read(n) == small.read(n) for n in whole.namelist())
+    # Staging again replaces what was there (a file dropped from the project is dropped from the bundle).
+    (root / "simulations/s.yaml").unlink()
+    assert not (app_bundle(root, tmp_path / "staged") / "simulations/s.yaml").exists()
+    (root / "pyproject.toml").write_text('[tool.flwr.app]\npublisher = "demo"\n', encoding="utf-8")
+    with pytest.raises(SimulationError, match="fab-include"):
+        app_bundle(root, tmp_path / "staged")

@@ -41,3 +41,29 @@ def test_train_writes_the_run_folder_and_epsilon_grows(tiny_bert_dir, class_csv,
     again = CliRunner().invoke(app, _args(tiny_bert_dir, class_csv, out))
     assert again.exit_code == 2
     assert "refusing to train" in again.output and "Traceback" not in again.output
+
+
+@pytest.mark.parametrize(("argv", "code", "fast"), [(["simulate"], 0, True), (["simulate"], None, True),
+                                                    (["simulate"], 2, False), (["train"], 0, False), ([], 0, False)])
+def test_the_console_script_skips_the_teardown_only_after_a_successful_simulate(monkeypatch, argv, code, fast):
+    """`fedslm simulate` ends by os._exit once it succeeded (the interpreter's teardown with torch loaded is
+    seconds); a failed simulate and every other command exit as usual, with their own code."""
+    import tomllib
+    from pathlib import Path
+
+    from fedslm.cli import main as cli_main
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["fedslm"] == "fedslm.cli.main:main"  # the console script is the one with the fast exit
+
+    exits: list[int] = []
+
+    def app():
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli_main, "app", app)
+    monkeypatch.setattr(cli_main.sys, "argv", ["fedslm", *argv])
+    monkeypatch.setattr("os._exit", lambda c: exits.append(c) or (_ for _ in ()).throw(SystemExit("os._exit")))
+    with pytest.raises(SystemExit) as raised:
+        cli_main.main()
+    assert (exits == [0] and raised.value.code == "os._exit") if fast else (exits == [] and raised.value.code == code)

@@ -35,8 +35,27 @@ app.add_typer(node_app, name="node")
 app.add_typer(cache_app, name="cache")
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+# Commands whose process ends by os._exit once they succeeded: a finished `fedslm simulate` has written and
+# closed every file, and the interpreter's teardown with torch, transformers and PEFT loaded takes 1.3-1.5 s
+# of the command's wall time (measured on 2 cores) for nothing.
+EXIT_WITHOUT_TEARDOWN = frozenset({"simulate"})
+
+
+def main() -> None:
+    """The console script: ``app`` with the interpreter's teardown skipped after a successful command of
+    EXIT_WITHOUT_TEARDOWN (its output flushed and logging shut down first)."""
+    try:
+        app()
+    except SystemExit as exc:
+        if exc.code in (0, None) and sys.argv[1:2] and sys.argv[1] in EXIT_WITHOUT_TEARDOWN:
+            import logging
+            import os
+
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            logging.shutdown()
+            os._exit(0)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,6 +31,7 @@ from fedslm.lora import adapter_meta, get_adapter_state, save_adapter, set_adapt
 from fedslm.lora.adapter import frozen_digest
 from fedslm.models import load_base
 from fedslm.privacy.dpsgd import check_secure_mode
+from fedslm.report import FINISHED
 from fedslm.wire import codec
 
 __all__ = ["CHECKPOINT", "Checkpoint", "FederationStopped", "ROBUST", "STRATEGIES", "Recording", "RunFolderError",
@@ -60,6 +61,7 @@ def run_server(grid: Any, cfg: Config, run_id: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     log.warning("fedslm run folder: %s", out)
     resume = find_checkpoint(out, cfg)
+    (out / FINISHED).unlink(missing_ok=True)
     config_yaml = to_yaml(cfg)
     (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
     labels = label_set(cfg)
@@ -120,6 +122,7 @@ def run_server(grid: Any, cfg: Config, run_id: str) -> dict[str, Any]:
     write_report(out)
     recorder.write_page()
     recorder.finish_tracking(summary)
+    (out / FINISHED).write_text(run_id, encoding="utf-8")
     return summary
 
 

@@ -40,6 +40,9 @@ class TaskData:
     source: str = ""
     # Names the dataset in the privacy ledger: one accountant per (node, dataset).
     dataset_id: str = field(default="")
+    # A simulation's split of ``train`` into its institutions (fedslm.data.partition.Partition), once its main
+    # process has computed or read it (fedslm.simulation.preflight.check_data); None elsewhere.
+    partitions: Optional[list] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.dataset_id:

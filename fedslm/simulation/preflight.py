@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 from rich.console import Console
@@ -51,38 +52,52 @@ def check_data(cfg: Config) -> Any:
     ClientApp (or the ServerApp) and the run ends ~40 s later with an exit code, the reason in flower.log.
 
     A classification run's label set goes into the run config (``data.labels``) here when the scenario
-    leaves it unset: the ServerApp is the coordinator, which holds no data to learn it from."""
+    leaves it unset: the ServerApp is the coordinator, which holds no data to learn it from.
+
+    The split is kept on the returned data (``whole.partitions``) for :func:`share_partitions`. A split
+    saved by an earlier simulation of the same records under the same settings (the file is named by the
+    dataset's fingerprint and those settings) is read instead of splitting again: splitting imports
+    flwr-datasets and its dependencies, seconds of every warm run."""
+    from fedslm.cachedir import cache_dir
     from fedslm.data import load_task_data
-    from fedslm.data.partition import partition_indices
+    from fedslm.data.partition import load_partitions, partitions_file
 
     fed = cfg.federation
     whole = load_task_data(cfg.data, cfg.model.task,
                            group_column=fed.partition_column if fed.partitioner == "column" else None)
     if cfg.model.task == "classification" and cfg.data.labels is None:
         cfg.data.labels = list(whole.labels)
-    try:
-        # Dirichlet's retries warn once per try; here only the outcome matters (the ClientApps split again).
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            partition_indices(whole.train, fed)
-    except ValueError as exc:  # flwr-datasets' partitioners (e.g. Dirichlet's size retries running out)
-        raise ConfigError(f"federation.partitioner={fed.partitioner} cannot split the {len(whole.train)} training "
-                          f"records into federation.num_clients={fed.num_clients} institutions: {exc}") from None
+    whole.partitions = None if fed.ray_address else load_partitions(
+        partitions_file(cache_dir(), whole.dataset_id, fed), len(whole.train), fed)
+    if whole.partitions is None:
+        whole.partitions = split(whole, fed)
     return whole
 
 
+def split(whole: Any, fed: Any) -> list:
+    """flwr-datasets' partition of the scenario's training records, refused naming the keys when impossible."""
+    from fedslm.data.partition import partition_indices
+
+    try:
+        # Dirichlet's retries warn once per try; here only the outcome matters.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return partition_indices(whole.train, fed)
+    except ValueError as exc:  # flwr-datasets' partitioners (e.g. Dirichlet's size retries running out)
+        raise ConfigError(f"federation.partitioner={fed.partitioner} cannot split the {len(whole.train)} training "
+                          f"records into federation.num_clients={fed.num_clients} institutions: {exc}") from None
+
+
 def share_partitions(cfg: Config, whole: Any) -> None:
-    """The scenario's partition into institutions, written where its ClientApps look first
+    """The scenario's partition into institutions (check_data's), written where its ClientApps look first
     (fedslm.data.partition.partitions_file, in the feature cache folder): each Ray actor then reads it
     instead of importing flwr-datasets and splitting again. Not on a Ray cluster (other machines)."""
     if cfg.federation.ray_address:
         return
-    from fedslm.data.partition import partition_indices, partitions_file, save_partitions
-    from fedslm.train.prefix import cache_dir
+    from fedslm.cachedir import cache_dir
+    from fedslm.data.partition import partitions_file, save_partitions
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # Dirichlet's retries (check_data split the same way)
-        parts = partition_indices(whole.train, cfg.federation)
+    parts = whole.partitions if whole.partitions is not None else split(whole, cfg.federation)
     try:
         save_partitions(partitions_file(cache_dir(), whole.dataset_id, cfg.federation), parts)
     except OSError as exc:  # the ClientApps then split themselves
@@ -96,14 +111,26 @@ def warm_features(cfg: Config, whole: Any, console: Optional[Console] = None) ->
     here, batched by length on all cores, into the shared pool file of fedslm.train.feature_pool. Each
     simulated institution then takes its rows from it instead of running the base over its own records
     in its own Ray actor. Returns the number of distinct records computed, or None when the recipe
-    caches nothing this way (other depths, causal models: each node computes its own, as deployed)."""
+    caches nothing this way (other depths, causal models: each node computes its own, as deployed).
+
+    A pool this function computed or checked for the same records, base files and layout before is not
+    checked again (:func:`_pool_known`): checking means loading the base and tokenizing every record,
+    seconds of every warm run. That memo is only a shortcut for this process: each institution still looks
+    its records up in the pool by their token ids and computes what it does not find."""
     if cfg.lora.layers != 0 or cfg.model.task != "classification" or cfg.federation.ray_address:
         return None  # on a Ray cluster the institutions run on other machines, with caches of their own
+    from fedslm.cachedir import cache_dir
+
+    memo = cache_dir() / POOL_MEMO
+    signature = _pool_signature(cfg, whole)
+    count = _pool_known(memo, signature)
+    if count is not None:
+        return count
     from fedslm.data.tasks import get_task
     from fedslm.lora import wrap
     from fedslm.models import load_base
     from fedslm.train import prefix
-    from fedslm.train.feature_pool import warm_pool
+    from fedslm.train.feature_pool import pool_key, warm_pool
 
     base = load_base(cfg.model, len(whole.labels) if whole.labels is not None else None)
     import torch
@@ -124,4 +151,61 @@ def warm_features(cfg: Config, whole: Any, console: Optional[Console] = None) ->
     if console is not None:
         console.print(f"features of {count} records in {time.monotonic() - started:.0f}s (one pass, shared by "
                       f"the {cfg.federation.num_clients} institutions)")
+    pool = cache_dir() / f"{pool_key(base.fingerprint, prefix.layout_of(cfg.model), encs[0].pad_id)}.pt"
+    _remember_pool(memo, signature, pool, count)
     return count
+
+
+# In the feature cache folder: the last pool warm_features computed or checked, and for which records.
+POOL_MEMO = "pool-memo.json"
+
+
+def _pool_signature(cfg: Config, whole: Any) -> dict[str, Any]:
+    """What the pool's rows depend on, without loading the base: the base's files (name, size, mtime), the
+    layout (pooling, normalisation, max length) and every record of the train and test splits."""
+    from fedslm.data.examples import dataset_fingerprint
+
+    files = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in _base_files(cfg)]
+    m = cfg.model
+    return {"memo": 1, "files": files, "layout": [m.name, m.pooling, m.normalize, m.max_length],
+            "train": whole.dataset_id, "test": dataset_fingerprint(whole.source, whole.test)}
+
+
+def _base_files(cfg: Config) -> list[Path]:
+    from fedslm.models.load import resolve_model_path
+
+    folder, _ = resolve_model_path(cfg.model)
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _pool_known(memo: Path, signature: dict[str, Any]) -> Optional[int]:
+    """The record count of the pool ``memo`` names when it was written for ``signature`` and the pool file is
+    the one it was written with (same inode and size: prefix._write_tensors replaces a pool whole, by a
+    rename; its mtime is no witness, every lookup touches it)."""
+    import json
+    import os
+
+    try:
+        data = json.loads(memo.read_text(encoding="utf-8"))
+        pool = Path(data["pool"])
+        st = pool.stat()
+        if data["signature"] != json.loads(json.dumps(signature)) or data["stat"] != [st.st_ino, st.st_size]:
+            return None
+        os.utime(pool)  # in use: the newest for the folder's pruning, as warm_pool does
+        return int(data["count"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _remember_pool(memo: Path, signature: dict[str, Any], pool: Path, count: int) -> None:
+    import json
+    import os
+
+    try:
+        st = pool.stat()
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"signature": signature, "pool": str(pool), "count": count,
+                                   "stat": [st.st_ino, st.st_size]}), encoding="utf-8")
+        os.replace(tmp, memo)
+    except OSError as exc:  # the next run checks the pool again
+        log.warning("could not remember the feature pool (%s)", exc)

@@ -29,7 +29,7 @@ from rich.table import Table
 
 from fedslm.config import Config, to_yaml
 from fedslm.errors import FedslmError
-from fedslm.report import read_rounds
+from fedslm.report import FINISHED, read_rounds
 from fedslm.simulation.preflight import check_client_gpus, check_data, share_partitions, warm_features
 
 CONNECTION = "fedslm"
@@ -54,6 +54,43 @@ def project_dir() -> Path:
             f"fedslm simulate needs the fedslm project folder (pyproject.toml with [tool.flwr.app]); not found at {root}"
         )
     return root
+
+
+def app_bundle(root: Path, dest: Path) -> Path:
+    """The files of ``root``'s Flower app bundle, copied into ``dest`` (emptied first), for ``flwr run``.
+
+    ``flwr run`` builds the bundle by walking and resolving every file under the folder it is given before
+    it applies ``[tool.flwr.app] fab-include``; in the project folder that is the .venv's ~75,000 files
+    (4-5 s of every simulation). The bundle holds only pyproject.toml and what fab-include names (the
+    Flower apps and the bundled configs), so that is all ``dest`` gets: ``flwr run dest`` builds the same
+    bundle. The apps import fedslm from the installed package, as they do from the project folder."""
+    import fnmatch
+    import shutil
+    import tomllib
+
+    pyproject = root / "pyproject.toml"
+    try:
+        meta = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SimulationError(f"cannot read the Flower app's {pyproject}: {exc}") from None
+    patterns = meta.get("tool", {}).get("flwr", {}).get("app", {}).get("fab-include")
+    if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
+        raise SimulationError(f"{pyproject}: [tool.flwr.app] fab-include must list the app's files (glob patterns)")
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    shutil.copy2(pyproject, dest / "pyproject.toml")
+    for name in (".gitignore", "LICENSE"):
+        if (root / name).is_file():
+            shutil.copy2(root / name, dest / name)
+    for pattern in patterns:
+        for path in sorted(root.glob(pattern)):
+            rel = path.relative_to(root)
+            if not path.is_file() or path.is_symlink() or fnmatch.fnmatch(path.name, "*.py[cod]"):
+                continue
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest / rel)
+    return dest
 
 
 def _bin(name: str) -> str:
@@ -130,6 +167,23 @@ def stop_process_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
     except subprocess.TimeoutExpired:  # ignored SIGTERM: it must not outlive us
         proc.kill()
         proc.wait(timeout=grace)
+
+
+def kill_process_tree(proc: subprocess.Popen, wait: float = 5.0) -> None:
+    """SIGKILL ``proc`` and everything it started, for when what they were doing is done and only their
+    own shutdown is left: Flower's simulation takes seconds to wind Ray down after the ServerApp returned.
+    Ray's shared memory is unlinked as soon as it is mapped, so a killed Ray leaves nothing behind."""
+    import psutil
+
+    procs = _descendants(proc.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(procs, timeout=wait)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=wait)
 
 
 @contextlib.contextmanager
@@ -219,6 +273,7 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
 
     resume = find_checkpoint(out, cfg)  # refuses a finished run or a different config before anything starts
     out.mkdir(parents=True, exist_ok=True)
+    (out / FINISHED).unlink(missing_ok=True)  # a resumed folder's: this run's ServerApp writes its own
     flwr_home = out / ".flwr"
     port = free_port()
     write_flower_config(flwr_home, port, cfg)
@@ -230,7 +285,7 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
            "TOKENIZERS_PARALLELISM": "false", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
            # The ClientApps are simulated institutions: the scenario stands for their node policies.
            "FEDSLM_SIMULATION": "1", **ray_env(cfg)}
-    app = app_dir or project_dir()
+    app = app_bundle(app_dir or project_dir(), flwr_home / "app")
     scores: Optional[dict[str, Any]] = None
     confusions: Optional[dict[str, Any]] = None
     scored = False
@@ -257,12 +312,18 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
                 while run.poll() is None:
                     live.update(_table(cfg, read_rounds(out), out, started))
                     if not scored and (out / "summary.json").exists():
-                        # The ServerApp saved the adapter before its summary: score it while Flower winds
-                        # down in its own processes (the ServerApp's report, Ray's actors: seconds).
+                        # The ServerApp saved the adapter before its summary: score it while the ServerApp
+                        # writes its report.
                         scored = True
                         live.update(_table(cfg, read_rounds(out), out, started))
                         scores, confusions = _scores(cfg, out)
                         continue
+                    if scored and (out / FINISHED).exists():
+                        # The run folder is complete: what Flower does from here (the simulation winding Ray
+                        # down, 2-5 s) is not waited for.
+                        kill_process_tree(link)
+                        kill_process_tree(run)
+                        break
                     time.sleep(0.25)
                 live.update(_table(cfg, read_rounds(out), out, started))
         finally:

@@ -42,18 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedslm.cachedir import CACHE_ENV, cache_dir  # noqa: F401 - re-exported: fedslm.train.prefix.cache_dir
 from fedslm.data.tasks import Encoded
 from fedslm.errors import ConfigError
 
 log = logging.getLogger("fedslm.prefix")
-
-CACHE_ENV = "FEDSLM_CACHE_DIR"
-
-
-def cache_dir() -> Path:
-    """Where feature caches live: $FEDSLM_CACHE_DIR, else ~/.cache/fedslm/features."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedslm" / "features"
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
