@@ -136,3 +136,50 @@ def test_a_generated_answer_is_scored_by_its_code_and_the_chapter_range_that_hol
     s = score(answers, truths, chapters)
     assert (s.records, s.well_formed, s.exact, s.chapter) == (5, 4, 1, 3)
     assert s.as_dict()["exact_code"] == 0.2
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_token_ids_from_the_rust_backend_are_the_tokenizers_own(tiny_bert_dir, side):
+    """Classification's encode asks a fast tokenizer's backend directly (3x faster); the ids must be the
+    tokenizer's own call's, truncation side included, and a tokenizer whose own call differs from its
+    backend's keeps its own result."""
+    import copy
+    import random
+
+    from transformers import AutoTokenizer
+
+    from fedslm.data import tasks
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir, truncation_side=side)
+    words = ["heart", "chest", "pain", "lung", "cough", "fever", "zebra", "bone"]
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 20))) for _ in range(300)]
+
+    def own(t, batch):
+        return [list(x) for x in t(batch, truncation=True, max_length=8, add_special_tokens=True)["input_ids"]]
+
+    assert sum(len(tok(t)["input_ids"]) > 8 for t in texts) > 100  # truncation is exercised
+    sizes: list[int] = []
+    real_call = type(tok).__call__
+
+    def counted(self, batch, **kw):
+        sizes.append(len(batch))
+        return real_call(self, batch, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(tok), "__call__", counted)
+        fast = tasks.truncated_ids(tok, texts, 8)
+    assert sizes == [tasks._CHECKED]  # the backend did the rest, after the check agreed
+    assert fast == own(tok, texts)
+    assert tasks.get_task("classification").encode(
+        [tasks.ClassificationExample(t, 0) for t in texts], tok, 8).input_ids == own(tok, texts)
+
+    class Adding(type(tok)):  # a Python side that adds to the backend's ids
+        def __call__(self, *a, **k):
+            out = super().__call__(*a, **k)
+            out["input_ids"] = [list(x) + [1] for x in out["input_ids"]]
+            return out
+
+    adding = copy.deepcopy(tok)
+    adding.__class__ = Adding
+    assert tasks.truncated_ids(adding, texts, 8) == own(adding, texts) != own(tok, texts)

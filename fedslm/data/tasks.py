@@ -76,8 +76,8 @@ class ClassificationTask:
         if not examples:
             return Encoded([], [], pad_id=pad_id(tokenizer))
         texts = [e.text for e in examples]  # type: ignore[union-attr]
-        ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
-        return Encoded(list(ids), [e.label for e in examples], pad_id=pad_id(tokenizer))  # type: ignore[union-attr]
+        ids = truncated_ids(tokenizer, texts, max_length)
+        return Encoded(ids, [e.label for e in examples], pad_id=pad_id(tokenizer))  # type: ignore[union-attr]
 
     def collate(self, enc: Encoded, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         input_ids, mask = _pad([enc.input_ids[i] for i in indices], enc.pad_id)
@@ -135,6 +135,39 @@ class CausalLMTask:
         input_ids, mask = _pad([enc.input_ids[i] for i in indices], enc.pad_id)
         labels, _ = _pad([enc.targets[i] for i in indices], IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+# Records checked against the tokenizer's own call before its Rust backend is trusted with the rest.
+_CHECKED = 64
+
+
+def truncated_ids(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
+    """``tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]``.
+
+    A fast tokenizer's Rust backend is asked directly: transformers 5 turns every encoding into Python
+    lists through its own wrappers, 3x the time (a simulated institution's ~10,000 records: 0.7 s against
+    0.25 s). The first records are tokenized both ways and the backend is only used when they agree, so a
+    tokenizer whose Python side adds anything of its own keeps its own result."""
+    import copy
+
+    def reference(batch: list[str]) -> list[list[int]]:
+        return [list(x) for x in tokenizer(batch, truncation=True, max_length=max_length,
+                                           add_special_tokens=True)["input_ids"]]
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch") or len(texts) <= _CHECKED:
+        return reference(texts)
+    try:
+        backend = copy.deepcopy(backend)  # the tokenizer's own keeps its settings
+        backend.no_padding()
+        backend.enable_truncation(max_length, strategy="longest_first",
+                                  direction=getattr(tokenizer, "truncation_side", "right"))
+        head = [e.ids for e in backend.encode_batch(texts[:_CHECKED], add_special_tokens=True)]
+    except Exception:  # noqa: BLE001 - any backend that does not take these settings: the tokenizer's own call
+        return reference(texts)
+    if head != reference(texts[:_CHECKED]):
+        return reference(texts)
+    return head + [e.ids for e in backend.encode_batch(texts[_CHECKED:], add_special_tokens=True)]
 
 
 def pad_id(tokenizer: Any) -> int:
