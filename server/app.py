@@ -12,7 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedslm.config import load_config
-from fedslm.coordinator.polling import PollingGrid
+from fedslm.coordinator.polling import polling_grid
 from fedslm.coordinator.server import run_server
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -28,4 +28,4 @@ def main(grid: Grid, context: Context) -> None:
     overrides = shlex.split(str(context.run_config.get("fedslm-overrides", "")))
     cfg = load_config([path], overrides)
     # Flower's grids sleep a fixed 3 s (deployment) or 0.1 s (simulation) between pulls; poll by backoff.
-    run_server(PollingGrid(grid), cfg, run_id=str(context.run_id))
+    run_server(polling_grid(grid), cfg, run_id=str(context.run_id))

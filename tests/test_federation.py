@@ -228,6 +228,40 @@ def test_three_institution_simulation_writes_the_run_folder(cls_config, tmp_path
     assert (out / FINISHED).read_text() == summary["run_id"]
 
 
+def test_a_simulation_stopped_by_sigterm_stops_every_process_it_started(cls_config, tmp_path):
+    """`kill` (SIGTERM) of `fedslm simulate` mid-run unwinds like Ctrl-C: the SuperLink, Flower's simulation
+    and Ray's processes go with it (by default SIGTERM ended the CLI alone and they lived on)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sim"
+    cfg = cls_config("federation.num_clients=2", "federation.rounds=500", "federation.min_clients=2",
+                     "federation.partitioner=iid", f"output.dir={out}")
+    path = tmp_path / "scenario.yaml"
+    path.write_text(to_yaml(cfg), encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", "fedslm.cli.main", "simulate", "--config", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").exists():  # the federation is running: Ray's actors are up
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        assert _our_processes(str(out))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        time.sleep(0.5)
+        assert not _our_processes(str(out))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in _our_processes(str(out)):
+            p.kill()
+
+
 def test_a_failed_node_is_logged_and_the_round_goes_on(flower_identity, cls_config, tmp_path):
     cfg = cls_config("federation.min_clients=2")
     good = [_train_reply(n, [np.full(3, float(n), dtype=np.float32)], 5, n) for n in (2, 3)]

@@ -353,3 +353,16 @@ def test_flwr_run_gets_the_same_bundle_from_the_staged_app_folder(tmp_path):
     (root / "pyproject.toml").write_text('[tool.flwr.app]\npublisher = "demo"\n', encoding="utf-8")
     with pytest.raises(SimulationError, match="fab-include"):
         app_bundle(root, tmp_path / "staged")
+
+
+def test_a_simulations_in_memory_grid_is_polled_at_most_20_ms_apart_and_a_superlink_at_half_a_second():
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    from fedslm.coordinator.polling import IN_MEMORY_MAX_DELAY, MAX_DELAY, polling_grid
+
+    assert polling_grid(InMemoryGrid.__new__(InMemoryGrid)).max_delay == IN_MEMORY_MAX_DELAY == 0.02
+    assert polling_grid(_FakeGrid([None])).max_delay == MAX_DELAY == 0.5
+    grid, fake, clock = _polling([None])
+    grid.max_delay = IN_MEMORY_MAX_DELAY
+    assert grid.send_and_receive(["a"], timeout=1) == []
+    assert max(clock.sleeps) == pytest.approx(0.02) and sum(clock.sleeps) == pytest.approx(1.0)

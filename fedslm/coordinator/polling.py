@@ -26,6 +26,19 @@ from flwr.serverapp import Grid
 
 FIRST_DELAY = 0.005
 MAX_DELAY = 0.5
+# In a simulation the grid is Flower's InMemoryGrid, in the ServerApp's own process: a pull is a lookup in
+# memory, and a round's work is tens of milliseconds, so a 0.5 s cap would add its overshoot to every round.
+IN_MEMORY_MAX_DELAY = 0.02
+
+
+def polling_grid(grid: Any) -> "PollingGrid":
+    """:class:`PollingGrid` around ``grid``, capped at IN_MEMORY_MAX_DELAY for Flower's in-memory grid (a
+    simulation) and at MAX_DELAY for any other (a SuperLink over the network)."""
+    try:
+        from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+    except ImportError:  # another Flower layout: the network's cap, never wrong, only slower
+        InMemoryGrid = ()  # type: ignore[assignment,misc]  # noqa: N806
+    return PollingGrid(grid, max_delay=IN_MEMORY_MAX_DELAY if isinstance(grid, InMemoryGrid) else MAX_DELAY)
 
 
 class PollingGrid(Grid):

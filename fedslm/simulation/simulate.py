@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -181,7 +182,7 @@ def kill_process_tree(proc: subprocess.Popen, wait: float = 5.0) -> None:
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-    psutil.wait_procs(procs, timeout=wait)
+    psutil.wait_procs(procs, timeout=0.5)  # gone at once; not ours to reap (their parents were killed too)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=wait)
 
@@ -261,7 +262,31 @@ def _failure_reason(log_file: Path) -> str:
     return (lines[-1] if lines else "").strip()[-400:]
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (a scheduler's or `kill`'s stop) ends the simulation through its ``finally`` blocks, like
+    Ctrl-C: by default it ends the process on the spot, and the SuperLink, Flower's simulation and Ray's
+    processes outlive it. Exit status 143 (128 + SIGTERM), as if the signal had ended it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def unwind(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[Path] = None) -> dict[str, Any]:
+    with _sigterm_unwinds():
+        return _simulate(cfg, console, app_dir)
+
+
+def _simulate(cfg: Config, console: Optional[Console], app_dir: Optional[Path]) -> dict[str, Any]:
     console = console or Console()
     out = Path(cfg.output.dir).expanduser().resolve()
     cfg.output.dir = str(out)  # absolute: the ServerApp and every ClientApp write into the same folder
@@ -309,9 +334,18 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
                                    start_new_session=True, stdin=subprocess.DEVNULL)
         try:
             with Live(_table(cfg, [], out, started), console=console, refresh_per_second=2, transient=False) as live:
+                importing: Optional[threading.Thread] = None
                 while run.poll() is None:
-                    live.update(_table(cfg, read_rounds(out), out, started))
+                    rounds = read_rounds(out)
+                    live.update(_table(cfg, rounds, out, started))
+                    if importing is None and rounds:
+                        # Scoring needs transformers and PEFT, which a warm run has not imported yet (3-4 s):
+                        # import them now, while the rounds run (rounds after the first cost little CPU).
+                        importing = threading.Thread(target=_import_scoring, daemon=True)
+                        importing.start()
                     if not scored and (out / "summary.json").exists():
+                        if importing is not None:
+                            importing.join()
                         # The ServerApp saved the adapter before its summary: score it while the ServerApp
                         # writes its report.
                         scored = True
@@ -358,6 +392,11 @@ def simulate(cfg: Config, console: Optional[Console] = None, app_dir: Optional[P
 
     write_html(out)
     return summary
+
+
+def _import_scoring() -> None:
+    import fedslm.lora.merge  # noqa: F401 - transformers, PEFT
+    import fedslm.simulation.compare  # noqa: F401
 
 
 def _scores(cfg: Config, out: Path) -> tuple[Optional[dict[str, Any]], Optional[dict[str, Any]]]:
