@@ -103,6 +103,12 @@ VARIANTS = [
     ("lever: RDP instead of the PRV accountant, ε=8", 5, ["privacy.target_epsilon=8", "privacy.accountant=rdp"]),
     ("lever: clip norm 1 instead of 0.3, ε=8", 5, ["privacy.target_epsilon=8", "privacy.max_grad_norm=1.0"]),
     ("lever: server η 0.2 instead of 0.3, ε=8", 5, ["privacy.target_epsilon=8", "federation.server_lr=0.2"]),
+    # Half the rounds (a simulated round costs ~0.2 s of Flower's engine whatever its work): each round's noise
+    # is smaller for the same ε, and a larger server step makes up for the fewer steps, nearly. Over 10 noise
+    # seeds 90.49% ± 0.19 against 90.84% ± 0.22 for make run, macro-F1 0.832 against 0.841 (2026-12-07):
+    # a real 0.35-point loss, so make run keeps its 100 rounds.
+    ("lever: 50 rounds at server η 0.6 instead of 100 at 0.3, ε=8", 5,
+     ["privacy.target_epsilon=8", "federation.rounds=50", "federation.server_lr=0.6"]),
     ("lever: the head's bias trained (lora.head_bias), ε=8", 5, ["privacy.target_epsilon=8", "lora.head_bias=true"]),
     ("lever: the head's bias trained (lora.head_bias), ε=1", 5, ["privacy.target_epsilon=1", "lora.head_bias=true"]),
     ("lever: dropout 0.1 on the sentence vectors (the base's), ε=8", 5, ["privacy.target_epsilon=8",

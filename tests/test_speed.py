@@ -366,3 +366,46 @@ def test_a_simulations_in_memory_grid_is_polled_at_most_20_ms_apart_and_a_superl
     grid.max_delay = IN_MEMORY_MAX_DELAY
     assert grid.send_and_receive(["a"], timeout=1) == []
     assert max(clock.sleeps) == pytest.approx(0.02) and sum(clock.sleeps) == pytest.approx(1.0)
+
+
+def test_the_simulation_engines_message_queue_is_polled_every_10_ms_and_still_stops_at_once():
+    """Flower's add_messages_to_queue thread waits 0.1 s on its stop event between looks for messages; the
+    ServerApp caps that event's timed waits (found through the thread, as in Flower's engine)."""
+    import threading
+    import time as _time
+
+    from fedslm.coordinator.polling import SIMULATION_QUEUE_POLL, quicken_simulation_queue
+
+    looks: list[float] = []
+    stop = threading.Event()
+
+    def add_messages_to_queue(state, queue, nodes_mapping, f_stop):  # Flower's name and signature
+        while not f_stop.is_set():
+            looks.append(_time.monotonic())
+            f_stop.wait(0.1)
+
+    assert quicken_simulation_queue() is False  # no engine in this process: nothing to do
+    from fedslm.coordinator.polling import PollingGrid
+
+    early = PollingGrid(_FakeGrid([1]), quicken=True)
+    early.send_and_receive(["a"], timeout=1)
+    assert early._quicken is True  # not there yet: the next exchange looks again
+    thread = threading.Thread(target=add_messages_to_queue, args=(None, None, {}, stop), daemon=True)
+    thread.start()
+    try:
+        from fedslm.coordinator.polling import PollingGrid
+
+        grid = PollingGrid(_FakeGrid([1]), quicken=True)  # the ServerApp's grid finds the engine's thread
+        grid.send_and_receive(["a"], timeout=1)
+        assert grid._quicken is False  # found: not looked for again
+        assert quicken_simulation_queue() is True  # again: the same cap, not a wrapper of a wrapper
+        _time.sleep(0.5)
+        gaps = [b - a for a, b in zip(looks[-20:], looks[-19:])]
+        assert len(looks) > 10 and sorted(gaps)[len(gaps) // 2] < 0.05 and SIMULATION_QUEUE_POLL == 0.01
+        assert stop.wait(0.0) is False  # a timed wait still times out
+        started = _time.monotonic()
+        stop.set()
+        thread.join(1)
+        assert not thread.is_alive() and _time.monotonic() - started < 0.1 and stop.wait() is True
+    finally:
+        stop.set()
