@@ -121,6 +121,17 @@ def test_a_warm_pool_is_not_checked_again_until_its_records_base_or_file_change(
     real = models.load_base
     monkeypatch.setattr(models, "load_base", lambda *a, **k: loads.append(1) or real(*a, **k))
     assert warm_features(cfg, whole) == count and loads == []  # remembered
+    import json as _json
+
+    memo = prefix.cache_dir() / preflight.POOL_MEMO
+    kept = memo.read_text()
+    name = _json.loads(kept)["pool"]
+    for elsewhere in (f"../{memo.parent.name}/{name}", str(memo.parent / name)):  # the same file, by other paths
+        memo.write_text(_json.dumps(dict(_json.loads(kept), pool=elsewhere)))
+        assert preflight._pool_known(memo, preflight._pool_signature(cfg, whole)) is None  # only a name here
+    memo.write_text(kept)
+    assert preflight._pool_known(memo, preflight._pool_signature(cfg, whole)) == count
+    memo.write_text(kept)
     (pool,) = [f for f, _, _ in prefix.cache_files()]
     data = torch.load(pool, weights_only=True)
     pool.unlink()

@@ -187,7 +187,10 @@ def _pool_known(memo: Path, signature: dict[str, Any]) -> Optional[int]:
 
     try:
         data = json.loads(memo.read_text(encoding="utf-8"))
-        pool = Path(data["pool"])
+        name = str(data["pool"])
+        if Path(name).name != name or not name.endswith(".pt"):  # only a pool file of this folder, by name
+            return None
+        pool = memo.parent / name
         st = pool.stat()
         if data["signature"] != json.loads(json.dumps(signature)) or data["stat"] != [st.st_ino, st.st_size]:
             return None
@@ -204,7 +207,7 @@ def _remember_pool(memo: Path, signature: dict[str, Any], pool: Path, count: int
     try:
         st = pool.stat()
         tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"signature": signature, "pool": str(pool), "count": count,
+        tmp.write_text(json.dumps({"signature": signature, "pool": pool.name, "count": count,
                                    "stat": [st.st_ino, st.st_size]}), encoding="utf-8")
         os.replace(tmp, memo)
     except OSError as exc:  # the next run checks the pool again
