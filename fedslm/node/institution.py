@@ -57,7 +57,7 @@ def _share(plan: RoundPlan) -> TaskData:
         if split not in partitions:
             partitions.clear()
             # A simulation's main process wrote the partition before Flower started (its feature cache folder).
-            from fedslm.train.prefix import cache_dir
+            from fedslm.cachedir import cache_dir
 
             shared = load_partitions(partitions_file(cache_dir(), whole.dataset_id, fed), len(whole.train), fed)
             partitions[split] = shared if shared is not None else partition_indices(whole.train, fed)

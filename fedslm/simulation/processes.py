@@ -131,21 +131,25 @@ def _descendants(pid: int) -> list[Any]:
         return []
 
 
-def stop_process_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
+def stop_process_tree(proc: subprocess.Popen, grace: float = 10.0, *, kill: bool = False) -> None:
     """Stop ``proc`` and everything it started (Ray workers included), by PID.
 
     ``proc`` leads its own session (start_new_session), so one signal reaches its group; helpers that
-    detached into sessions of their own (flower-superexec) are found as descendants first.
-    """
+    detached into sessions of their own (flower-superexec) are found as descendants first. SIGTERM, then
+    SIGKILL for what is left after ``grace`` seconds; with ``kill``, SIGKILL at once: for when what they were
+    doing is done and only their own shutdown is left (Flower's simulation takes seconds to wind Ray down
+    after the ServerApp returned; Ray's shared memory is unlinked as soon as it is mapped, so a killed Ray
+    leaves nothing behind). Killed descendants are not waited for long: their parents were killed too, so
+    they are not ours to reap."""
     import psutil
 
     procs = _descendants(proc.pid)
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace)
+            p.kill() if kill else p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=0.5 if kill else grace)
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
@@ -154,23 +158,6 @@ def stop_process_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
     except subprocess.TimeoutExpired:  # ignored SIGTERM: it must not outlive us
         proc.kill()
         proc.wait(timeout=grace)
-
-
-def kill_process_tree(proc: subprocess.Popen, wait: float = 5.0) -> None:
-    """SIGKILL ``proc`` and everything it started, for when what they were doing is done and only their
-    own shutdown is left: Flower's simulation takes seconds to wind Ray down after the ServerApp returned.
-    Ray's shared memory is unlinked as soon as it is mapped, so a killed Ray leaves nothing behind."""
-    import psutil
-
-    procs = _descendants(proc.pid)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(procs, timeout=0.5)  # gone at once; not ours to reap (their parents were killed too)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=wait)
 
 
 @contextlib.contextmanager

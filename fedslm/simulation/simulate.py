@@ -30,7 +30,7 @@ from fedslm.config import Config, to_yaml
 from fedslm.report import FINISHED, read_rounds
 from fedslm.simulation.preflight import check_client_gpus, check_data, share_partitions, warm_features
 from fedslm.simulation.processes import (  # noqa: F401 - free_port, ray_env: used by callers from here
-    CONNECTION, SimulationError, bin_path, app_bundle, free_port, kill_process_tree, local_superlink, project_dir, ray_env,
+    CONNECTION, SimulationError, bin_path, app_bundle, free_port, local_superlink, project_dir, ray_env,
     sigterm_unwinds, stop_process_tree, wait_ready, write_flower_config)
 
 def _clients_done(out: Path, round_idx: int) -> int:
@@ -95,7 +95,6 @@ def _simulate(cfg: Config, console: Optional[Console], app_dir: Optional[Path]) 
 
     resume = find_checkpoint(out, cfg)  # refuses a finished run or a different config before anything starts
     out.mkdir(parents=True, exist_ok=True)
-    (out / FINISHED).unlink(missing_ok=True)  # a resumed folder's: this run's ServerApp writes its own
     flwr_home = out / ".flwr"
     port = free_port()
     write_flower_config(flwr_home, port, cfg)
@@ -152,8 +151,8 @@ def _simulate(cfg: Config, console: Optional[Console], app_dir: Optional[Path]) 
                     if scored and (out / FINISHED).exists():
                         # The run folder is complete: what Flower does from here (the simulation winding Ray
                         # down, 2-5 s) is not waited for.
-                        kill_process_tree(link)
-                        kill_process_tree(run)
+                        stop_process_tree(link, kill=True)
+                        stop_process_tree(run, kill=True)
                         break
                     time.sleep(0.25)
                 live.update(_table(cfg, read_rounds(out), out, started))
