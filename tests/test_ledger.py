@@ -358,3 +358,24 @@ def test_an_unreadable_ledger_is_one_line_at_the_cli(tmp_path, text):
     res = CliRunner().invoke(app, ["ledger", "show", str(path)])
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1 and str(path) in res.output, res.output
+
+
+def test_the_ledger_file_is_the_json_of_its_data_with_one_line_per_entry(tmp_path):
+    """write_json's text (fedslm.privacy.ledger.json_text) reads back as the very data, keys, strings
+    and floats included, and a ledger's entries are one line each (readable, and written by json's C
+    encoder)."""
+    import json
+
+    from fedslm.privacy.ledger import json_text, write_json
+
+    data = {"format": "f/2", "units": {"all-records": {"num_examples": 3, "entries": [
+        {"id": "a", "noise_multiplier": 0.1 + 0.2, "delta": 1e-300, "release": {"file": "x\n\"y\""}},
+        {"id": "b", "noise_multiplier": float("inf"), "tags": [], "meta": {}}]}}, "empty": [], "none": None,
+        "ünïcode": "é"}
+    path = tmp_path / "ledger.json"
+    write_json(path, data)
+    text = path.read_text(encoding="utf-8")
+    assert json.loads(text) == data and text == json_text(data)
+    entry_lines = [line for line in text.splitlines() if line.lstrip().startswith('{"id"')]
+    assert [json.loads(line.strip().rstrip(","))["id"] for line in entry_lines] == ["a", "b"]
+    assert json.loads(json_text([1, [2, [3, [4, [5]]]]])) == [1, [2, [3, [4, [5]]]]]

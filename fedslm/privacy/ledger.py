@@ -267,12 +267,29 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def json_text(data: Any, depth: int = 4, indent: int = 0) -> str:
+    """``data`` as JSON, indented by one space a level for ``depth`` levels and on one line below them:
+    a ledger's entries each on a line of their own. ``json.dump(indent=...)`` runs the pure-Python
+    encoder and writes every token to the file on its own (6 ms for a ledger of 100 rounds, written
+    twice a round); each compact part here goes through the C encoder in one string."""
+    if depth <= 0 or not isinstance(data, (dict, list)) or not data:
+        return json.dumps(data)
+    pad = " " * (indent + 1)
+    if isinstance(data, dict):
+        items = [f"{json.dumps(str(k))}: {json_text(v, depth - 1, indent + 1)}" for k, v in data.items()]
+        opening, closing = "{", "}"
+    else:
+        items = [json_text(v, depth - 1, indent + 1) for v in data]
+        opening, closing = "[", "]"
+    return opening + "\n" + ",\n".join(pad + item for item in items) + "\n" + " " * indent + closing
+
+
 def write_json(path: Path, data: Any) -> None:
     """Replace ``path`` by ``data`` atomically: a 0600 temp file, fsync, rename, fsync of the folder."""
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
+            fh.write(json_text(data))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
