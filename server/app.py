@@ -12,8 +12,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedslm.config import load_config
+from fedslm.coordinator import warmup
 from fedslm.coordinator.polling import polling_grid
-from fedslm.coordinator.server import run_server
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -28,4 +28,10 @@ def main(grid: Grid, context: Context) -> None:
     overrides = shlex.split(str(context.run_config.get("fedslm-overrides", "")))
     cfg = load_config([path], overrides)
     # Flower's grids sleep a fixed 3 s (deployment) or 0.1 s (simulation) between pulls; poll by backoff.
-    run_server(polling_grid(grid), cfg, run_id=str(context.run_id))
+    grid = polling_grid(grid)
+    # A simulation's institutions import their round code while this process imports its own and builds
+    # the model (the heavy imports are below, after the warm-up messages are out).
+    warming = warmup.start(grid, simulation=grid.simulation)
+    from fedslm.coordinator.server import run_server
+
+    run_server(grid, cfg, run_id=str(context.run_id), warming=warming)

@@ -45,7 +45,7 @@ def polling_grid(grid: Any) -> "PollingGrid":
     except ImportError:  # another Flower layout: the network's cap, never wrong, only slower
         InMemoryGrid = ()  # type: ignore[assignment,misc]  # noqa: N806
     if isinstance(grid, InMemoryGrid):
-        return PollingGrid(grid, max_delay=IN_MEMORY_MAX_DELAY, quicken=True)
+        return PollingGrid(grid, max_delay=IN_MEMORY_MAX_DELAY, quicken=True, simulation=True)
     return PollingGrid(grid, max_delay=MAX_DELAY)
 
 
@@ -85,7 +85,7 @@ class PollingGrid(Grid):
 
     def __init__(self, grid: Any, *, first_delay: float = FIRST_DELAY, max_delay: float = MAX_DELAY,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                 quicken: bool = False):
+                 quicken: bool = False, simulation: bool = False):
         if not 0 < first_delay <= max_delay:
             raise ValueError(f"polling needs 0 < first_delay <= max_delay, got {first_delay} and {max_delay}")
         self.grid = grid
@@ -96,6 +96,8 @@ class PollingGrid(Grid):
         # A simulation: cap the engine's queue poll (quicken_simulation_queue) once its thread exists; Flower
         # starts it after Ray's actors, seconds after the ServerApp, so each exchange tries until it is found.
         self._quicken = quicken
+        # Flower's in-memory grid: the ServerApp is a simulation's (fedslm.coordinator.warmup acts on it).
+        self.simulation = simulation
 
     # Grid's abstract interface, delegated.
     def set_run(self, run: Any) -> None:

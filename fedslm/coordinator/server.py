@@ -16,11 +16,12 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from flwr.app import ArrayRecord
 
 from fedslm.config import Config, to_yaml
+from fedslm.coordinator import warmup
 from fedslm.coordinator.client_level import client_level_summary
 from fedslm.coordinator.record import FederationStopped, RunRecorder
 from fedslm.coordinator.resume import CHECKPOINT, Checkpoint, RunFolderError, find_checkpoint
@@ -50,8 +51,9 @@ def label_set(cfg: Config) -> Optional[list[str]]:
     raise ConfigError("data.labels must list the label set every institution shares (the coordinator has no data)")
 
 
-def run_server(grid: Any, cfg: Config, run_id: str) -> dict[str, Any]:
-    """Run ``federation.rounds`` rounds on ``grid`` and write the run folder.
+def run_server(grid: Any, cfg: Config, run_id: str, warming: Sequence[str] = ()) -> dict[str, Any]:
+    """Run ``federation.rounds`` rounds on ``grid`` and write the run folder. ``warming``: the ids of a
+    simulation's warm-up messages (fedslm.coordinator.warmup), collected before the first exchange.
 
     A run folder holding a checkpoint of the same config is resumed after its last finished
     round, under its first run id, so nodes recognise rounds they already paid for.
@@ -89,6 +91,8 @@ def run_server(grid: Any, cfg: Config, run_id: str) -> dict[str, Any]:
         if rnd > 0 or done == 0:
             recorder.checkpoint(rnd + done, arrays, strategy.strategy_state())
 
+    if warming:
+        warmup.finish(grid, warming)
     if cfg.federation.evaluate_initial and resume is None:  # round 0: every institution scores the base
         request = codec.request_config(config_yaml, base.fingerprint, run_id, frozen_digest(model))
         replies = grid.send_and_receive(strategy.configure_evaluate(0, codec.state_to_record(initial), request, grid),

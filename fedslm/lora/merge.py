@@ -34,17 +34,24 @@ class Tuned:
     meta: dict[str, Any]
 
 
-def load_tuned(adapter_dir: str | Path, device: Optional[torch.device] = None) -> Tuned:
+def load_tuned(adapter_dir: str | Path, device: Optional[torch.device] = None, *,
+               base: Optional[BaseModel] = None) -> Tuned:
     """Base + adapter from a fedslm adapter folder (a run folder's ``adapter/``), on ``device`` (None:
-    the CPU); the base is moved there before the adapter is loaded onto it."""
+    the CPU); the base is moved there before the adapter is loaded onto it. ``base``: one already loaded
+    (the adapter is added to it in place: it is used up), taken only when the adapter names its fingerprint
+    and it is that one."""
     from fedslm.train.device import place
 
     meta = read_adapter_meta(adapter_dir)
     labels = meta.get("labels")
-    cfg = ModelConfig(name=meta["model"], task=meta["task"], max_length=int(meta.get("max_length", 128)),
-                      init_seed=int(meta.get("init_seed", 0)), pooling=str(meta.get("pooling", "cls")),
-                      normalize=bool(meta.get("normalize", False)))
-    base = load_base(cfg, len(labels) if labels else None)
+    if base is None:
+        cfg = ModelConfig(name=meta["model"], task=meta["task"], max_length=int(meta.get("max_length", 128)),
+                          init_seed=int(meta.get("init_seed", 0)), pooling=str(meta.get("pooling", "cls")),
+                          normalize=bool(meta.get("normalize", False)))
+        base = load_base(cfg, len(labels) if labels else None)
+    elif not meta.get("base_fingerprint"):
+        raise ModelError(f"{adapter_dir}: names no base fingerprint, so a base loaded elsewhere cannot be checked "
+                         "against it")
     if meta.get("base_fingerprint") and base.fingerprint != meta["base_fingerprint"]:
         raise ModelError(f"{adapter_dir}: trained on base {meta['base_fingerprint'][:12]}, but {meta['model']} "
                          f"now loads as {base.fingerprint[:12]}; refusing to combine them")

@@ -12,10 +12,13 @@ then masked before it leaves the node.
 
 A deployed node starts a fresh process for every message, so the heavy part of fedslm (torch, the
 models, Opacus) is imported by the handlers that need it: SecAgg+'s key-exchange and unmask stages,
-answered by the mod alone, start in about a second.
+answered by the mod alone, start in about a second. A simulation's engine instead serves every round
+in a few long-lived processes, which a ``query.warmup`` message from the ServerApp lets import that
+part while the coordinator is still building its model (fedslm.coordinator.warmup); a deployed node
+refuses it.
 """
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedslm.node import runtime, secagg
@@ -73,3 +76,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     except Exception as exc:  # noqa: BLE001 - as above
         return Message(error=refusal(exc, "evaluate"), reply_to=msg)
     return codec.evaluate_reply(msg, metrics)
+
+
+@app.query("warmup")
+def warmup(msg: Message, context: Context) -> Message:  # noqa: ARG001 - Flower's handler signature
+    """A simulated institution's process imports what its rounds need and answers with nothing; the
+    message carries nothing and nothing is read, planned or charged. A deployed node (a fresh process per
+    message, and a preloader that has imported all this already) refuses it."""
+    if not runtime.simulated():
+        from fedslm.node.errors import refusal
+        from fedslm.node.plan import PolicyRefusal
+
+        return Message(error=refusal(PolicyRefusal("query.warmup is for a simulation's engine; a deployed node "
+                                                   "refuses it"), "warmup"), reply_to=msg)
+    import fedslm.node.serve  # noqa: F401 - torch, transformers, PEFT, Opacus: several seconds, once a process
+
+    return Message(RecordDict(), reply_to=msg)

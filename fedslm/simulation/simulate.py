@@ -130,23 +130,25 @@ def _simulate(cfg: Config, console: Optional[Console], app_dir: Optional[Path]) 
                                    start_new_session=True, stdin=subprocess.DEVNULL)
         try:
             with Live(_table(cfg, [], out, started), console=console, refresh_per_second=2, transient=False) as live:
-                importing: Optional[threading.Thread] = None
+                preparing: Optional[threading.Thread] = None
+                prepared: list[Any] = []
                 while run.poll() is None:
                     rounds = read_rounds(out)
                     live.update(_table(cfg, rounds, out, started))
-                    if importing is None and rounds:
-                        # Scoring needs transformers and PEFT, which a warm run has not imported yet (3-4 s):
-                        # import them now, while the rounds run (rounds after the first cost little CPU).
-                        importing = threading.Thread(target=_import_scoring, daemon=True)
-                        importing.start()
+                    if preparing is None and rounds:
+                        # Scoring needs transformers, PEFT, the base and the held-out records, none of which a
+                        # warm run has loaded yet (3-5 s): all but the adapter are made ready while the rounds
+                        # run (rounds after the first cost little CPU).
+                        preparing = threading.Thread(target=_prepare_scoring, args=(cfg, prepared), daemon=True)
+                        preparing.start()
                     if not scored and (out / "summary.json").exists():
-                        if importing is not None:
-                            importing.join()
+                        if preparing is not None:
+                            preparing.join()
                         # The ServerApp saved the adapter before its summary: score it while the ServerApp
                         # writes its report.
                         scored = True
                         live.update(_table(cfg, read_rounds(out), out, started))
-                        scores, confusions = _scores(cfg, out)
+                        scores, confusions = _scores(cfg, out, prepared[0] if prepared else None)
                         continue
                     if scored and (out / FINISHED).exists():
                         # The run folder is complete: what Flower does from here (the simulation winding Ray
@@ -190,16 +192,22 @@ def _simulate(cfg: Config, console: Optional[Console], app_dir: Optional[Path]) 
     return summary
 
 
-def _import_scoring() -> None:
-    import fedslm.lora.merge  # noqa: F401 - transformers, PEFT
-    import fedslm.simulation.compare  # noqa: F401
+def _prepare_scoring(cfg: Config, into: list[Any]) -> None:
+    """fedslm.simulation.scoring.prepare, in a thread; a failure is left for scoring to meet again."""
+    with contextlib.suppress(Exception):
+        from fedslm.simulation import scoring
+
+        into.append(scoring.prepare(cfg))
 
 
-def _scores(cfg: Config, out: Path) -> tuple[Optional[dict[str, Any]], Optional[dict[str, Any]]]:
+def _scores(cfg: Config, out: Path, prepared: Any = None) -> tuple[Optional[dict[str, Any]], Optional[dict[str, Any]]]:
     """The global adapter on the fixed test split, and its per-class accuracy at each institution."""
-    from fedslm.simulation.compare import fixed_test, institution_confusions
+    from fedslm.simulation import scoring
 
-    return fixed_test(cfg, out / "adapter"), institution_confusions(cfg, out / "adapter")
+    prepared = prepared if prepared is not None else scoring.prepare(cfg)
+    if prepared is None:
+        return None, None
+    return scoring.score(prepared, out / "adapter")
 
 
 def describe(summary: dict[str, Any], out: Path, console: Console) -> None:
