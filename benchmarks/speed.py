@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -131,18 +132,26 @@ def feature_pass(records: int, *, repeats: int = 1, only_fedslm: bool = False) -
         if reference is None:
             reference = vectors
         diff = float((vectors - reference).abs().max())
+        cos = float(torch.nn.functional.cosine_similarity(vectors, reference, dim=-1).min())
         rows.append({"variant": name, "threads": threads, "records": n, "seconds": seconds,
                      "records_per_s": n / seconds, "cpu_seconds": cpu_seconds, "records_per_cpu_s": n / cpu_seconds, "extrapolated_all_s": ALL_RECORDS * seconds / n,
-                     "max_abs_diff_vs_fedslm": diff})
+                     "max_abs_diff_vs_fedslm": diff, "min_cosine_vs_fedslm": cos})
         print(f"  {name:<48} {threads} thr  {n / seconds:8.0f} rec/s  {n / cpu_seconds:6.0f} rec/cpu-s  "
               f"{ALL_RECORDS * seconds / n:6.0f} s for "
-              f"{ALL_RECORDS}  (max |diff| {diff:.1e})", flush=True)
+              f"{ALL_RECORDS}  (max |diff| {diff:.1e}, min cosine {cos:.6f})", flush=True)
 
+    from fedslm.train.device import feature_precision
+
+    default = feature_precision(cfg.model.feature_precision, torch.device("cpu"))
     try:
+        # The reference every other row is compared with: fp32, fedslm's pass (a CPU without native bf16 runs it).
         fedslm = "fedslm (inference_mode, sorted, dynamic pad, b256)"
         timed(fedslm, cpus, lambda: prefix.compute(base.model, enc, 0).hidden)
+        if default != "fp32":  # what model.feature_precision: auto runs on this machine
+            timed(f"fedslm in {default} (model.feature_precision: auto here)", cpus,
+                  lambda: prefix.compute(base.model, enc, 0, precision=default).hidden)
         if only_fedslm:
-            return {"records": n, "variants": rows}
+            return {"records": n, "default_precision": default, "variants": rows}
         # One thread: records per CPU-second compares the variants' work even on a loaded machine.
         timed(fedslm, 1, lambda: prefix.compute(base.model, enc, 0).hidden)
         timed("no_grad instead of inference_mode", 1,
@@ -158,13 +167,15 @@ def feature_pass(records: int, *, repeats: int = 1, only_fedslm: bool = False) -
     finally:
         torch.set_num_threads(before)
     lengths = sorted(len(i) for i in enc.input_ids)
-    return {"records": n, "max_length": cfg.model.max_length, "mean_tokens": sum(lengths) / n,
+    return {"records": n, "default_precision": default, "max_length": cfg.model.max_length, "mean_tokens": sum(lengths) / n,
             "median_tokens": lengths[n // 2], "variants": rows}
 
 
-def _simulate(out: Path, cache: Path, overrides: list[str]) -> dict:
-    env = {**os.environ, "FEDSLM_CACHE_DIR": str(cache), "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+def _simulate(out: Path, cache: Optional[Path], overrides: list[str]) -> dict:
+    """``cache``: the feature cache folder (None: the user's, make run's)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    if cache is not None:
+        env["FEDSLM_CACHE_DIR"] = str(cache)
     cmd = [str(Path(sys.executable).parent / "fedslm"), "simulate", "--config", str(SCENARIO), "--out", str(out),
            *overrides]
     start = time.perf_counter()
@@ -206,6 +217,27 @@ def end_to_end() -> dict:
         cold = _simulate(Path(tmp) / "cold", cache, [])
         warm = _simulate(Path(tmp) / "warm", cache, [])
     return {"cold": cold, "warm": warm, "targets": {"cold_s": 180, "warm_s": 45, "fixed_test_accuracy": 0.90}}
+
+
+def precision_accuracy(seeds: int) -> dict:
+    """make run's scenario (warm, on the user's feature cache) with model.feature_precision auto and fp32 under
+    the same DP noise seeds: what the bf16 vectors change in fixed-test accuracy, seed by seed."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedslm-speed-precision-") as tmp:
+        for seed in range(11, 11 + seeds):
+            row: dict = {"noise_seed": seed}
+            for precision in ("auto", "fp32"):
+                out = Path(tmp) / f"{precision}-{seed}"
+                res = _simulate(out, None, [f"privacy.noise_seed={seed}", f"model.feature_precision={precision}"])
+                summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+                row[precision] = {"accuracy": res["fixed_test_accuracy"],
+                                  "macro_f1": (summary.get("fixed_test") or {}).get("macro_f1")}
+            rows.append(row)
+            print(f"  noise seed {seed}: auto {row['auto']['accuracy']:.4f}, fp32 {row['fp32']['accuracy']:.4f}", flush=True)
+    diffs = [100 * (r["auto"]["accuracy"] - r["fp32"]["accuracy"]) for r in rows]
+    return {"rows": rows, "mean_difference_points": statistics.mean(diffs),
+            "stdev_difference_points": statistics.stdev(diffs) if len(diffs) > 1 else None,
+            "setup": "make run's scenario, warm, privacy.noise_seed=s, model.feature_precision auto vs fp32"}
 
 
 def institutions(sizes: list[int], rounds: int) -> dict:
@@ -261,17 +293,20 @@ def write(result: dict) -> None:
     fp = result.get("feature_pass")
     if fp:
         md += [f"## Feature pass: frozen MiniLM sentence vectors, {fp['records']} records (mean {fp['mean_tokens']:.1f} "
-               f"tokens, max_length {fp['max_length']}), fp32", "", _measured(fp), "",
+               f"tokens, max_length {fp['max_length']}); fp32 unless a row says otherwise (model.feature_precision: auto "
+               f"runs {fp.get('default_precision', 'fp32')} on this machine)", "", _measured(fp), "",
                "| variant | threads | records/s | records per CPU-s | s for 48,671 records (extrapolated) | "
-               "max abs diff to fedslm's |", "|---|---:|---:|---:|---:|---:|"]
+               "max abs diff to fedslm's fp32 | min cosine to it |", "|---|---:|---:|---:|---:|---:|---:|"]
         md += [f"| {r['variant']} | {r['threads']} | {r['records_per_s']:.0f} | {r.get('records_per_cpu_s', float('nan')):.0f} "
                f"| {r['extrapolated_all_s']:.0f} | "
-               f"{r['max_abs_diff_vs_fedslm']:.1e} |" for r in fp["variants"]]
+               f"{r['max_abs_diff_vs_fedslm']:.1e} | {r.get('min_cosine_vs_fedslm', float('nan')):.6f} |" for r in fp["variants"]]
         md.append("")
     if result.get("feature_pass_all"):
-        r = result["feature_pass_all"]["variants"][0]
-        md += [_measured(result["feature_pass_all"]), "", f"All {r['records']} records, fedslm's pass on {r['threads']} threads: {r['seconds']:.0f} s "
-               f"({r['records_per_s']:.0f} records/s; target ≤ 60 s on 2 cores).", ""]
+        md += [_measured(result["feature_pass_all"]), ""]
+        for r in result["feature_pass_all"]["variants"]:
+            md += [f"All {r['records']} records, {r['variant']} on {r['threads']} threads: {r['seconds']:.0f} s "
+                   f"({r['records_per_s']:.0f} records/s; min cosine to fp32 {r.get('min_cosine_vs_fedslm', 1.0):.6f}; "
+                   "target ≤ 60 s on 2 cores).", ""]
     fw = result.get("framework")
     if fw:
         md += ["## Framework time per simulated round", "", _measured(fw), "", fw["setup"] + ". Framework time = round_seconds minus "
@@ -306,6 +341,15 @@ def write(result: dict) -> None:
                f"{r['round_seconds_median_after_round1']:.2f} | {r['wall_seconds']:.0f} | {r['peak_pss_mb']:.0f} | "
                f"{r['peak_rss_sum_mb']:.0f} |" for r in inst["rows"]]
         md += ["", "Target: 100 institutions within 4 GB; 1,000 complete.", ""]
+    prec = result.get("precision")
+    if prec:
+        md += ["## What bf16 feature vectors change in accuracy", "", _measured(prec), "", prec["setup"] + ".", "",
+               "| noise seed | accuracy, auto | accuracy, fp32 | macro-F1, auto | macro-F1, fp32 |", "|---:|---:|---:|---:|---:|"]
+        md += [f"| {r['noise_seed']} | {r['auto']['accuracy']:.4f} | {r['fp32']['accuracy']:.4f} | "
+               f"{r['auto']['macro_f1']:.4f} | {r['fp32']['macro_f1']:.4f} |" for r in prec["rows"]]
+        sd = prec.get("stdev_difference_points")
+        md += ["", f"Mean difference (auto − fp32): {prec['mean_difference_points']:+.2f} points"
+               + (f" (standard deviation {sd:.2f} over the seeds)" if sd is not None else "") + ".", ""]
     if result.get("notes"):
         md += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
     (RESULTS / "speed.md").write_text("\n".join(md), encoding="utf-8")
@@ -360,6 +404,8 @@ def main() -> None:
     ap.add_argument("--institutions", type=int, nargs="*", default=None, metavar="N",
                     help="also make run's scenario with N simulated institutions each (e.g. 10 100 1000)")
     ap.add_argument("--institution-rounds", type=int, default=3, help="rounds of each --institutions run")
+    ap.add_argument("--precision-seeds", type=int, default=0, metavar="N",
+                    help="also N noise seeds of make run (warm) with model.feature_precision auto and fp32 each")
     ap.add_argument("--merge", action="store_true", help="keep the sections of results/speed.json this run "
                     "does not measure (each keeps the machine line it was measured with)")
     args = ap.parse_args()
@@ -367,7 +413,7 @@ def main() -> None:
     if args.merge and (RESULTS / "speed.json").is_file():
         old = json.loads((RESULTS / "speed.json").read_text(encoding="utf-8"))
         result["notes"] = old.get("notes", [])
-        for key in ("feature_pass", "feature_pass_all", "framework", "end_to_end", "institutions"):
+        for key in ("feature_pass", "feature_pass_all", "framework", "end_to_end", "institutions", "precision"):
             if key in old:
                 result[key] = {**old[key], "machine": old[key].get("machine", old.get("machine"))}
     if not args.skip_features:
@@ -387,6 +433,9 @@ def main() -> None:
         for k in ("cold", "warm"):
             r = result["end_to_end"][k]
             print(f"  {k}: {r['wall_seconds']:.0f} s, fixed-test accuracy {r['fixed_test_accuracy']}", flush=True)
+    if args.precision_seeds:
+        print(f"feature precision, {args.precision_seeds} noise seeds each:", flush=True)
+        result["precision"] = {**precision_accuracy(args.precision_seeds), "machine": result["machine"]}
     if args.institutions:
         print(f"make run's scenario with {', '.join(map(str, args.institutions))} institutions:", flush=True)
         result["institutions"] = {**institutions(args.institutions, args.institution_rounds),

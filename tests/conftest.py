@@ -133,7 +133,9 @@ def cls_config(tiny_bert_dir, class_csv, tmp_path):
             f"model.name={tiny_bert_dir}", "model.max_length=16", f"data.source={class_csv}",
             "lora.r=2", "lora.alpha=4", "train.batch_size=16", "train.physical_batch_size=8",
             "train.local_steps=3", "federation.rounds=2", f"output.dir={tmp_path / 'run'}",
-            "privacy.noise_seed=7", *overrides,
+            # fp32 vectors on every machine: tests compare cached and uncached models exactly (bf16 vectors,
+            # model.feature_precision=auto on a CPU with native bf16, are tested on their own).
+            "privacy.noise_seed=7", "model.feature_precision=fp32", *overrides,
         ])
     return make
 

@@ -395,3 +395,58 @@ def test_a_full_batch_of_cached_vectors_is_the_cache_and_any_other_batch_its_row
     for rows in ([4, 3, 2, 1, 0], [0, 1, 2, 3], [0, 0, 1, 2, 3]):
         got = feats.batch(rows)
         assert torch.equal(got["hidden"], hidden[rows]) and torch.equal(got["labels"], labels[rows])
+
+
+@pytest.mark.parametrize("layers", [0, 1])
+def test_bf16_vectors_are_fp32_tensors_close_to_the_fp32_ones_and_leave_the_model_alone(cls_config, layers):
+    node = _node(cls_config, layers)
+    exact = prefix.compute(node.model, node.train, layers).hidden
+    fast = prefix.compute(node.model, node.train, layers, precision="bf16").hidden
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape
+    assert not torch.equal(fast, exact)  # computed another way
+    flat = (lambda t: t.reshape(len(t), -1))
+    assert F.cosine_similarity(flat(fast), flat(exact), dim=-1).min() > 0.99
+    assert all(p.dtype == torch.float32 for p in node.model.parameters())
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        prefix.compute(node.model, node.train, layers, precision="fp16")
+
+
+def test_auto_feature_precision_is_bf16_only_where_the_cpu_has_it_and_keys_its_own_cache(cls_config, monkeypatch,
+                                                                                     tmp_path):
+    from fedslm import cpu
+
+    monkeypatch.setattr(cpu, "has_native_bf16", lambda: False)
+    auto = cls_config("model.pooling=mean", "lora.layers=0", "model.feature_precision=auto")
+    assert prefix.layout_of(auto.model) == prefix.layout_of(cls_config("model.pooling=mean").model)
+    node = build_node(auto)
+    monkeypatch.setattr(cpu, "has_native_bf16", lambda: True)
+    assert prefix.layout_of(auto.model)["precision"] == "bf16"
+    assert "precision" not in prefix.layout_of(cls_config("model.pooling=mean", "model.feature_precision=fp32").model)
+    fp32 = prefix.split_features(node.model, node.base.fingerprint, node.train,
+                                 cls_config("model.pooling=mean").model, 0, folder=tmp_path)
+    bf16 = prefix.split_features(node.model, node.base.fingerprint, node.train, auto.model, 0, folder=tmp_path)
+    assert not torch.equal(fp32.hidden, bf16.hidden)  # each precision its own file, never the other's
+    fp, enc = node.base.fingerprint, node.train
+    assert prefix.cache_key(enc, fp, 0, prefix.layout_of(auto.model)) != prefix.cache_key(
+        enc, fp, 0, prefix.layout_of(cls_config("model.pooling=mean").model))
+    with pytest.raises(ConfigError, match="model.feature_precision"):
+        cls_config("model.feature_precision=bf16")
+
+
+@pytest.mark.parametrize("text, native", [("flags : fpu sse avx512f avx512_bf16 x", True),
+                                          ("flags : fpu amx_bf16 amx_tile", True),
+                                          ("flags : fpu sse avx2 avx512f", False), (None, False)])
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, text, native):
+    from fedslm import cpu
+
+    class FakePath:
+        def __init__(self, *_):
+            pass
+
+        def read_text(self, **_):
+            if text is None:
+                raise OSError("no /proc here")
+            return text
+
+    monkeypatch.setattr(cpu, "Path", FakePath)
+    assert cpu.has_native_bf16.__wrapped__() is native

@@ -156,6 +156,7 @@ def validate(cfg: Config) -> None:
     _positive("model.max_length", cfg.model.max_length)
     _check(cfg.model.max_length >= 4, f"model.max_length must be >= 4, got {cfg.model.max_length}")
     _choice("model.pooling", cfg.model.pooling, POOLINGS)
+    _choice("model.feature_precision", cfg.model.feature_precision, ("auto", "fp32"))
     _check(cfg.model.pooling == "cls" or cfg.model.task == "classification",
            f"model.pooling '{cfg.model.pooling}' applies to model.task 'classification' only")
 

@@ -43,6 +43,11 @@ class ModelConfig:
     # recipe sets 0: DP noise regularises already, and a dropped feature is signal the clipped
     # gradient paid for (benchmarks/results/recipe.md).
     classifier_dropout: Optional[float] = None
+    # How the frozen prefix's cached vectors (lora.layers set) are computed: "auto" in bfloat16 where the
+    # machine multiplies it natively (a CPU with AVX512-BF16 or AMX, a CUDA GPU with bf16), 3x faster
+    # there and within 1e-4 of fp32 (cosine; benchmarks/results/speed.md), else fp32; "fp32" always.
+    # Stored and trained in fp32 either way; part of the feature cache's key.
+    feature_precision: str = "auto"
 
 
 @dataclass

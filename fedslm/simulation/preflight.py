@@ -151,7 +151,8 @@ def warm_features(cfg: Config, whole: Any, console: Optional[Console] = None) ->
     if console is not None:
         console.print(f"features of {count} records in {time.monotonic() - started:.0f}s (one pass, shared by "
                       f"the {cfg.federation.num_clients} institutions)")
-    pool = cache_dir() / f"{pool_key(base.fingerprint, prefix.layout_of(cfg.model), encs[0].pad_id)}.pt"
+    layout = prefix.layout_of(cfg.model, next(model.parameters()).device)
+    pool = cache_dir() / f"{pool_key(base.fingerprint, layout, encs[0].pad_id)}.pt"
     _remember_pool(memo, signature, pool, count)
     return count
 
@@ -167,7 +168,11 @@ def _pool_signature(cfg: Config, whole: Any) -> dict[str, Any]:
 
     files = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in _base_files(cfg)]
     m = cfg.model
-    return {"memo": 1, "files": files, "layout": [m.name, m.pooling, m.normalize, m.max_length],
+    from fedslm import cpu
+
+    # model.feature_precision as resolved where the pool is computed (a GPU's bf16 is looked at there).
+    precision = [m.feature_precision, "gpu" if float(cfg.federation.client_gpus) > 0 else cpu.has_native_bf16()]
+    return {"memo": 1, "files": files, "layout": [m.name, m.pooling, m.normalize, m.max_length, precision],
             "train": whole.dataset_id, "test": dataset_fingerprint(whole.source, whole.test)}
 
 

@@ -92,6 +92,17 @@ def bf16_supported(device: torch.device) -> bool:
     return device.type == "cpu"  # torch's CPU autocast runs bf16 (fast only with AMX/AVX512-BF16)
 
 
+def feature_precision(value: str, device: torch.device) -> str:
+    """model.feature_precision for ``device``: ``fp32``, or ``bf16`` for ``auto`` where bf16 is native there."""
+    if str(value).strip().lower() != "auto":
+        return "fp32"
+    if device.type == "cuda":
+        return "bf16" if bf16_supported(device) else "fp32"
+    from fedslm import cpu
+
+    return "bf16" if device.type == "cpu" and cpu.has_native_bf16() else "fp32"
+
+
 def resolve_precision(precision: str, device: torch.device, key: str = "train.precision") -> str:
     """``fp32``, ``bf16`` or ``fp16`` for ``device``; ``auto``: bf16 on a CUDA device that supports it,
     else fp32 (the CPU and MPS: bf16 there is rarely faster)."""

@@ -59,7 +59,8 @@ def warm_pool(model: nn.Module, encs: Sequence[Encoded], fingerprint: str, model
                 seen[digest] = len(ids)
                 ids.append(list(row))
     unique = Encoded(ids, [0] * len(ids), pads.pop())
-    path = (folder or prefix.cache_dir()) / f"{pool_key(fingerprint, layout_of(model_cfg), unique.pad_id)}.pt"
+    layout = layout_of(model_cfg, next(model.parameters()).device)
+    path = (folder or prefix.cache_dir()) / f"{pool_key(fingerprint, layout, unique.pad_id)}.pt"
     known = _read_pool_file(path)  # not kept: this process (the simulation's) only writes the pool
     if known is not None and all(d in known[1] for d in seen):  # a warm cache: nothing to compute
         with contextlib.suppress(OSError):
@@ -68,7 +69,7 @@ def warm_pool(model: nn.Module, encs: Sequence[Encoded], fingerprint: str, model
     before = torch.get_num_threads()
     torch.set_num_threads(threads or os.cpu_count() or 1)
     try:
-        feats = prefix.compute(model, unique, 0)
+        feats = prefix.compute(model, unique, 0, precision=layout.get("precision", "fp32"))
     finally:
         torch.set_num_threads(before)
     digests = torch.frombuffer(bytearray(b"".join(seen)), dtype=torch.uint8).reshape(len(ids), 32) \

@@ -148,14 +148,21 @@ class Suffix(nn.Module):
 
 
 @torch.inference_mode()
-def compute(model: nn.Module, enc: Encoded, layers: int, batch_size: int = 256) -> Features:
-    """The frozen layers' outputs for every record of ``enc`` (dropout off), batched by length."""
+def compute(model: nn.Module, enc: Encoded, layers: int, batch_size: int = 256, precision: str = "fp32") -> Features:
+    """The frozen layers' outputs for every record of ``enc`` (dropout off), batched by length, in float32.
+    ``precision`` "bf16": computed by a bfloat16 copy of the encoder (the model itself is not changed)."""
     from fedslm.data.tasks import _pad
 
     encoder, _, _ = _parts(model)
     total = len(encoder.encoder.layer)
     if not 0 <= layers <= total:
         raise ConfigError(f"lora.layers={layers}: this model has {total} encoder layers (0 = the head alone)")
+    if precision == "bf16":
+        import copy
+
+        encoder = copy.deepcopy(encoder).to(torch.bfloat16)
+    elif precision != "fp32":
+        raise ValueError(f"feature precision must be fp32 or bf16, got {precision!r}")
     was = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device  # computed where the model is; kept on the CPU
@@ -258,7 +265,7 @@ def features(model: nn.Module, enc: Encoded, layers: int, fingerprint: str, layo
         import time
 
         start = time.perf_counter()
-        feats = compute(model, enc, layers)
+        feats = compute(model, enc, layers, precision=layout.get("precision", "fp32"))
         log.info("frozen-prefix features of %d records (lora.layers=%d) in %.1f s", len(enc), layers,
                  time.perf_counter() - start)
         if persist:
@@ -276,9 +283,18 @@ def remember(key: str, feats) -> None:  # noqa: ANN001 - Features or causal_pref
     _MEMORY[key] = feats
 
 
-def layout_of(model_cfg) -> dict:
-    return {"pooling": model_cfg.pooling, "normalize": model_cfg.normalize, "max_length": model_cfg.max_length,
-            "name": model_cfg.name}
+def layout_of(model_cfg, device: Optional[torch.device] = None) -> dict:
+    """What a split's cached vectors depend on besides the base and the records: pooling, length, name and,
+    when not fp32, the precision they are computed in on ``device`` (None: the CPU; fp32 files keep the keys
+    they had before model.feature_precision existed)."""
+    from fedslm.train.device import feature_precision
+
+    layout = {"pooling": model_cfg.pooling, "normalize": model_cfg.normalize, "max_length": model_cfg.max_length,
+              "name": model_cfg.name}
+    precision = feature_precision(getattr(model_cfg, "feature_precision", "fp32"), device or torch.device("cpu"))
+    if precision != "fp32":
+        layout["precision"] = precision
+    return layout
 
 
 def _write(path: Path, feats: Features) -> None:
@@ -389,4 +405,5 @@ def split_features(model: nn.Module, fingerprint: str, enc: Encoded, model_cfg, 
         log.warning("frozen-prefix features of %d records would take %.1f GB (limit %s=%d): training without "
                     "the cache", len(enc), size / 1e9, MAX_BYTES_ENV, limit)
         return None
-    return features(model, enc, layers, fingerprint, layout_of(model_cfg), folder=folder)
+    return features(model, enc, layers, fingerprint, layout_of(model_cfg, next(model.parameters()).device),
+                    folder=folder)
