@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fedslm.config import to_yaml
+from fedslm.coordinator.polling import MAX_DELAY
 from fedslm.node import serve
 from fedslm.node.plan import NodeContext
 from fedslm.simulation.simulate import check_data, warm_features
@@ -210,7 +211,7 @@ def test_polling_returns_as_soon_as_the_last_reply_arrives_with_backoff_from_mil
     assert clock.sleeps == pytest.approx([0.005, 0.01, 0.005, 0.005, 0.01])
     grid, fake, clock = _polling([40])
     grid.send_and_receive(["a"], timeout=None)  # None waits for every reply, as Flower's grid does
-    assert fake.pulls == 40 and max(clock.sleeps) == 0.5  # capped
+    assert fake.pulls == 40 and max(clock.sleeps) == MAX_DELAY  # capped
 
 
 def test_polling_respects_the_timeout_and_returns_the_partial_replies():
@@ -218,7 +219,7 @@ def test_polling_respects_the_timeout_and_returns_the_partial_replies():
     replies = grid.send_and_receive(["a", "b", "c"], timeout=2.0)
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m2"]
     assert clock.now == pytest.approx(2.0)  # waited to the deadline, not a poll interval past it
-    assert all(s <= 0.5 for s in clock.sleeps)
+    assert all(s <= MAX_DELAY for s in clock.sleeps)
 
 
 def test_polling_is_transparent_under_the_secure_aggregation_grid():
@@ -372,7 +373,7 @@ def test_a_simulations_in_memory_grid_is_polled_at_most_20_ms_apart_and_a_superl
     from fedslm.coordinator.polling import IN_MEMORY_MAX_DELAY, MAX_DELAY, polling_grid
 
     assert polling_grid(InMemoryGrid.__new__(InMemoryGrid)).max_delay == IN_MEMORY_MAX_DELAY == 0.02
-    assert polling_grid(_FakeGrid([None])).max_delay == MAX_DELAY == 0.5
+    assert polling_grid(_FakeGrid([None])).max_delay == MAX_DELAY == 0.1
     grid, fake, clock = _polling([None])
     grid.max_delay = IN_MEMORY_MAX_DELAY
     assert grid.send_and_receive(["a"], timeout=1) == []

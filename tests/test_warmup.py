@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
 import fedslm.node.app as client_app
 from fedslm.coordinator import warmup
@@ -48,8 +48,8 @@ def test_a_deployed_node_refuses_the_warmup(flower_identity, monkeypatch, tmp_pa
 class _Grid:
     """Flower's grid interface, in memory: nodes register after ``late`` lookups; ``answered`` reply."""
 
-    def __init__(self, nodes, late=0, answered=None):
-        self.nodes, self.late, self.answered = list(nodes), late, answered
+    def __init__(self, nodes, late=0, answered=None, failing=()):
+        self.nodes, self.late, self.answered, self.failing = list(nodes), late, answered, set(failing)
         self.pushed: list[Message] = []
         self.lookups = 0
 
@@ -69,6 +69,9 @@ class _Grid:
             if self.answered is None or node in self.answered:
                 reply = Message(RecordDict(), dst_node_id=0, message_type=warmup.MESSAGE_TYPE)
                 reply.metadata.__dict__["_reply_to_message_id"] = mid
+                if node in self.failing:  # an error reply (Flower's Message keeps content or error)
+                    reply.__dict__["_content"] = None
+                    reply.__dict__["_error"] = Error(code=1, reason="refused")
                 out.append(reply)
         return out
 
@@ -94,6 +97,14 @@ def test_the_first_round_waits_for_the_warmup_replies_at_most_the_timeout(flower
     silent = _Grid([11, 12, 13], answered={12})
     ids = warmup.start(silent, simulation=True)
     assert warmup.finish(silent, ids, timeout=0.05) == 1
+
+
+def test_a_warmup_answered_with_errors_is_logged_and_round_one_goes_ahead(flower_identity, caplog):
+    grid = _Grid([11, 12, 13], failing={12, 13})
+    ids = warmup.start(grid, simulation=True)
+    with caplog.at_level("WARNING", logger="fedslm.coordinator"):
+        assert warmup.finish(grid, ids, timeout=5) == 3
+    assert "2 of 3 institutions answered the warm-up with an error" in caplog.text
 
 
 def test_the_serverapp_sends_its_warmup_before_it_imports_torch():

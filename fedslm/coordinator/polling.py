@@ -5,14 +5,14 @@ between pulls, and offer no knob for it: the deployment grid (``flwr.superlink.g
 what a ServerApp gets from a SuperLink) sleeps 3 s, the simulation's ``InMemoryGrid`` 0.1 s. A round is
 a train and an evaluate exchange, so a deployed round costs at least 3 s, and often 6, whatever its
 work. :class:`PollingGrid` wraps any grid and does the same push-then-pull with exponential backoff:
-the first pulls a few milliseconds apart, doubling up to ``max_delay`` (0.5 s), back to the start
+the first pulls a few milliseconds apart, doubling up to ``max_delay`` (0.1 s), back to the start
 whenever replies arrive (the rest of a round's replies tend to follow soon). Its result is Flower's:
 the replies that arrived, all of them or those in by ``timeout`` (partial at the deadline), and
 ``timeout=None`` waits until every message is answered. Everything else passes through, so it can sit
 under fedslm's SecAgg+ grid (``fedslm.coordinator.secagg.SecureAggregationGrid``), which calls
 ``send_and_receive`` on the grid it wraps.
 
-A pull is one request to the SuperLink; at the cap that is two a second per ServerApp while nodes
+A pull is one request to the SuperLink; at the cap that is ten a second per ServerApp while nodes
 train, which a SuperLink serves easily.
 """
 
@@ -25,9 +25,11 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 FIRST_DELAY = 0.005
-MAX_DELAY = 0.5
+# Over the network: a ServerApp's pull is one small request to its SuperLink; ten a second while nodes train
+# cost it little, and a round's replies are seen within 0.1 s of the last one.
+MAX_DELAY = 0.1
 # In a simulation the grid is Flower's InMemoryGrid, in the ServerApp's own process: a pull is a lookup in
-# memory, and a round's work is tens of milliseconds, so a 0.5 s cap would add its overshoot to every round.
+# memory, and a round's work is tens of milliseconds, so even the network's cap would add its overshoot to every round.
 IN_MEMORY_MAX_DELAY = 0.02
 
 

@@ -46,7 +46,7 @@ def start(grid: Any, *, simulation: bool, nodes_wait: float = NODES_WAIT) -> lis
 def finish(grid: Any, ids: Sequence[str], timeout: Optional[float] = REPLIES_WAIT) -> int:
     """Collect the replies to :func:`start`'s messages, for at most ``timeout`` seconds; returns how many
     arrived (errors included)."""
-    pending, got = set(ids), 0
+    pending, got, errors = set(ids), 0, 0
     deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
     delay = 0.005
     while pending and time.monotonic() < deadline:
@@ -54,9 +54,13 @@ def finish(grid: Any, ids: Sequence[str], timeout: Optional[float] = REPLIES_WAI
         for reply in replies:
             pending.discard(reply.metadata.reply_to_message_id)
             got += 1
+            errors += int(reply.has_error())
         if not replies:
             time.sleep(delay)
             delay = min(2 * delay, 0.05)
+    if errors:
+        log.warning("fedslm: %d of %d institutions answered the warm-up with an error; their first round imports "
+                    "its code itself", errors, len(ids))
     if pending:
         log.warning("fedslm: %d of %d institutions did not answer the warm-up in %.0f s; round 1 goes ahead",
                     len(pending), len(ids), timeout)

@@ -8,8 +8,9 @@ platform with a verification record: the SuperLink fills in ``fab.verifications`
 fetched from there, so a locally built bundle (``flwr run .``, every deployment this project makes)
 carries none and a SuperNode with trusted entities refuses all of them.
 
-So a node is started with ``fedslm node start``, a ``flower-supernode --isolation process`` with
-this module as its task runner (what Flower's SuperExec does, for ClientApp tasks only):
+So a node is started with ``fedslm node start``, a ``flower-supernode --isolation process`` (with
+adaptive waits instead of Flower's fixed 3 s after an empty pull: fedslm.node.supernode) with this
+module as its task runner (what Flower's SuperExec does, for ClientApp tasks only):
 
 - ``dispatch`` asks the SuperNode's Runtime API for ClientApp tasks and serves each in a process of
   its own, forked from a *preloader* started once with this machine's interpreter,
@@ -162,6 +163,10 @@ class _Preloaded:
                 self.proc.kill()
 
 
+# The first of dispatch's waits (and its step while a task runs): a local process and a local API, cheap to ask.
+FIRST_POLL = 0.01
+
+
 def dispatch(runtime_api_address: str, *, poll_interval: float = 0.2, parent_pid: Optional[int] = None,
              max_tasks: Optional[int] = None, alive: Callable[[], bool] = lambda: True) -> None:
     """Serve the SuperNode's ClientApp tasks while ``alive()`` (or until ``max_tasks`` were started)."""
@@ -187,12 +192,16 @@ def dispatch(runtime_api_address: str, *, poll_interval: float = 0.2, parent_pid
     forks: Optional[_Preloaded] = _Preloaded(runtime_api_address, os.getpid())
     log.info("serving ClientApp tasks from %s with fedslm.node.app of %s (bundles' code is never run)",
              runtime_api_address, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # Idle, the Runtime API is asked every FIRST_POLL s at first, then half as often after each empty answer,
+    # down to poll_interval; a task (or one just finished: the next message may follow at once) starts over.
+    idle = FIRST_POLL
     try:
         while (max_tasks is None or started < max_tasks) and alive():
             running = [p for p in running if p.poll() is None]
             if running or (forks is not None and not forks.done()):
                 # one task at a time: a node's messages are served in turn, never a pile of processes
-                time.sleep(poll_interval)
+                time.sleep(FIRST_POLL)
+                idle = FIRST_POLL
                 continue
             try:
                 res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
@@ -214,8 +223,11 @@ def dispatch(runtime_api_address: str, *, poll_interval: float = 0.2, parent_pid
                     running.append(subprocess.Popen(task_command(runtime_api_address, os.getpid()),
                                                     env={**os.environ, TOKEN_ENV: res.token}))
                 started += 1
+                idle = FIRST_POLL
+            else:
+                idle = min(2 * idle, poll_interval)
             running = [p for p in running if p.poll() is None]
-            time.sleep(poll_interval)
+            time.sleep(idle)
     finally:
         client.close()
         for proc in running:
@@ -240,6 +252,11 @@ def serve_task(runtime_api_address: str, token: str, parent_pid: Optional[int] =
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
+    if os.environ.get(FLOWER_WAITS_ENV) != "1":
+        from fedslm.node.supernode import quick_object_pulls
+
+        quick_object_pulls()  # the message's objects: a first retry after 10 ms, not Flower's 1 s
+
     from fedslm.wire.errors import NODE_REFUSED, public_reason
 
     if parent_pid is not None:
@@ -251,6 +268,7 @@ def serve_task(runtime_api_address: str, token: str, parent_pid: Optional[int] =
                       RuntimeTokenHttpInterceptor(token)], retry_invoker=retry)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     message = context = reply = None
+    started = time.monotonic()
     status, details, code = SubStatus.FAILED, "ClientApp task failed", 1
     try:
         heartbeat.start()
@@ -278,6 +296,8 @@ def serve_task(runtime_api_address: str, token: str, parent_pid: Optional[int] =
         if heartbeat.is_running:
             heartbeat.stop()
         client.close()
+        # The task's own time, from its input pulled to its output pushed (benchmarks/deployment.py reads it).
+        log.info("task served in %.3f s (exit %d)", time.monotonic() - started, code)
     return code
 
 
@@ -290,6 +310,10 @@ def _option(args: Sequence[str], name: str, default: str) -> str:
     return default
 
 
+# Set to 1: `fedslm node start` runs the plain flower-supernode, with Flower's fixed 3 s and 0.5 s waits.
+FLOWER_WAITS_ENV = "FEDSLM_FLOWER_WAITS"
+
+
 def supernode_command(args: Sequence[str]) -> tuple[list[str], str]:
     """flower-supernode with ``args`` in process isolation, and the address of its Runtime API
     (its ``--host``/``--port``, Flower's defaults 127.0.0.1:9094 if not given)."""
@@ -297,9 +321,12 @@ def supernode_command(args: Sequence[str]) -> tuple[list[str], str]:
         if arg == "--isolation" or arg.startswith("--isolation="):
             raise ValueError("fedslm node start sets --isolation process itself: the node's runtime serves "
                              "the ClientApp tasks; drop --isolation")
-    exe = Path(sys.executable).parent / "flower-supernode"
     address = f"{_option(args, '--host', '127.0.0.1')}:{_option(args, '--port', '9094')}"
-    return [str(exe) if exe.exists() else "flower-supernode", *args, "--isolation", "process"], address
+    if os.environ.get(FLOWER_WAITS_ENV) == "1":  # Flower's own fixed waits (3 s on an empty pull)
+        exe = Path(sys.executable).parent / "flower-supernode"
+        return [str(exe) if exe.exists() else "flower-supernode", *args, "--isolation", "process"], address
+    # The same SuperNode with adaptive waits (fedslm.node.supernode); -P: no working directory on the path.
+    return [sys.executable, "-P", "-m", "fedslm.node.supernode", *args, "--isolation", "process"], address
 
 
 def start_node(args: Sequence[str]) -> int:
