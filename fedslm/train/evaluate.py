@@ -28,9 +28,28 @@ def macro_f1(y_true: list[int], y_pred: list[int]) -> float:
 
 
 def _from_features(model: nn.Module, features: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    from fedslm.train.prefix import Suffix, evaluation_from_features
+    from fedslm.train.prefix import Suffix
 
     return evaluation_from_features(Suffix(model, features.layers), features)
+
+
+@torch.no_grad()
+def evaluation_from_features(suffix: nn.Module, feats: Any, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-record losses, predictions) of ``suffix`` (fedslm.train.prefix.Suffix) on every cached record of
+    ``feats`` (its Features), in eval mode."""
+    was = suffix.training
+    suffix.eval()
+    device = next(suffix.parameters()).device
+    losses, preds = [], []
+    try:
+        for start in range(0, len(feats), batch_size):
+            b = {k: v.to(device) for k, v in feats.batch(range(start, min(start + batch_size, len(feats)))).items()}
+            logits = suffix(b["hidden"], b.get("attention_mask")).float()
+            losses.append(torch.nn.functional.cross_entropy(logits, b["labels"], reduction="none").cpu())
+            preds.append(logits.argmax(-1).cpu())
+    finally:
+        suffix.train(was)
+    return torch.cat(losses) if losses else torch.zeros(0), torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
 @torch.no_grad()

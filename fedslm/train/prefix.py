@@ -356,24 +356,6 @@ def max_limit() -> int:
     return int(os.environ.get(MAX_BYTES_ENV, DEFAULT_MAX_BYTES))
 
 
-@torch.no_grad()
-def evaluation_from_features(suffix: Suffix, feats: Features, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-record losses, predictions) of ``suffix`` on every cached record, in eval mode."""
-    was = suffix.training
-    suffix.eval()
-    device = next(suffix.parameters()).device
-    losses, preds = [], []
-    try:
-        for start in range(0, len(feats), batch_size):
-            b = {k: v.to(device) for k, v in feats.batch(range(start, min(start + batch_size, len(feats)))).items()}
-            logits = suffix(b["hidden"], b.get("attention_mask")).float()
-            losses.append(F.cross_entropy(logits, b["labels"], reduction="none").cpu())
-            preds.append(logits.argmax(-1).cpu())
-    finally:
-        suffix.train(was)
-    return torch.cat(losses) if losses else torch.zeros(0), torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
-
-
 # Above this many bytes of features a split is trained uncached (the same model, run whole): a request
 # for k > 0 layers at a long max_length on a large node must not fill its memory or disk.
 MAX_BYTES_ENV = "FEDSLM_CACHE_MAX_BYTES"
