@@ -379,3 +379,16 @@ def test_the_ledger_file_is_the_json_of_its_data_with_one_line_per_entry(tmp_pat
     entry_lines = [line for line in text.splitlines() if line.lstrip().startswith('{"id"')]
     assert [json.loads(line.strip().rstrip(","))["id"] for line in entry_lines] == ["a", "b"]
     assert json.loads(json_text([1, [2, [3, [4, [5]]]]])) == [1, [2, [3, [4, [5]]]]]
+
+
+def test_ledger_json_keys_are_written_as_json_writes_them_and_others_are_refused():
+    import json
+
+    import pytest
+
+    from fedslm.privacy.ledger import json_text
+
+    data = {True: 1, None: 2, 1.5: 3, float("inf"): 4, 7: {False: []}, "k": 5}
+    assert json.loads(json_text(data)) == json.loads(json.dumps(data))
+    with pytest.raises(TypeError, match="tuple"):
+        json_text({(1, 2): 3})

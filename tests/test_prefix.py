@@ -450,3 +450,16 @@ def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, text, native):
 
     monkeypatch.setattr(cpu, "Path", FakePath)
     assert cpu.has_native_bf16.__wrapped__() is native
+
+
+def test_a_full_batch_of_vectors_just_computed_trains_through_autograd(cls_config):
+    """compute() runs in inference mode; its vectors must still reach an autograd engine (Opacus, FedProx,
+    a non-private round) as ordinary tensors when a full-batch step asks for every record in order."""
+    node = _node(cls_config, 0)
+    fresh = prefix.compute(node.model, node.train, 0)
+    assert fresh.hidden.is_inference()
+    hidden = fresh.batch(range(len(fresh)))["hidden"]
+    assert not hidden.is_inference()
+    head = torch.nn.Linear(hidden.shape[1], 2)
+    head(F.dropout(hidden, 0.0, True)).sum().backward()
+    assert head.weight.grad is not None

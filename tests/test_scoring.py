@@ -51,3 +51,14 @@ def test_a_base_loaded_elsewhere_must_be_the_adapters(cls_config, tmp_path):
     assert other.fingerprint != node.base.fingerprint
     with pytest.raises(ModelError, match="refusing to combine"):
         load_tuned(adapter, base=other)
+
+
+def test_an_adapter_trained_with_other_tokens_or_pooling_is_not_scored_on_the_prepared_records(cls_config, tmp_path):
+    cfg = cls_config("model.pooling=mean", "lora.layers=0", "federation.num_clients=2")
+    node = build_node(cfg)
+    prepared = scoring.prepare(cfg)
+    other = cls_config("model.pooling=mean", "lora.layers=0", "model.max_length=12")
+    adapter = save_adapter(node.model, tmp_path / "adapter",
+                           adapter_meta(other, node.base.fingerprint, list(node.data.labels)))
+    with pytest.raises(ModelError, match="max_length=12"):
+        scoring.score(prepared, adapter)

@@ -276,12 +276,21 @@ def json_text(data: Any, depth: int = 4, indent: int = 0) -> str:
         return json.dumps(data)
     pad = " " * (indent + 1)
     if isinstance(data, dict):
-        items = [f"{json.dumps(str(k))}: {json_text(v, depth - 1, indent + 1)}" for k, v in data.items()]
+        items = [f"{_json_key(k)}: {json_text(v, depth - 1, indent + 1)}" for k, v in data.items()]
         opening, closing = "{", "}"
     else:
         items = [json_text(v, depth - 1, indent + 1) for v in data]
         opening, closing = "[", "]"
     return opening + "\n" + ",\n".join(pad + item for item in items) + "\n" + " " * indent + closing
+
+
+def _json_key(key: Any) -> str:
+    """A dict key as json.dump writes it (true, null, 1.5, Infinity as strings); other types are refused."""
+    if isinstance(key, str):
+        return json.dumps(key)
+    if key is None or isinstance(key, (bool, int, float)):
+        return json.dumps(json.dumps(key))
+    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -71,9 +71,18 @@ def prepare(cfg: Config) -> Optional[Prepared]:
 def score(prepared: Prepared, adapter_dir: Path) -> tuple[Optional[dict[str, Any]], dict[str, Any]]:
     """(the fixed test split's accuracy, macro-F1 and size, or None; each institution's confusion counts
     counts[gold][predicted] and per-class accuracy) of the adapter in ``adapter_dir`` on the prepared base."""
+    from fedslm.errors import ModelError
+    from fedslm.lora.adapter import read_adapter_meta
     from fedslm.lora.merge import load_tuned
 
     cfg = prepared.cfg
+    # The base's fingerprint covers its weights; what the records were tokenized and pooled with must match too.
+    meta, m = read_adapter_meta(adapter_dir), cfg.model
+    expected = {"model": m.name, "max_length": m.max_length, "pooling": m.pooling, "normalize": m.normalize}
+    differ = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if differ:
+        raise ModelError(f"{adapter_dir}: trained with {', '.join(f'{k}={a!r}' for k, (a, _) in differ.items())}, but "
+                         f"scored with {', '.join(f'{k}={b!r}' for k, (_, b) in differ.items())}")
     tuned = load_tuned(adapter_dir, base=prepared.base)
     labels = list(tuned.meta["labels"])
     fixed = None

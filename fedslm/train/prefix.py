@@ -106,9 +106,11 @@ class Features:
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
-        if self.mask is None and len(idx) == len(self) and torch.equal(idx, torch.arange(len(self))):
+        if (self.mask is None and len(idx) == len(self) and not self.hidden.is_inference()
+                and torch.equal(idx, torch.arange(len(self)))):
             # Every record in order (a full-batch step): the cached rows themselves, not a copy of them.
-            # Read-only to every caller (the engines compute new tensors from them).
+            # Read-only to every caller (the engines compute new tensors from them). Not vectors compute()
+            # has just made: those are inference tensors, which autograd (Opacus, FedProx) refuses to save.
             return {"hidden": self.hidden, "labels": self.labels}
         out = {"hidden": self.hidden[idx], "labels": self.labels[idx]}
         if self.mask is not None:
