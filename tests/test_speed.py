@@ -399,7 +399,7 @@ def test_the_simulation_engines_message_queue_is_polled_every_10_ms_and_still_st
     assert quicken_simulation_queue() is False  # no engine in this process: nothing to do
     from fedslm.coordinator.polling import PollingGrid
 
-    early = PollingGrid(_FakeGrid([1]), quicken=True)
+    early = PollingGrid(_FakeGrid([1]), simulation=True)
     early.send_and_receive(["a"], timeout=1)
     assert early._quicken is True  # not there yet: the next exchange looks again
     thread = threading.Thread(target=add_messages_to_queue, args=(None, None, {}, stop), daemon=True)
@@ -407,7 +407,7 @@ def test_the_simulation_engines_message_queue_is_polled_every_10_ms_and_still_st
     try:
         from fedslm.coordinator.polling import PollingGrid
 
-        grid = PollingGrid(_FakeGrid([1]), quicken=True)  # the ServerApp's grid finds the engine's thread
+        grid = PollingGrid(_FakeGrid([1]), simulation=True)  # the ServerApp's grid finds the engine's thread
         grid.send_and_receive(["a"], timeout=1)
         assert grid._quicken is False  # found: not looked for again
         assert quicken_simulation_queue() is True  # again: the same cap, not a wrapper of a wrapper

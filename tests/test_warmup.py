@@ -12,6 +12,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
 import fedslm.node.app as client_app
 from fedslm.coordinator import warmup
+from fedslm.coordinator.polling import PollingGrid
 from fedslm.node import runtime
 from fedslm.node.errors import public_reason
 
@@ -93,17 +94,17 @@ def test_each_simulated_node_gets_one_empty_warmup_once_the_engine_has_registere
 def test_the_first_round_waits_for_the_warmup_replies_at_most_the_timeout(flower_identity):
     grid = _Grid([11, 12, 13])
     ids = warmup.start(grid, simulation=True)
-    assert warmup.finish(grid, ids, timeout=5) == 3
+    assert warmup.finish(PollingGrid(grid), ids, timeout=5) == 3
     silent = _Grid([11, 12, 13], answered={12})
     ids = warmup.start(silent, simulation=True)
-    assert warmup.finish(silent, ids, timeout=0.05) == 1
+    assert warmup.finish(PollingGrid(silent), ids, timeout=0.05) == 1
 
 
 def test_a_warmup_answered_with_errors_is_logged_and_round_one_goes_ahead(flower_identity, caplog):
     grid = _Grid([11, 12, 13], failing={12, 13})
     ids = warmup.start(grid, simulation=True)
     with caplog.at_level("WARNING", logger="fedslm.coordinator"):
-        assert warmup.finish(grid, ids, timeout=5) == 3
+        assert warmup.finish(PollingGrid(grid), ids, timeout=5) == 3
     assert "2 of 3 institutions answered the warm-up with an error" in caplog.text
 
 

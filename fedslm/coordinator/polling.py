@@ -47,7 +47,7 @@ def polling_grid(grid: Any) -> "PollingGrid":
     except ImportError:  # another Flower layout: the network's cap, never wrong, only slower
         InMemoryGrid = ()  # type: ignore[assignment,misc]  # noqa: N806
     if isinstance(grid, InMemoryGrid):
-        return PollingGrid(grid, max_delay=IN_MEMORY_MAX_DELAY, quicken=True, simulation=True)
+        return PollingGrid(grid, max_delay=IN_MEMORY_MAX_DELAY, simulation=True)
     return PollingGrid(grid, max_delay=MAX_DELAY)
 
 
@@ -87,7 +87,7 @@ class PollingGrid(Grid):
 
     def __init__(self, grid: Any, *, first_delay: float = FIRST_DELAY, max_delay: float = MAX_DELAY,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                 quicken: bool = False, simulation: bool = False):
+                 simulation: bool = False):
         if not 0 < first_delay <= max_delay:
             raise ValueError(f"polling needs 0 < first_delay <= max_delay, got {first_delay} and {max_delay}")
         self.grid = grid
@@ -95,11 +95,11 @@ class PollingGrid(Grid):
         self.max_delay = max_delay
         self._clock = clock
         self._sleep = sleep
-        # A simulation: cap the engine's queue poll (quicken_simulation_queue) once its thread exists; Flower
-        # starts it after Ray's actors, seconds after the ServerApp, so each exchange tries until it is found.
-        self._quicken = quicken
         # Flower's in-memory grid: the ServerApp is a simulation's (fedslm.coordinator.warmup acts on it).
         self.simulation = simulation
+        # A simulation: cap the engine's queue poll (quicken_simulation_queue) once its thread exists; Flower
+        # starts it after Ray's actors, seconds after the ServerApp, so each exchange tries until it is found.
+        self._quicken = simulation
 
     # Grid's abstract interface, delegated.
     def set_run(self, run: Any) -> None:
@@ -134,8 +134,12 @@ class PollingGrid(Grid):
         """Push ``messages``, then pull their replies until all are in or ``timeout`` seconds have passed."""
         if self._quicken:
             self._quicken = not quicken_simulation_queue()
-        pending = set(self.grid.push_messages(messages))
-        del messages
+        return self.receive(self.grid.push_messages(messages), timeout=timeout)
+
+    def receive(self, message_ids: Iterable[str], *, timeout: Optional[float] = None) -> list[Message]:
+        """Pull the replies to messages pushed earlier (``message_ids``) until all are in or ``timeout``
+        seconds have passed."""
+        pending = set(message_ids)
         deadline = None if timeout is None else self._clock() + timeout
         replies: list[Message] = []
         delay = self.first_delay

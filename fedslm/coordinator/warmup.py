@@ -44,24 +44,14 @@ def start(grid: Any, *, simulation: bool, nodes_wait: float = NODES_WAIT) -> lis
 
 
 def finish(grid: Any, ids: Sequence[str], timeout: Optional[float] = REPLIES_WAIT) -> int:
-    """Collect the replies to :func:`start`'s messages, for at most ``timeout`` seconds; returns how many
-    arrived (errors included)."""
-    pending, got, errors = set(ids), 0, 0
-    deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
-    delay = 0.005
-    while pending and time.monotonic() < deadline:
-        replies = list(grid.pull_messages(list(pending)))
-        for reply in replies:
-            pending.discard(reply.metadata.reply_to_message_id)
-            got += 1
-            errors += int(reply.has_error())
-        if not replies:
-            time.sleep(delay)
-            delay = min(2 * delay, 0.05)
+    """Collect the replies to :func:`start`'s messages on ``grid`` (a fedslm.coordinator.polling.PollingGrid),
+    for at most ``timeout`` seconds; returns how many arrived (errors included)."""
+    replies = grid.receive(ids, timeout=timeout)
+    errors = sum(1 for reply in replies if reply.has_error())
     if errors:
         log.warning("fedslm: %d of %d institutions answered the warm-up with an error; their first round imports "
                     "its code itself", errors, len(ids))
-    if pending:
+    if len(replies) < len(ids):
         log.warning("fedslm: %d of %d institutions did not answer the warm-up in %.0f s; round 1 goes ahead",
-                    len(pending), len(ids), timeout)
-    return got
+                    len(ids) - len(replies), len(ids), timeout)
+    return len(replies)
