@@ -198,12 +198,13 @@ def run(name: str, clients: int, overrides: list[str], quick: bool, seeds: list[
         apply_label_prior(model, base.tokenizer, whole.labels, cfg.model)
     task = get_task("classification")
     started = time.perf_counter()
-    shares, held = [], []
+    shares, held, probes = [], [], []
     for i in range(clients):
         d = institution_data(whole, cfg.federation, i, cfg.data.test_fraction, cfg.data.split_seed)
-        shares.append(prefix.split_features(model, base.fingerprint, task.encode(d.train, base.tokenizer,
-                                                                                  cfg.model.max_length),
-                                            cfg.model, cfg.lora.layers))
+        enc = task.encode(d.train, base.tokenizer, cfg.model.max_length)
+        shares.append(prefix.split_features(model, base.fingerprint, enc, cfg.model, cfg.lora.layers))
+        if cfg.lora.from_round is not None:  # LP-FT: the probe rounds' sentence vectors (fedslm.train.lpft)
+            probes.append(prefix.split_features(model, base.fingerprint, enc, cfg.model, 0))
         if clients > 1:  # each institution's own held-out records (all of them), for the worst institution
             enc = task.encode(d.test, base.tokenizer, cfg.model.max_length)
             held.append((enc, prefix.split_features(model, base.fingerprint, enc, cfg.model, cfg.lora.layers)))
@@ -212,7 +213,7 @@ def run(name: str, clients: int, overrides: list[str], quick: bool, seeds: list[
     features_s = time.perf_counter() - started
     initial = get_adapter_state(model)
     assert len(test) == len(whole.test)
-    runs = [_train(cfg, model, initial, shares, test, test_f, ema, seed, shared, held)
+    runs = [_train(cfg, model, initial, shares, test, test_f, ema, seed, shared, held, probes)
             for seed in (seeds if cfg.privacy.enabled else seeds[:1])]
     accs = [r["accuracy"] for r in runs]
     sd = statistics.stdev(accs) if len(accs) > 1 else None
@@ -435,12 +436,14 @@ def targets(rows: list[dict], ref: dict) -> list[str]:
     return lines
 
 
-def _train(cfg, model, initial, shares, test, test_f, ema, seed, shared=None, held=()) -> dict:
-    """One federated run of the recipe from ``initial``, its noise and sampling seeded by ``seed``."""
+def _train(cfg, model, initial, shares, test, test_f, ema, seed, shared=None, held=(), probes=()) -> dict:
+    """One federated run of the recipe from ``initial``, its noise and sampling seeded by ``seed``. ``probes``:
+    each institution's sentence vectors for LP-FT's probe rounds (lora.from_round), as a node reads them."""
     import dataclasses
 
     from fedslm.lora import get_adapter_state, set_adapter_state
     from fedslm.privacy import Ledger
+    from fedslm.train import lpft
     from fedslm.train.evaluate import evaluate
     from fedslm.train.local import round_spec, train_round
 
@@ -462,13 +465,18 @@ def _train(cfg, model, initial, shares, test, test_f, ema, seed, shared=None, he
     m = {k: torch.zeros_like(v) for k, v in glob.items()}
     v = {k: torch.zeros_like(t) for k, t in glob.items()}
     eps = []
+    lo = cfg.lora
     started = time.perf_counter()
     for r in range(1, cfg.federation.rounds + 1):
         states, weights, sums = [], [], []
-        for i, feats in enumerate(shares):
+        probe, frozen = lpft.probe_round(lo.from_round, r), lpft.freezes_head(lo.train_head, lo.from_round, r)
+        for i, feats in enumerate(probes if probe else shares):
             set_adapter_state(model, glob)
-            res = train_round(model, None, specs[i], unit="all-records", ledger=Ledger(Path(ledgers) / f"{i}.json"),
-                              round_idx=r, features=feats)
+            if probe:
+                lpft.check_probe_adapter(glob, r)
+            with lpft.head_frozen(model, frozen):
+                res = train_round(model, None, specs[i], unit="all-records",
+                                  ledger=Ledger(Path(ledgers) / f"{i}.json"), round_idx=r, features=feats)
             states.append(get_adapter_state(model))
             weights.append(len(feats))
             eps.append(res.epsilon)
@@ -482,8 +490,10 @@ def _train(cfg, model, initial, shares, test, test_f, ema, seed, shared=None, he
                 sum(s[k] for s in sums).numpy(), lattice, max_grad_norm=cfg.privacy.max_grad_norm, lr=cfg.train.lr,
                 num_examples=sum(weights))).to(glob[k].dtype) if k in sums[0] else glob[k] for k in glob}
         if cfg.federation.strategy == "fedadam":  # Flower's FedAdam: β = (0.9, 0.99), τ = 1e-3, bias-corrected
-            eta = cfg.federation.server_lr * math.sqrt(1 - 0.99 ** (r + 1)) / (1 - 0.9 ** (r + 1))
+            fed = cfg.federation
             for k in glob:
+                lr = fed.lora_server_lr if fed.lora_server_lr is not None and "lora_" in k else fed.server_lr
+                eta = lr * math.sqrt(1 - 0.99 ** (r + 1)) / (1 - 0.9 ** (r + 1))
                 d = avg[k] - glob[k]
                 m[k] = 0.9 * m[k] + 0.1 * d
                 v[k] = 0.99 * v[k] + 0.01 * d * d
