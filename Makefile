@@ -13,7 +13,7 @@ RUN_DIR ?= runs/icd10-hospitals-$(NOW)
 GEMMA_DIR ?= runs/icd10-gemma-$(NOW)
 GEMMA_STAMP := $(VENV)/.fedslm-gemma-installed
 
-.PHONY: run run-distributed train test docs bench bench-dp bench-dp-gemma gemma install clean
+.PHONY: run run-lora run-distributed train test docs bench bench-dp bench-dp-gemma gemma install clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/fedslm simulate --config simulations/icd10-hospitals.yaml --out $(RUN_DIR)
+
+# make run's hospitals with LoRA: LP-FT (simulations/icd10-hospitals-lora.yaml), 100 rounds of the head, then 5 of
+# LoRA on the top encoder layer from it (about 5 minutes on 2 cores).
+run-lora: $(STAMP)
+	$(BIN)/fedslm simulate --config simulations/icd10-hospitals-lora.yaml --out $(RUN_DIR)-lora
 
 # make run's scenario with distributed DP under SecAgg+ (simulations/overlays/distributed-dp.yaml).
 run-distributed: $(STAMP)

@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIO = ROOT / "simulations" / "icd10-hospitals-lora.yaml"  # the LoRA scenario these figures were measured on
+SCENARIO = ROOT / "simulations" / "icd10-hospitals-lora-every-layer.yaml"  # the LoRA scenario these figures were measured on
 
 VARIANTS = [
     ("non-private", ["privacy.enabled=false", "train.lr=0.005"]),

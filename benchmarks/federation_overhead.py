@@ -47,7 +47,7 @@ def main() -> None:
     def simulate(name: str, clients: int, rounds: int, *extra: str) -> Path:
         run_dir = work / name
         cmd = [sys.executable, "-m", "fedslm.cli.main", "simulate", "-c",
-               str(ROOT / "simulations/icd10-hospitals-lora.yaml"), "--out", str(run_dir),
+               str(ROOT / "simulations/icd10-hospitals-lora-every-layer.yaml"), "--out", str(run_dir),
                f"federation.num_clients={clients}", f"federation.min_clients={clients}", f"federation.rounds={rounds}",
                f"train.local_steps={args.local_steps}", "federation.client_cpus=1", *extra]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

@@ -1,6 +1,6 @@
 """Privacy–utility on ICD-10 (22 chapters): centralized vs federated, non-private vs DP, LoRA vs FFA-LoRA.
 
-Every variant trains MiniLM + LoRA with the LoRA scenario (simulations/icd10-hospitals-lora.yaml:
+Every variant trains MiniLM + LoRA with the LoRA scenario (simulations/icd10-hospitals-lora-every-layer.yaml:
 5 institutions, Dirichlet(0.5) over chapters) and is scored on the same fixed test set (the bundled
 ICD-10 test split, 4,867 records, never trained on): accuracy and macro-F1. Federated variants also
 report each institution's held-out accuracy (its own 10%) and the worst institution; the ε = 8 run
@@ -33,7 +33,7 @@ import yaml
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIO = ROOT / "simulations" / "icd10-hospitals-lora.yaml"  # the LoRA scenario these figures were measured on
+SCENARIO = ROOT / "simulations" / "icd10-hospitals-lora-every-layer.yaml"  # the LoRA scenario these figures were measured on
 DP_LR = yaml.safe_load(SCENARIO.read_text(encoding="utf-8"))["train"]["lr"]
 
 # Without clipping, AdamW at the DP learning rate collapses to the majority class; non-private

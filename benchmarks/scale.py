@@ -73,7 +73,7 @@ def sampled(cmd: list[str], log_path: Path, env: dict | None = None) -> tuple[in
 
 def run(n: int, rounds: int, work: Path) -> dict:
     out = work / f"n{n}"
-    cmd = [sys.executable, "-m", "fedslm.cli.main", "simulate", "-c", str(ROOT / "simulations/icd10-hospitals-lora.yaml"),
+    cmd = [sys.executable, "-m", "fedslm.cli.main", "simulate", "-c", str(ROOT / "simulations/icd10-hospitals-lora-every-layer.yaml"),
            "--out", str(out), f"federation.num_clients={n}", f"federation.min_clients={max(1, n // 2)}",
            f"federation.rounds={rounds}", "train.local_steps=2", "data.max_test_records=50",
            "federation.partitioner=iid"]

@@ -148,6 +148,26 @@ def _finite_floats(obj: Any, prefix: str = "") -> None:
             raise ConfigError(f"{key} must be a finite number, got {value}")
 
 
+def _lp_ft(cfg: Config) -> None:
+    """lora.from_round and lora.train_head (fedslm.train.lpft)."""
+    lo = cfg.lora
+    if lo.from_round is not None:
+        _check(isinstance(lo.from_round, int) and not isinstance(lo.from_round, bool) and lo.from_round >= 1,
+               f"lora.from_round must be a round number, 1 or more, got {lo.from_round!r}")
+        _check(cfg.model.task == "classification" and isinstance(lo.layers, int) and lo.layers >= 1,
+               "lora.from_round (LP-FT: the head alone on cached sentence vectors, then LoRA) needs model.task "
+               f"'classification' and lora.layers >= 1, got {cfg.model.task!r} and lora.layers={lo.layers!r}")
+        _check(lo.from_round <= cfg.federation.rounds,
+               f"lora.from_round={lo.from_round} is past federation.rounds={cfg.federation.rounds}: LoRA would never "
+               "train")
+        _check(cfg.federation.strategy != "fedprox", "lora.from_round does not compose with federation.strategy "
+               "'fedprox': a probe round trains the head alone, without the proximal term's pull on LoRA")
+    if not lo.train_head:
+        _check(cfg.model.task == "classification" and lo.layers != 0,
+               "lora.train_head: false leaves LoRA alone to train: it needs model.task 'classification' and "
+               f"lora.layers unset or >= 1, got lora.layers={lo.layers!r}")
+
+
 def validate(cfg: Config) -> None:
     """Reject values no run could use, naming the key. Raises ConfigError."""
     _finite_floats(cfg)
@@ -184,6 +204,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.lora.alpha / max(cfg.lora.r, 1) <= 256, f"lora.alpha / lora.r must be <= 256 (LoRA's scale), got "
            f"{cfg.lora.alpha / max(cfg.lora.r, 1):g}")
     _check(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    _lp_ft(cfg)
     if cfg.lora.target_modules is not None:
         _check(len(cfg.lora.target_modules) > 0 and all(m.strip() for m in cfg.lora.target_modules),
                f"lora.target_modules must be a non-empty list of module names, got {cfg.lora.target_modules}")
@@ -263,6 +284,9 @@ def validate(cfg: Config) -> None:
         _check(bool(f.partition_column), "federation.partition_column must name a column when federation.partitioner=column")
     _check(f.proximal_mu >= 0, f"federation.proximal_mu must be >= 0, got {f.proximal_mu}")
     _positive("federation.server_lr", f.server_lr)
+    _positive("federation.lora_server_lr", f.lora_server_lr, allow_none=True)
+    _check(f.lora_server_lr is None or f.strategy == "fedadam",
+           f"federation.lora_server_lr applies to federation.strategy 'fedadam' only, got '{f.strategy}'")
     _check(f.ema is None or 0.0 <= f.ema < 1.0, f"federation.ema must be in [0, 1) or null, got {f.ema}")
     _positive("federation.round_timeout", f.round_timeout)
     _positive("federation.client_cpus", f.client_cpus)

@@ -17,6 +17,7 @@ from fedslm.node.policy import PolicyError
 from fedslm.node.secagg import SecureAggregationRefused
 from fedslm.node.serve import FingerprintMismatch, SecureAggregationRequired
 from fedslm.privacy.ledger import LedgerError
+from fedslm.train.lpft import ProbeAdapterError
 from fedslm.wire.codec import MalformedMessage
 from fedslm.wire.errors import NODE_REFUSED, public_reason
 
@@ -29,6 +30,7 @@ _CATEGORIES: tuple[tuple[type[BaseException], str], ...] = (
     (SecureAggregationRequired, "refused-by-policy"),
     (SecureAggregationRefused, "secure-aggregation"),
     (BadRequest, "bad-request"),
+    (ProbeAdapterError, "bad-request"),
     (ClippingMismatch, "bad-request"),
     (MalformedMessage, "bad-request"),
     (FingerprintMismatch, "base-mismatch"),

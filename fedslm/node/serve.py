@@ -33,6 +33,7 @@ from fedslm.node.releases import Releases, adapter_digest
 from fedslm.node.runtime import simulated
 from fedslm.node.secagg import secure_payload
 from fedslm.privacy import Ledger
+from fedslm.train import lpft
 from fedslm.train.evaluate import evaluate, evaluation_counts
 from fedslm.train.local import RoundResult, train_round
 from fedslm.train.node import Node
@@ -73,11 +74,13 @@ def with_floor(plan: RoundPlan, n: int) -> RoundPlan:
     return replace(plan, spec=replace(plan.spec, dp=replace(dp, planned_examples=default_floor(n))))
 
 
-def _features(plan: RoundPlan, inst: Node, enc) -> Optional[Features]:
-    """The split's frozen prefix under lora.layers: a deployed node keeps the file beside its ledger
-    (0600, as private as the records); a simulation in the user's cache ($FEDSLM_CACHE_DIR)."""
+def _features(plan: RoundPlan, inst: Node, enc, layers: Optional[int] = None) -> Optional[Features]:
+    """The split's frozen prefix under lora.layers (or ``layers``: an LP-FT probe round's 0): a deployed node
+    keeps the file beside its ledger (0600, as private as the records); a simulation in the user's cache
+    ($FEDSLM_CACHE_DIR)."""
     folder = Path(plan.ledger).parent / "fedslm-features" if plan.evaluation is not None else None
-    return split_features(inst.model, inst.base.fingerprint, enc, plan.model, plan.lora.layers, folder=folder)
+    return split_features(inst.model, inst.base.fingerprint, enc, plan.model,
+                          plan.lora.layers if layers is None else layers, folder=folder)
 
 
 def _threads(plan: RoundPlan) -> None:
@@ -186,6 +189,12 @@ def _train(plan: RoundPlan, request: Request, *, secure: bool = False,
     if request.clipping_norm is not None and not request.sends_adapter:
         raise ClippingMismatch("client-side clipping needs the global adapter in the request")
     check_clipping(plan.client_clipping, request.clipping_norm)
+    probe = lpft.probe_round(plan.lora.from_round, request.server_round)
+    if probe:  # LP-FT's probe rounds: the head alone, on the base encoder's sentence vectors
+        if request.proximal_mu > 0:
+            raise PolicyRefusal(f"{plan.name}: round {request.server_round} is an LP-FT probe round "
+                                "(lora.from_round), which trains the head alone; a proximal term is refused")
+        lpft.check_probe_adapter(request.adapter, request.server_round)
     inst = build_institution(plan, request, data=data)
 
     released: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = []
@@ -197,12 +206,15 @@ def _train(plan: RoundPlan, request: Request, *, secure: bool = False,
         return releases.save(plan.unit, request.run_id, request.server_round, digest, state, kept,
                              cohort=sorted(cohort or []) if secure else None)
 
-    features = _features(plan, inst, inst.train)
-    result = train_round(
-        inst.model, inst.train, plan.spec, unit=plan.unit, ledger=ledger,
-        run_id=request.run_id, round_idx=request.server_round, proximal_mu=request.proximal_mu,
-        release=keep if request.run_id else None, features=features, progress=_deadline(plan),
-    )
+    features = _features(plan, inst, inst.train, lpft.round_layers(plan.lora.layers, plan.lora.from_round,
+                                                                   request.server_round))
+    with lpft.head_frozen(inst.model, lpft.freezes_head(plan.lora.train_head, plan.lora.from_round,
+                                                        request.server_round)):
+        result = train_round(
+            inst.model, inst.train, plan.spec, unit=plan.unit, ledger=ledger,
+            run_id=request.run_id, round_idx=request.server_round, proximal_mu=request.proximal_mu,
+            release=keep if request.run_id else None, features=features, progress=_deadline(plan),
+        )
     state, extra = released[0] if released else _released(plan, request, inst.model)  # clipped once, kept as sent
     if lattice is not None and result.lattice is not None:
         lattice.update(sums=result.lattice, share=result.lattice_share)
