@@ -3,6 +3,7 @@ refuses a probe round whose LoRA has moved, and FedAdam steps LoRA at federation
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from fedslm.config import to_yaml
 from fedslm.coordinator.server import RunRecorder, make_strategy
 from fedslm.errors import ConfigError
 from fedslm.lora import get_adapter_state, trainable_parameters
+from fedslm.lora.adapter import frozen_digest
 from fedslm.privacy import Ledger
 from fedslm.train import build_node, lpft
 from fedslm.wire import codec
@@ -29,10 +31,15 @@ LPFT = ("lora.layers=1", "lora.from_round=2", "federation.rounds=3", "train.full
     (("lora.from_round=2", "lora.layers=0", "federation.rounds=3"), "lora.layers >= 1"),
     (("lora.from_round=2", "federation.rounds=3"), "lora.layers >= 1"),  # unset: the whole model, no cache
     (("lora.from_round=4", "lora.layers=1", "federation.rounds=3"), "past federation.rounds"),
-    (("lora.from_round=0", "lora.layers=1"), "lora.from_round must be"),
+    (("lora.from_round=1", "lora.layers=1"), "lora.from_round must be"),
     (("lora.from_round=2", "lora.layers=1", "federation.rounds=3", "federation.strategy=fedprox"), "fedprox"),
-    (("lora.train_head=false", "lora.layers=0"), "lora.train_head"),
-    (("federation.lora_server_lr=0.01",), "fedadam"),
+    (("lora.from_round=2", "lora.layers=1", "federation.rounds=3", "privacy.client_level.enabled=true"),
+     "privacy.client_level"),
+    (("lora.from_round=2", "lora.layers=1", "federation.rounds=3", "federation.secure_aggregation=true"),
+     "federation.secure_aggregation"),
+    (("lora.train_head=false", "lora.layers=1"), "lora.train_head"),
+    (("federation.lora_server_lr=0.01", "lora.layers=1"), "fedadam"),
+    (("federation.lora_server_lr=0.01", "lora.layers=0", "federation.strategy=fedadam"), "lora.layers=0"),
     (("federation.lora_server_lr=0", "federation.strategy=fedadam"), "federation.lora_server_lr must be > 0"),
 ])
 def test_lp_ft_settings_that_no_run_could_use_are_refused_naming_the_key(cls_config, overrides, key):
@@ -53,20 +60,26 @@ def test_a_probe_round_with_a_moved_lora_b_is_refused():
         lpft.check_probe_adapter({"x.lora_B.weight": torch.tensor([[0.0, 1e-9]])}, 1)
 
 
-def test_a_frozen_head_keeps_the_adapter_keys_and_trains_again_after(cls_config):
+def test_a_frozen_head_keeps_the_adapter_keys_and_trains_again_after_even_an_error(cls_config):
+    from fedslm.lora.adapter import _INDEX
+
     node = build_node(cls_config("lora.layers=1"))
     keys = set(get_adapter_state(node.model))
-    with lpft.head_frozen(node.model, True):
-        assert not any("classifier" in n for n in trainable_parameters(node.model))
-        assert set(get_adapter_state(node.model)) == keys  # the head still travels, unchanged
+    object.__setattr__(node.model, _INDEX, None)  # the adapter's key index built while the head is frozen
+    with pytest.raises(RuntimeError, match="mid-round"):
+        with lpft.head_frozen(node.model, True):
+            assert not any("classifier" in n for n in trainable_parameters(node.model))
+            assert set(get_adapter_state(node.model)) == keys  # the head still travels, unchanged
+            raise RuntimeError("mid-round")
     assert any("classifier" in n for n in trainable_parameters(node.model))
+    assert set(get_adapter_state(node.model)) == keys
 
 
-def _train(cfg, state, fingerprint, server_round):
+def _train(cfg, state, fingerprint, server_round, frozen=""):
     TaskIdentity.node_id = 1
     content = RecordDict({
         codec.ARRAYS: codec.state_to_record(state),
-        codec.CONFIG: ConfigRecord({**codec.request_config(to_yaml(cfg), fingerprint, "run-lpft"),
+        codec.CONFIG: ConfigRecord({**codec.request_config(to_yaml(cfg), fingerprint, "run-lpft", frozen),
                                     "server-round": server_round}),
     })
     TaskIdentity.node_id = 2
@@ -93,18 +106,42 @@ def test_a_node_trains_the_head_alone_before_from_round_and_lora_from_it(flower_
     probe = _train(cfg, start, node.base.fingerprint, 1)
     assert not probe.has_error(), probe.error
     after_probe = codec.record_to_state(probe.content[codec.ARRAYS])
-    assert _moved(start, after_probe) == {k for k in start if "classifier" in k and "bias" not in k} or \
-        _moved(start, after_probe) == {k for k in start if "classifier" in k}
-    assert not any("lora_" in k for k in _moved(start, after_probe))  # LoRA untouched, un-noised
+    # The head (weight and bias: lora.head_bias is on here) moved; LoRA came back as sent, un-noised.
+    assert _moved(start, after_probe) == {k for k in start if "classifier" in k} != set()
     tuned = _train(cfg, after_probe, node.base.fingerprint, 2)
     assert not tuned.has_error(), tuned.error
     after = codec.record_to_state(tuned.content[codec.ARRAYS])
     moved = _moved(after_probe, after)
     assert any("lora_B" in k for k in moved)
     assert any("classifier" in k for k in moved) == train_head
-    # Each round is charged the plan's one step, probe or not: ε grows and stays within the target.
+    # Each round is charged the plan's step, probe or not: the same (σ, q, steps) as a run without LP-FT plans.
+    path = Path(cfg.output.dir) / "ledgers" / "institution-0.json"
+    charged = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in Ledger(path).entries(cfg.privacy.unit)]
+    from fedslm.train.local import privacy_plan, round_spec
+
+    n = json.loads(path.read_text())["units"][cfg.privacy.unit]["num_examples"]
+    planned = privacy_plan(round_spec(cls_config(*[o for o in LPFT if not o.startswith("lora.from_round")])), n)
+    assert charged == [(planned.noise_multiplier, 1.0, 1)] * 2
     e1, e2 = probe.content[codec.METRICS]["epsilon"], tuned.content[codec.METRICS]["epsilon"]
     assert 0 < e1 < e2 <= cfg.privacy.target_epsilon
+
+
+def test_a_probe_round_is_make_runs_head_round_bit_for_bit(flower_identity, cls_config, tmp_path):
+    """The same noise seed, round and records: the head a probe round releases is the one a node training the
+    head alone (lora.layers=0) releases."""
+    cfg = cls_config(*LPFT)
+    node = build_node(cfg)
+    probe = codec.record_to_state(_train(cfg, get_adapter_state(node.model), node.base.fingerprint, 1)
+                                  .content[codec.ARRAYS])
+    head_cfg = cls_config(*[o for o in LPFT if not o.startswith(("lora.layers", "lora.from_round"))], "lora.layers=0",
+                          f"output.dir={tmp_path / 'head-only'}")
+    head_node = build_node(head_cfg)
+    alone = codec.record_to_state(_train(head_cfg, get_adapter_state(head_node.model), head_node.base.fingerprint, 1,
+                                         frozen_digest(head_node.model)).content[codec.ARRAYS])
+    heads = sorted(k for k in probe if "classifier" in k)
+    assert heads and heads == sorted(alone)
+    for k in heads:
+        assert torch.equal(probe[k], alone[k]), k
 
 
 def test_a_node_refuses_a_probe_round_whose_lora_has_moved_before_charging(flower_identity, cls_config):
@@ -120,6 +157,17 @@ def test_a_node_refuses_a_probe_round_whose_lora_has_moved_before_charging(flowe
     state[b] = torch.zeros_like(state[b])  # the same request with LoRA at its start is served and charged
     assert not _train(cfg, state, node.base.fingerprint, 1).has_error()
     assert len(Ledger(ledger).entries(cfg.privacy.unit)) == 1
+
+
+def test_a_probe_round_without_cached_sentence_vectors_is_refused_before_charging(flower_identity, cls_config,
+                                                                                  monkeypatch):
+    cfg = cls_config(*LPFT)
+    node = build_node(cfg)
+    monkeypatch.setenv("FEDSLM_CACHE_MAX_BYTES", "1")  # no split is cached: the whole model would train
+    reply = _train(cfg, get_adapter_state(node.model), node.base.fingerprint, 1)
+    assert reply.has_error() and reply.error.reason == public_reason("refused-by-policy")
+    ledger = Path(cfg.output.dir) / "ledgers" / "institution-0.json"
+    assert not ledger.exists() or Ledger(ledger).entries(cfg.privacy.unit) == []
 
 
 def _reply(node_id, state, n):

@@ -149,23 +149,30 @@ def _finite_floats(obj: Any, prefix: str = "") -> None:
 
 
 def _lp_ft(cfg: Config) -> None:
-    """lora.from_round and lora.train_head (fedslm.train.lpft)."""
-    lo = cfg.lora
+    """lora.from_round, lora.train_head and federation.lora_server_lr (fedslm.train.lpft)."""
+    lo, fed = cfg.lora, cfg.federation
     if lo.from_round is not None:
-        _check(isinstance(lo.from_round, int) and not isinstance(lo.from_round, bool) and lo.from_round >= 1,
-               f"lora.from_round must be a round number, 1 or more, got {lo.from_round!r}")
+        _check(isinstance(lo.from_round, int) and not isinstance(lo.from_round, bool) and lo.from_round >= 2,
+               f"lora.from_round must be a round number, 2 or more (rounds before it train the head alone), got "
+               f"{lo.from_round!r}")
         _check(cfg.model.task == "classification" and isinstance(lo.layers, int) and lo.layers >= 1,
                "lora.from_round (LP-FT: the head alone on cached sentence vectors, then LoRA) needs model.task "
                f"'classification' and lora.layers >= 1, got {cfg.model.task!r} and lora.layers={lo.layers!r}")
-        _check(lo.from_round <= cfg.federation.rounds,
-               f"lora.from_round={lo.from_round} is past federation.rounds={cfg.federation.rounds}: LoRA would never "
-               "train")
-        _check(cfg.federation.strategy != "fedprox", "lora.from_round does not compose with federation.strategy "
-               "'fedprox': a probe round trains the head alone, without the proximal term's pull on LoRA")
+        _check(lo.from_round <= fed.rounds,
+               f"lora.from_round={lo.from_round} is past federation.rounds={fed.rounds}: LoRA would never train")
+        _check(fed.strategy != "fedprox", "lora.from_round does not compose with federation.strategy 'fedprox': a "
+               "probe round trains the head alone, without the proximal term's pull on LoRA")
+        # A probe round's LoRA must come back exactly as sent (B = 0): noise added at aggregation (client-level
+        # DP) or SecAgg+'s quantisation would move it, and every node would refuse the next probe round.
+        _check(not cfg.privacy.client_level.enabled and not fed.secure_aggregation,
+               "lora.from_round does not compose with privacy.client_level or federation.secure_aggregation: their "
+               "noise or quantisation moves LoRA's B off 0 in the probe rounds, which the nodes then refuse")
     if not lo.train_head:
-        _check(cfg.model.task == "classification" and lo.layers != 0,
-               "lora.train_head: false leaves LoRA alone to train: it needs model.task 'classification' and "
-               f"lora.layers unset or >= 1, got lora.layers={lo.layers!r}")
+        _check(lo.from_round is not None,
+               "lora.train_head: false keeps the head the probe rounds trained: it needs lora.from_round (without "
+               "probe rounds the head would stay at its start for the whole run)")
+    if fed.lora_server_lr is not None:
+        _check(lo.layers != 0, "federation.lora_server_lr steps LoRA tensors, and lora.layers=0 trains none")
 
 
 def validate(cfg: Config) -> None:

@@ -74,7 +74,7 @@ class LoraConfig:
     # LP-FT (fedslm.train.lpft; Kumar et al. 2022): the rounds before this one train the classifier head alone
     # on the cached sentence vectors (a linear probe; LoRA stays at its start, B = 0), and LoRA on the top
     # lora.layers layers trains from this round on, starting from that probe. None: LoRA trains from round 1.
-    # Needs lora.layers >= 1. Every round costs the plan's one step of privacy whichever tensors it trains.
+    # Needs lora.layers >= 1. Every round costs the plan's steps of privacy whichever tensors it trains.
     from_round: Optional[int] = None
     # Whether the classifier head trains beside LoRA (false: once LoRA trains, the head stays as the probe
     # rounds left it; every clipped gradient is then LoRA's, and no noise lands on the head).
@@ -264,7 +264,7 @@ class FederationConfig:
     server_lr: float = 0.01
     # fedadam: the server step of the LoRA tensors (None: server_lr). Adam moves every coordinate by about its
     # step size a round: the head's rows (length ~10 from the label-name prior) take 0.3, while LoRA's B
-    # starts at 0 and its useful entries are ~100 times smaller.
+    # starts at 0 (make run-lora steps it at 1e-3).
     lora_server_lr: Optional[float] = None
     # Decay β of an exponential moving average of the global adapter over rounds (a post-processing of
     # what the coordinator publishes each round: no privacy cost); the average is what institutions

@@ -114,7 +114,10 @@ class Recording:
         arrays, metrics = self._guarded(server_round, "train", valid,
                                         lambda rs: super(Recording, self).aggregate_train(server_round, rs))
         if arrays is not None and self.sent is not None:
-            arrays = lora_step(arrays, self.sent, self.recorder.cfg.federation)
+            # Flower's FedAdam stepped from its copy of what was sent (in federation.transfer_dtype).
+            base = getattr(self, "current_arrays", None)
+            arrays = lora_step(arrays, {k: torch.from_numpy(np.asarray(v)) for k, v in base.items()}
+                               if base else self.sent, self.recorder.cfg.federation)
             # The global adapter keeps its dtypes: one float64 reply must not promote it for every node.
             dtypes = {k: v.dtype for k, v in self.sent.items()}
             state = codec.record_to_state(arrays)
@@ -214,8 +217,8 @@ class Recording:
 def lora_step(arrays: ArrayRecord, sent: dict[str, torch.Tensor], fed: Any) -> ArrayRecord:
     """FedAdam's new global adapter with the LoRA tensors' step at federation.lora_server_lr instead of
     server_lr: Adam's step is η times a per-coordinate direction, so scaling a tensor's displacement from
-    the adapter sent by lora_server_lr / server_lr is Adam at that η (Flower's moments are kept from the
-    averaged updates around the adapter sent, whatever η moved it)."""
+    ``sent`` (what FedAdam stepped from) by lora_server_lr / server_lr is Adam at that η (Flower's moments
+    are kept from the averaged updates around the adapter sent, whatever η moved it)."""
     if fed.lora_server_lr is None or fed.strategy != "fedadam":
         return arrays
     ratio = float(fed.lora_server_lr) / float(fed.server_lr)

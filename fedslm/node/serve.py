@@ -208,6 +208,9 @@ def _train(plan: RoundPlan, request: Request, *, secure: bool = False,
 
     features = _features(plan, inst, inst.train, lpft.round_layers(plan.lora.layers, plan.lora.from_round,
                                                                    request.server_round))
+    if probe and features is None:  # no cached vectors (over $FEDSLM_CACHE_MAX_BYTES): the whole model would train
+        raise PolicyRefusal(f"{plan.name}: round {request.server_round} is an LP-FT probe round, which trains the "
+                            "head on cached sentence vectors, and this node has none (over $FEDSLM_CACHE_MAX_BYTES?)")
     with lpft.head_frozen(inst.model, lpft.freezes_head(plan.lora.train_head, plan.lora.from_round,
                                                         request.server_round)):
         result = train_round(
