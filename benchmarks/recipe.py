@@ -140,6 +140,12 @@ VARIANTS = [
     (LP_FT, 5, ["privacy.target_epsilon=8", "lora.layers=1", "lora.from_round=101", "federation.rounds=105",
                 "lora.train_head=false", "federation.lora_server_lr=1e-3", "train.precision=bf16",
                 "train.physical_batch_size=512"]),
+    # The same with FFA-LoRA (lora.ffa: A drawn from train.seed on every node and frozen; B alone trains and
+    # is noised): half LoRA's noised dimensions, for the LoRA rounds whose signal the noise swamps.
+    (f"{LP_FT} (FFA-LoRA: B alone)", 5, ["privacy.target_epsilon=8", "lora.layers=1", "lora.from_round=101",
+                                         "federation.rounds=105", "lora.train_head=false", "lora.ffa=true",
+                                         "federation.lora_server_lr=1e-3", "train.precision=bf16",
+                                         "train.physical_batch_size=512"]),
     ("lever: FedAvg of local Adam models (10 steps × 20 rounds), ε=8", 5, ["privacy.target_epsilon=8", *FEDAVG]),
     # Distributed DP under SecAgg+ (federation.secagg.distributed_noise): each institution rounds its clipped
     # gradient sum onto SecAgg+'s integer lattice and adds 1/h of the Skellam noise the sum needs for its ε,

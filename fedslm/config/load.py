@@ -152,9 +152,8 @@ def _lp_ft(cfg: Config) -> None:
     """lora.from_round, lora.train_head and federation.lora_server_lr (fedslm.train.lpft)."""
     lo, fed = cfg.lora, cfg.federation
     if lo.from_round is not None:
-        _check(isinstance(lo.from_round, int) and not isinstance(lo.from_round, bool) and lo.from_round >= 2,
-               f"lora.from_round must be a round number, 2 or more (rounds before it train the head alone), got "
-               f"{lo.from_round!r}")
+        _check(type(lo.from_round) is int and lo.from_round >= 2, "lora.from_round must be a round number, 2 or "
+               f"more (rounds before it train the head alone), got {lo.from_round!r}")
         _check(cfg.model.task == "classification" and isinstance(lo.layers, int) and lo.layers >= 1,
                "lora.from_round (LP-FT: the head alone on cached sentence vectors, then LoRA) needs model.task "
                f"'classification' and lora.layers >= 1, got {cfg.model.task!r} and lora.layers={lo.layers!r}")
@@ -167,12 +166,10 @@ def _lp_ft(cfg: Config) -> None:
         _check(not cfg.privacy.client_level.enabled and not fed.secure_aggregation,
                "lora.from_round does not compose with privacy.client_level or federation.secure_aggregation: their "
                "noise or quantisation moves LoRA's B off 0 in the probe rounds, which the nodes then refuse")
-    if not lo.train_head:
-        _check(lo.from_round is not None,
-               "lora.train_head: false keeps the head the probe rounds trained: it needs lora.from_round (without "
-               "probe rounds the head would stay at its start for the whole run)")
-    if fed.lora_server_lr is not None:
-        _check(lo.layers != 0, "federation.lora_server_lr steps LoRA tensors, and lora.layers=0 trains none")
+    _check(lo.train_head or lo.from_round is not None, "lora.train_head: false keeps the head the probe rounds "
+           "trained: it needs lora.from_round (without probe rounds the head would stay at its start all run)")
+    _check(fed.lora_server_lr is None or lo.layers != 0,
+           "federation.lora_server_lr steps LoRA tensors, and lora.layers=0 trains none")
 
 
 def validate(cfg: Config) -> None:
