@@ -83,6 +83,8 @@ RANDOM_HEAD = "centralized, non-private, end-to-end fine-tune, random head at th
 LORA_ALL = "centralized, non-private, LoRA r=8 (query, value) on every layer + head from the label names"
 LP_FT = ("LP-FT: the head for 100 rounds, then DP-LoRA r=8 (query, value) on the top layer for 5 more with the head "
          "kept, ε=8 in all")
+LP_FT_RUN = ["lora.layers=1", "lora.from_round=101", "federation.rounds=105", "lora.train_head=false",
+             "federation.lora_server_lr=1e-3", "train.precision=bf16", "train.physical_batch_size=512"]
 VARIANTS = [
     # Measured outside the project with a random head at lr 5e-5: 96.77% accuracy, macro-F1 0.937, 27 min on 2 cores;
     # here, with the head from the label names: 96.92%, macro-F1 0.935 (validation still rising at the epoch's end).
@@ -137,15 +139,12 @@ VARIANTS = [
     # every institution's records, the same rounds gained 0.2-0.45 points (FedAdam 1e-3 to 1e-2 on query/value,
     # or on query/key/value/dense at 1e-3 and 3e-3; at 1e-2 these diverged). Whether the head trains beside LoRA
     # barely matters: LoRA takes 99% of a record's gradient norm once the head is trained.
-    (LP_FT, 5, ["privacy.target_epsilon=8", "lora.layers=1", "lora.from_round=101", "federation.rounds=105",
-                "lora.train_head=false", "federation.lora_server_lr=1e-3", "train.precision=bf16",
-                "train.physical_batch_size=512"]),
+    (LP_FT, 5, ["privacy.target_epsilon=8", *LP_FT_RUN]),
     # The same with FFA-LoRA (lora.ffa: A drawn from train.seed on every node and frozen; B alone trains and
     # is noised): half LoRA's noised dimensions, for the LoRA rounds whose signal the noise swamps.
-    (f"{LP_FT} (FFA-LoRA: B alone)", 5, ["privacy.target_epsilon=8", "lora.layers=1", "lora.from_round=101",
-                                         "federation.rounds=105", "lora.train_head=false", "lora.ffa=true",
-                                         "federation.lora_server_lr=1e-3", "train.precision=bf16",
-                                         "train.physical_batch_size=512"]),
+    (f"{LP_FT} (FFA-LoRA: B alone)", 5, ["privacy.target_epsilon=8", *LP_FT_RUN, "lora.ffa=true"]),
+    (LP_FT.replace("ε=8", "ε=3"), 5, ["privacy.target_epsilon=3", *LP_FT_RUN]),
+    (LP_FT.replace("ε=8", "ε=1"), 5, ["privacy.target_epsilon=1", *LP_FT_RUN]),
     ("lever: FedAvg of local Adam models (10 steps × 20 rounds), ε=8", 5, ["privacy.target_epsilon=8", *FEDAVG]),
     # Distributed DP under SecAgg+ (federation.secagg.distributed_noise): each institution rounds its clipped
     # gradient sum onto SecAgg+'s integer lattice and adds 1/h of the Skellam noise the sum needs for its ε,
