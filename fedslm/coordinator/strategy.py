@@ -114,14 +114,15 @@ class Recording:
         arrays, metrics = self._guarded(server_round, "train", valid,
                                         lambda rs: super(Recording, self).aggregate_train(server_round, rs))
         if arrays is not None and self.sent is not None:
-            # Flower's FedAdam stepped from its copy of what was sent (in federation.transfer_dtype).
-            base = getattr(self, "current_arrays", None)
-            arrays = lora_step(arrays, {k: torch.from_numpy(np.asarray(v)) for k, v in base.items()}
-                               if base else self.sent, self.recorder.cfg.federation)
+            state = codec.record_to_state(arrays)
+            fed = self.recorder.cfg.federation
+            # federation.lora_server_lr (validated fedadam-only): Flower's FedAdam stepped from its own copy of
+            # what was sent (in federation.transfer_dtype), current_arrays.
+            stepped = fed.lora_server_lr is not None and lora_step(state, self.current_arrays,
+                                                                    fed.lora_server_lr / fed.server_lr)
             # The global adapter keeps its dtypes: one float64 reply must not promote it for every node.
             dtypes = {k: v.dtype for k, v in self.sent.items()}
-            state = codec.record_to_state(arrays)
-            if any(state[k].dtype != dtypes[k] for k in dtypes if k in state):
+            if stepped or any(state[k].dtype != dtypes[k] for k in dtypes if k in state):
                 arrays = codec.state_to_record({k: v.to(dtypes.get(k, v.dtype)) for k, v in state.items()})
         return arrays, metrics
 
@@ -214,20 +215,18 @@ class Recording:
                 setattr(self, name, part)
 
 
-def lora_step(arrays: ArrayRecord, sent: dict[str, torch.Tensor], fed: Any) -> ArrayRecord:
-    """FedAdam's new global adapter with the LoRA tensors' step at federation.lora_server_lr instead of
-    server_lr: Adam's step is η times a per-coordinate direction, so scaling a tensor's displacement from
-    ``sent`` (what FedAdam stepped from) by lora_server_lr / server_lr is Adam at that η (Flower's moments
-    are kept from the averaged updates around the adapter sent, whatever η moved it)."""
-    if fed.lora_server_lr is None or fed.strategy != "fedadam":
-        return arrays
-    ratio = float(fed.lora_server_lr) / float(fed.server_lr)
-    state = codec.record_to_state(arrays)
+def lora_step(state: dict[str, torch.Tensor], base: dict[str, Any], ratio: float) -> bool:
+    """Rescale, in place, the LoRA tensors' FedAdam step in ``state`` (the new global adapter) from ``base``
+    (what FedAdam stepped from) by ``ratio`` = lora_server_lr / server_lr: Adam's step is η times a
+    per-coordinate direction, so this is Adam at lora_server_lr (Flower's moments are kept from the averaged
+    updates around the adapter sent, whatever η moved it). Returns whether any tensor was rescaled."""
+    stepped = False
     for k, new in state.items():
-        if "lora_" in k and k in sent:
-            old = sent[k].to(new.dtype)
+        if "lora_" in k and k in base:
+            old = torch.from_numpy(np.asarray(base[k])).to(new.dtype)
             state[k] = old + (new - old) * ratio
-    return codec.state_to_record(state)
+            stepped = True
+    return stepped
 
 
 def make_strategy(cfg: Config, recorder: RunRecorder) -> Any:

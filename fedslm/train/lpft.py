@@ -6,8 +6,8 @@ k encoder layers trains over the frozen-prefix cache (:mod:`fedslm.train.prefix`
 false`` leaves the head where the probe put it once LoRA trains: every clipped gradient is then LoRA's, and
 no noise lands on the head.
 
-Privacy is the plan's as in any run: every round is one step at the node's planned σ, charged to its
-ledger before it runs; which tensors a round trains changes what it releases, not what it costs.
+Privacy is the plan's as in any run: every round takes the plan's steps at the node's planned σ, charged to
+its ledger before it runs; which tensors a round trains changes what it releases, not what it costs.
 
 A probe round reads the sentence vectors of the base encoder, which are the adapted model's only while the
 LoRA products B·A are zero: LoRA's start (B = 0). A node therefore refuses a probe round whose global
